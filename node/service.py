@@ -1,0 +1,186 @@
+"""A node: the shards it owns and one batching embedder, behind an async API.
+
+`Node` is plain Python so it can be tested without Ray; `node.actor.NodeActor` is the same class
+as a Ray actor. All SQLite and Chroma work runs on one store thread per node (shards are not
+thread-safe, and SQLite writes serialise anyway); embedding runs on its own thread. The event
+loop only coordinates, so concurrent requests batch instead of queueing behind each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from node.config import ClusterConfig, resolve_model_path
+from node.embedder import BatchingEmbedder, Embedder
+from node.ranking import RankingConfig
+from node.shard_store import MemoryRecord, ShardStore
+
+log = logging.getLogger("tellodb.node")
+
+
+def shard_dir(data_dir: str | Path, shard: int) -> Path:
+    return Path(data_dir) / "shards" / f"{shard:04d}"
+
+
+class Node:
+    def __init__(self, name: str, config: ClusterConfig, shards: list[int], threads: int = 1) -> None:
+        started = time.monotonic()
+        self.name = name
+        self.config = config
+        self.owned = set(shards)
+        self.data_dir = Path(config.data_dir)
+        self.ranking = RankingConfig.load(self.data_dir)
+        self.embedder = BatchingEmbedder(
+            Embedder(resolve_model_path(config.embedding.model), config.embedding.device.lower(), threads),
+            max_batch=config.embedding.batch_size,
+            max_wait_ms=config.embedding.max_wait_ms,
+        )
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-store")
+        self.shards: dict[int, ShardStore] = {}
+        self.reindexed = 0
+        # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
+        # are created on their first write.
+        for shard in sorted(self.owned):
+            if (shard_dir(self.data_dir, shard) / "store.sqlite3").exists():
+                self.reindexed += self._shard(shard).reconcile()
+        self.startup_seconds = time.monotonic() - started
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _shard(self, shard: int) -> ShardStore:
+        if shard not in self.owned:
+            raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
+        store = self.shards.get(shard)
+        if store is None:
+            h = self.config.hnsw
+            store = ShardStore(
+                shard_dir(self.data_dir, shard), shard, self.embedder.dimension,
+                {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
+            )
+            self.shards[shard] = store
+        return store
+
+    async def _on_store(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+
+    # ---- API ----------------------------------------------------------------------------------
+
+    async def info(self) -> dict[str, Any]:
+        e = self.embedder.embedder
+        return {
+            "node": self.name,
+            "pid": os.getpid(),
+            "model": e.model_path,
+            "dimension": e.dimension,
+            "device": e.device,
+            "threads": e.threads,
+            "shards_owned": len(self.owned),
+            "shards_open": len(self.shards),
+            "reindexed": self.reindexed,
+            "startup_seconds": round(self.startup_seconds, 3),
+            "ranking": asdict(self.ranking),
+        }
+
+    async def ingest(self, items: list[dict[str, Any]]) -> list[str]:
+        """Embed and store `items` (validated dicts with a `shard`); answer after the commit."""
+        vectors = await self.embedder.embed([it["textual_content"] for it in items])
+        by_shard: dict[int, list[MemoryRecord]] = {}
+        for it, vec in zip(items, vectors):
+            by_shard.setdefault(it["shard"], []).append(MemoryRecord(
+                memory_id=it["memory_id"],
+                entity_id=it["entity_id"],
+                session_id=it["session_id"],
+                turn_index=it["turn_index"],
+                created_at_ms=it["created_at_ms"],
+                kind=it.get("kind"),
+                textual_content=it["textual_content"],
+                relations=tuple(tuple(r) for r in it.get("relations", ())),
+                vector=vec,
+            ))
+
+        def write() -> None:
+            for shard, records in by_shard.items():
+                self._shard(shard).upsert(records)
+
+        await self._on_store(write)
+        return [it["memory_id"] for it in items]
+
+    async def query(self, text: str, entity_id: str | None, shard: int | None, limit: int) -> list[dict[str, Any]]:
+        """Hits from one shard (an entity's) or from every shard here (`shard=None`), best first."""
+        vector = (await self.embedder.embed([text]))[0]
+
+        def search() -> list[dict[str, Any]]:
+            hits: list[dict[str, Any]] = []
+            for s in self._candidate_shards([shard] if shard is not None else None):
+                hits.extend(self.shards[s].search(vector, text, entity_id, limit, self.ranking))
+            hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+            return hits[:limit]
+
+        return await self._on_store(search)
+
+    async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
+        def find() -> dict | None:
+            for s in self._candidate_shards(shards):
+                store = self.shards[s]
+                memory = store.get(memory_id)
+                if memory is None:
+                    continue
+                if include_window:
+                    memory["turn_window"] = (
+                        store.turn_window(memory["entity_id"], memory["session_id"], memory["turn_index"], radius)
+                        if memory["session_id"] else [dict(memory)]
+                    )
+                return {**memory, "shard": s, "node": self.name}
+            return None
+
+        return await self._on_store(find)
+
+    async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
+        def remove() -> bool:
+            return any([self.shards[s].delete(memory_id) for s in self._candidate_shards(shards)])
+
+        return await self._on_store(remove)
+
+    def _candidate_shards(self, shards: list[int] | None) -> list[int]:
+        """Shards to look in: the given ones that exist here, or every open one."""
+        if shards is None:
+            return sorted(self.shards)
+        return [s for s in shards if s in self.owned and (s in self.shards or self._exists(s))]
+
+    def _exists(self, shard: int) -> bool:
+        if (shard_dir(self.data_dir, shard) / "store.sqlite3").exists():
+            self._shard(shard)
+            return True
+        return False
+
+    async def stats(self) -> dict[str, Any]:
+        def collect() -> dict[str, Any]:
+            per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
+            totals = {k: sum(v[k] for v in per_shard.values()) for k in ("memories", "entities", "unindexed", "vectors")}
+            return {"node": self.name, "shards_owned": len(self.owned), "shards_open": len(self.shards),
+                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes}
+
+        return await self._on_store(collect)
+
+    async def close(self) -> None:
+        """Finish in-flight work, checkpoint every shard's WAL, release files."""
+        await self.embedder.close()
+
+        def close_all() -> None:
+            for store in self.shards.values():
+                store.close()
+            self.shards.clear()
+
+        await self._on_store(close_all)
+        self._store_pool.shutdown(wait=True)
+
+
+class NotOwnedError(LookupError):
+    """A request reached a node that does not own the shard (stale placement)."""

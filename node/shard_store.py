@@ -1,0 +1,424 @@
+"""One shard: a SQLite file (the source of truth) and a Chroma collection (a derived vector index).
+
+A shard lives in its own folder, `<data>/shards/<NNNN>/`, holding `store.sqlite3` and `chroma/`,
+so placing, copying or backing up a shard is moving one folder.
+
+Writes commit to SQLite first (row, FTS5 entry, vector blob, relations) in one transaction with
+`synchronous=FULL`; only then is the vector added to Chroma and the row marked `indexed`. A crash
+between the two leaves rows with `indexed = 0`, which `reconcile()` re-indexes at start-up; if the
+collection is lost or disagrees with SQLite it is rebuilt from the stored vectors.
+
+Not thread-safe: the owning node calls a shard from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from node.ids import entity_token
+from node.ranking import RankingConfig, fts_match_expression, fuse
+
+log = logging.getLogger("tellodb.shard")
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS memories (
+    rowid INTEGER PRIMARY KEY,
+    memory_id TEXT NOT NULL UNIQUE,
+    entity_id TEXT NOT NULL,
+    entity_token TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    turn_index INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    ingested_at_ms INTEGER NOT NULL,
+    kind TEXT,
+    textual_content TEXT NOT NULL,
+    relations TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    indexed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS memories_by_session ON memories(entity_id, session_id, turn_index);
+CREATE INDEX IF NOT EXISTS memories_unindexed ON memories(indexed) WHERE indexed = 0;
+CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
+    entity_token, textual_content,
+    content='memories', content_rowid='rowid',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_fts(rowid, entity_token, textual_content)
+    VALUES (new.rowid, new.entity_token, new.textual_content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_fts(memories_fts, rowid, entity_token, textual_content)
+    VALUES ('delete', old.rowid, old.entity_token, old.textual_content);
+END;
+CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF entity_token, textual_content ON memories BEGIN
+    INSERT INTO memories_fts(memories_fts, rowid, entity_token, textual_content)
+    VALUES ('delete', old.rowid, old.entity_token, old.textual_content);
+    INSERT INTO memories_fts(rowid, entity_token, textual_content)
+    VALUES (new.rowid, new.entity_token, new.textual_content);
+END;
+CREATE TABLE IF NOT EXISTS relations (
+    memory_id TEXT NOT NULL,
+    entity_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    predicate TEXT NOT NULL,
+    object TEXT NOT NULL,
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS relations_by_memory ON relations(memory_id);
+CREATE INDEX IF NOT EXISTS relations_by_subject ON relations(entity_id, subject);
+CREATE TABLE IF NOT EXISTS entities (entity_id TEXT PRIMARY KEY, memories INTEGER NOT NULL);
+"""
+
+MEMORY_COLUMNS = (
+    "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
+)
+CHROMA_BATCH = 256
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    """A validated memory with its embedding, ready to store."""
+
+    memory_id: str
+    entity_id: str
+    session_id: str
+    turn_index: int
+    created_at_ms: int
+    kind: str | None
+    textual_content: str
+    relations: tuple[tuple[str, str, str], ...]  # (subject, predicate, object)
+    vector: np.ndarray
+
+
+def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "memory_id": row["memory_id"],
+        "entity_id": row["entity_id"],
+        "session_id": row["session_id"],
+        "turn_index": row["turn_index"],
+        "created_at_ms": row["created_at_ms"],
+        "ingested_at_ms": row["ingested_at_ms"],
+        "kind": row["kind"],
+        "textual_content": row["textual_content"],
+        "relations": json.loads(row["relations"]),
+    }
+
+
+class ShardStore:
+    def __init__(self, root: str | Path, shard_id: int, dimension: int, hnsw: dict[str, int] | None = None) -> None:
+        self.shard_id = shard_id
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.dimension = dimension
+        self.hnsw = hnsw or {"connectivity": 16, "ef_search": 64, "ef_construction": 128}
+        self.db = sqlite3.connect(self.root / "store.sqlite3", isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self._check_meta()
+        self._open_chroma()
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _check_meta(self) -> None:
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        if not meta:
+            with self._tx():
+                self.db.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)), ("dimension", str(self.dimension)),
+                     ("shard_id", str(self.shard_id))],
+                )
+            return
+        if int(meta.get("dimension", self.dimension)) != self.dimension:
+            raise RuntimeError(
+                f"shard {self.shard_id} at {self.root} holds {meta['dimension']}-dimensional vectors but the "
+                f"configured model makes {self.dimension}; use the model it was written with"
+            )
+
+    def _open_chroma(self) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        path = self.root / "chroma"
+        settings = Settings(anonymized_telemetry=False, allow_reset=False)
+        try:
+            self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
+            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._chroma_config())
+        except Exception:
+            # The index is derived data: set a broken one aside and rebuild it from SQLite.
+            aside = path.with_name(f"chroma.broken-{int(time.time())}")
+            log.exception("shard %d: Chroma index unreadable, moving it to %s and rebuilding", self.shard_id, aside)
+            shutil.move(str(path), str(aside))
+            self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
+            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._chroma_config())
+            with self._tx():
+                self.db.execute("UPDATE memories SET indexed = 0")
+
+    def _chroma_config(self) -> dict[str, Any]:
+        return {
+            "hnsw": {
+                "space": "cosine",
+                "max_neighbors": self.hnsw["connectivity"],
+                "ef_search": self.hnsw["ef_search"],
+                "ef_construction": self.hnsw["ef_construction"],
+            }
+        }
+
+    def _tx(self):
+        return _Transaction(self.db)
+
+    def reconcile(self) -> int:
+        """Bring Chroma in line with SQLite; return how many vectors were (re-)indexed."""
+        indexed_rows = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 1").fetchone()[0]
+        if self.collection.count() != indexed_rows:
+            # The index lost or kept something it should not have: diff ids and repair both ways.
+            chroma_ids = set(self._all_chroma_ids())
+            sqlite_ids = {r[0] for r in self.db.execute("SELECT memory_id FROM memories")}
+            orphans = list(chroma_ids - sqlite_ids)
+            for i in range(0, len(orphans), CHROMA_BATCH):
+                self.collection.delete(ids=orphans[i : i + CHROMA_BATCH])
+            missing = sqlite_ids - chroma_ids
+            with self._tx():
+                self.db.execute("UPDATE memories SET indexed = 1")
+                self.db.executemany("UPDATE memories SET indexed = 0 WHERE memory_id = ?", [(m,) for m in missing])
+        total = 0
+        while True:
+            rows = self.db.execute(
+                "SELECT memory_id, entity_id, created_at_ms, vector FROM memories WHERE indexed = 0 LIMIT ?",
+                (CHROMA_BATCH,),
+            ).fetchall()
+            if not rows:
+                return total
+            ids = [r["memory_id"] for r in rows]
+            vectors = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
+            self._index(ids, vectors, [r["entity_id"] for r in rows], [r["created_at_ms"] for r in rows])
+            total += len(rows)
+
+    def _all_chroma_ids(self) -> Iterable[str]:
+        offset, page = 0, 5000
+        while True:
+            got = self.collection.get(include=[], limit=page, offset=offset)["ids"]
+            yield from got
+            if len(got) < page:
+                return
+            offset += page
+
+    def _index(self, ids: list[str], vectors: np.ndarray, entities: list[str], created: list[int]) -> None:
+        self.collection.upsert(
+            ids=ids,
+            embeddings=vectors,
+            metadatas=[{"entity_id": e, "created_at_ms": int(c)} for e, c in zip(entities, created)],
+        )
+        with self._tx():
+            self.db.executemany("UPDATE memories SET indexed = 1 WHERE memory_id = ?", [(i,) for i in ids])
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def upsert(self, records: Sequence[MemoryRecord]) -> None:
+        """Store `records` atomically (all or none), then index them. Re-used ids are replaced."""
+        if not records:
+            return
+        now = int(time.time() * 1000)
+        # Within one call the last record of an id wins, as if they had been sent one by one.
+        unique = list({r.memory_id: r for r in records}.values())
+        with self._tx():
+            for r in unique:
+                old = self.db.execute("SELECT entity_id FROM memories WHERE memory_id = ?", (r.memory_id,)).fetchone()
+                if old is not None:
+                    self._count_entity(old["entity_id"], -1)
+                    self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
+                vector = np.asarray(r.vector, dtype=np.float32)
+                if vector.shape != (self.dimension,):
+                    raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
+                self.db.execute(
+                    """
+                    INSERT INTO memories (memory_id, entity_id, entity_token, session_id, turn_index,
+                        created_at_ms, ingested_at_ms, kind, textual_content, relations, vector, indexed)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+                    ON CONFLICT(memory_id) DO UPDATE SET
+                        entity_id = excluded.entity_id, entity_token = excluded.entity_token,
+                        session_id = excluded.session_id, turn_index = excluded.turn_index,
+                        created_at_ms = excluded.created_at_ms, ingested_at_ms = excluded.ingested_at_ms,
+                        kind = excluded.kind, textual_content = excluded.textual_content,
+                        relations = excluded.relations, vector = excluded.vector, indexed = 0
+                    """,
+                    (r.memory_id, r.entity_id, entity_token(r.entity_id), r.session_id, r.turn_index,
+                     r.created_at_ms, now, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
+                     vector.tobytes()),
+                )
+                self.db.executemany(
+                    "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.memory_id, r.entity_id, s, p, o, r.created_at_ms) for s, p, o in r.relations],
+                )
+                self._count_entity(r.entity_id, +1)
+        self._index(
+            [r.memory_id for r in unique],
+            np.stack([np.asarray(r.vector, dtype=np.float32) for r in unique]),
+            [r.entity_id for r in unique],
+            [r.created_at_ms for r in unique],
+        )
+
+    def _count_entity(self, entity_id: str, delta: int) -> None:
+        self.db.execute(
+            "INSERT INTO entities(entity_id, memories) VALUES (?, ?) "
+            "ON CONFLICT(entity_id) DO UPDATE SET memories = memories + excluded.memories",
+            (entity_id, delta),
+        )
+        self.db.execute("DELETE FROM entities WHERE entity_id = ? AND memories <= 0", (entity_id,))
+
+    def delete(self, memory_id: str) -> bool:
+        """Remove a memory from SQLite, FTS, relations and Chroma. False when it is not here."""
+        with self._tx():
+            row = self.db.execute("SELECT entity_id FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+            if row is None:
+                return False
+            self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
+            self.db.execute("DELETE FROM relations WHERE memory_id = ?", (memory_id,))
+            self._count_entity(row["entity_id"], -1)
+        self.collection.delete(ids=[memory_id])
+        return True
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def get(self, memory_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+        return _row_to_memory(row) if row else None
+
+    def turn_window(self, entity_id: str, session_id: str, turn_index: int, radius: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            f"SELECT {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND session_id = ? "
+            "AND turn_index BETWEEN ? AND ? ORDER BY turn_index, created_at_ms",
+            (entity_id, session_id, turn_index - radius, turn_index + radius),
+        ).fetchall()
+        return [_row_to_memory(r) for r in rows]
+
+    def entity_count(self, entity_id: str | None) -> int:
+        if entity_id is None:
+            return self.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0]
+        row = self.db.execute("SELECT memories FROM entities WHERE entity_id = ?", (entity_id,)).fetchone()
+        return row[0] if row else 0
+
+    def stats(self) -> dict[str, int]:
+        memories = self.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0]
+        entities = self.db.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
+        unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
+        return {"memories": memories, "entities": entities, "unindexed": unindexed, "vectors": self.collection.count()}
+
+    def search(
+        self,
+        query_vector: np.ndarray,
+        query_text: str,
+        entity_id: str | None,
+        limit: int,
+        ranking: RankingConfig,
+    ) -> list[dict[str, Any]]:
+        """The best `limit` memories (of `entity_id`, or of all entities here) for the query.
+
+        Returns exactly min(limit, memories in scope) hits, best first.
+        """
+        in_scope = self.entity_count(entity_id)
+        want = min(limit, in_scope)
+        if want == 0:
+            return []
+        pool = max(limit, ranking.candidate_pool)
+        candidates: set[int] = set()
+        bm25: dict[int, float] = {}
+
+        # Dense candidates from the HNSW index, filtered to the entity.
+        n = min(pool, self.collection.count())
+        if n > 0:
+            res = self.collection.query(
+                query_embeddings=np.asarray(query_vector, dtype=np.float32).reshape(1, -1),
+                n_results=n,
+                where={"entity_id": entity_id} if entity_id is not None else None,
+                include=[],
+            )
+            ids = res["ids"][0]
+            if ids:
+                marks = ",".join("?" * len(ids))
+                candidates.update(r[0] for r in self.db.execute(
+                    f"SELECT rowid FROM memories WHERE memory_id IN ({marks})", ids))
+
+        # Lexical candidates from FTS5, the entity filter going through the index as a token.
+        match = fts_match_expression(query_text)
+        if match is not None:
+            expr = f"textual_content : ({match})"
+            if entity_id is not None:
+                expr = f'entity_token : "{entity_token(entity_id)}" AND {expr}'
+            for rowid, score in self.db.execute(
+                "SELECT rowid, -bm25(memories_fts, 0.0, 1.0) FROM memories_fts WHERE memories_fts MATCH ? "
+                "ORDER BY bm25(memories_fts, 0.0, 1.0) LIMIT ?",
+                (expr, pool),
+            ):
+                candidates.add(rowid)
+                bm25[rowid] = max(0.0, float(score))
+
+        # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
+        if len(candidates) < want:
+            where, args = ("WHERE entity_id = ?", [entity_id]) if entity_id is not None else ("", [])
+            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories {where}", args))
+
+        return self._score(list(candidates), query_vector, bm25, ranking)[:want]
+
+    def _score(
+        self, rowids: list[int], query_vector: np.ndarray, bm25: dict[int, float], ranking: RankingConfig
+    ) -> list[dict[str, Any]]:
+        if not rowids:
+            return []
+        rows: list[sqlite3.Row] = []
+        for i in range(0, len(rowids), 900):  # stay under SQLite's bound-parameter limit
+            chunk = rowids[i : i + 900]
+            rows.extend(self.db.execute(
+                f"SELECT rowid, {MEMORY_COLUMNS}, vector FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall())
+        if not rows:
+            return []
+        matrix = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
+        cosines = matrix @ np.asarray(query_vector, dtype=np.float32)
+        max_bm25 = max(bm25.values(), default=0.0)
+        hits = []
+        for row, cos in zip(rows, cosines):
+            lexical = bm25.get(row["rowid"], 0.0)
+            hit = _row_to_memory(row)
+            hit["similarity"] = fuse(float(cos), lexical, max_bm25, ranking)
+            hits.append(hit)
+        # Ties broken by recency, then id, so results are stable.
+        hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+        return hits
+
+    def close(self) -> None:
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.db.close()
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, or `ROLLBACK` on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,230 @@
+"""The HTTP front: the Tellodb API on aiohttp, with auth, validation, errors and metrics.
+
+`create_app(config, cluster)` is the factory both `tellodb serve` and the tests call. The router
+holds no data; everything it answers comes from the node actors through `Cluster`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from node.config import ClusterConfig
+from node.ids import new_memory_id, parse_memory_id
+from router import __version__
+from router.cluster import Cluster
+from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
+from router.metrics import Metrics
+from router.schemas import (DeleteRequest, IngestBatchRequest, IngestRequest, InspectRequest, QueryRequest,
+                            parse)
+
+log = logging.getLogger("tellodb.router")
+
+CONFIG = web.AppKey("config", ClusterConfig)
+CLUSTER = web.AppKey("cluster", Cluster)
+METRICS = web.AppKey("metrics", Metrics)
+API_KEY = web.AppKey("api_key", str)
+
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics"})
+HIT_FIELDS = ("memory_id", "entity_id", "session_id", "turn_index", "created_at_ms", "similarity",
+              "textual_content", "kind")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---- middlewares ----------------------------------------------------------------------------
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    labels = (route, request.method, str(response.status))
+    metrics = request.app[METRICS]
+    metrics.requests.labels(*labels).inc()
+    metrics.request_duration.labels(*labels).observe(time.perf_counter() - started)
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"error": {"code", "message"}}`; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        if exc.status >= 500:
+            log.error("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
+        message = exc.reason if exc.status != 413 else (
+            f"request body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path not in OPEN_PATHS:
+        expected = request.app[API_KEY].encode()
+        offered = [request.headers.get("x-api-key", "")]
+        auth = request.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            offered.append(auth[7:].strip())
+        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat.
+        if not any([hmac.compare_digest(o.encode(), expected) for o in offered if o]):
+            raise Unauthorized("missing or wrong API key (send x-api-key or Authorization: Bearer)")
+    return await handler(request)
+
+
+# ---- request helpers ------------------------------------------------------------------------
+
+async def read_json(request: web.Request) -> Any:
+    limit = request.app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # rejects lone surrogates such as "\ud800"
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise BadRequest("request body is not valid UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    return data
+
+
+def to_item(req: IngestRequest) -> dict[str, Any]:
+    memory_id = req.memory_id or new_memory_id(req.entity_id)
+    parsed = parse_memory_id(memory_id)
+    return {
+        "memory_id": memory_id,
+        "entity_id": req.entity_id,
+        "session_id": parsed.session_id,
+        "turn_index": parsed.turn_index,
+        "created_at_ms": req.timestamp if req.timestamp is not None else int(time.time() * 1000),
+        "kind": req.kind,
+        "textual_content": req.textual_content,
+        "relations": req.triples(),
+    }
+
+
+def hit_view(hit: dict[str, Any]) -> dict[str, Any]:
+    return {k: hit.get(k) for k in HIT_FIELDS}
+
+
+# ---- handlers -------------------------------------------------------------------------------
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"engine_version": __version__, "api_version": "v1", "auth_required": True})
+
+
+async def ingest(request: web.Request) -> web.Response:
+    item = to_item(parse(IngestRequest, await read_json(request)))
+    await request.app[CLUSTER].ingest([item])
+    request.app[METRICS].ingest_total.inc()
+    return web.json_response({"status": "ok", "memory_id": item["memory_id"], "entity_id": item["entity_id"]})
+
+
+async def ingest_batch(request: web.Request) -> web.Response:
+    body = parse(IngestBatchRequest, await read_json(request))
+    limit = request.app[CONFIG].max_batch_items
+    if len(body.items) > limit:
+        raise ValidationFailed(f"items: {len(body.items)} items exceed the batch limit of {limit}")
+    items = [to_item(r) for r in body.items]
+    if items:
+        await request.app[CLUSTER].ingest(items)
+        request.app[METRICS].ingest_total.inc(len(items))
+    return web.json_response({"status": "ok", "ingested": len(items), "memory_ids": [i["memory_id"] for i in items]})
+
+
+async def query(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    req = parse(QueryRequest, await read_json(request))
+    limit = request.app[CONFIG].max_query_limit
+    if req.limit > limit:
+        raise ValidationFailed(f"limit: must be at most {limit}")
+    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit)
+    metrics = request.app[METRICS]
+    metrics.query_total.inc()
+    metrics.query_duration.observe(time.perf_counter() - started)
+    return web.json_response([hit_view(h) for h in hits])
+
+
+async def inspect(request: web.Request) -> web.Response:
+    req = parse(InspectRequest, await read_json(request))
+    found = await request.app[CLUSTER].inspect(req.memory_id, req.include_turn_window, req.turn_window_radius)
+    if found is None:
+        raise NotFound(f"no memory with id {req.memory_id!r}")
+    return web.json_response(found)
+
+
+async def delete(request: web.Request) -> web.Response:
+    req = parse(DeleteRequest, await read_json(request))
+    deleted = await request.app[CLUSTER].delete(req.memory_id)
+    if deleted:
+        log.info("memory deleted memory_id=%s reason=%s", req.memory_id, req.reason or "-")
+    return web.json_response({"deleted": deleted, "memory_id": req.memory_id})
+
+
+async def stats(request: web.Request) -> web.Response:
+    per_node = await request.app[CLUSTER].stats(timeout=10)
+    request.app[METRICS].observe_nodes(per_node)
+    live = [s for s in per_node.values() if s is not None]
+    return web.json_response({
+        "memories": sum(s["memories"] for s in live),
+        "entities": sum(s["entities"] for s in live),
+        "shards": request.app[CONFIG].shards,
+        "nodes": {n: (None if s is None else {k: v for k, v in s.items() if k != "per_shard"})
+                  for n, s in per_node.items()},
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    request.app[METRICS].observe_nodes(await request.app[CLUSTER].stats(timeout=2))
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = None) -> web.Application:
+    """The aiohttp application. `api_key` defaults to the configured key."""
+    key = api_key or config.api_key
+    if not key:
+        raise ValueError("create_app needs an API key")
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=config.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[CLUSTER] = cluster
+    app[METRICS] = Metrics()
+    app[API_KEY] = key
+    r = app.router
+    for path in ("/health", "/v1/health"):
+        r.add_get(path, health)
+    for path in ("/version", "/v1/version"):
+        r.add_get(path, version)
+    r.add_post("/ingest", ingest)
+    r.add_post("/ingest/batch", ingest_batch)
+    for path in ("/query/semantic", "/query"):
+        r.add_post(path, query)
+    r.add_post("/memory/inspect", inspect)
+    r.add_post("/memory/delete", delete)
+    r.add_get("/stats", stats)
+    r.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,130 @@
+"""`tellodb serve` and `temporal_memory`: start the engine (Ray, node actors, router) in one tree.
+
+Shutdown on SIGTERM or SIGINT: stop accepting, let in-flight requests finish, have every node
+checkpoint its shards, stop the Ray processes this engine started, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config
+from router import __version__
+
+log = logging.getLogger("tellodb")
+
+
+def setup_logging() -> None:
+    level = os.environ.get("TELLODB_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level if level in logging._nameToLevel else "INFO", stream=sys.stderr,
+                        format="%(asctime)s %(levelname)5s %(name)s: %(message)s")
+    for noisy in ("chromadb", "httpx", "sentence_transformers", "transformers", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_api_key(config: ClusterConfig) -> ClusterConfig:
+    """No key configured: the development key on loopback (with a warning), refusal elsewhere."""
+    if config.api_key:
+        return config
+    if not config.is_loopback:
+        raise ConfigError(
+            f"TELLODB_API_KEY / TEMPORAL_MEMORY_API_KEY: required when binding to {config.host} "
+            "(the development key is only allowed on loopback addresses)")
+    log.warning("No API key configured: using the development key %s (loopback only; set TELLODB_API_KEY)",
+                DEV_API_KEY)
+    return dataclasses.replace(config, api_key=DEV_API_KEY)
+
+
+async def serve(config: ClusterConfig, cluster) -> None:
+    from router.app import create_app
+
+    app = create_app(config, cluster)
+
+    async def close_cluster(_app: web.Application) -> None:
+        await cluster.close()
+
+    app.on_cleanup.append(close_cluster)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=20, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    host, port = runner.addresses[0][:2]
+    log.info("Router ready routes=%d max_body_bytes=%d", len(app.router.routes()), config.max_body_bytes)
+    log.info("Memory Engine live address=%s:%s", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("Shutting down: draining requests, flushing shards, stopping Ray")
+    started = time.monotonic()
+    await runner.cleanup()
+    log.info("Stopped cleanly seconds=%.1f", time.monotonic() - started)
+
+
+def run_server(config_path: str | None, overrides: dict) -> int:
+    from router.cluster import Cluster
+
+    setup_logging()
+    started = time.monotonic()
+    log.info("Initializing Temporal Multi-Model Memory Engine (tellodb-cluster %s)...", __version__)
+    try:
+        env = dict(os.environ)
+        env.update({k: str(v) for k, v in overrides.items() if v is not None})
+        config = resolve_api_key(load_config(config_path, env))
+    except ConfigError as exc:
+        log.error("Invalid configuration: %s", exc)
+        return 2
+    os.makedirs(config.data_dir, exist_ok=True)
+    log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
+    cluster = Cluster(config)
+    try:
+        cluster.start()
+        log.info("Cluster ready seconds=%.1f", time.monotonic() - started)
+        asyncio.run(serve(config, cluster))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        asyncio.run(cluster.close())
+        return 2
+    except KeyboardInterrupt:
+        asyncio.run(cluster.close())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tellodb", description="tellodb-cluster memory engine")
+    parser.add_argument("--version", action="version", version=f"tellodb-cluster {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    s = sub.add_parser("serve", help="start the engine (Ray, node actors and the HTTP router)")
+    s.add_argument("--config", help="cluster.yaml to read (default: $TELLODB_CONFIG, else built-in defaults)")
+    s.add_argument("--host", help="bind address (overrides TEMPORAL_MEMORY_HOST)")
+    s.add_argument("--port", type=int, help="listen port (overrides PORT)")
+    s.add_argument("--data-dir", help="data directory (overrides TEMPORAL_MEMORY_DATA_DIR)")
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    return run_server(args.config, {"TEMPORAL_MEMORY_HOST": args.host, "PORT": args.port,
+                                    "TEMPORAL_MEMORY_DATA_DIR": args.data_dir})
+
+
+def temporal_memory() -> int:
+    """The name the official SDK's `from_local()` looks for on PATH; always serves."""
+    return main(["serve", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

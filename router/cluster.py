@@ -1,0 +1,167 @@
+"""The router's view of the cluster: Ray, the node actors and the placement of shards on them.
+
+`Cluster.start()` joins the configured Ray cluster (or starts a private local one), creates one
+named node actor per configured node and waits until each has opened its shards. The request
+methods route by entity (entity -> shard -> node) and fan out to every node when a request spans
+entities, merging by score.
+
+Placement is computed from cluster.yaml (shard count and node names) with consistent hashing, the
+same in every router; a named placement actor for live resharding is future work (README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from node.actor import NodeActor
+from node.config import ClusterConfig
+from node.ids import parse_memory_id
+from node.ring import Placement
+from router.errors import ApiError, Unavailable
+
+log = logging.getLogger("tellodb")
+NAMESPACE = "tellodb"
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.placement = Placement(config.shards, tuple(config.node_names))
+        self.actors: dict[str, Any] = {}
+        self.node_info: dict[str, dict] = {}
+        self._owns_ray = False
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if not ray.is_initialized():
+            started = time.monotonic()
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING,
+                         log_to_driver=True)
+            else:
+                ray.init(address="local", namespace=NAMESPACE, num_cpus=os.cpu_count() or 1,
+                         include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                         object_store_memory=256 * 1024 * 1024)
+                self._owns_ray = True
+            log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
+                     ray.cluster_resources().get("CPU"), time.monotonic() - started)
+        cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
+        threads = max(1, int(cpus))
+        log.info("Starting node actors nodes=%d shards=%d cpus_per_node=%.2g threads_per_node=%d",
+                 cfg.nodes, cfg.shards, cpus, threads)
+        started = time.monotonic()
+        table = self.placement.by_node()
+        for name in cfg.node_names:
+            self.actors[name] = NodeActor.options(
+                name=f"{NAMESPACE}-{name}", namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
+                max_restarts=-1, get_if_exists=True,
+            ).remote(name, cfg, table.get(name, []), threads)
+        names = list(self.actors)
+        infos = ray.get([self.actors[n].info.remote() for n in names], timeout=600)
+        for info in infos:
+            self.node_info[info["node"]] = info
+        first = infos[0]
+        log.info("Semantic embedder initialized model=%s dims=%d backend=%s device=%s",
+                 first["model"], first["dimension"], cfg.embedding.backend, first["device"])
+        for info in infos:
+            log.info("Node ready node=%s pid=%s shards=%d open=%d reindexed=%d startup=%.1fs", info["node"],
+                     info["pid"], info["shards_owned"], info["shards_open"], info["reindexed"],
+                     info["startup_seconds"])
+        log.info("Shards placed shards=%d nodes=%d seconds=%.1f", cfg.shards, cfg.nodes, time.monotonic() - started)
+
+    async def close(self) -> None:
+        """Let every node finish and checkpoint, then stop the Ray processes this engine started."""
+        if self.actors:
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(a.close.remote() for a in self.actors.values()), return_exceptions=True), 20)
+            except asyncio.TimeoutError:
+                log.warning("nodes did not close within 20 s")
+            if self._owns_ray:
+                for actor in self.actors.values():
+                    ray.kill(actor)
+            self.actors.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    # ---- calls --------------------------------------------------------------------------------
+
+    async def _call(self, node: str, method: str, *args: Any) -> Any:
+        actor = self.actors[node]
+        try:
+            return await asyncio.wait_for(getattr(actor, method).remote(*args), self.config.request_timeout_s)
+        except (asyncio.TimeoutError, GetTimeoutError):
+            raise Unavailable(f"{node} did not answer within {self.config.request_timeout_s:g} s") from None
+        except RayActorError:
+            raise Unavailable(f"{node} is restarting; retry the request") from None
+        except RayError as exc:
+            log.error("%s.%s failed: %s", node, method, exc)
+            raise ApiError(f"{node} could not complete {method}") from None
+
+    async def _everywhere(self, method: str, *args: Any) -> list[Any]:
+        return await asyncio.gather(*(self._call(n, method, *args) for n in self.actors))
+
+    async def ingest(self, items: list[dict[str, Any]]) -> list[str]:
+        """Store validated items; each gets its `shard`. Returns ids in the order given."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for it in items:
+            it["shard"] = self.placement.shard_of(it["entity_id"])
+            groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(it)
+        await asyncio.gather(*(self._call(node, "ingest", group) for node, group in groups.items()))
+        return [it["memory_id"] for it in items]
+
+    async def query(self, text: str, entity_id: str | None, limit: int) -> list[dict[str, Any]]:
+        if entity_id is not None:
+            shard = self.placement.shard_of(entity_id)
+            return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit)
+        hits = [h for part in await self._everywhere("query", text, None, None, limit) for h in part]
+        hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+        return hits[:limit]
+
+    def _home(self, memory_id: str) -> tuple[str, int] | None:
+        """The node and shard where an id's `<entity>::` prefix says the memory lives."""
+        prefix = parse_memory_id(memory_id).entity_prefix
+        if prefix is None:
+            return None
+        shard = self.placement.shard_of(prefix)
+        return self.placement.node_of_shard(shard), shard
+
+    async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
+        home = self._home(memory_id)
+        if home is not None:
+            found = await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
+            if found is not None:
+                return found
+        for found in await self._everywhere("inspect", memory_id, None, include_window, radius):
+            if found is not None:
+                return found
+        return None
+
+    async def delete(self, memory_id: str) -> bool:
+        home = self._home(memory_id)
+        if home is not None and await self._call(home[0], "delete", memory_id, [home[1]]):
+            return True
+        return any(await self._everywhere("delete", memory_id, None))
+
+    async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
+        """Per-node stats; a node that does not answer within `timeout` maps to None."""
+
+        async def one(node: str) -> dict | None:
+            try:
+                return await asyncio.wait_for(self._call(node, "stats"), timeout)
+            except (Unavailable, asyncio.TimeoutError):
+                return None
+
+        names = list(self.actors)
+        return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))

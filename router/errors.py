@@ -1,0 +1,40 @@
+"""The API's errors: each carries its HTTP status and a stable code, rendered by one middleware as
+`{"error": {"code": "...", "message": "..."}}`."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class ValidationFailed(ApiError):
+    status, code = 422, "validation_error"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"

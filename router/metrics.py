@@ -1,0 +1,41 @@
+"""Prometheus metrics of one router, in a registry of its own (so apps in tests do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ingest_total = Counter("tellodb_ingest", "Memories ingested (acknowledged writes).", registry=r)
+        self.query_total = Counter("tellodb_query", "Queries answered.", registry=r)
+        self.query_duration = Histogram(
+            "tellodb_query_duration_seconds", "End-to-end query latency in the router.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "tellodb_http_requests", "HTTP requests by route, method and status.",
+            ["route", "method", "status"], registry=r)
+        self.request_duration = Histogram(
+            "tellodb_http_request_duration_seconds", "HTTP request latency by route, method and status.",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.node_memories = Gauge("tellodb_node_memories", "Memories stored per node.", ["node"], registry=r)
+        self.node_shards = Gauge("tellodb_node_shards", "Shards owned per node.", ["node"], registry=r)
+        self.node_entities = Gauge("tellodb_node_entities", "Entities stored per node.", ["node"], registry=r)
+        self.node_unindexed = Gauge(
+            "tellodb_node_unindexed", "Memories committed to SQLite but not yet in Chroma.", ["node"], registry=r)
+        self.node_up = Gauge("tellodb_node_up", "1 when the node answered the last scrape.", ["node"], registry=r)
+
+    def observe_nodes(self, stats: dict[str, dict | None]) -> None:
+        for node, s in stats.items():
+            self.node_up.labels(node).set(0 if s is None else 1)
+            if s is not None:
+                self.node_memories.labels(node).set(s["memories"])
+                self.node_shards.labels(node).set(s["shards_owned"])
+                self.node_entities.labels(node).set(s["entities"])
+                self.node_unindexed.labels(node).set(s["unindexed"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

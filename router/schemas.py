@@ -1,0 +1,104 @@
+"""Request bodies of the Tellodb API as the official SDK (tellodb 0.1.3) sends them.
+
+Pydantic models validate shapes and ranges; `parse` turns a failure into a 422 that names the
+field (`items.3.entity_id: ...`). Unknown fields are ignored, so newer SDKs keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+
+from router.errors import ValidationFailed
+
+MAX_ID = 512
+MAX_TEXT = 1_000_000
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID, pattern=r"^[^\x00-\x1f]+$")]
+Label = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class IngestRequest(_Body):
+    entity_id: Id
+    textual_content: Annotated[str, Field(min_length=1, max_length=MAX_TEXT,
+                                          validation_alias=AliasChoices("textual_content", "text"))]
+    memory_id: Id | None = None
+    timestamp: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
+    relations: list[list[Label]] | None = None
+    kind: Annotated[str, Field(max_length=64)] | None = None
+    enable_semantic_dedup: StrictBool | None = None
+    enable_consolidation: StrictBool | None = None
+
+    @field_validator("textual_content")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("relations")
+    @classmethod
+    def _pairs_or_triples(cls, v: list[list[str]] | None) -> list[list[str]] | None:
+        for i, rel in enumerate(v or ()):
+            if len(rel) not in (2, 3):
+                raise ValueError(f"relation {i} has {len(rel)} parts; send [predicate, object] or "
+                                 "[subject, predicate, object]")
+        return v
+
+    def triples(self) -> list[tuple[str, str, str]]:
+        """Relations as (subject, predicate, object); a pair's subject is the entity."""
+        return [tuple(r) if len(r) == 3 else (self.entity_id, r[0], r[1]) for r in self.relations or ()]
+
+
+class IngestBatchRequest(_Body):
+    items: list[IngestRequest]
+
+
+class QueryRequest(_Body):
+    textual_query: Annotated[str, Field(min_length=1, max_length=10_000,
+                                        validation_alias=AliasChoices("textual_query", "query"))]
+    limit: Annotated[StrictInt, Field(ge=1, validation_alias=AliasChoices("limit", "top_k"))] = 10
+    entity_id: Id | None = None
+    # Accepted for SDK compatibility; ranking is always hybrid, these change nothing yet.
+    enable_neural_rerank: StrictBool | None = None
+    include_evidence: StrictBool | None = None
+
+    @field_validator("textual_query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+
+class InspectRequest(_Body):
+    memory_id: Id
+    include_turn_window: StrictBool = False
+    turn_window_radius: Annotated[StrictInt, Field(ge=0, le=100)] = 2
+
+
+class DeleteRequest(_Body):
+    memory_id: Id
+    reason: Annotated[str, Field(max_length=1000)] | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise ValidationFailed(f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            problems.append(f"{where}: {err['msg']}")
+        raise ValidationFailed("; ".join(problems)) from None
