@@ -155,6 +155,7 @@ class ShardStore:
         from chromadb.config import Settings
 
         path = self.root / "chroma"
+        self._chroma = None
         settings = Settings(anonymized_telemetry=False, allow_reset=False)
         try:
             self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
@@ -163,6 +164,8 @@ class ShardStore:
             # The index is derived data: set a broken one aside and rebuild it from SQLite.
             aside = path.with_name(f"chroma.broken-{int(time.time())}")
             log.exception("shard %d: Chroma index unreadable, moving it to %s and rebuilding", self.shard_id, aside)
+            if getattr(self, "_chroma", None) is not None:
+                self._chroma.close()
             shutil.move(str(path), str(aside))
             self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
             self.collection = self._chroma.get_or_create_collection("memories", configuration=self._chroma_config())
@@ -404,10 +407,12 @@ class ShardStore:
         return hits
 
     def close(self) -> None:
+        """Checkpoint the WAL into the main file and release SQLite and Chroma."""
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self.db.close()
+            self._chroma.close()
 
 
 class _Transaction:

@@ -72,7 +72,7 @@ async def serve(config: ClusterConfig, cluster) -> None:
     log.info("Shutting down: draining requests, flushing shards, stopping Ray")
     started = time.monotonic()
     await runner.cleanup()
-    log.info("Stopped cleanly seconds=%.1f", time.monotonic() - started)
+    log.info("HTTP server stopped seconds=%.1f", time.monotonic() - started)
 
 
 def run_server(config_path: str | None, overrides: dict) -> int:
@@ -91,17 +91,20 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     os.makedirs(config.data_dir, exist_ok=True)
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
     cluster = Cluster(config)
+    code = 0
     try:
         cluster.start()
         log.info("Cluster ready seconds=%.1f", time.monotonic() - started)
         asyncio.run(serve(config, cluster))
     except ConfigError as exc:
         log.error("%s", exc)
-        asyncio.run(cluster.close())
-        return 2
+        code = 2
     except KeyboardInterrupt:
-        asyncio.run(cluster.close())
-    return 0
+        pass
+    finally:
+        cluster.shutdown()
+    log.info("Stopped code=%d", code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,19 +81,27 @@ class Cluster:
         log.info("Shards placed shards=%d nodes=%d seconds=%.1f", cfg.shards, cfg.nodes, time.monotonic() - started)
 
     async def close(self) -> None:
-        """Let every node finish and checkpoint, then stop the Ray processes this engine started."""
-        if self.actors:
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(a.close.remote() for a in self.actors.values()), return_exceptions=True), 20)
-            except asyncio.TimeoutError:
-                log.warning("nodes did not close within 20 s")
-            if self._owns_ray:
-                for actor in self.actors.values():
-                    ray.kill(actor)
-            self.actors.clear()
-        if self._owns_ray and ray.is_initialized():
-            ray.shutdown()
+        """Let every node finish in-flight work and checkpoint its shards."""
+        if not self.actors:
+            return
+        t = time.monotonic()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(a.close.remote() for a in self.actors.values()), return_exceptions=True), 20)
+        except asyncio.TimeoutError:
+            log.warning("nodes did not close within 20 s")
+        log.info("Nodes closed seconds=%.1f", time.monotonic() - t)
+
+    def shutdown(self) -> None:
+        """Stop the actors and Ray processes this engine started (call outside the event loop)."""
+        if not self._owns_ray or not ray.is_initialized():
+            return
+        t = time.monotonic()
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+        ray.shutdown()
+        log.info("Ray stopped seconds=%.1f", time.monotonic() - t)
 
     # ---- calls --------------------------------------------------------------------------------
 

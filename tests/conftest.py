@@ -1,0 +1,168 @@
+"""Fixtures that build real components: the real model, real SQLite and Chroma, real Ray, and a
+real `tellodb serve` subprocess for end-to-end tests. Nothing users run is mocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.embedder import Embedder
+
+    return Embedder(resolve_model_path(DEFAULT_MODEL), "cpu", threads=1)
+
+
+@pytest.fixture
+def make_store(tmp_path, embedder):
+    """Build ShardStores in a fresh folder: `make_store()` or `make_store(root=..., shard_id=...)`."""
+    from node.shard_store import ShardStore
+
+    stores = []
+
+    def build(root: Path | None = None, shard_id: int = 0):
+        store = ShardStore(root or tmp_path / f"shard-{shard_id}", shard_id, embedder.dimension)
+        stores.append(store)
+        return store
+
+    yield build
+    for s in stores:
+        try:
+            s.close()
+        except Exception:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `tellodb serve` subprocess in its own process group."""
+
+    data_dir: Path
+    port: int
+    env: dict
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> "Server":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [str(BIN / "tellodb"), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=str(self.data_dir.parent),
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.kill()
+        raise RuntimeError(f"server did not become healthy:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process tree (the server, Ray and its workers)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory for `tellodb serve` subprocesses on a random port with a fresh data dir."""
+    servers: list[Server] = []
+
+    def build(data_dir: Path | None = None, port: int | None = None, **env_overrides: str) -> Server:
+        data_dir = data_dir or tmp_path / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "TEMPORAL_MEMORY_", "RAY_"))}
+        env.pop("PORT", None)
+        env.update({
+            "TEMPORAL_MEMORY_HOST": "127.0.0.1",
+            "TEMPORAL_MEMORY_PORT": str(port or free_port()),
+            "TEMPORAL_MEMORY_DATA_DIR": str(data_dir),
+            "TEMPORAL_MEMORY_API_KEY": API_KEY,
+            "TELLODB_SHARDS": "8",
+            "HF_HUB_OFFLINE": "1",
+        })
+        env.update(env_overrides)
+        server = Server(data_dir, int(env["TEMPORAL_MEMORY_PORT"]), env, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        return server
+
+    yield build
+    for s in servers:
+        s.kill()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A real in-process cluster: local Ray, two node actors, eight shards."""
+    from node.config import ClusterConfig
+    from router.cluster import Cluster
+
+    data = tmp_path_factory.mktemp("cluster-data")
+    c = Cluster(ClusterConfig(data_dir=str(data), shards=8, nodes=2, api_key=API_KEY))
+    c.start()
+    yield c
+    c.shutdown()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+async def api(aiohttp_client, cluster):
+    """An in-process HTTP client for the API, backed by the real cluster."""
+    from router.app import create_app
+
+    return await aiohttp_client(create_app(cluster.config, cluster))

@@ -1,0 +1,46 @@
+"""Ids, the stable entity hash and consistent placement of shards on nodes."""
+
+import subprocess
+import sys
+
+from node.ids import entity_token, new_memory_id, parse_memory_id, shard_of, stable_hash
+from node.ring import Placement
+
+
+def test_memory_id_grammar():
+    assert parse_memory_id("user:sarah::session-1::4") == ("user:sarah", "session-1", 4)
+    assert parse_memory_id("a::b::c::sdk::ff") == ("a::b::c", "sdk", 0)  # sdk ids carry no turn
+    assert parse_memory_id("plain-id") == (None, "", 0)
+    assert parse_memory_id("ent::x") == ("ent", "", 0)
+    mid = new_memory_id("user:bob")
+    assert mid.startswith("user:bob::sdk::") and parse_memory_id(mid).session_id == "sdk"
+
+
+def test_stable_hash_is_the_same_in_another_process():
+    here = stable_hash("user:sarah")
+    code = "from node.ids import stable_hash; print(stable_hash('user:sarah'))"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""}, cwd=str(__import__("conftest").ROOT))
+    assert int(there.stdout) == here
+
+
+def test_entity_token_is_one_fts_token():
+    tok = entity_token("user:sarah ✓")
+    assert tok.isalnum() and tok != entity_token("user:sarah")
+
+
+def test_shards_spread_over_nodes():
+    p = Placement(64, ("node-0", "node-1"))
+    table = p.by_node()
+    assert sorted(s for shards in table.values() for s in shards) == list(range(64))
+    assert all(20 <= len(shards) <= 44 for shards in table.values())
+    e = "user:sarah"
+    assert p.node_of(e) == p.node_of_shard(shard_of(e, 64))
+
+
+def test_adding_a_node_moves_about_one_nth_of_the_shards():
+    before = Placement(256, ("node-0", "node-1", "node-2"))
+    after = Placement(256, ("node-0", "node-1", "node-2", "node-3"))
+    moved = [s for s in range(256) if before.owner[s] != after.owner[s]]
+    assert all(after.owner[s] == "node-3" for s in moved)  # only onto the new node, never between old ones
+    assert 0.15 < len(moved) / 256 < 0.35  # about 1/4

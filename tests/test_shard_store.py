@@ -1,0 +1,167 @@
+"""The shard store on real SQLite, real Chroma and the real model."""
+
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+
+from node.ids import parse_memory_id
+from node.ranking import RankingConfig
+from node.shard_store import MemoryRecord
+
+RANK = RankingConfig()
+
+
+def records(embedder, entity, texts, start=0, relations=()):
+    vecs = embedder.encode(list(texts))
+    out = []
+    for i, (t, v) in enumerate(zip(texts, vecs), start):
+        mid = f"{entity}::s1::{i}"
+        out.append(MemoryRecord(mid, entity, "s1", i, 1_000 + i, "conversation", t, tuple(relations), v))
+    return out
+
+
+def search(store, embedder, text, entity, limit=10):
+    return store.search(embedder.encode([text])[0], text, entity, limit, RANK)
+
+
+def test_upsert_then_search_ranks_the_relevant_memory_first(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "sarah", [
+        "User prefers dark mode and uses a screen reader",
+        "User works at Acme Corp as a software engineer",
+        "Had pasta for dinner on Friday",
+    ]))
+    hits = search(s, embedder, "What are the user's accessibility preferences?", "sarah")
+    assert hits[0]["textual_content"].startswith("User prefers dark mode")
+    sims = [h["similarity"] for h in hits]
+    assert sims == sorted(sims, reverse=True) and all(0 <= x <= 1 for x in sims)
+
+
+def test_exactly_min_limit_and_count_hits(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "a", [f"note number {i} about gardening" for i in range(7)]))
+    s.upsert(records(embedder, "b", [f"other note {i}" for i in range(5)]))
+    assert len(search(s, embedder, "gardening", "a", limit=3)) == 3
+    assert len(search(s, embedder, "gardening", "a", limit=50)) == 7
+    assert len(search(s, embedder, "zzzz unrelated", "a", limit=50)) == 7  # no lexical match, still all
+    assert len(search(s, embedder, "gardening", None, limit=50)) == 12
+
+
+def test_entity_isolation(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "alice", ["Alice's passport number is K1234567"]))
+    s.upsert(records(embedder, "bob", ["I like trains"]))
+    hits = search(s, embedder, "passport number K1234567", "bob", limit=10)
+    assert [h["entity_id"] for h in hits] == ["bob"]
+
+
+def test_exact_tokens_are_found_among_distractors(make_store, embedder):
+    s = make_store()
+    texts = [f"Order {n} shipped to the warehouse" for n in range(40000, 40040)]
+    texts.append("The door code is ZX-99817, remember it")
+    s.upsert(records(embedder, "e", texts))
+    assert search(s, embedder, "ZX-99817", "e")[0]["textual_content"].startswith("The door code")
+    assert search(s, embedder, "order 40017", "e")[0]["textual_content"] == "Order 40017 shipped to the warehouse"
+
+
+def test_reingest_replaces_and_counts_stay_right(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", ["I live in Austin"]))
+    s.upsert(records(embedder, "e", ["I live in Seattle"]))  # same id e::s1::0
+    assert s.stats()["memories"] == 1 and s.stats()["vectors"] == 1
+    assert s.entity_count("e") == 1
+    assert s.get("e::s1::0")["textual_content"] == "I live in Seattle"
+    hits = search(s, embedder, "Austin", "e")
+    assert [h["textual_content"] for h in hits] == ["I live in Seattle"]
+    fts = s.db.execute("SELECT COUNT(*) FROM memories_fts WHERE memories_fts MATCH 'austin'").fetchone()[0]
+    assert fts == 0
+
+
+def test_delete_removes_row_fts_relations_and_vector(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", ["Bob works at Initech"], relations=[("e", "works_at", "Initech")]))
+    assert s.db.execute("SELECT COUNT(*) FROM relations").fetchone()[0] == 1
+    assert s.delete("e::s1::0") is True
+    assert s.delete("e::s1::0") is False
+    assert s.get("e::s1::0") is None
+    assert s.db.execute("SELECT COUNT(*) FROM relations").fetchone()[0] == 0
+    assert s.db.execute("SELECT COUNT(*) FROM memories_fts WHERE memories_fts MATCH 'initech'").fetchone()[0] == 0
+    assert s.collection.count() == 0
+    assert s.entity_count("e") == 0
+    assert search(s, embedder, "Initech", "e") == []
+
+
+def test_turn_window(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", [f"turn {i}" for i in range(10)]))
+    window = s.turn_window("e", "s1", 5, 2)
+    assert [m["turn_index"] for m in window] == [3, 4, 5, 6, 7]
+
+
+def test_batch_is_atomic(make_store, embedder):
+    s = make_store()
+    good = records(embedder, "e", ["one", "two"])
+    bad = MemoryRecord("e::s1::9", "e", "s1", 9, 1, None, "bad", (), np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError):
+        s.upsert(good + [bad])
+    assert s.stats()["memories"] == 0 and s.collection.count() == 0
+
+
+def test_rows_missing_from_chroma_are_reindexed_on_open(tmp_path, make_store, embedder):
+    root = tmp_path / "shard"
+    s = make_store(root=root)
+    s.upsert(records(embedder, "e", ["the cat sat on the mat", "dogs bark at night"]))
+    # Simulate a crash between the SQLite commit and the Chroma add.
+    s.db.execute("UPDATE memories SET indexed = 0 WHERE memory_id = 'e::s1::1'")
+    s.collection.delete(ids=["e::s1::1"])
+    s.close()
+    s2 = make_store(root=root)
+    assert s2.reconcile() == 1
+    assert s2.stats() == {"memories": 2, "entities": 1, "unindexed": 0, "vectors": 2}
+
+
+def test_a_lost_chroma_index_is_rebuilt_from_sqlite(tmp_path, make_store, embedder):
+    root = tmp_path / "shard"
+    s = make_store(root=root)
+    s.upsert(records(embedder, "e", [f"memory {i}" for i in range(30)]))
+    s.close()
+    shutil.rmtree(root / "chroma")
+    s2 = make_store(root=root)
+    assert s2.reconcile() == 30
+    assert s2.collection.count() == 30
+    res = s2.collection.query(query_embeddings=embedder.encode(["memory 7"]), n_results=1, where={"entity_id": "e"})
+    assert res["ids"][0] == ["e::s1::7"]
+
+
+def test_orphan_vectors_are_removed_on_reconcile(tmp_path, make_store, embedder):
+    root = tmp_path / "shard"
+    s = make_store(root=root)
+    s.upsert(records(embedder, "e", ["kept", "deleted"]))
+    # Simulate a crash after the SQLite delete committed but before Chroma heard of it.
+    s.db.execute("DELETE FROM memories WHERE memory_id = 'e::s1::1'")
+    s.close()
+    s2 = make_store(root=root)
+    s2.reconcile()
+    assert s2.collection.get(include=[])["ids"] == ["e::s1::0"]
+
+
+def test_sqlite_is_the_durable_source_of_truth(tmp_path, make_store, embedder):
+    root = tmp_path / "shard"
+    s = make_store(root=root)
+    s.upsert(records(embedder, "e", ["durable"]))
+    # Another connection sees the committed row at once: the write is not parked in memory.
+    other = sqlite3.connect(root / "store.sqlite3")
+    assert other.execute("SELECT textual_content, length(vector) FROM memories").fetchall() == [("durable", 384 * 4)]
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+def test_dimension_mismatch_is_refused(tmp_path, make_store, embedder):
+    from node.shard_store import ShardStore
+
+    root = tmp_path / "shard"
+    make_store(root=root).close()
+    with pytest.raises(RuntimeError, match="384-dimensional"):
+        ShardStore(root, 0, 768)
