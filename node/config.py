@@ -33,7 +33,7 @@ class EmbeddingConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: int = 64  # largest batch the embedder builds from concurrent requests
-    max_wait_ms: float = 2.0  # how long a request may wait for others to share its batch
+    max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
 
 
 @dataclass(frozen=True)

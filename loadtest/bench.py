@@ -1,0 +1,202 @@
+"""A small benchmark of a tellodb engine: start-up time, ingest throughput, query latency.
+
+    python loadtest/bench.py --spawn                      # start `tellodb serve` on a temp dir, measure, stop
+    python loadtest/bench.py --url http://127.0.0.1:3000 --key XXX1111AAA
+
+Prints progress to stderr and one JSON document to stdout (or `--out FILE`). Figures, not tests:
+run it on a quiet machine and compare runs side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+WORDS = ("garden trip coffee sister guitar marathon recipe python meeting doctor museum paint camera "
+         "hiking budget concert novel puppy kitchen piano soccer beach train rent promotion wedding").split()
+
+
+def sentence(rng: random.Random, i: int) -> str:
+    return f"Memory {i}: " + " ".join(rng.choice(WORDS) for _ in range(12)) + f" code{rng.randrange(10**6)}."
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: dict) -> object:
+    async with session.post(url, json=body) as r:
+        data = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"{url} -> {r.status}: {data}")
+        return data
+
+
+async def run_load(base: str, key: str, memories: int, concurrency: int, queries: int, batch: int) -> dict:
+    rng = random.Random(7)
+    headers = {"x-api-key": key}
+    entities = [f"bench:{uuid.uuid4().hex[:8]}:{i}" for i in range(50)]
+    results: dict = {"memories": memories, "concurrency": concurrency, "batch_size": batch}
+    async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        # Single ingests, `concurrency` clients in parallel.
+        queue = list(range(memories))
+        latencies: list[float] = []
+
+        async def worker() -> None:
+            while queue:
+                i = queue.pop()
+                t = time.perf_counter()
+                await post(s, f"{base}/ingest", {"entity_id": entities[i % len(entities)],
+                                                 "textual_content": sentence(rng, i), "timestamp": 1_700_000_000_000 + i})
+                latencies.append(time.perf_counter() - t)
+                if len(latencies) % 500 == 0:
+                    log(f"  single ingest {len(latencies)}/{memories}")
+
+        log(f"single ingests: {memories} with {concurrency} clients")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        results["single_ingest"] = {"per_second": round(memories / elapsed, 1),
+                                    "p50_ms": round(percentile(latencies, 50) * 1000, 2),
+                                    "p95_ms": round(percentile(latencies, 95) * 1000, 2)}
+
+        # Batch ingests, 4 clients.
+        total = memories
+        batches = [[{"entity_id": entities[j % len(entities)], "textual_content": sentence(rng, memories + j)}
+                     for j in range(k, min(k + batch, total))] for k in range(0, total, batch)]
+        log(f"batch ingests: {total} in batches of {batch} with 4 clients")
+        t0 = time.perf_counter()
+
+        async def batch_worker() -> None:
+            while batches:
+                await post(s, f"{base}/ingest/batch", {"items": batches.pop()})
+
+        await asyncio.gather(*(batch_worker() for _ in range(4)))
+        results["batch_ingest"] = {"per_second": round(total / (time.perf_counter() - t0), 1)}
+
+        # Queries, one client, sequential.
+        log(f"queries: {queries}, one client")
+        lat = []
+        for q in range(queries):
+            t = time.perf_counter()
+            hits = await post(s, f"{base}/query/semantic", {"textual_query": " ".join(rng.sample(WORDS, 3)),
+                                                            "entity_id": entities[q % len(entities)], "limit": 10})
+            lat.append(time.perf_counter() - t)
+            assert isinstance(hits, list) and hits
+        results["query_1_client"] = {"p50_ms": round(percentile(lat, 50) * 1000, 2),
+                                     "p95_ms": round(percentile(lat, 95) * 1000, 2),
+                                     "p99_ms": round(percentile(lat, 99) * 1000, 2),
+                                     "mean_ms": round(statistics.mean(lat) * 1000, 2)}
+
+        # Queries, `concurrency` clients.
+        remaining = list(range(queries))
+        lat = []
+
+        async def query_worker() -> None:
+            while remaining:
+                q = remaining.pop()
+                t = time.perf_counter()
+                await post(s, f"{base}/query/semantic", {"textual_query": " ".join(rng.sample(WORDS, 3)),
+                                                         "entity_id": entities[q % len(entities)], "limit": 10})
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(query_worker() for _ in range(concurrency)))
+        results[f"query_{concurrency}_clients"] = {"per_second": round(queries / (time.perf_counter() - t0), 1),
+                                                   "p50_ms": round(percentile(lat, 50) * 1000, 2),
+                                                   "p99_ms": round(percentile(lat, 99) * 1000, 2)}
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(data_dir: str, key: str) -> tuple[subprocess.Popen, str, float]:
+    port = free_port()
+    env = dict(os.environ, TEMPORAL_MEMORY_PORT=str(port), TEMPORAL_MEMORY_DATA_DIR=data_dir,
+               TEMPORAL_MEMORY_API_KEY=key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
+    env.pop("PORT", None)
+    exe = shutil.which("tellodb") or str(Path(sys.executable).parent / "tellodb")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"tellodb serve exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(base + "/health", timeout=1).read()
+            return proc, base, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:3000")
+    ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
+    ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
+    ap.add_argument("--memories", type=int, default=2000)
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--out", help="write the JSON here as well as to stdout")
+    args = ap.parse_args()
+
+    report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "platform": platform.platform()}}
+    proc = None
+    tmp = None
+    base = args.url
+    try:
+        if args.spawn:
+            tmp = tempfile.mkdtemp(prefix="tellodb-bench-")
+            proc, base, startup = spawn(tmp, args.key)
+            report["startup_seconds"] = round(startup, 2)
+            log(f"engine healthy after {startup:.1f} s")
+        report.update(asyncio.run(run_load(base, args.key, args.memories, args.concurrency, args.queries,
+                                           args.batch)))
+        if proc is not None:
+            t0 = time.perf_counter()
+            os.kill(proc.pid, signal.SIGTERM)
+            report["shutdown_exit_code"] = proc.wait(timeout=60)
+            report["shutdown_seconds"] = round(time.perf_counter() - t0, 2)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
