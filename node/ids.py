@@ -1,8 +1,8 @@
 """Memory id grammar and the stable hash that places entities on shards.
 
-Ids of the form `<entity>::<session>::<turn>` carry their session and turn; the official SDK's
-default `<entity>::sdk::<uuid>` is a memory of session `sdk` with no turn. Any other string is a
-valid id with no session (`""`) and turn 0.
+Ids of the form `<entity>::<session>::<turn>` (turn a whole number) carry their session and turn;
+the official SDK's default `<entity>::sdk::<uuid>` is a memory of session `sdk` with no turn
+(`None`, shown as 0 on the wire). Any other string is a valid id with no session (`""`).
 """
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ from typing import NamedTuple
 class ParsedId(NamedTuple):
     entity_prefix: str | None
     session_id: str
-    turn_index: int
+    turn_index: int | None
 
 
 def parse_memory_id(memory_id: str) -> ParsedId:
     parts = memory_id.split("::")
     if len(parts) < 3:
-        return ParsedId(parts[0] if len(parts) == 2 else None, "", 0)
+        return ParsedId(parts[0] if len(parts) == 2 else None, "", None)
     entity, session, turn = "::".join(parts[:-2]), parts[-2], parts[-1]
-    try:
-        turn_index = int(turn) if turn.isdigit() else 0
-    except ValueError:  # pragma: no cover - isdigit guards it
-        turn_index = 0
-    return ParsedId(entity, session, turn_index)
+    is_turn = turn.isascii() and turn.isdigit() and len(turn) <= 9
+    return ParsedId(entity, session, int(turn) if is_turn else None)
 
 
 def new_memory_id(entity_id: str) -> str:

@@ -1,9 +1,12 @@
 """Hybrid ranking: dense cosine and FTS5 BM25 fused into one `similarity` in [0, 1].
 
-Both retrievers propose candidates; every candidate is then scored on both signals:
-  dense   = max(0, cosine(query, memory))                      in [0, 1]
-  lexical = bm25 / max bm25 among this query's candidates        in [0, 1]
-  similarity = dense_weight * dense + lexical_weight * lexical   (weights sum to 1)
+HNSW, FTS5 over each memory's text and FTS5 over each turn's session window propose candidates;
+every candidate is then scored exactly on all signals:
+  dense   = max(0, cosine(query, memory))                                    in [0, 1]
+  turn    = bm25(memory text) / best such bm25 among the candidates          in [0, 1]
+  window  = bm25(turn window) / best such bm25 among the candidates          in [0, 1]
+  lexical = (1 - window_share) * turn + window_share * window
+  similarity = (dense_weight * dense + lexical_weight * lexical) / (dense_weight + lexical_weight)
 The weights live in `ranking_config.json` in the data directory. There is no time-to-live: an
 old memory is never hidden from results.
 """
@@ -38,12 +41,18 @@ class RankingConfig:
     dense_weight: float = 0.6  # share of cosine similarity in the final score
     lexical_weight: float = 0.4  # share of normalised BM25 in the final score
     candidate_pool: int = 64  # candidates each retriever proposes (at least the query's limit)
+    window_radius: int = 2  # turns on each side of a turn, same session, in its lexical window; 0: off
+    window_share: float = 0.8  # share of the window BM25 in the lexical score
 
     def __post_init__(self) -> None:
         if self.dense_weight < 0 or self.lexical_weight < 0 or self.dense_weight + self.lexical_weight <= 0:
             raise ValueError("ranking_config.json: weights must be non-negative and not both zero")
         if self.candidate_pool < 1:
             raise ValueError("ranking_config.json: candidate_pool must be at least 1")
+        if not 0 <= self.window_radius <= 20:
+            raise ValueError("ranking_config.json: window_radius must be between 0 and 20")
+        if not 0.0 <= self.window_share <= 1.0:
+            raise ValueError("ranking_config.json: window_share must be between 0 and 1")
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "RankingConfig":
@@ -84,10 +93,17 @@ def fts_match_expression(text: str) -> str | None:
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def fuse(dense: float, bm25: float, max_bm25: float, config: RankingConfig) -> float:
-    """The similarity of one candidate, in [0, 1]. `bm25` is positive (higher is better), 0 if absent."""
+def lexical_score(turn: float, max_turn: float, window: float, max_window: float, config: RankingConfig) -> float:
+    """Turn and window BM25 (positive, 0 if absent), each normalised by its best, mixed; in [0, 1]."""
+    t = min(1.0, turn / max_turn) if max_turn > 0 else 0.0
+    w = min(1.0, window / max_window) if max_window > 0 else 0.0
+    share = config.window_share if config.window_radius > 0 else 0.0
+    return max(0.0, (1.0 - share) * t + share * w)
+
+
+def fuse(dense: float, lexical: float, config: RankingConfig) -> float:
+    """The similarity of one candidate, in [0, 1], from its cosine and its lexical score."""
     d = min(1.0, max(0.0, dense))
-    lex = bm25 / max_bm25 if max_bm25 > 0 else 0.0
-    lex = min(1.0, max(0.0, lex))
+    lex = min(1.0, max(0.0, lexical))
     total = config.dense_weight + config.lexical_weight
     return (config.dense_weight * d + config.lexical_weight * lex) / total

@@ -63,6 +63,7 @@ class Node:
             store = ShardStore(
                 shard_dir(self.data_dir, shard), shard, self.embedder.dimension,
                 {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
+                self.ranking,
             )
             self.shards[shard] = store
         return store
@@ -119,7 +120,7 @@ class Node:
         def search() -> list[dict[str, Any]]:
             hits: list[dict[str, Any]] = []
             for s in self._candidate_shards([shard] if shard is not None else None):
-                hits.extend(self.shards[s].search(vector, text, entity_id, limit, self.ranking))
+                hits.extend(self.shards[s].search(vector, text, entity_id, limit))
             hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
             return hits[:limit]
 
@@ -133,10 +134,7 @@ class Node:
                 if memory is None:
                     continue
                 if include_window:
-                    memory["turn_window"] = (
-                        store.turn_window(memory["entity_id"], memory["session_id"], memory["turn_index"], radius)
-                        if memory["session_id"] else [dict(memory)]
-                    )
+                    memory["turn_window"] = store.turn_window(memory_id, radius)
                 return {**memory, "shard": s, "node": self.name}
             return None
 

@@ -3,10 +3,16 @@
 A shard lives in its own folder, `<data>/shards/<NNNN>/`, holding `store.sqlite3` and `chroma/`,
 so placing, copying or backing up a shard is moving one folder.
 
-Writes commit to SQLite first (row, FTS5 entry, vector blob, relations) in one transaction with
+Writes commit to SQLite first (row, FTS5 entries, vector blob, relations) in one transaction with
 `synchronous=FULL`; only then is the vector added to Chroma and the row marked `indexed`. A crash
 between the two leaves rows with `indexed = 0`, which `reconcile()` re-indexes at start-up; if the
 collection is lost or disagrees with SQLite it is rebuilt from the stored vectors.
+
+Lexical search runs over two FTS5 tables: `memories_fts` (each memory's own text) and
+`windows_fts` (each turn with its session neighbours within `window_radius` turns, so a question
+matches the exchange that answers it even when the words are split over several turns). Memories
+without a turn number have a window of their own text. Windows are kept current in the same
+transaction as every write and rebuilt when `window_radius` changes.
 
 Not thread-safe: the owning node calls a shard from one thread at a time.
 """
@@ -25,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from node.ids import entity_token
-from node.ranking import RankingConfig, fts_match_expression, fuse
+from node.ranking import RankingConfig, fts_match_expression, fuse, lexical_score
 
 log = logging.getLogger("tellodb.shard")
 
@@ -38,7 +44,7 @@ CREATE TABLE IF NOT EXISTS memories (
     entity_id TEXT NOT NULL,
     entity_token TEXT NOT NULL,
     session_id TEXT NOT NULL,
-    turn_index INTEGER NOT NULL,
+    turn_index INTEGER,
     created_at_ms INTEGER NOT NULL,
     ingested_at_ms INTEGER NOT NULL,
     kind TEXT,
@@ -68,6 +74,13 @@ CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF entity_token, textual_c
     INSERT INTO memories_fts(rowid, entity_token, textual_content)
     VALUES (new.rowid, new.entity_token, new.textual_content);
 END;
+CREATE VIRTUAL TABLE IF NOT EXISTS windows_fts USING fts5(
+    entity_token, window_text,
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS memories_window_ad AFTER DELETE ON memories BEGIN
+    DELETE FROM windows_fts WHERE rowid = old.rowid;
+END;
 CREATE TABLE IF NOT EXISTS relations (
     memory_id TEXT NOT NULL,
     entity_id TEXT NOT NULL,
@@ -85,6 +98,8 @@ MEMORY_COLUMNS = (
     "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
 )
 CHROMA_BATCH = 256
+LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
+LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,7 @@ class MemoryRecord:
     memory_id: str
     entity_id: str
     session_id: str
-    turn_index: int
+    turn_index: int | None  # None: not a turn of a session (no window neighbours)
     created_at_ms: int
     kind: str | None
     textual_content: str
@@ -107,7 +122,7 @@ def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
         "memory_id": row["memory_id"],
         "entity_id": row["entity_id"],
         "session_id": row["session_id"],
-        "turn_index": row["turn_index"],
+        "turn_index": row["turn_index"] if row["turn_index"] is not None else 0,
         "created_at_ms": row["created_at_ms"],
         "ingested_at_ms": row["ingested_at_ms"],
         "kind": row["kind"],
@@ -117,8 +132,16 @@ def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
 
 
 class ShardStore:
-    def __init__(self, root: str | Path, shard_id: int, dimension: int, hnsw: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        shard_id: int,
+        dimension: int,
+        hnsw: dict[str, int] | None = None,
+        ranking: RankingConfig | None = None,
+    ) -> None:
         self.shard_id = shard_id
+        self.ranking = ranking or RankingConfig()
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.dimension = dimension
@@ -131,6 +154,7 @@ class ShardStore:
         self.db.executescript(SCHEMA)
         self._check_meta()
         self._open_chroma()
+        self._check_windows()
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -149,6 +173,47 @@ class ShardStore:
                 f"shard {self.shard_id} at {self.root} holds {meta['dimension']}-dimensional vectors but the "
                 f"configured model makes {self.dimension}; use the model it was written with"
             )
+
+    def _check_windows(self) -> None:
+        """Rebuild every window when the configured radius differs from the one they were built with."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'window_radius'").fetchone()
+        if row is not None and int(row[0]) == self.ranking.window_radius:
+            return
+        with self._tx():
+            self.db.execute("DELETE FROM windows_fts")
+            self._refresh_windows(self.db.execute("SELECT rowid FROM memories").fetchall(), with_neighbours=False)
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('window_radius', ?)",
+                            (str(self.ranking.window_radius),))
+
+    def _refresh_windows(self, rowids: Iterable, with_neighbours: bool = True) -> None:
+        """Rewrite the window documents of `rowids` (and of their session neighbours). In a transaction."""
+        r = self.ranking.window_radius
+        targets: set[int] = set()
+        for (rowid,) in rowids:
+            targets.add(rowid)
+            if not with_neighbours or r == 0:
+                continue
+            me = self.db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE rowid = ?",
+                                 (rowid,)).fetchone()
+            if me is not None and me["turn_index"] is not None:
+                targets.update(x[0] for x in self.db.execute(
+                    "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
+                    (me["entity_id"], me["session_id"], me["turn_index"] - r, me["turn_index"] + r)))
+        for rowid in targets:
+            me = self.db.execute(
+                "SELECT entity_id, entity_token, session_id, turn_index, textual_content FROM memories WHERE rowid = ?",
+                (rowid,)).fetchone()
+            self.db.execute("DELETE FROM windows_fts WHERE rowid = ?", (rowid,))
+            if me is None:
+                continue
+            text = me["textual_content"]
+            if me["turn_index"] is not None and r > 0:
+                text = "\n".join(x[0] for x in self.db.execute(
+                    "SELECT textual_content FROM memories WHERE entity_id = ? AND session_id = ? "
+                    "AND turn_index BETWEEN ? AND ? ORDER BY turn_index, rowid",
+                    (me["entity_id"], me["session_id"], me["turn_index"] - r, me["turn_index"] + r)))
+            self.db.execute("INSERT INTO windows_fts(rowid, entity_token, window_text) VALUES (?, ?, ?)",
+                            (rowid, me["entity_token"], text))
 
     def _open_chroma(self) -> None:
         import chromadb
@@ -240,11 +305,15 @@ class ShardStore:
         # Within one call the last record of an id wins, as if they had been sent one by one.
         unique = list({r.memory_id: r for r in records}.values())
         with self._tx():
+            touched: list[tuple[int]] = []
             for r in unique:
-                old = self.db.execute("SELECT entity_id FROM memories WHERE memory_id = ?", (r.memory_id,)).fetchone()
+                old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
+                                      (r.memory_id,)).fetchone()
                 if old is not None:
                     self._count_entity(old["entity_id"], -1)
                     self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
+                    # Its old neighbours lose it from their windows (it may change session or turn).
+                    self._refresh_windows([(old["rowid"],)])
                 vector = np.asarray(r.vector, dtype=np.float32)
                 if vector.shape != (self.dimension,):
                     raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
@@ -270,6 +339,9 @@ class ShardStore:
                     [(r.memory_id, r.entity_id, s, p, o, r.created_at_ms) for s, p, o in r.relations],
                 )
                 self._count_entity(r.entity_id, +1)
+                touched.append(self.db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
+                                               (r.memory_id,)).fetchone()[0:1])
+            self._refresh_windows(touched)
         self._index(
             [r.memory_id for r in unique],
             np.stack([np.asarray(r.vector, dtype=np.float32) for r in unique]),
@@ -288,10 +360,17 @@ class ShardStore:
     def delete(self, memory_id: str) -> bool:
         """Remove a memory from SQLite, FTS, relations and Chroma. False when it is not here."""
         with self._tx():
-            row = self.db.execute("SELECT entity_id FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+            row = self.db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE memory_id = ?",
+                                  (memory_id,)).fetchone()
             if row is None:
                 return False
             self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
+            if row["turn_index"] is not None:
+                r = self.ranking.window_radius
+                self._refresh_windows(self.db.execute(
+                    "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
+                    (row["entity_id"], row["session_id"], row["turn_index"] - r, row["turn_index"] + r),
+                ).fetchall(), with_neighbours=False)
             self.db.execute("DELETE FROM relations WHERE memory_id = ?", (memory_id,))
             self._count_entity(row["entity_id"], -1)
         self.collection.delete(ids=[memory_id])
@@ -303,11 +382,17 @@ class ShardStore:
         row = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
         return _row_to_memory(row) if row else None
 
-    def turn_window(self, entity_id: str, session_id: str, turn_index: int, radius: int) -> list[dict[str, Any]]:
+    def turn_window(self, memory_id: str, radius: int) -> list[dict[str, Any]]:
+        """The memory and the turns of its session within `radius` of it, in turn order."""
+        me = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+        if me is None:
+            return []
+        if me["turn_index"] is None:
+            return [_row_to_memory(me)]
         rows = self.db.execute(
             f"SELECT {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND session_id = ? "
             "AND turn_index BETWEEN ? AND ? ORDER BY turn_index, created_at_ms",
-            (entity_id, session_id, turn_index - radius, turn_index + radius),
+            (me["entity_id"], me["session_id"], me["turn_index"] - radius, me["turn_index"] + radius),
         ).fetchall()
         return [_row_to_memory(r) for r in rows]
 
@@ -323,14 +408,7 @@ class ShardStore:
         unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
         return {"memories": memories, "entities": entities, "unindexed": unindexed, "vectors": self.collection.count()}
 
-    def search(
-        self,
-        query_vector: np.ndarray,
-        query_text: str,
-        entity_id: str | None,
-        limit: int,
-        ranking: RankingConfig,
-    ) -> list[dict[str, Any]]:
+    def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int) -> list[dict[str, Any]]:
         """The best `limit` memories (of `entity_id`, or of all entities here) for the query.
 
         Returns exactly min(limit, memories in scope) hits, best first.
@@ -339,72 +417,74 @@ class ShardStore:
         want = min(limit, in_scope)
         if want == 0:
             return []
-        pool = max(limit, ranking.candidate_pool)
+        pool = max(limit, self.ranking.candidate_pool)
         candidates: set[int] = set()
-        bm25: dict[int, float] = {}
 
         # Dense candidates from the HNSW index, filtered to the entity.
-        n = min(pool, self.collection.count())
-        if n > 0:
-            res = self.collection.query(
-                query_embeddings=np.asarray(query_vector, dtype=np.float32).reshape(1, -1),
-                n_results=n,
-                where={"entity_id": entity_id} if entity_id is not None else None,
-                include=[],
-            )
-            ids = res["ids"][0]
-            if ids:
-                marks = ",".join("?" * len(ids))
-                candidates.update(r[0] for r in self.db.execute(
-                    f"SELECT rowid FROM memories WHERE memory_id IN ({marks})", ids))
+        ids = self.collection.query(
+            query_embeddings=np.asarray(query_vector, dtype=np.float32).reshape(1, -1),
+            n_results=min(pool, in_scope),
+            where={"entity_id": entity_id} if entity_id is not None else None,
+            include=[],
+        )["ids"][0]
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            candidates.update(r[0] for r in self.db.execute(
+                f"SELECT rowid FROM memories WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk))
 
-        # Lexical candidates from FTS5, the entity filter going through the index as a token.
+        # Lexical candidates from both FTS5 tables: the best `pool` of each. The scores of the
+        # best LEXICAL_SCAN matches are kept, so every candidate is scored exactly on both.
         match = fts_match_expression(query_text)
+        lexical: list[dict[int, float]] = []
         if match is not None:
-            expr = f"textual_content : ({match})"
-            if entity_id is not None:
-                expr = f'entity_token : "{entity_token(entity_id)}" AND {expr}'
-            for rowid, score in self.db.execute(
-                "SELECT rowid, -bm25(memories_fts, 0.0, 1.0) FROM memories_fts WHERE memories_fts MATCH ? "
-                "ORDER BY bm25(memories_fts, 0.0, 1.0) LIMIT ?",
-                (expr, pool),
-            ):
-                candidates.add(rowid)
-                bm25[rowid] = max(0.0, float(score))
+            for table, column in LEXICAL_SOURCES:
+                scores = self._bm25(table, column, match, entity_id, max(pool, LEXICAL_SCAN))
+                lexical.append(scores)
+                candidates.update(list(scores)[:pool])
 
         # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
         if len(candidates) < want:
             where, args = ("WHERE entity_id = ?", [entity_id]) if entity_id is not None else ("", [])
             candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories {where}", args))
 
-        return self._score(list(candidates), query_vector, bm25, ranking)[:want]
+        turn, window = lexical if lexical else ({}, {})
+        return self._score(sorted(candidates), query_vector, turn, window, want)
 
-    def _score(
-        self, rowids: list[int], query_vector: np.ndarray, bm25: dict[int, float], ranking: RankingConfig
-    ) -> list[dict[str, Any]]:
-        if not rowids:
-            return []
-        rows: list[sqlite3.Row] = []
+    def _bm25(self, table: str, column: str, match: str, entity_id: str | None, limit: int) -> dict[int, float]:
+        """Positive BM25 scores (higher is better) of the best `limit` rows, best first."""
+        expr = f"{column} : ({match})"
+        if entity_id is not None:  # the entity filter goes through the full-text index as a token
+            expr = f'entity_token : "{entity_token(entity_id)}" AND {expr}'
+        sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
+               f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+        return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
+
+    def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
+               window: dict[int, float], want: int) -> list[dict[str, Any]]:
+        """Score every candidate on all signals; load and return the best `want` in full."""
+        keyed: list[tuple[float, int, str, int]] = []
+        max_turn, max_window = max(turn.values(), default=0.0), max(window.values(), default=0.0)
+        q = np.asarray(query_vector, dtype=np.float32)
         for i in range(0, len(rowids), 900):  # stay under SQLite's bound-parameter limit
             chunk = rowids[i : i + 900]
-            rows.extend(self.db.execute(
-                f"SELECT rowid, {MEMORY_COLUMNS}, vector FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})",
+            rows = self.db.execute(
+                f"SELECT rowid, memory_id, created_at_ms, vector FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})",
                 chunk,
-            ).fetchall())
-        if not rows:
-            return []
-        matrix = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
-        cosines = matrix @ np.asarray(query_vector, dtype=np.float32)
-        max_bm25 = max(bm25.values(), default=0.0)
-        hits = []
-        for row, cos in zip(rows, cosines):
-            lexical = bm25.get(row["rowid"], 0.0)
-            hit = _row_to_memory(row)
-            hit["similarity"] = fuse(float(cos), lexical, max_bm25, ranking)
-            hits.append(hit)
-        # Ties broken by recency, then id, so results are stable.
-        hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
-        return hits
+            ).fetchall()
+            if not rows:
+                continue
+            cosines = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
+            for (rowid, memory_id, created, _), cos in zip(rows, cosines.tolist()):
+                lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window,
+                                        self.ranking)
+                keyed.append((fuse(cos, lexical, self.ranking), created, memory_id, rowid))
+        # Best first; ties broken by recency, then id, so results are stable.
+        keyed.sort(key=lambda k: (-k[0], -k[1], k[2]))
+        best = keyed[:want]
+        full = {r["rowid"]: r for r in self.db.execute(
+            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
+            [k[3] for k in best])}
+        return [dict(_row_to_memory(full[k[3]]), similarity=k[0]) for k in best]
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and release SQLite and Chroma."""

@@ -9,9 +9,10 @@ from node.ring import Placement
 
 def test_memory_id_grammar():
     assert parse_memory_id("user:sarah::session-1::4") == ("user:sarah", "session-1", 4)
-    assert parse_memory_id("a::b::c::sdk::ff") == ("a::b::c", "sdk", 0)  # sdk ids carry no turn
-    assert parse_memory_id("plain-id") == (None, "", 0)
-    assert parse_memory_id("ent::x") == ("ent", "", 0)
+    assert parse_memory_id("a::b::c::sdk::ff") == ("a::b::c", "sdk", None)  # sdk ids carry no turn
+    assert parse_memory_id("plain-id") == (None, "", None)
+    assert parse_memory_id("ent::x") == ("ent", "", None)
+    assert parse_memory_id("ent::s::٣") == ("ent", "s", None)  # only ASCII digits make a turn
     mid = new_memory_id("user:bob")
     assert mid.startswith("user:bob::sdk::") and parse_memory_id(mid).session_id == "sdk"
 

@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 
 from node.ids import parse_memory_id
-from node.ranking import RankingConfig
 from node.shard_store import MemoryRecord
-
-RANK = RankingConfig()
 
 
 def records(embedder, entity, texts, start=0, relations=()):
@@ -23,7 +20,7 @@ def records(embedder, entity, texts, start=0, relations=()):
 
 
 def search(store, embedder, text, entity, limit=10):
-    return store.search(embedder.encode([text])[0], text, entity, limit, RANK)
+    return store.search(embedder.encode([text])[0], text, entity, limit)
 
 
 def test_upsert_then_search_ranks_the_relevant_memory_first(make_store, embedder):
@@ -96,8 +93,9 @@ def test_delete_removes_row_fts_relations_and_vector(make_store, embedder):
 def test_turn_window(make_store, embedder):
     s = make_store()
     s.upsert(records(embedder, "e", [f"turn {i}" for i in range(10)]))
-    window = s.turn_window("e", "s1", 5, 2)
+    window = s.turn_window("e::s1::5", 2)
     assert [m["turn_index"] for m in window] == [3, 4, 5, 6, 7]
+    assert s.turn_window("nope", 2) == []
 
 
 def test_batch_is_atomic(make_store, embedder):
@@ -165,3 +163,58 @@ def test_dimension_mismatch_is_refused(tmp_path, make_store, embedder):
     make_store(root=root).close()
     with pytest.raises(RuntimeError, match="384-dimensional"):
         ShardStore(root, 0, 768)
+
+
+def test_window_search_finds_the_turn_whose_neighbour_holds_the_words(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", [
+        "Anna: guess where we went last weekend",
+        "Ben: no idea, tell me",
+        "Anna: the aquarium downtown, the kids loved the sharks",
+        "Ben: I adopted a kitten yesterday",
+    ] + [f"Anna: filler line {i} about nothing" for i in range(20)]))
+    rows = dict(s.db.execute(
+        "SELECT m.memory_id, w.window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid"))
+    assert rows["e::s1::0"].split("\n") == [
+        "Anna: guess where we went last weekend", "Ben: no idea, tell me",
+        "Anna: the aquarium downtown, the kids loved the sharks"]
+    ids = [h["memory_id"] for h in search(s, embedder, "aquarium sharks", "e", limit=5)]
+    assert ids[0] == "e::s1::2" and "e::s1::0" in ids  # the question turn rides on its neighbour's words
+
+
+def test_windows_follow_deletes_and_replacements(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", ["alpha", "bravo", "charlie"]))
+    window = lambda mid: s.db.execute(  # noqa: E731
+        "SELECT window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid WHERE m.memory_id = ?",
+        (mid,)).fetchone()[0]
+    assert window("e::s1::0") == "alpha\nbravo\ncharlie"
+    s.delete("e::s1::1")
+    assert window("e::s1::0") == "alpha\ncharlie"
+    s.upsert(records(embedder, "e", ["delta"], start=2))  # replaces e::s1::2
+    assert window("e::s1::0") == "alpha\ndelta"
+    assert s.db.execute("SELECT COUNT(*) FROM windows_fts").fetchone()[0] == 2
+
+
+def test_memories_without_turns_have_their_own_text_as_window(make_store, embedder):
+    s = make_store()
+    vec = embedder.encode(["a", "b"])
+    s.upsert([MemoryRecord(f"e::sdk::{i}", "e", "sdk", None, 1, None, t, (), v)
+              for i, (t, v) in enumerate(zip(["apples", "pears"], vec))])
+    texts = sorted(r[0] for r in s.db.execute("SELECT window_text FROM windows_fts"))
+    assert texts == ["apples", "pears"]
+    assert s.get("e::sdk::0")["turn_index"] == 0
+    assert [m["memory_id"] for m in s.turn_window("e::sdk::0", 2)] == ["e::sdk::0"]
+
+
+def test_windows_are_rebuilt_when_the_radius_changes(tmp_path, embedder):
+    from node.ranking import RankingConfig
+    from node.shard_store import ShardStore
+
+    root = tmp_path / "shard"
+    s = ShardStore(root, 0, embedder.dimension, ranking=RankingConfig(window_radius=1))
+    s.upsert(records(embedder, "e", ["one", "two", "three", "four"]))
+    s.close()
+    s = ShardStore(root, 0, embedder.dimension, ranking=RankingConfig(window_radius=0))
+    assert sorted(r[0] for r in s.db.execute("SELECT window_text FROM windows_fts")) == ["four", "one", "three", "two"]
+    s.close()
