@@ -6,7 +6,6 @@ import sqlite3
 import numpy as np
 import pytest
 
-from node.ids import parse_memory_id
 from node.shard_store import MemoryRecord
 
 
