@@ -135,10 +135,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(data_dir: str, key: str) -> tuple[subprocess.Popen, str, float]:
+def spawn(data_dir: str, key: str, backend: str | None = None) -> tuple[subprocess.Popen, str, float]:
+    """Start `tellodb serve` on a free port; return it, its URL and the seconds until healthy."""
     port = free_port()
     env = dict(os.environ, TEMPORAL_MEMORY_PORT=str(port), TEMPORAL_MEMORY_DATA_DIR=data_dir,
                TEMPORAL_MEMORY_API_KEY=key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
+    if backend:
+        env["TEMPORAL_MEMORY_EMBEDDING_BACKEND"] = backend
     env.pop("PORT", None)
     exe = shutil.which("tellodb") or str(Path(sys.executable).parent / "tellodb")
     t0 = time.perf_counter()
@@ -162,6 +165,7 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:3000")
     ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
     ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
+    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
     ap.add_argument("--memories", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -177,8 +181,9 @@ def main() -> None:
     try:
         if args.spawn:
             tmp = tempfile.mkdtemp(prefix="tellodb-bench-")
-            proc, base, startup = spawn(tmp, args.key)
+            proc, base, startup = spawn(tmp, args.key, args.backend)
             report["startup_seconds"] = round(startup, 2)
+            report["backend"] = args.backend or "default"
             log(f"engine healthy after {startup:.1f} s")
         report.update(asyncio.run(run_load(base, args.key, args.memories, args.concurrency, args.queries,
                                            args.batch)))

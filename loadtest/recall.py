@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--url", default="http://127.0.0.1:3000")
     ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
     ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
+    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
@@ -173,7 +174,7 @@ def main() -> None:
             import tempfile
 
             tmp = tempfile.mkdtemp(prefix="tellodb-recall-")
-            proc, base, startup = spawn(tmp, args.key)
+            proc, base, startup = spawn(tmp, args.key, args.backend)
             log(f"engine healthy after {startup:.1f} s")
         client = TellodbClient.from_cloud(base_url=base, api_key=args.key)
         result = evaluate(client, data, args.k, uuid.uuid4().hex[:6])
@@ -188,6 +189,7 @@ def main() -> None:
 
             shutil.rmtree(tmp, ignore_errors=True)
     result["data"] = os.path.basename(args.data)
+    result["backend"] = args.backend or "default"
     print(table(result), file=sys.stderr)
     text = json.dumps(result, indent=2)
     print(text)

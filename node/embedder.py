@@ -41,12 +41,21 @@ class Embedder:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = self.model.encode(
             texts,
-            batch_size=64,
+            batch_size=16,  # sentence-transformers sorts by length; small batches pad little
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def load_embedder(model_path: str, backend: str, device: str, threads: int, data_dir: str):
+    """The embedder for a normalised backend name: `torch`, `onnx` or `onnx-int8`."""
+    if backend == "torch":
+        return Embedder(model_path, device, threads)
+    from node.onnx_embedder import OnnxEmbedder, export_onnx
+
+    return OnnxEmbedder(model_path, export_onnx(model_path, data_dir, backend), threads, device)
 
 
 class BatchingEmbedder:

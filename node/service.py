@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from node.config import ClusterConfig, resolve_model_path
-from node.embedder import BatchingEmbedder, Embedder
+from node.config import ClusterConfig, normalized_backend, resolve_model_path
+from node.embedder import BatchingEmbedder, load_embedder
 from node.ranking import RankingConfig
 from node.shard_store import MemoryRecord, ShardStore
 
@@ -38,7 +38,8 @@ class Node:
         self.data_dir = Path(config.data_dir)
         self.ranking = RankingConfig.load(self.data_dir)
         self.embedder = BatchingEmbedder(
-            Embedder(resolve_model_path(config.embedding.model), config.embedding.device.lower(), threads),
+            load_embedder(resolve_model_path(config.embedding.model), normalized_backend(config),
+                          config.embedding.device.lower(), threads, config.data_dir),
             max_batch=config.embedding.batch_size,
             max_wait_ms=config.embedding.max_wait_ms,
         )
@@ -81,6 +82,7 @@ class Node:
             "model": e.model_path,
             "dimension": e.dimension,
             "device": e.device,
+            "backend": normalized_backend(self.config),
             "threads": e.threads,
             "shards_owned": len(self.owned),
             "shards_open": len(self.shards),

@@ -21,7 +21,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from node.actor import NodeActor
-from node.config import ClusterConfig
+from node.config import ClusterConfig, normalized_backend, resolve_model_path
+from node.onnx_embedder import ONNX_BACKENDS, export_onnx
 from node.ids import parse_memory_id
 from node.ring import Placement
 from router.errors import ApiError, Unavailable
@@ -42,8 +43,10 @@ class Cluster:
 
     def start(self) -> None:
         cfg = self.config
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Node actors inherit these: no hub access, no tokenizer threads, no progress bars in logs.
+        for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
+            os.environ.setdefault(var, value)
         if not ray.is_initialized():
             started = time.monotonic()
             if cfg.ray_address:
@@ -56,6 +59,11 @@ class Cluster:
                 self._owns_ray = True
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
+        backend = normalized_backend(cfg)
+        if backend in ONNX_BACKENDS:  # export once here, so node actors on this machine never race
+            t = time.monotonic()
+            path = export_onnx(resolve_model_path(cfg.embedding.model), cfg.data_dir, backend)
+            log.info("ONNX model ready path=%s seconds=%.1f", path, time.monotonic() - t)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
         threads = max(1, int(cpus))
         log.info("Starting node actors nodes=%d shards=%d cpus_per_node=%.2g threads_per_node=%d",
@@ -72,8 +80,8 @@ class Cluster:
         for info in infos:
             self.node_info[info["node"]] = info
         first = infos[0]
-        log.info("Semantic embedder initialized model=%s dims=%d backend=%s device=%s",
-                 first["model"], first["dimension"], cfg.embedding.backend, first["device"])
+        log.info("Semantic embedder initialized model=%s dims=%d backend=%s device=%s threads=%d",
+                 first["model"], first["dimension"], first["backend"], first["device"], first["threads"])
         for info in infos:
             log.info("Node ready node=%s pid=%s shards=%d open=%d reindexed=%d startup=%.1fs", info["node"],
                      info["pid"], info["shards_owned"], info["shards_open"], info["reindexed"],
