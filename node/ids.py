@@ -1,8 +1,10 @@
 """Memory id grammar and the stable hash that places entities on shards.
 
-Ids of the form `<entity>::<session>::<turn>` (turn a whole number) carry their session and turn;
-the official SDK's default `<entity>::sdk::<uuid>` is a memory of session `sdk` with no turn
-(`None`, shown as 0 on the wire). Any other string is a valid id with no session (`""`).
+Ids of the form `<entity>::<session>::<turn>` name their entity, session and turn (a whole number;
+the official SDK's default `<entity>::sdk::<uuid>` is a memory of session `sdk` with no turn, shown
+as 0 on the wire). Such an id must be ingested under the entity it names, so it always lives in that
+entity's shard and is found there directly. Any other string is a free-form id: valid, with no
+session (`""`), looked up on every node.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class ParsedId(NamedTuple):
 def parse_memory_id(memory_id: str) -> ParsedId:
     parts = memory_id.split("::")
     if len(parts) < 3:
-        return ParsedId(parts[0] if len(parts) == 2 else None, "", None)
+        return ParsedId(None, "", None)
     entity, session, turn = "::".join(parts[:-2]), parts[-2], parts[-1]
     is_turn = turn.isascii() and turn.isdigit() and len(turn) <= 9
     return ParsedId(entity, session, int(turn) if is_turn else None)

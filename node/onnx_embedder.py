@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def _export_fp32(model_dir: str, path: Path) -> None:
             return self.inner(**dict(zip(names, tensors))).last_hidden_state
 
     tmp = path.with_suffix(f".{os.getpid()}.tmp.onnx")  # concurrent exporters never collide
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes it treats as constant
         torch.onnx.export(
             Encoder(model), tuple(sample[n] for n in names), str(tmp),
             input_names=names, output_names=["last_hidden_state"],

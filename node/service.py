@@ -148,6 +148,15 @@ class Node:
 
         return await self._on_store(remove)
 
+    async def delete_elsewhere(self, pairs: list[tuple[str, int]]) -> int:
+        """Delete each (memory_id, shard) id from every shard here but that one; return how many."""
+
+        def remove() -> int:
+            return sum(self.shards[s].delete(memory_id) for memory_id, keep in pairs
+                       for s in sorted(self.shards) if s != keep)
+
+        return await self._on_store(remove)
+
     def _candidate_shards(self, shards: list[int] | None) -> list[int]:
         """Shards to look in: the given ones that exist here, or every open one."""
         if shards is None:

@@ -105,9 +105,13 @@ async def read_json(request: web.Request) -> Any:
     return data
 
 
-def to_item(req: IngestRequest) -> dict[str, Any]:
+def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
     memory_id = req.memory_id or new_memory_id(req.entity_id)
     parsed = parse_memory_id(memory_id)
+    if parsed.entity_prefix is not None and parsed.entity_prefix != req.entity_id:
+        raise ValidationFailed(
+            f"{field}: {memory_id!r} names entity {parsed.entity_prefix!r} but entity_id is {req.entity_id!r} "
+            "(ids of the form <entity>::<session>::<turn> belong to their entity)")
     return {
         "memory_id": memory_id,
         "entity_id": req.entity_id,
@@ -146,7 +150,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].max_batch_items
     if len(body.items) > limit:
         raise ValidationFailed(f"items: {len(body.items)} items exceed the batch limit of {limit}")
-    items = [to_item(r) for r in body.items]
+    items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
     if items:
         await request.app[CLUSTER].ingest(items)
         request.app[METRICS].ingest_total.inc(len(items))

@@ -129,11 +129,20 @@ class Cluster:
         return await asyncio.gather(*(self._call(n, method, *args) for n in self.actors))
 
     async def ingest(self, items: list[dict[str, Any]]) -> list[str]:
-        """Store validated items; each gets its `shard`. Returns ids in the order given."""
+        """Store validated items; each gets its `shard`. Returns ids in the order given.
+
+        A free-form id may have been written before under another entity, in another shard: its
+        old copy is removed first, so an id always names one memory (an upsert, never a duplicate).
+        """
         groups: dict[str, list[dict[str, Any]]] = {}
+        free: list[tuple[str, int]] = []
         for it in items:
             it["shard"] = self.placement.shard_of(it["entity_id"])
             groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(it)
+            if parse_memory_id(it["memory_id"]).entity_prefix is None:
+                free.append((it["memory_id"], it["shard"]))
+        if free:
+            await self._everywhere("delete_elsewhere", free)
         await asyncio.gather(*(self._call(node, "ingest", group) for node, group in groups.items()))
         return [it["memory_id"] for it in items]
 
@@ -146,7 +155,7 @@ class Cluster:
         return hits[:limit]
 
     def _home(self, memory_id: str) -> tuple[str, int] | None:
-        """The node and shard where an id's `<entity>::` prefix says the memory lives."""
+        """The node and shard where an `<entity>::<session>::<turn>` id lives; None for free-form ids."""
         prefix = parse_memory_id(memory_id).entity_prefix
         if prefix is None:
             return None
@@ -156,9 +165,7 @@ class Cluster:
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
         home = self._home(memory_id)
         if home is not None:
-            found = await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
-            if found is not None:
-                return found
+            return await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
         for found in await self._everywhere("inspect", memory_id, None, include_window, radius):
             if found is not None:
                 return found
@@ -166,8 +173,8 @@ class Cluster:
 
     async def delete(self, memory_id: str) -> bool:
         home = self._home(memory_id)
-        if home is not None and await self._call(home[0], "delete", memory_id, [home[1]]):
-            return True
+        if home is not None:
+            return await self._call(home[0], "delete", memory_id, [home[1]])
         return any(await self._everywhere("delete", memory_id, None))
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:

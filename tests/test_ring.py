@@ -11,7 +11,7 @@ def test_memory_id_grammar():
     assert parse_memory_id("user:sarah::session-1::4") == ("user:sarah", "session-1", 4)
     assert parse_memory_id("a::b::c::sdk::ff") == ("a::b::c", "sdk", None)  # sdk ids carry no turn
     assert parse_memory_id("plain-id") == (None, "", None)
-    assert parse_memory_id("ent::x") == ("ent", "", None)
+    assert parse_memory_id("ent::x") == (None, "", None)  # not the grammar: a free-form id
     assert parse_memory_id("ent::s::٣") == ("ent", "s", None)  # only ASCII digits make a turn
     mid = new_memory_id("user:bob")
     assert mid.startswith("user:bob::sdk::") and parse_memory_id(mid).session_id == "sdk"
