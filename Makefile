@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test-install run test bench clean
+LOCOMO ?= ../shared/data/locomo/locomo-dev.json
+
+.PHONY: install test-install run test bench recall clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +29,11 @@ run: install
 test: test-install
 	$(PY) -m pytest -q -ra
 
-bench: install
-	$(PY) loadtest/bench.py
+bench: test-install
+	$(PY) loadtest/bench.py --spawn
+
+recall: test-install
+	$(PY) loadtest/recall.py $(LOCOMO) --spawn
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
