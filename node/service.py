@@ -115,18 +115,45 @@ class Node:
         await self._on_store(write)
         return [it["memory_id"] for it in items]
 
-    async def query(self, text: str, entity_id: str | None, shard: int | None, limit: int) -> list[dict[str, Any]]:
-        """Hits from one shard (an entity's) or from every shard here (`shard=None`), best first."""
-        vector = (await self.embedder.embed([text]))[0]
+    async def query(self, text: str | None, entity_id: str | None, shard: int | None, limit: int,
+                    window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:
+        """Hits from one shard (an entity's) or from every shard here (`shard=None`), best first,
+        created within `window` if given. Without `text`: the window's memories, oldest first."""
+        vector = (await self.embedder.embed([text]))[0] if text is not None else None
 
         def search() -> list[dict[str, Any]]:
             hits: list[dict[str, Any]] = []
             for s in self._candidate_shards([shard] if shard is not None else None):
-                hits.extend(self.shards[s].search(vector, text, entity_id, limit))
-            hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+                store = self.shards[s]
+                hits.extend(store.search(vector, text, entity_id, limit, window) if text is not None
+                            else store.in_window(entity_id, window, limit))
+            if text is None:
+                hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+            else:
+                hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
             return hits[:limit]
 
         return await self._on_store(search)
+
+    async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
+        def page() -> list[dict[str, Any]]:
+            shards = self._candidate_shards([shard])
+            return self.shards[shard].export_page(entity_id, after_rowid, limit) if shards else []
+
+        return await self._on_store(page)
+
+    async def erase(self, entity_id: str) -> dict[str, Any]:
+        """Erase an entity from every shard here; per-shard counts of what was removed."""
+
+        def erase_all() -> dict[str, Any]:
+            removed = {}
+            for s in sorted(self.shards):
+                counts = self.shards[s].erase(entity_id)
+                if any(counts.values()):
+                    removed[s] = counts
+            return removed
+
+        return await self._on_store(erase_all)
 
     async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
         def find() -> dict | None:

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS memories (
     indexed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS memories_by_session ON memories(entity_id, session_id, turn_index);
+CREATE INDEX IF NOT EXISTS memories_by_time ON memories(entity_id, created_at_ms);
 CREATE INDEX IF NOT EXISTS memories_unindexed ON memories(indexed) WHERE indexed = 0;
 CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
     entity_token, textual_content,
@@ -98,6 +99,7 @@ MEMORY_COLUMNS = (
     "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
 )
 CHROMA_BATCH = 256
+Window = tuple[int | None, int | None] | None  # (start_ms, end_ms) of created_at_ms, inclusive
 LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
 
@@ -115,6 +117,36 @@ class MemoryRecord:
     textual_content: str
     relations: tuple[tuple[str, str, str], ...]  # (subject, predicate, object)
     vector: np.ndarray
+
+
+def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
+    """A WHERE clause over `memories m` for an entity and a time window."""
+    clauses, args = ["1"], []
+    if entity_id is not None:
+        clauses.append("m.entity_id = ?")
+        args.append(entity_id)
+    if window is not None:
+        if window[0] is not None:
+            clauses.append("m.created_at_ms >= ?")
+            args.append(window[0])
+        if window[1] is not None:
+            clauses.append("m.created_at_ms <= ?")
+            args.append(window[1])
+    return " AND ".join(clauses), args
+
+
+def _chroma_where(entity_id: str | None, window: Window) -> dict | None:
+    terms: list[dict] = []
+    if entity_id is not None:
+        terms.append({"entity_id": entity_id})
+    if window is not None:
+        if window[0] is not None:
+            terms.append({"created_at_ms": {"$gte": window[0]}})
+        if window[1] is not None:
+            terms.append({"created_at_ms": {"$lte": window[1]}})
+    if not terms:
+        return None
+    return terms[0] if len(terms) == 1 else {"$and": terms}
 
 
 def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
@@ -151,6 +183,7 @@ class ShardStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed: an erase leaves no copy
         self.db.executescript(SCHEMA)
         self._check_meta()
         self._open_chroma()
@@ -408,12 +441,16 @@ class ShardStore:
         unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
         return {"memories": memories, "entities": entities, "unindexed": unindexed, "vectors": self.collection.count()}
 
-    def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int) -> list[dict[str, Any]]:
-        """The best `limit` memories (of `entity_id`, or of all entities here) for the query.
+    def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
+               window: Window = None) -> list[dict[str, Any]]:
+        """The best `limit` memories (of `entity_id`, or of all entities here) for the query,
+        created within `window` (start_ms, end_ms; either end may be None) when one is given.
 
         Returns exactly min(limit, memories in scope) hits, best first.
         """
-        in_scope = self.entity_count(entity_id)
+        scope, scope_args = _scope_sql(entity_id, window)
+        in_scope = (self.entity_count(entity_id) if window is None else
+                    self.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {scope}", scope_args).fetchone()[0])
         want = min(limit, in_scope)
         if want == 0:
             return []
@@ -424,7 +461,7 @@ class ShardStore:
         ids = self.collection.query(
             query_embeddings=np.asarray(query_vector, dtype=np.float32).reshape(1, -1),
             n_results=min(pool, in_scope),
-            where={"entity_id": entity_id} if entity_id is not None else None,
+            where=_chroma_where(entity_id, window),
             include=[],
         )["ids"][0]
         for i in range(0, len(ids), 900):
@@ -438,26 +475,77 @@ class ShardStore:
         lexical: list[dict[int, float]] = []
         if match is not None:
             for table, column in LEXICAL_SOURCES:
-                scores = self._bm25(table, column, match, entity_id, max(pool, LEXICAL_SCAN))
+                scores = self._bm25(table, column, match, entity_id, max(pool, LEXICAL_SCAN), window)
                 lexical.append(scores)
                 candidates.update(list(scores)[:pool])
 
         # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
         if len(candidates) < want:
-            where, args = ("WHERE entity_id = ?", [entity_id]) if entity_id is not None else ("", [])
-            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories {where}", args))
+            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories m WHERE {scope}", scope_args))
 
         turn, window = lexical if lexical else ({}, {})
         return self._score(sorted(candidates), query_vector, turn, window, want)
 
-    def _bm25(self, table: str, column: str, match: str, entity_id: str | None, limit: int) -> dict[int, float]:
+    def _bm25(self, table: str, column: str, match: str, entity_id: str | None, limit: int,
+              window: Window = None) -> dict[int, float]:
         """Positive BM25 scores (higher is better) of the best `limit` rows, best first."""
         expr = f"{column} : ({match})"
         if entity_id is not None:  # the entity filter goes through the full-text index as a token
             expr = f'entity_token : "{entity_token(entity_id)}" AND {expr}'
-        sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
-               f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
-        return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
+        if window is None:
+            sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
+                   f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+            return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
+        scope, args = _scope_sql(None, window)
+        sql = (f"SELECT f.rowid, -bm25({table}, 0.0, 1.0) FROM {table} f JOIN memories m ON m.rowid = f.rowid "
+               f"WHERE {table} MATCH ? AND {scope} ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+        return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, *args, limit))}
+
+    def in_window(self, entity_id: str | None, window: Window, limit: int) -> list[dict[str, Any]]:
+        """Memories created within `window`, oldest first (a temporal query without text)."""
+        scope, args = _scope_sql(entity_id, window)
+        rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {scope} "
+                               "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
+        return [dict(_row_to_memory(r), similarity=1.0) for r in rows]
+
+    # ---- the right to be forgotten ------------------------------------------------------------
+
+    def export_page(self, entity_id: str, after_rowid: int, limit: int) -> list[dict[str, Any]]:
+        """One page of an entity's memories, with their relations, in storage order."""
+        rows = self.db.execute(
+            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+            (entity_id, after_rowid, limit)).fetchall()
+        return [dict(_row_to_memory(r), rowid=r["rowid"]) for r in rows]
+
+    def erase(self, entity_id: str) -> dict[str, int]:
+        """Remove every trace of an entity: rows, FTS entries, windows, relations, counts, vectors.
+
+        Deleted pages are zeroed (`secure_delete`), both FTS indexes are merged so no segment keeps
+        the entity's tokens, the WAL is truncated, and the Chroma index is rebuilt from SQLite
+        (HNSW files keep deleted vectors otherwise), so no file of the shard holds a copy.
+        """
+        with self._tx():
+            memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
+            relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
+            if memories:
+                # Neighbours of the entity's own turns are its own: no other entity's window changes.
+                self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
+            self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
+        if memories or relations:
+            for table, _ in LEXICAL_SOURCES:
+                self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.rebuild_index()
+        return {"memories": memories, "relations": relations}
+
+    def rebuild_index(self) -> int:
+        """Drop the Chroma index and build it again from the vectors in SQLite."""
+        self._chroma.close()
+        shutil.rmtree(self.root / "chroma", ignore_errors=True)
+        self._open_chroma()
+        with self._tx():
+            self.db.execute("UPDATE memories SET indexed = 0")
+        return self.reconcile()
 
     def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
                window: dict[int, float], want: int) -> list[dict[str, Any]]:

@@ -20,8 +20,8 @@ from router import __version__
 from router.cluster import Cluster
 from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from router.metrics import Metrics
-from router.schemas import (DeleteRequest, IngestBatchRequest, IngestRequest, InspectRequest, QueryRequest,
-                            parse)
+from router.schemas import (DeleteRequest, EntityRequest, IngestBatchRequest, IngestRequest, InspectRequest,
+                            QueryRequest, TemporalQuery, parse)
 
 log = logging.getLogger("tellodb.router")
 
@@ -163,11 +163,65 @@ async def query(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].max_query_limit
     if req.limit > limit:
         raise ValidationFailed(f"limit: must be at most {limit}")
-    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit)
+    window = None if req.point_in_time_ms is None else (None, req.point_in_time_ms)
+    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit, window)
     metrics = request.app[METRICS]
     metrics.query_total.inc()
     metrics.query_duration.observe(time.perf_counter() - started)
     return web.json_response([hit_view(h) for h in hits])
+
+
+async def temporal_query(request: web.Request) -> web.Response:
+    """The best matches created within [window_start_ms, window_end_ms]; without text, in time order."""
+    params = dict(request.query)
+    if len(params) != len(request.query):
+        raise ValidationFailed("query string: a parameter is repeated")
+    req = parse(TemporalQuery, params)
+    if req.limit > request.app[CONFIG].max_query_limit:
+        raise ValidationFailed(f"limit: must be at most {request.app[CONFIG].max_query_limit}")
+    if None not in (req.window_start_ms, req.window_end_ms) and req.window_start_ms > req.window_end_ms:
+        raise ValidationFailed("window_start_ms: must not be after window_end_ms")
+    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit,
+                                            (req.window_start_ms, req.window_end_ms))
+    return web.json_response([hit_view(h) for h in hits])
+
+
+async def export_entity(request: web.Request) -> web.StreamResponse:
+    """Everything held about an entity as JSON lines: a header, its memories, their relations, a summary."""
+    req = parse(EntityRequest, await read_json(request))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+
+    async def line(obj: dict) -> None:
+        await response.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    await line({"type": "entity", "entity_id": req.entity_id, "exported_at_ms": int(time.time() * 1000)})
+    memories = relations = 0
+    async for page in request.app[CLUSTER].export_entity(req.entity_id):
+        for memory in page:
+            memory.pop("rowid", None)
+            await line({"type": "memory", **memory})
+            memories += 1
+            for subject, predicate, obj in memory["relations"]:
+                await line({"type": "relation", "source": subject, "edge_type": predicate, "target": obj,
+                            "memory_id": memory["memory_id"], "timestamp_ms": memory["created_at_ms"]})
+                relations += 1
+    await line({"type": "summary", "memories": memories, "relations": relations})
+    await response.write_eof()
+    return response
+
+
+async def erase_entity(request: web.Request) -> web.Response:
+    req = parse(EntityRequest, await read_json(request))
+    removed = await request.app[CLUSTER].erase_entity(req.entity_id)
+    log.info("entity erased entity_id=%s shards=%s", req.entity_id, sorted(removed))
+    return web.json_response({
+        "entity_id": req.entity_id,
+        "erased": True,
+        "memories": sum(c["memories"] for c in removed.values()),
+        "relations": sum(c["relations"] for c in removed.values()),
+        "shards": removed,
+    })
 
 
 async def inspect(request: web.Request) -> web.Response:
@@ -227,6 +281,9 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_post("/ingest/batch", ingest_batch)
     for path in ("/query/semantic", "/query"):
         r.add_post(path, query)
+    r.add_get("/temporal/query", temporal_query)
+    r.add_post("/entity/export", export_entity)
+    r.add_post("/entity/erase", erase_entity)
     r.add_post("/memory/inspect", inspect)
     r.add_post("/memory/delete", delete)
     r.add_get("/stats", stats)

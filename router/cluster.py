@@ -146,13 +146,38 @@ class Cluster:
         await asyncio.gather(*(self._call(node, "ingest", group) for node, group in groups.items()))
         return [it["memory_id"] for it in items]
 
-    async def query(self, text: str, entity_id: str | None, limit: int) -> list[dict[str, Any]]:
+    async def query(self, text: str | None, entity_id: str | None, limit: int,
+                    window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:
+        """Best hits for `text` (within `window`), or without text the window's memories in time order."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
-            return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit)
-        hits = [h for part in await self._everywhere("query", text, None, None, limit) for h in part]
-        hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+            return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit,
+                                    window)
+        hits = [h for part in await self._everywhere("query", text, None, None, limit, window) for h in part]
+        if text is None:
+            hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+        else:
+            hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
         return hits[:limit]
+
+    async def export_entity(self, entity_id: str, page: int = 500):
+        """Yield an entity's memories page by page (its shard holds them all)."""
+        shard = self.placement.shard_of(entity_id)
+        node = self.placement.node_of_shard(shard)
+        after = 0
+        while True:
+            rows = await self._call(node, "export_page", entity_id, shard, after, page)
+            if not rows:
+                return
+            after = rows[-1]["rowid"]
+            yield rows
+
+    async def erase_entity(self, entity_id: str) -> dict[str, Any]:
+        """Erase an entity on every node and shard; what was removed, per shard."""
+        removed: dict[str, Any] = {}
+        for part in await self._everywhere("erase", entity_id):
+            removed.update({str(s): counts for s, counts in part.items()})
+        return removed
 
     def _home(self, memory_id: str) -> tuple[str, int] | None:
         """The node and shard where an `<entity>::<session>::<turn>` id lives; None for free-form ids."""

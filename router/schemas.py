@@ -65,6 +65,7 @@ class QueryRequest(_Body):
                                         validation_alias=AliasChoices("textual_query", "query"))]
     limit: Annotated[StrictInt, Field(ge=1, validation_alias=AliasChoices("limit", "top_k"))] = 10
     entity_id: Id | None = None
+    point_in_time_ms: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None  # as of this instant
     # Accepted for SDK compatibility; ranking is always hybrid, these change nothing yet.
     enable_neural_rerank: StrictBool | None = None
     include_evidence: StrictBool | None = None
@@ -81,6 +82,25 @@ class InspectRequest(_Body):
     memory_id: Id
     include_turn_window: StrictBool = False
     turn_window_radius: Annotated[StrictInt, Field(ge=0, le=100)] = 2
+
+
+class TemporalQuery(_Body):
+    """Query-string parameters of GET /temporal/query (strings on the wire, converted here)."""
+
+    entity_id: Id | None = None
+    textual_query: Annotated[str, Field(min_length=1, max_length=10_000)] | None = None
+    window_start_ms: Annotated[int, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
+    window_end_ms: Annotated[int, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
+    limit: Annotated[int, Field(ge=1)] = 10
+
+    @field_validator("textual_query")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        return v if v is None or v.strip() else None
+
+
+class EntityRequest(_Body):
+    entity_id: Id
 
 
 class DeleteRequest(_Body):

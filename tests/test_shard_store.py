@@ -217,3 +217,43 @@ def test_windows_are_rebuilt_when_the_radius_changes(tmp_path, embedder):
     s = ShardStore(root, 0, embedder.dimension, ranking=RankingConfig(window_radius=0))
     assert sorted(r[0] for r in s.db.execute("SELECT window_text FROM windows_fts")) == ["four", "one", "three", "two"]
     s.close()
+
+
+def test_search_within_a_time_window(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", [f"I visited the museum on day {i}" for i in range(10)]))  # created 1000..1009
+    hits = s.search(embedder.encode(["museum"])[0], "museum", "e", 10, (1003, 1005))
+    assert sorted(h["created_at_ms"] for h in hits) == [1003, 1004, 1005]
+    assert len(s.search(embedder.encode(["museum"])[0], "museum", "e", 10, (None, 1001))) == 2
+    assert len(s.search(embedder.encode(["museum"])[0], "museum", "e", 10, (1008, None))) == 2
+    assert s.search(embedder.encode(["museum"])[0], "museum", "e", 10, (5000, 6000)) == []
+    in_order = s.in_window("e", (1002, 1006), 3)
+    assert [h["created_at_ms"] for h in in_order] == [1002, 1003, 1004]
+    assert hits[0]["similarity"] >= hits[-1]["similarity"]
+
+
+def test_erase_leaves_no_trace_in_any_file(tmp_path, make_store, embedder):
+    root = tmp_path / "shard"
+    s = make_store(root=root)
+    s.upsert(records(embedder, "gone", [f"secret zebracorn{i} passport" for i in range(30)],
+                     relations=[("gone", "has", "zebracorn-passport")]))
+    s.upsert(records(embedder, "kept", ["kept memory about zebras"]))
+    counts = s.erase("gone")
+    assert counts == {"memories": 30, "relations": 30}
+    assert s.entity_count("gone") == 0 and s.stats()["vectors"] == 1
+    assert search(s, embedder, "zebracorn passport", "gone") == []
+    assert [h["entity_id"] for h in search(s, embedder, "zebracorn passport", None)] == ["kept"]
+    for f in root.rglob("*"):
+        if f.is_file():
+            assert b"zebracorn" not in f.read_bytes(), f
+    assert s.erase("gone") == {"memories": 0, "relations": 0}
+
+
+def test_export_pages_through_an_entity(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", [f"m{i}" for i in range(7)]))
+    s.upsert(records(embedder, "other", ["x"]))
+    first = s.export_page("e", 0, 5)
+    rest = s.export_page("e", first[-1]["rowid"], 5)
+    assert [m["textual_content"] for m in first + rest] == [f"m{i}" for i in range(7)]
+    assert s.export_page("e", rest[-1]["rowid"], 5) == []
