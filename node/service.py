@@ -135,6 +135,16 @@ class Node:
 
         return await self._on_store(search)
 
+    async def edges(self, entity_id: str | None, shard: int | None, nodes: list[str], direction: str,
+                    edge_types: list[str] | None, per_node: int) -> list[dict[str, Any]]:
+        def collect() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = []
+            for s in self._candidate_shards([shard] if shard is not None else None):
+                found.extend(self.shards[s].edges(entity_id, nodes, direction, edge_types, per_node))
+            return found
+
+        return await self._on_store(collect)
+
     async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
         def page() -> list[dict[str, Any]]:
             shards = self._candidate_shards([shard])

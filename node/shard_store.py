@@ -88,10 +88,12 @@ CREATE TABLE IF NOT EXISTS relations (
     subject TEXT NOT NULL,
     predicate TEXT NOT NULL,
     object TEXT NOT NULL,
-    timestamp_ms INTEGER NOT NULL
+    timestamp_ms INTEGER NOT NULL,
+    valid INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS relations_by_memory ON relations(memory_id);
-CREATE INDEX IF NOT EXISTS relations_by_subject ON relations(entity_id, subject);
+CREATE INDEX IF NOT EXISTS relations_by_subject ON relations(subject, predicate);
+CREATE INDEX IF NOT EXISTS relations_by_object ON relations(object, predicate);
 CREATE TABLE IF NOT EXISTS entities (entity_id TEXT PRIMARY KEY, memories INTEGER NOT NULL);
 """
 
@@ -507,6 +509,31 @@ class ShardStore:
         rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {scope} "
                                "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
         return [dict(_row_to_memory(r), similarity=1.0) for r in rows]
+
+    # ---- the knowledge graph -------------------------------------------------------------------
+
+    def edges(self, entity_id: str | None, nodes: Sequence[str], direction: str, edge_types: Sequence[str] | None,
+              per_node: int) -> list[dict[str, Any]]:
+        """Edges touching each of `nodes` (out: node is the source, in: the target, both), newest first,
+        at most `per_node` per node and direction, optionally of the given types and one entity."""
+        out: list[dict[str, Any]] = []
+        sides = {"out": ("subject",), "in": ("object",), "both": ("subject", "object")}[direction]
+        for node in nodes:
+            for column in sides:
+                sql = (f"SELECT subject, predicate, object, memory_id, timestamp_ms, valid, entity_id FROM relations "
+                       f"WHERE {column} = ?")
+                args: list[Any] = [node]
+                if edge_types:
+                    sql += f" AND predicate IN ({','.join('?' * len(edge_types))})"
+                    args.extend(edge_types)
+                if entity_id is not None:
+                    sql += " AND entity_id = ?"
+                    args.append(entity_id)
+                sql += " ORDER BY timestamp_ms DESC, rowid DESC LIMIT ?"
+                for r in self.db.execute(sql, (*args, per_node)):
+                    out.append({"source": r[0], "edge_type": r[1], "target": r[2], "memory_id": r[3],
+                                "timestamp_ms": r[4], "valid": bool(r[5]), "entity_id": r[6]})
+        return out
 
     # ---- the right to be forgotten ------------------------------------------------------------
 

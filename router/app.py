@@ -20,8 +20,8 @@ from router import __version__
 from router.cluster import Cluster
 from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from router.metrics import Metrics
-from router.schemas import (DeleteRequest, EntityRequest, IngestBatchRequest, IngestRequest, InspectRequest,
-                            QueryRequest, TemporalQuery, parse)
+from router.schemas import (DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
+                            IngestBatchRequest, IngestRequest, InspectRequest, QueryRequest, TemporalQuery, parse)
 
 log = logging.getLogger("tellodb.router")
 
@@ -186,6 +186,37 @@ async def temporal_query(request: web.Request) -> web.Response:
     return web.json_response([hit_view(h) for h in hits])
 
 
+async def graph_query(request: web.Request) -> web.Response:
+    """Edges of one node: out (it is the source), in (the target) or both; newest first."""
+    req = parse(GraphQueryRequest, await read_json(request))
+    edges = await request.app[CLUSTER].edges([req.subject], req.direction,
+                                             [req.edge_type] if req.edge_type else None, req.limit, req.user_id)
+    edges = edges[: req.limit]
+    return web.json_response({"subject": req.subject, "direction": req.direction, "count": len(edges),
+                              "edges": edges})
+
+
+async def graph_walk(request: web.Request) -> web.Response:
+    """A breadth-first walk that honours direction, edge types, depth, breadth and limit."""
+    req = parse(GraphWalkRequest, await read_json(request))
+    result = await request.app[CLUSTER].walk(req.node, req.direction, req.edge_types, req.depth, req.breadth,
+                                             req.limit, 10 * req.limit + 1, req.user_id)
+    return web.json_response(result)
+
+
+async def graph_export(request: web.Request) -> web.Response:
+    """The neighbourhood of `seed` as `{nodes, edges}` for a graph visualiser."""
+    req = parse(GraphExportRequest, await read_json(request))
+    walk = await request.app[CLUSTER].walk(req.seed, req.direction, req.edge_types, req.depth, req.breadth,
+                                           10 * req.max_nodes, req.max_nodes, req.user_id)
+    nodes = [{"id": n["id"], "label": n["id"], "depth": n["depth"]} for n in walk["nodes"]]
+    edges = [{"id": f"{e['source']}|{e['edge_type']}|{e['target']}|{e['memory_id']}", "source": e["source"],
+              "target": e["target"], "label": e["edge_type"], "edge_type": e["edge_type"],
+              "memory_id": e["memory_id"], "timestamp_ms": e["timestamp_ms"], "valid": e["valid"]}
+             for e in walk["edges"]]
+    return web.json_response({"seed": req.seed, "nodes": nodes, "edges": edges})
+
+
 async def export_entity(request: web.Request) -> web.StreamResponse:
     """Everything held about an entity as JSON lines: a header, its memories, their relations, a summary."""
     req = parse(EntityRequest, await read_json(request))
@@ -282,6 +313,9 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     for path in ("/query/semantic", "/query"):
         r.add_post(path, query)
     r.add_get("/temporal/query", temporal_query)
+    r.add_post("/graph/query", graph_query)
+    r.add_post("/graph/walk", graph_walk)
+    r.add_post("/graph/export", graph_export)
     r.add_post("/entity/export", export_entity)
     r.add_post("/entity/erase", erase_entity)
     r.add_post("/memory/inspect", inspect)

@@ -160,6 +160,56 @@ class Cluster:
             hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
         return hits[:limit]
 
+    async def edges(self, nodes: list[str], direction: str, edge_types: list[str] | None, per_node: int,
+                    entity_id: str | None) -> list[dict[str, Any]]:
+        """Edges touching `nodes`: from the entity's shard, or from every node (merged, newest first)."""
+        if entity_id is not None:
+            shard = self.placement.shard_of(entity_id)
+            return await self._call(self.placement.node_of_shard(shard), "edges", entity_id, shard, nodes, direction,
+                                    edge_types, per_node)
+        found = [e for part in await self._everywhere("edges", None, None, nodes, direction, edge_types, per_node)
+                 for e in part]
+        found.sort(key=lambda e: -e["timestamp_ms"])
+        return found
+
+    async def walk(self, root: str, direction: str, edge_types: list[str] | None, depth: int, breadth: int,
+                   max_edges: int, max_nodes: int, entity_id: str | None) -> dict[str, Any]:
+        """Breadth-first walk from `root`: `depth` hops, at most `breadth` edges followed per node and
+        direction, stopping at `max_edges` edges or `max_nodes` nodes."""
+        depth_of = {root: 0}
+        edges: list[dict[str, Any]] = []
+        seen_edges: set[tuple] = set()
+        frontier = [root]
+        for hop in range(1, depth + 1):
+            if not frontier or len(edges) >= max_edges:
+                break
+            found = await self.edges(frontier, direction, edge_types, breadth, entity_id)
+            in_frontier = set(frontier)
+            followed: dict[str, int] = {}  # edges followed per frontier node, at most `breadth`
+            next_frontier: list[str] = []
+            for e in found:
+                key = (e["source"], e["edge_type"], e["target"], e["memory_id"])
+                if key in seen_edges:
+                    continue
+                if len(edges) >= max_edges:
+                    break
+                ends = [n for n in (e["source"], e["target"]) if n in in_frontier]
+                if all(followed.get(n, 0) >= breadth for n in ends):
+                    continue
+                for n in ends:
+                    followed[n] = followed.get(n, 0) + 1
+                new = [n for n in (e["source"], e["target"]) if n not in depth_of]
+                if len(depth_of) + len(new) > max_nodes:
+                    continue
+                seen_edges.add(key)
+                edges.append({**e, "depth": hop})
+                for n in new:
+                    depth_of[n] = hop
+                    next_frontier.append(n)
+            frontier = next_frontier
+        nodes = [{"id": n, "depth": d} for n, d in sorted(depth_of.items(), key=lambda x: (x[1], x[0]))]
+        return {"root": root, "nodes": nodes, "edges": edges}
+
     async def export_entity(self, entity_id: str, page: int = 500):
         """Yield an entity's memories page by page (its shard holds them all)."""
         shard = self.placement.shard_of(entity_id)

@@ -99,6 +99,37 @@ class TemporalQuery(_Body):
         return v if v is None or v.strip() else None
 
 
+Direction = Annotated[str, Field(pattern="^(out|in|both)$")]
+
+
+class GraphQueryRequest(_Body):
+    subject: Label
+    edge_type: Label | None = None
+    direction: Direction = "out"
+    limit: Annotated[StrictInt, Field(ge=1, le=1000)] = 50
+    user_id: Id | None = None
+
+
+class GraphWalkRequest(_Body):
+    node: Label
+    direction: Direction = "out"
+    edge_types: Annotated[list[Label], Field(max_length=64)] | None = None
+    depth: Annotated[StrictInt, Field(ge=1, le=6)] = 2
+    breadth: Annotated[StrictInt, Field(ge=1, le=100)] = 10
+    limit: Annotated[StrictInt, Field(ge=1, le=5000)] = 200
+    user_id: Id | None = None
+
+
+class GraphExportRequest(_Body):
+    seed: Label
+    direction: Direction = "both"
+    edge_types: Annotated[list[Label], Field(max_length=64)] | None = None
+    depth: Annotated[StrictInt, Field(ge=1, le=6)] = 2
+    breadth: Annotated[StrictInt, Field(ge=1, le=100)] = 25
+    max_nodes: Annotated[StrictInt, Field(ge=1, le=5000)] = 200
+    user_id: Id | None = None
+
+
 class EntityRequest(_Body):
     entity_id: Id
 
