@@ -106,6 +106,7 @@ class Node:
                 textual_content=it["textual_content"],
                 relations=tuple(tuple(r) for r in it.get("relations", ())),
                 vector=vec,
+                metrics=tuple((label, float(value)) for label, value in (it.get("metrics") or {}).items()),
             ))
 
         def write() -> None:
@@ -144,6 +145,20 @@ class Node:
             return found
 
         return await self._on_store(collect)
+
+    async def analytics(self, entity_id: str, shard: int, label: str, start_ms: int | None, end_ms: int | None,
+                        bucket: str | None) -> dict[str, Any]:
+        def compute() -> dict[str, Any]:
+            if not self._candidate_shards([shard]):
+                return self._empty_analytics(bucket)
+            return self.shards[shard].analytics(entity_id, label, start_ms, end_ms, bucket)
+
+        return await self._on_store(compute)
+
+    @staticmethod
+    def _empty_analytics(bucket: str | None) -> dict[str, Any]:
+        empty: dict[str, Any] = {"count": 0, "sum": 0.0, "avg": None, "min": None, "max": None, "stddev": None}
+        return {**empty, "buckets": []} if bucket else empty
 
     async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
         def page() -> list[dict[str, Any]]:

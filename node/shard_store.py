@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sqlite3
 import time
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from node.ids import entity_token
+from node.measurements import extract
 from node.ranking import RankingConfig, fts_match_expression, fuse, lexical_score
 
 log = logging.getLogger("tellodb.shard")
@@ -95,6 +97,20 @@ CREATE INDEX IF NOT EXISTS relations_by_memory ON relations(memory_id);
 CREATE INDEX IF NOT EXISTS relations_by_subject ON relations(subject, predicate);
 CREATE INDEX IF NOT EXISTS relations_by_object ON relations(object, predicate);
 CREATE TABLE IF NOT EXISTS entities (entity_id TEXT PRIMARY KEY, memories INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS measurements (
+    memory_id TEXT NOT NULL,
+    entity_id TEXT NOT NULL,
+    label TEXT NOT NULL,
+    value REAL NOT NULL,
+    unit TEXT,
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS measurements_by_label ON measurements(entity_id, label, timestamp_ms);
+CREATE INDEX IF NOT EXISTS measurements_by_memory ON measurements(memory_id);
+CREATE TRIGGER IF NOT EXISTS memories_measurements_ad AFTER DELETE ON memories BEGIN
+    DELETE FROM measurements WHERE memory_id = old.memory_id;
+    DELETE FROM relations WHERE memory_id = old.memory_id;
+END;
 """
 
 MEMORY_COLUMNS = (
@@ -119,6 +135,7 @@ class MemoryRecord:
     textual_content: str
     relations: tuple[tuple[str, str, str], ...]  # (subject, predicate, object)
     vector: np.ndarray
+    metrics: tuple[tuple[str, float], ...] = ()  # explicit (label, value) pairs from the ingest
 
 
 def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
@@ -149,6 +166,14 @@ def _chroma_where(entity_id: str | None, window: Window) -> dict | None:
     if not terms:
         return None
     return terms[0] if len(terms) == 1 else {"$and": terms}
+
+
+BUCKETS = {  # bucket key of a measurement's UTC time, in SQLite
+    "hour": "strftime('%Y-%m-%dT%H:00', timestamp_ms / 1000, 'unixepoch')",
+    "day": "strftime('%Y-%m-%d', timestamp_ms / 1000, 'unixepoch')",
+    "week": "strftime('%Y-%m-%d', timestamp_ms / 1000, 'unixepoch', 'weekday 0', '-6 days')",  # its Monday
+    "month": "strftime('%Y-%m', timestamp_ms / 1000, 'unixepoch')",
+}
 
 
 def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
@@ -347,6 +372,7 @@ class ShardStore:
                 if old is not None:
                     self._count_entity(old["entity_id"], -1)
                     self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
+                    self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
                     # Its old neighbours lose it from their windows (it may change session or turn).
                     self._refresh_windows([(old["rowid"],)])
                 vector = np.asarray(r.vector, dtype=np.float32)
@@ -372,6 +398,13 @@ class ShardStore:
                     "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.memory_id, r.entity_id, s, p, o, r.created_at_ms) for s, p, o in r.relations],
+                )
+                measured = [(label, value, None) for label, value in r.metrics]
+                measured += [(m.label, m.value, m.unit) for m in extract(r.textual_content)]
+                self.db.executemany(
+                    "INSERT INTO measurements (memory_id, entity_id, label, value, unit, timestamp_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [(r.memory_id, r.entity_id, label, value, unit, r.created_at_ms) for label, value, unit in measured],
                 )
                 self._count_entity(r.entity_id, +1)
                 touched.append(self.db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
@@ -538,11 +571,56 @@ class ShardStore:
     # ---- the right to be forgotten ------------------------------------------------------------
 
     def export_page(self, entity_id: str, after_rowid: int, limit: int) -> list[dict[str, Any]]:
-        """One page of an entity's memories, with their relations, in storage order."""
+        """One page of an entity's memories, with their relations and measurements, in storage order."""
         rows = self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
             (entity_id, after_rowid, limit)).fetchall()
-        return [dict(_row_to_memory(r), rowid=r["rowid"]) for r in rows]
+        page = []
+        for r in rows:
+            measured = self.db.execute(
+                "SELECT label, value, unit, timestamp_ms FROM measurements WHERE memory_id = ? ORDER BY rowid",
+                (r["memory_id"],)).fetchall()
+            page.append(dict(_row_to_memory(r), rowid=r["rowid"],
+                             measurements=[{"label": m[0], "value": m[1], "unit": m[2], "timestamp_ms": m[3]}
+                                           for m in measured]))
+        return page
+
+    # ---- analytics ----------------------------------------------------------------------------
+
+    def _summaries(self, source: str, args: list[Any]) -> list[dict[str, Any]]:
+        """Per group `b` of `source` (rows b, value): count, sum, avg, min, max and population
+        stddev, all in SQLite (two passes: the mean, then squared deviations from it)."""
+        sql = f"""
+            WITH src AS ({source}),
+                 agg AS (SELECT b, COUNT(*) AS n, TOTAL(value) AS total, AVG(value) AS mean,
+                                MIN(value) AS low, MAX(value) AS high FROM src GROUP BY b)
+            SELECT agg.b, agg.n, agg.total, agg.mean, agg.low, agg.high,
+                   (SELECT TOTAL((src.value - agg.mean) * (src.value - agg.mean)) FROM src WHERE src.b = agg.b)
+            FROM agg ORDER BY agg.b"""
+        return [{"bucket": b, "count": n, "sum": total, "avg": mean, "min": low, "max": high,
+                 "stddev": math.sqrt(squares / n)} for b, n, total, mean, low, high, squares in
+                self.db.execute(sql, args)]
+
+    def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
+                  bucket: str | None) -> dict[str, Any]:
+        """count, sum, avg, min, max and population stddev of a label's values, computed in SQLite;
+        with `bucket` (hour, day, week, month; UTC) the same per bucket, oldest first."""
+        scope, args = "entity_id = ? AND label = ?", [entity_id, label]
+        if start_ms is not None:
+            scope += " AND timestamp_ms >= ?"
+            args.append(start_ms)
+        if end_ms is not None:
+            scope += " AND timestamp_ms <= ?"
+            args.append(end_ms)
+        overall = f"SELECT 'all' AS b, value FROM measurements WHERE {scope}"
+        rows = self._summaries(overall, args)
+        result = rows[0] if rows else {"bucket": "all", "count": 0, "sum": 0.0, "avg": None, "min": None,
+                                       "max": None, "stddev": None}
+        result.pop("bucket")
+        if bucket is not None:
+            grouped = f"SELECT {BUCKETS[bucket]} AS b, value FROM measurements WHERE {scope}"
+            result["buckets"] = self._summaries(grouped, args)
+        return result
 
     def erase(self, entity_id: str) -> dict[str, int]:
         """Remove every trace of an entity: rows, FTS entries, windows, relations, counts, vectors.
@@ -554,16 +632,17 @@ class ShardStore:
         with self._tx():
             memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
             relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
+            measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
             if memories:
                 # Neighbours of the entity's own turns are its own: no other entity's window changes.
                 self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
             self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
-        if memories or relations:
+        if memories or relations or measurements:
             for table, _ in LEXICAL_SOURCES:
                 self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.rebuild_index()
-        return {"memories": memories, "relations": relations}
+        return {"memories": memories, "relations": relations, "measurements": measurements}
 
     def rebuild_index(self) -> int:
         """Drop the Chroma index and build it again from the vectors in SQLite."""

@@ -20,7 +20,7 @@ from router import __version__
 from router.cluster import Cluster
 from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from router.metrics import Metrics
-from router.schemas import (DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
+from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
                             IngestBatchRequest, IngestRequest, InspectRequest, QueryRequest, TemporalQuery, parse)
 
 log = logging.getLogger("tellodb.router")
@@ -121,6 +121,7 @@ def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
         "kind": req.kind,
         "textual_content": req.textual_content,
         "relations": req.triples(),
+        "metrics": req.metrics or {},
     }
 
 
@@ -217,6 +218,16 @@ async def graph_export(request: web.Request) -> web.Response:
     return web.json_response({"seed": req.seed, "nodes": nodes, "edges": edges})
 
 
+async def analytics_query(request: web.Request) -> web.Response:
+    """Exact aggregates of one measurement label of one entity, optionally per time bucket."""
+    req = parse(AnalyticsRequest, await read_json(request))
+    if None not in (req.start_timestamp_ms, req.end_timestamp_ms) and req.start_timestamp_ms > req.end_timestamp_ms:
+        raise ValidationFailed("start_timestamp_ms: must not be after end_timestamp_ms")
+    result = await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
+                                                  req.end_timestamp_ms, req.bucket)
+    return web.json_response({"entity_id": req.entity_id, "label": req.label, **result})
+
+
 async def export_entity(request: web.Request) -> web.StreamResponse:
     """Everything held about an entity as JSON lines: a header, its memories, their relations, a summary."""
     req = parse(EntityRequest, await read_json(request))
@@ -227,17 +238,20 @@ async def export_entity(request: web.Request) -> web.StreamResponse:
         await response.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
 
     await line({"type": "entity", "entity_id": req.entity_id, "exported_at_ms": int(time.time() * 1000)})
-    memories = relations = 0
+    memories = relations = measurements = 0
     async for page in request.app[CLUSTER].export_entity(req.entity_id):
         for memory in page:
             memory.pop("rowid", None)
             await line({"type": "memory", **memory})
             memories += 1
+            for m in memory.pop("measurements", []):
+                await line({"type": "measurement", "entity_id": req.entity_id, "memory_id": memory["memory_id"], **m})
+                measurements += 1
             for subject, predicate, obj in memory["relations"]:
                 await line({"type": "relation", "source": subject, "edge_type": predicate, "target": obj,
                             "memory_id": memory["memory_id"], "timestamp_ms": memory["created_at_ms"]})
                 relations += 1
-    await line({"type": "summary", "memories": memories, "relations": relations})
+    await line({"type": "summary", "memories": memories, "relations": relations, "measurements": measurements})
     await response.write_eof()
     return response
 
@@ -251,6 +265,7 @@ async def erase_entity(request: web.Request) -> web.Response:
         "erased": True,
         "memories": sum(c["memories"] for c in removed.values()),
         "relations": sum(c["relations"] for c in removed.values()),
+        "measurements": sum(c["measurements"] for c in removed.values()),
         "shards": removed,
     })
 
@@ -316,6 +331,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_post("/graph/query", graph_query)
     r.add_post("/graph/walk", graph_walk)
     r.add_post("/graph/export", graph_export)
+    r.add_post("/analytics/query", analytics_query)
     r.add_post("/entity/export", export_entity)
     r.add_post("/entity/erase", erase_entity)
     r.add_post("/memory/inspect", inspect)

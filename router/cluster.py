@@ -210,6 +210,12 @@ class Cluster:
         nodes = [{"id": n, "depth": d} for n, d in sorted(depth_of.items(), key=lambda x: (x[1], x[0]))]
         return {"root": root, "nodes": nodes, "edges": edges}
 
+    async def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
+                        bucket: str | None) -> dict[str, Any]:
+        shard = self.placement.shard_of(entity_id)
+        return await self._call(self.placement.node_of_shard(shard), "analytics", entity_id, shard, label, start_ms,
+                                end_ms, bucket)
+
     async def export_entity(self, entity_id: str, page: int = 500):
         """Yield an entity's memories page by page (its shard holds them all)."""
         shard = self.placement.shard_of(entity_id)

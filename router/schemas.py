@@ -6,9 +6,11 @@ field (`items.3.entity_id: ...`). Unknown fields are ignored, so newer SDKs keep
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+                      field_validator)
 
 from router.errors import ValidationFailed
 
@@ -34,6 +36,15 @@ class IngestRequest(_Body):
     kind: Annotated[str, Field(max_length=64)] | None = None
     enable_semantic_dedup: StrictBool | None = None
     enable_consolidation: StrictBool | None = None
+    metrics: Annotated[dict[Label, StrictFloat | StrictInt], Field(max_length=64)] | None = None  # explicit measurements
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for label, value in (v or {}).items():
+            if isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"metric {label!r} must be a finite number")
+        return v
 
     @field_validator("textual_content")
     @classmethod
@@ -128,6 +139,14 @@ class GraphExportRequest(_Body):
     breadth: Annotated[StrictInt, Field(ge=1, le=100)] = 25
     max_nodes: Annotated[StrictInt, Field(ge=1, le=5000)] = 200
     user_id: Id | None = None
+
+
+class AnalyticsRequest(_Body):
+    entity_id: Id
+    label: Label
+    start_timestamp_ms: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
+    end_timestamp_ms: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
+    bucket: Annotated[str, Field(pattern="^(hour|day|week|month)$")] | None = None
 
 
 class EntityRequest(_Body):

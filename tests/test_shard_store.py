@@ -239,14 +239,14 @@ def test_erase_leaves_no_trace_in_any_file(tmp_path, make_store, embedder):
                      relations=[("gone", "has", "zebracorn-passport")]))
     s.upsert(records(embedder, "kept", ["kept memory about zebras"]))
     counts = s.erase("gone")
-    assert counts == {"memories": 30, "relations": 30}
+    assert counts == {"memories": 30, "relations": 30, "measurements": 0}
     assert s.entity_count("gone") == 0 and s.stats()["vectors"] == 1
     assert search(s, embedder, "zebracorn passport", "gone") == []
     assert [h["entity_id"] for h in search(s, embedder, "zebracorn passport", None)] == ["kept"]
     for f in root.rglob("*"):
         if f.is_file():
             assert b"zebracorn" not in f.read_bytes(), f
-    assert s.erase("gone") == {"memories": 0, "relations": 0}
+    assert s.erase("gone") == {"memories": 0, "relations": 0, "measurements": 0}
 
 
 def test_export_pages_through_an_entity(make_store, embedder):

@@ -93,7 +93,7 @@ async def test_export_streams_everything_about_an_entity(api):
     assert [x for x in lines if x["type"] == "relation"] == [
         {"type": "relation", "source": e, "edge_type": "lives_in", "target": "Austin", "memory_id": f"{e}::s::0",
          "timestamp_ms": T0}]
-    assert lines[-1] == {"type": "summary", "memories": 2, "relations": 1}
+    assert lines[-1] == {"type": "summary", "memories": 2, "relations": 1, "measurements": 0}
 
 
 async def test_erase_removes_the_entity_everywhere_and_nothing_else(api):
