@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from node.facts import SINGLE_VALUED
 
 RANKING_FILE = "ranking_config.json"
 
@@ -43,6 +45,9 @@ class RankingConfig:
     candidate_pool: int = 64  # candidates each retriever proposes (at least the query's limit)
     window_radius: int = 2  # turns on each side of a turn, same session, in its lexical window; 0: off
     window_share: float = 0.8  # share of the window BM25 in the lexical score
+    stale_factor: float = 0.7  # a superseded fact's score is multiplied by this (the current one's, for past questions)
+    single_valued_predicates: tuple[str, ...] = SINGLE_VALUED  # relation predicates that hold one value at a time
+    half_life_days: dict[str, float] = field(default_factory=dict)  # recency decay per `kind`; none by default
 
     def __post_init__(self) -> None:
         if self.dense_weight < 0 or self.lexical_weight < 0 or self.dense_weight + self.lexical_weight <= 0:
@@ -53,6 +58,12 @@ class RankingConfig:
             raise ValueError("ranking_config.json: window_radius must be between 0 and 20")
         if not 0.0 <= self.window_share <= 1.0:
             raise ValueError("ranking_config.json: window_share must be between 0 and 1")
+        if not 0.0 <= self.stale_factor <= 1.0:
+            raise ValueError("ranking_config.json: stale_factor must be between 0 and 1")
+        object.__setattr__(self, "single_valued_predicates",
+                           tuple(p.lower() for p in self.single_valued_predicates))
+        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.half_life_days.values()):
+            raise ValueError("ranking_config.json: half_life_days values must be positive numbers of days")
 
     @classmethod
     def load(cls, data_dir: str | Path) -> "RankingConfig":
@@ -99,6 +110,15 @@ def lexical_score(turn: float, max_turn: float, window: float, max_window: float
     w = min(1.0, window / max_window) if max_window > 0 else 0.0
     share = config.window_share if config.window_radius > 0 else 0.0
     return max(0.0, (1.0 - share) * t + share * w)
+
+
+def decay(age_ms: float, kind: str | None, config: RankingConfig) -> float:
+    """Recency factor in (0, 1] for a memory of `kind` that is `age_ms` old: 1 unless its kind has
+    a half-life in `half_life_days` (none has by default: nothing fades unless configured)."""
+    half_life = config.half_life_days.get(kind or "")
+    if not half_life or age_ms <= 0:
+        return 1.0
+    return 0.5 ** (age_ms / (half_life * 86_400_000))
 
 
 def fuse(dense: float, lexical: float, config: RankingConfig) -> float:

@@ -107,6 +107,7 @@ class Node:
                 relations=tuple(tuple(r) for r in it.get("relations", ())),
                 vector=vec,
                 metrics=tuple((label, float(value)) for label, value in (it.get("metrics") or {}).items()),
+                fact_key=it.get("fact_key"),
             ))
 
         def write() -> None:

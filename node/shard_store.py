@@ -32,8 +32,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from node.ids import entity_token
+from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
-from node.ranking import RankingConfig, fts_match_expression, fuse, lexical_score
+from node.ranking import RankingConfig, decay, fts_match_expression, fuse, lexical_score
 
 log = logging.getLogger("tellodb.shard")
 
@@ -107,6 +108,15 @@ CREATE TABLE IF NOT EXISTS measurements (
 );
 CREATE INDEX IF NOT EXISTS measurements_by_label ON measurements(entity_id, label, timestamp_ms);
 CREATE INDEX IF NOT EXISTS measurements_by_memory ON measurements(memory_id);
+CREATE TABLE IF NOT EXISTS facts (
+    memory_id TEXT NOT NULL,
+    entity_id TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    valid_from_ms INTEGER NOT NULL,
+    valid_to_ms INTEGER,
+    PRIMARY KEY (memory_id, slot)
+);
+CREATE INDEX IF NOT EXISTS facts_by_slot ON facts(entity_id, slot, valid_from_ms);
 CREATE TRIGGER IF NOT EXISTS memories_measurements_ad AFTER DELETE ON memories BEGIN
     DELETE FROM measurements WHERE memory_id = old.memory_id;
     DELETE FROM relations WHERE memory_id = old.memory_id;
@@ -136,6 +146,7 @@ class MemoryRecord:
     relations: tuple[tuple[str, str, str], ...]  # (subject, predicate, object)
     vector: np.ndarray
     metrics: tuple[tuple[str, float], ...] = ()  # explicit (label, value) pairs from the ingest
+    fact_key: str | None = None  # explicit fact slot (see node/facts.py)
 
 
 def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
@@ -366,6 +377,7 @@ class ShardStore:
         unique = list({r.memory_id: r for r in records}.values())
         with self._tx():
             touched: list[tuple[int]] = []
+            slots: set[tuple[str, str]] = set()  # (entity, slot) whose validity chain changes
             for r in unique:
                 old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
                                       (r.memory_id,)).fetchone()
@@ -373,6 +385,7 @@ class ShardStore:
                     self._count_entity(old["entity_id"], -1)
                     self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
                     self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
+                    slots.update(self._drop_facts(r.memory_id))
                     # Its old neighbours lose it from their windows (it may change session or turn).
                     self._refresh_windows([(old["rowid"],)])
                 vector = np.asarray(r.vector, dtype=np.float32)
@@ -406,16 +419,46 @@ class ShardStore:
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     [(r.memory_id, r.entity_id, label, value, unit, r.created_at_ms) for label, value, unit in measured],
                 )
+                for slot in slots_of(r.entity_id, r.textual_content, r.relations, r.fact_key,
+                                     self.ranking.single_valued_predicates):
+                    self.db.execute("INSERT INTO facts (memory_id, entity_id, slot, valid_from_ms) VALUES (?, ?, ?, ?)",
+                                    (r.memory_id, r.entity_id, slot, r.created_at_ms))
+                    slots.add((r.entity_id, slot))
                 self._count_entity(r.entity_id, +1)
                 touched.append(self.db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
                                                (r.memory_id,)).fetchone()[0:1])
             self._refresh_windows(touched)
+            self._rechain(slots)
         self._index(
             [r.memory_id for r in unique],
             np.stack([np.asarray(r.vector, dtype=np.float32) for r in unique]),
             [r.entity_id for r in unique],
             [r.created_at_ms for r in unique],
         )
+
+    def _drop_facts(self, memory_id: str) -> set[tuple[str, str]]:
+        """Delete a memory's facts; return their (entity, slot) pairs, whose chains must be redone."""
+        rows = self.db.execute("SELECT entity_id, slot FROM facts WHERE memory_id = ?", (memory_id,)).fetchall()
+        self.db.execute("DELETE FROM facts WHERE memory_id = ?", (memory_id,))
+        return {(r[0], r[1]) for r in rows}
+
+    def _rechain(self, slots: set[tuple[str, str]]) -> None:
+        """Each fact of a slot is valid until the next one's timestamp; the newest has no end.
+        Relations restating a superseded fact are marked invalid. In a transaction."""
+        memories: set[str] = set()
+        for entity_id, slot in slots:
+            chain = self.db.execute(
+                "SELECT rowid, memory_id, valid_from_ms FROM facts WHERE entity_id = ? AND slot = ? "
+                "ORDER BY valid_from_ms, rowid", (entity_id, slot)).fetchall()
+            for i, (rowid, memory_id, _) in enumerate(chain):
+                valid_to = chain[i + 1][2] if i + 1 < len(chain) else None
+                self.db.execute("UPDATE facts SET valid_to_ms = ? WHERE rowid = ?", (valid_to, rowid))
+                memories.add(memory_id)
+        for memory_id in memories:
+            self.db.execute(
+                "UPDATE relations SET valid = NOT EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = relations.memory_id"
+                " AND f.slot = lower(relations.subject) || '|' || lower(relations.predicate)"
+                " AND f.valid_to_ms IS NOT NULL) WHERE memory_id = ?", (memory_id,))
 
     def _count_entity(self, entity_id: str, delta: int) -> None:
         self.db.execute(
@@ -432,14 +475,16 @@ class ShardStore:
                                   (memory_id,)).fetchone()
             if row is None:
                 return False
+            slots = self._drop_facts(memory_id)
+            # Triggers take its FTS entry, window, relations and measurements with it.
             self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
+            self._rechain(slots)
             if row["turn_index"] is not None:
                 r = self.ranking.window_radius
                 self._refresh_windows(self.db.execute(
                     "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
                     (row["entity_id"], row["session_id"], row["turn_index"] - r, row["turn_index"] + r),
                 ).fetchall(), with_neighbours=False)
-            self.db.execute("DELETE FROM relations WHERE memory_id = ?", (memory_id,))
             self._count_entity(row["entity_id"], -1)
         self.collection.delete(ids=[memory_id])
         return True
@@ -518,8 +563,27 @@ class ShardStore:
         if len(candidates) < want:
             candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories m WHERE {scope}", scope_args))
 
-        turn, window = lexical if lexical else ({}, {})
-        return self._score(sorted(candidates), query_vector, turn, window, want)
+        # Facts compete with the other values of their slot: bring those in too.
+        if entity_id is not None and candidates:
+            candidates.update(self._slot_mates(entity_id, candidates, scope, scope_args))
+
+        turn, window_bm25 = lexical if lexical else ({}, {})
+        as_of = window[1] if window is not None else None
+        return self._score(sorted(candidates), query_vector, turn, window_bm25, want, as_of,
+                           asks_about_the_past(query_text), asked_predicates(query_text))
+
+    def _slot_mates(self, entity_id: str, rowids: set[int], scope: str, scope_args: list[Any]) -> set[int]:
+        """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""
+        ids = sorted(rowids)
+        mates: set[int] = set()
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            mates.update(r[0] for r in self.db.execute(
+                f"SELECT DISTINCT m.rowid FROM facts f JOIN memories m ON m.memory_id = f.memory_id "
+                f"WHERE f.entity_id = ? AND {scope} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
+                f"ON m2.memory_id = f2.memory_id WHERE m2.rowid IN ({','.join('?' * len(chunk))})) LIMIT 1000",
+                (entity_id, *scope_args, *chunk)))
+        return mates
 
     def _bm25(self, table: str, column: str, match: str, entity_id: str | None, limit: int,
               window: Window = None) -> dict[int, float]:
@@ -633,6 +697,7 @@ class ShardStore:
             memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
             relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
             measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
+            self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
             if memories:
                 # Neighbours of the entity's own turns are its own: no other entity's window changes.
                 self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
@@ -654,31 +719,83 @@ class ShardStore:
         return self.reconcile()
 
     def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
-               window: dict[int, float], want: int) -> list[dict[str, Any]]:
-        """Score every candidate on all signals; load and return the best `want` in full."""
-        keyed: list[tuple[float, int, str, int]] = []
+               window: dict[int, float], want: int, as_of: int | None = None,
+               past: bool = False, asked: set[str] = frozenset()) -> list[dict[str, Any]]:
+        """Score every candidate on all signals, apply fact validity and recency, then load and
+        return the best `want` in full.
+
+        A fact superseded by `as_of` (default: now) is stale. Stale facts score `stale_factor` times
+        their match and the current fact of a slot ranks above every other fact of it; a question
+        about the past (`node.facts.PAST`) turns this round: the latest former value ranks first.
+        When the question asks for a slot's predicate (`node.facts.asked_predicates`), that fact
+        ranks first of all.
+        """
+        scored: list[list[Any]] = []  # [score, created_at_ms, memory_id, rowid]
         max_turn, max_window = max(turn.values(), default=0.0), max(window.values(), default=0.0)
         q = np.asarray(query_vector, dtype=np.float32)
+        now = as_of if as_of is not None else int(time.time() * 1000)
+        cfg = self.ranking
         for i in range(0, len(rowids), 900):  # stay under SQLite's bound-parameter limit
             chunk = rowids[i : i + 900]
             rows = self.db.execute(
-                f"SELECT rowid, memory_id, created_at_ms, vector FROM memories WHERE rowid IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
+                f"SELECT rowid, memory_id, created_at_ms, kind, vector FROM memories "
+                f"WHERE rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
             if not rows:
                 continue
-            cosines = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
-            for (rowid, memory_id, created, _), cos in zip(rows, cosines.tolist()):
-                lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window,
-                                        self.ranking)
-                keyed.append((fuse(cos, lexical, self.ranking), created, memory_id, rowid))
+            cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
+            for (rowid, memory_id, created, kind, _), cos in zip(rows, cosines.tolist()):
+                lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
+                score = fuse(cos, lexical, cfg) * decay(now - created, kind, cfg)
+                scored.append([score, created, memory_id, rowid])
+        self._apply_validity(scored, as_of, past, asked)
         # Best first; ties broken by recency, then id, so results are stable.
-        keyed.sort(key=lambda k: (-k[0], -k[1], k[2]))
-        best = keyed[:want]
+        scored.sort(key=lambda k: (-k[0], -k[1], k[2]))
+        best = scored[:want]
         full = {r["rowid"]: r for r in self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
             [k[3] for k in best])}
-        return [dict(_row_to_memory(full[k[3]]), similarity=k[0]) for k in best]
+        return [dict(_row_to_memory(full[k[3]]), similarity=min(1.0, k[0])) for k in best]
+
+    def _apply_validity(self, scored: list[list[Any]], as_of: int | None, past: bool, asked: set[str]) -> None:
+        by_id = {k[2]: k for k in scored}
+        facts: dict[str, list[tuple[str, int, int | None]]] = {}
+        ids = list(by_id)
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            for memory_id, slot, valid_from, valid_to in self.db.execute(
+                    f"SELECT memory_id, slot, valid_from_ms, valid_to_ms FROM facts "
+                    f"WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk):
+                facts.setdefault(memory_id, []).append((slot, valid_from, valid_to))
+        if not facts:
+            return
+
+        def stale(memory_id: str) -> bool:
+            return all(to is not None and (as_of is None or to <= as_of) for _, _, to in facts[memory_id])
+
+        factor = self.ranking.stale_factor
+        slots: dict[str, list[str]] = {}
+        for memory_id, fs in facts.items():
+            if stale(memory_id) != past:  # present: stale ones lose; past: current ones lose
+                by_id[memory_id][0] *= factor
+            for slot, _, _ in fs:
+                slots.setdefault(slot, []).append(memory_id)
+        top = max(k[0] for k in scored)
+        for slot, members in slots.items():
+            current = [m for m in members if not stale(m)]
+            former = [m for m in members if stale(m)]
+            pool = (former or current) if past else current
+            if not pool:
+                continue
+            # The preferred fact: the current one, or for the past the latest former value.
+            preferred = max(pool, key=lambda m: by_id[m][1])
+            if slot.rsplit("|", 1)[-1] in asked:
+                rival = top  # the question asks for exactly this: it answers first
+            elif len(members) > 1:
+                rival = max(by_id[m][0] for m in members if m != preferred)
+            else:
+                continue
+            if by_id[preferred][0] <= rival:
+                by_id[preferred][0] = rival + 1e-6
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and release SQLite and Chroma."""

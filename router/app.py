@@ -122,6 +122,7 @@ def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
         "textual_content": req.textual_content,
         "relations": req.triples(),
         "metrics": req.metrics or {},
+        "fact_key": req.fact_key,
     }
 
 

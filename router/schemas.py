@@ -37,6 +37,7 @@ class IngestRequest(_Body):
     enable_semantic_dedup: StrictBool | None = None
     enable_consolidation: StrictBool | None = None
     metrics: Annotated[dict[Label, StrictFloat | StrictInt], Field(max_length=64)] | None = None  # explicit measurements
+    fact_key: Label | None = None  # the slot this memory's fact fills; a newer one supersedes it
 
     @field_validator("metrics")
     @classmethod
