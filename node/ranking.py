@@ -48,6 +48,7 @@ class RankingConfig:
     stale_factor: float = 0.7  # a superseded fact's score is multiplied by this (the current one's, for past questions)
     single_valued_predicates: tuple[str, ...] = SINGLE_VALUED  # relation predicates that hold one value at a time
     half_life_days: dict[str, float] = field(default_factory=dict)  # recency decay per `kind`; none by default
+    dedup_cosine: float = 0.95  # with enable_semantic_dedup, a memory this close to one of its entity's is not stored
 
     def __post_init__(self) -> None:
         if self.dense_weight < 0 or self.lexical_weight < 0 or self.dense_weight + self.lexical_weight <= 0:
@@ -58,6 +59,8 @@ class RankingConfig:
             raise ValueError("ranking_config.json: window_radius must be between 0 and 20")
         if not 0.0 <= self.window_share <= 1.0:
             raise ValueError("ranking_config.json: window_share must be between 0 and 1")
+        if not 0.0 < self.dedup_cosine <= 1.0:
+            raise ValueError("ranking_config.json: dedup_cosine must be in (0, 1]")
         if not 0.0 <= self.stale_factor <= 1.0:
             raise ValueError("ranking_config.json: stale_factor must be between 0 and 1")
         object.__setattr__(self, "single_valued_predicates",

@@ -91,12 +91,17 @@ class Node:
             "ranking": asdict(self.ranking),
         }
 
-    async def ingest(self, items: list[dict[str, Any]]) -> list[str]:
-        """Embed and store `items` (validated dicts with a `shard`); answer after the commit."""
+    async def ingest(self, items: list[dict[str, Any]]) -> list[str | None]:
+        """Embed and store `items` (validated dicts with a `shard`); answer after the commit.
+
+        Returns, per item, None when it was stored, or the id of the memory it duplicates when it
+        asked for `enable_semantic_dedup` and one of its entity's memories (stored, or earlier in
+        this call) has cosine >= `dedup_cosine` with it.
+        """
         vectors = await self.embedder.embed([it["textual_content"] for it in items])
-        by_shard: dict[int, list[MemoryRecord]] = {}
+        records: list[MemoryRecord] = []
         for it, vec in zip(items, vectors):
-            by_shard.setdefault(it["shard"], []).append(MemoryRecord(
+            records.append(MemoryRecord(
                 memory_id=it["memory_id"],
                 entity_id=it["entity_id"],
                 session_id=it["session_id"],
@@ -110,12 +115,33 @@ class Node:
                 fact_key=it.get("fact_key"),
             ))
 
-        def write() -> None:
-            for shard, records in by_shard.items():
-                self._shard(shard).upsert(records)
+        def write() -> list[str | None]:
+            duplicate_of: list[str | None] = [None] * len(items)
+            by_shard: dict[int, list[MemoryRecord]] = {}
+            for i, (it, record) in enumerate(zip(items, records)):
+                if it.get("enable_semantic_dedup"):
+                    duplicate_of[i] = self._duplicate(record, it["shard"], records[:i], duplicate_of[:i])
+                if duplicate_of[i] is None:
+                    by_shard.setdefault(it["shard"], []).append(record)
+            for shard, batch in by_shard.items():
+                self._shard(shard).upsert(batch)
+            return duplicate_of
 
-        await self._on_store(write)
-        return [it["memory_id"] for it in items]
+        return await self._on_store(write)
+
+    def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord],
+                   earlier_dups: list[str | None]) -> str | None:
+        """The id of a memory of the same entity that `record` nearly repeats, if any."""
+        threshold = self.ranking.dedup_cosine
+        for other, dup in zip(reversed(earlier), reversed(earlier_dups)):
+            if (dup is None and other.entity_id == record.entity_id and other.memory_id != record.memory_id
+                    and float(other.vector @ record.vector) >= threshold):
+                return other.memory_id
+        if self._candidate_shards([shard]):
+            near = self.shards[shard].nearest(record.entity_id, record.vector, record.memory_id)
+            if near is not None and near[1] >= threshold:
+                return near[0]
+        return None
 
     async def query(self, text: str | None, entity_id: str | None, shard: int | None, limit: int,
                     window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:

@@ -489,6 +489,21 @@ class ShardStore:
         self.collection.delete(ids=[memory_id])
         return True
 
+    def nearest(self, entity_id: str, vector: np.ndarray, exclude: str) -> tuple[str, float] | None:
+        """The entity's memory closest to `vector` (other than `exclude`) and its exact cosine."""
+        n = min(4, self.entity_count(entity_id))
+        if n == 0:
+            return None
+        ids = self.collection.query(query_embeddings=np.asarray(vector, dtype=np.float32).reshape(1, -1),
+                                    n_results=n, where={"entity_id": entity_id}, include=[])["ids"][0]
+        ids = [i for i in ids if i != exclude]
+        if not ids:
+            return None
+        rows = self.db.execute(f"SELECT memory_id, vector FROM memories WHERE memory_id IN ({','.join('?' * len(ids))})",
+                               ids).fetchall()
+        scored = [(r[0], float(np.frombuffer(r[1], dtype=np.float32) @ vector)) for r in rows]
+        return max(scored, key=lambda x: x[1], default=None)
+
     # ---- reads --------------------------------------------------------------------------------
 
     def get(self, memory_id: str) -> dict[str, Any] | None:

@@ -123,6 +123,7 @@ def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
         "relations": req.triples(),
         "metrics": req.metrics or {},
         "fact_key": req.fact_key,
+        "enable_semantic_dedup": bool(req.enable_semantic_dedup),
     }
 
 
@@ -141,10 +142,13 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def ingest(request: web.Request) -> web.Response:
-    item = to_item(parse(IngestRequest, await read_json(request)))
-    await request.app[CLUSTER].ingest([item])
-    request.app[METRICS].ingest_total.inc()
-    return web.json_response({"status": "ok", "memory_id": item["memory_id"], "entity_id": item["entity_id"]})
+    req = parse(IngestRequest, await read_json(request))
+    item = to_item(req)
+    [duplicate_of] = await request.app[CLUSTER].ingest([item])
+    if duplicate_of is None:
+        request.app[METRICS].ingest_total.inc()
+    return web.json_response({"status": "ok", "memory_id": item["memory_id"], "entity_id": item["entity_id"],
+                              "deduplicated": duplicate_of is not None, "duplicate_of": duplicate_of})
 
 
 async def ingest_batch(request: web.Request) -> web.Response:
@@ -153,10 +157,13 @@ async def ingest_batch(request: web.Request) -> web.Response:
     if len(body.items) > limit:
         raise ValidationFailed(f"items: {len(body.items)} items exceed the batch limit of {limit}")
     items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
-    if items:
-        await request.app[CLUSTER].ingest(items)
-        request.app[METRICS].ingest_total.inc(len(items))
-    return web.json_response({"status": "ok", "ingested": len(items), "memory_ids": [i["memory_id"] for i in items]})
+    duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
+    duplicates = {it["memory_id"]: dup for it, dup in zip(items, duplicate_of) if dup is not None}
+    stored = len(items) - len(duplicates)
+    if stored:
+        request.app[METRICS].ingest_total.inc(stored)
+    return web.json_response({"status": "ok", "ingested": stored, "memory_ids": [i["memory_id"] for i in items],
+                              "duplicates": duplicates})
 
 
 async def query(request: web.Request) -> web.Response:

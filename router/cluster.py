@@ -128,23 +128,29 @@ class Cluster:
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
         return await asyncio.gather(*(self._call(n, method, *args) for n in self.actors))
 
-    async def ingest(self, items: list[dict[str, Any]]) -> list[str]:
-        """Store validated items; each gets its `shard`. Returns ids in the order given.
+    async def ingest(self, items: list[dict[str, Any]]) -> list[str | None]:
+        """Store validated items; each gets its `shard`. Returns, in the order given, None for each
+        stored item and the matched id for each one dropped as a near-duplicate.
 
         A free-form id may have been written before under another entity, in another shard: its
         old copy is removed first, so an id always names one memory (an upsert, never a duplicate).
         """
-        groups: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[str, list[int]] = {}
         free: list[tuple[str, int]] = []
-        for it in items:
+        for i, it in enumerate(items):
             it["shard"] = self.placement.shard_of(it["entity_id"])
-            groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(it)
+            groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(i)
             if parse_memory_id(it["memory_id"]).entity_prefix is None:
                 free.append((it["memory_id"], it["shard"]))
         if free:
             await self._everywhere("delete_elsewhere", free)
-        await asyncio.gather(*(self._call(node, "ingest", group) for node, group in groups.items()))
-        return [it["memory_id"] for it in items]
+        answers = await asyncio.gather(*(self._call(node, "ingest", [items[i] for i in group])
+                                         for node, group in groups.items()))
+        duplicate_of: list[str | None] = [None] * len(items)
+        for group, answer in zip(groups.values(), answers):
+            for i, dup in zip(group, answer):
+                duplicate_of[i] = dup
+        return duplicate_of
 
     async def query(self, text: str | None, entity_id: str | None, limit: int,
                     window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:

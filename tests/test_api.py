@@ -428,7 +428,7 @@ async def test_batch_ingest(api):
         top = (await query(api, f"t{i}x", items[i]["entity_id"], limit=1))[0]
         assert top["memory_id"] == body["memory_ids"][i]
 
-    assert await ingest_batch(api, []) == {"status": "ok", "ingested": 0, "memory_ids": []}
+    assert await ingest_batch(api, []) == {"status": "ok", "ingested": 0, "memory_ids": [], "duplicates": {}}
 
     ent3 = uid()
     too_many = [{"entity_id": ent3, "textual_content": f"m{i}"} for i in range(1001)]

@@ -101,3 +101,30 @@ async def test_superseded_facts_mark_their_edges_invalid(api):
     await supersede(api, e, with_relations=True)
     _, out = await post(api, "/graph/query", {"subject": e, "edge_type": "lives_in", "user_id": e})
     assert {(x["target"], x["valid"]) for x in out["edges"]} == {("Austin", False), ("Seattle", True)}
+
+
+async def test_semantic_dedup_stores_a_near_duplicate_once(api):
+    e = uid("dedup")
+    status, first = await post(api, "/ingest", {"entity_id": e, "textual_content": "I am allergic to peanuts",
+                                                "memory_id": f"{e}::s::0", "enable_semantic_dedup": True})
+    assert status == 200 and first["deduplicated"] is False and first["duplicate_of"] is None
+    status, again = await post(api, "/ingest", {"entity_id": e, "textual_content": "I am allergic to peanuts!",
+                                                "memory_id": f"{e}::s::1", "enable_semantic_dedup": True})
+    assert again["deduplicated"] is True and again["duplicate_of"] == f"{e}::s::0"
+    status, other = await post(api, "/ingest", {"entity_id": e, "textual_content": "My sister lives in Lisbon",
+                                                "enable_semantic_dedup": True})
+    assert other["deduplicated"] is False
+    # Without the flag, the same text is stored again; another entity is never a duplicate.
+    _, plain = await post(api, "/ingest", {"entity_id": e, "textual_content": "I am allergic to peanuts"})
+    _, elsewhere = await post(api, "/ingest", {"entity_id": uid("dedup"), "textual_content": "I am allergic to peanuts",
+                                               "enable_semantic_dedup": True})
+    assert plain["deduplicated"] is False and elsewhere["deduplicated"] is False
+    _, batch = await post(api, "/ingest/batch", {"items": [
+        {"entity_id": e, "textual_content": "Flight to Oslo on 3 May", "enable_semantic_dedup": True,
+         "memory_id": f"{e}::t::0"},
+        {"entity_id": e, "textual_content": "Flight to Oslo on 3 May.", "enable_semantic_dedup": True,
+         "memory_id": f"{e}::t::1"}]})
+    assert batch["ingested"] == 1 and batch["duplicates"] == {f"{e}::t::1": f"{e}::t::0"}
+    _, hits = await post(api, "/query/semantic", {"textual_query": "peanuts", "entity_id": e, "limit": 50})
+    assert sorted(h["memory_id"] for h in hits if "peanuts" in h["textual_content"])[0] == f"{e}::s::0"
+    assert sum("peanuts" in h["textual_content"] for h in hits) == 2  # the original and the unflagged copy
