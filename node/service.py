@@ -25,6 +25,10 @@ from node.shard_store import MemoryRecord, ShardStore
 log = logging.getLogger("tellodb.node")
 
 
+STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
+             "unindexed", "vectors")
+
+
 def shard_dir(data_dir: str | Path, shard: int) -> Path:
     return Path(data_dir) / "shards" / f"{shard:04d}"
 
@@ -251,9 +255,15 @@ class Node:
     async def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
-            totals = {k: sum(v[k] for v in per_shard.values()) for k in ("memories", "entities", "unindexed", "vectors")}
+            totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "shards_owned": len(self.owned), "shards_open": len(self.shards),
                     **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes}
+
+        return await self._on_store(collect)
+
+    async def profile(self, entity_id: str, shard: int, recent: int) -> dict[str, Any] | None:
+        def collect() -> dict[str, Any] | None:
+            return self.shards[shard].profile(entity_id, recent) if self._candidate_shards([shard]) else None
 
         return await self._on_store(collect)
 

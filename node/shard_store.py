@@ -531,10 +531,39 @@ class ShardStore:
         return row[0] if row else 0
 
     def stats(self) -> dict[str, int]:
-        memories = self.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0]
-        entities = self.db.execute("SELECT COUNT(*) FROM entities").fetchone()[0]
-        unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
-        return {"memories": memories, "entities": entities, "unindexed": unindexed, "vectors": self.collection.count()}
+        one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "memories": one("SELECT COUNT(*) FROM memories"),
+            "entities": one("SELECT COUNT(*) FROM entities"),
+            "facts_current": one("SELECT COUNT(*) FROM facts WHERE valid_to_ms IS NULL"),
+            "facts_stale": one("SELECT COUNT(*) FROM facts WHERE valid_to_ms IS NOT NULL"),
+            "edges": one("SELECT COUNT(*) FROM relations"),
+            "edges_valid": one("SELECT COUNT(*) FROM relations WHERE valid"),
+            "measurements": one("SELECT COUNT(*) FROM measurements"),
+            "unindexed": one("SELECT COUNT(*) FROM memories WHERE indexed = 0"),
+            "vectors": self.collection.count(),
+        }
+
+    def profile(self, entity_id: str, recent: int) -> dict[str, Any]:
+        """What the engine holds true about an entity now, and what it heard from it last."""
+        facts = self.db.execute(
+            "SELECT f.slot, f.valid_from_ms, m.memory_id, m.textual_content FROM facts f "
+            "JOIN memories m ON m.memory_id = f.memory_id WHERE f.entity_id = ? AND f.valid_to_ms IS NULL "
+            "ORDER BY f.slot", (entity_id,)).fetchall()
+        span = self.db.execute("SELECT COUNT(*), MIN(created_at_ms), MAX(created_at_ms) FROM memories "
+                               "WHERE entity_id = ?", (entity_id,)).fetchone()
+        latest = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? "
+                                 "ORDER BY created_at_ms DESC, rowid DESC LIMIT ?", (entity_id, recent)).fetchall()
+        labels = self.db.execute("SELECT label, COUNT(*) FROM measurements WHERE entity_id = ? GROUP BY label "
+                                 "ORDER BY label", (entity_id,)).fetchall()
+        return {
+            "memories": span[0], "first_seen_ms": span[1], "last_seen_ms": span[2],
+            "current_facts": [{"slot": f[0], "valid_from_ms": f[1], "memory_id": f[2], "textual_content": f[3]}
+                              for f in facts],
+            "recent": [_row_to_memory(r) for r in latest],
+            "measurements": {label: n for label, n in labels},
+            "edges": self.db.execute("SELECT COUNT(*) FROM relations WHERE entity_id = ?", (entity_id,)).fetchone()[0],
+        }
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
                window: Window = None) -> list[dict[str, Any]]:

@@ -16,12 +16,13 @@ from aiohttp import web
 
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
+from node.service import STAT_KEYS
 from router import __version__
 from router.cluster import Cluster
 from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from router.metrics import Metrics
 from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
-                            IngestBatchRequest, IngestRequest, InspectRequest, QueryRequest, TemporalQuery, parse)
+                            IngestBatchRequest, IngestRequest, InspectRequest, ProfileQuery, QueryRequest, TemporalQuery, parse)
 
 log = logging.getLogger("tellodb.router")
 
@@ -299,12 +300,26 @@ async def stats(request: web.Request) -> web.Response:
     request.app[METRICS].observe_nodes(per_node)
     live = [s for s in per_node.values() if s is not None]
     return web.json_response({
-        "memories": sum(s["memories"] for s in live),
-        "entities": sum(s["entities"] for s in live),
+        **{k: sum(s[k] for s in live) for k in STAT_KEYS},
         "shards": request.app[CONFIG].shards,
-        "nodes": {n: (None if s is None else {k: v for k, v in s.items() if k != "per_shard"})
-                  for n, s in per_node.items()},
+        "nodes_up": len(live),
+        "nodes": per_node,  # each with its totals and `per_shard` counts (open shards only)
     })
+
+
+async def profile(request: web.Request) -> web.Response:
+    """GET /profile?entity_id=: the entity's current facts and recent activity. Without an entity
+    (the SDK's get_profile() sends none): the engine's totals."""
+    req = parse(ProfileQuery, dict(request.query))
+    if req.entity_id is None:
+        per_node = await request.app[CLUSTER].stats(timeout=10)
+        live = [s for s in per_node.values() if s is not None]
+        return web.json_response({"entity_id": None, **{k: sum(s[k] for s in live) for k in STAT_KEYS},
+                                  "nodes_up": len(live)})
+    found = await request.app[CLUSTER].profile(req.entity_id, req.recent)
+    if not found or not found["memories"]:
+        raise NotFound(f"no memories for entity {req.entity_id!r}")
+    return web.json_response({"entity_id": req.entity_id, **found})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -345,5 +360,6 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_post("/memory/inspect", inspect)
     r.add_post("/memory/delete", delete)
     r.add_get("/stats", stats)
+    r.add_get("/profile", profile)
     r.add_get("/metrics", metrics)
     return app

@@ -264,6 +264,10 @@ class Cluster:
             return await self._call(home[0], "delete", memory_id, [home[1]])
         return any(await self._everywhere("delete", memory_id, None))
 
+    async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
+        shard = self.placement.shard_of(entity_id)
+        return await self._call(self.placement.node_of_shard(shard), "profile", entity_id, shard, recent)
+
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         """Per-node stats; a node that does not answer within `timeout` maps to None."""
 

@@ -26,6 +26,11 @@ class Metrics:
         self.node_entities = Gauge("tellodb_node_entities", "Entities stored per node.", ["node"], registry=r)
         self.node_unindexed = Gauge(
             "tellodb_node_unindexed", "Memories committed to SQLite but not yet in Chroma.", ["node"], registry=r)
+        self.node_facts = Gauge("tellodb_node_facts", "Facts per node, current or stale.", ["node", "state"],
+                                registry=r)
+        self.node_edges = Gauge("tellodb_node_edges", "Knowledge-graph edges per node.", ["node"], registry=r)
+        self.node_measurements = Gauge("tellodb_node_measurements", "Numeric measurements per node.", ["node"],
+                                       registry=r)
         self.node_up = Gauge("tellodb_node_up", "1 when the node answered the last scrape.", ["node"], registry=r)
 
     def observe_nodes(self, stats: dict[str, dict | None]) -> None:
@@ -36,6 +41,10 @@ class Metrics:
                 self.node_shards.labels(node).set(s["shards_owned"])
                 self.node_entities.labels(node).set(s["entities"])
                 self.node_unindexed.labels(node).set(s["unindexed"])
+                self.node_facts.labels(node, "current").set(s["facts_current"])
+                self.node_facts.labels(node, "stale").set(s["facts_stale"])
+                self.node_edges.labels(node).set(s["edges"])
+                self.node_measurements.labels(node).set(s["measurements"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -150,6 +150,11 @@ class AnalyticsRequest(_Body):
     bucket: Annotated[str, Field(pattern="^(hour|day|week|month)$")] | None = None
 
 
+class ProfileQuery(_Body):
+    entity_id: Id | None = None
+    recent: Annotated[int, Field(ge=0, le=100)] = 10
+
+
 class EntityRequest(_Body):
     entity_id: Id
 

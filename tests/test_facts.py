@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import API_KEY
 from node.facts import asks_about_the_past, inferred_predicates, slots_of
 from test_api import ingest_batch, post, uid
 
@@ -128,3 +129,35 @@ async def test_semantic_dedup_stores_a_near_duplicate_once(api):
     _, hits = await post(api, "/query/semantic", {"textual_query": "peanuts", "entity_id": e, "limit": 50})
     assert sorted(h["memory_id"] for h in hits if "peanuts" in h["textual_content"])[0] == f"{e}::s::0"
     assert sum("peanuts" in h["textual_content"] for h in hits) == 2  # the original and the unflagged copy
+
+
+async def test_stats_count_facts_edges_and_measurements(api):
+    e = uid("stats")
+    await supersede(api, e, with_relations=True)
+    await ingest_batch(api, [{"entity_id": e, "textual_content": "Paid $12 for lunch"}])
+    r = await api.get("/stats", headers={"x-api-key": API_KEY})
+    stats = await r.json()
+    assert r.status == 200 and stats["nodes_up"] == 2
+    for key in ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements"):
+        assert stats[key] == sum(n[key] for n in stats["nodes"].values()), key
+    assert stats["facts_stale"] >= 1 and stats["edges"] > stats["edges_valid"] and stats["measurements"] >= 1
+    node = next(n for n in stats["nodes"].values() if n["per_shard"])
+    assert sum(s["memories"] for s in node["per_shard"].values()) == node["memories"]
+
+
+async def test_profile_shows_current_facts_and_recent_activity(api):
+    e = uid("profile")
+    await supersede(api, e, with_relations=False)
+    await ingest_batch(api, [{"entity_id": e, "textual_content": "Paid $12 for lunch", "timestamp": T0 + 40 * DAY}])
+    key = {"x-api-key": API_KEY}
+    r = await api.get("/profile", params={"entity_id": e, "recent": "2"}, headers=key)
+    p = await r.json()
+    assert r.status == 200 and p["entity_id"] == e and p["memories"] == 4
+    assert [(f["slot"], f["textual_content"]) for f in p["current_facts"]] == [(f"{e}|lives_in", "I moved to Seattle")]
+    assert [m["textual_content"] for m in p["recent"]] == ["Paid $12 for lunch", "I moved to Seattle"]
+    assert p["measurements"] == {"money_usd": 1} and p["first_seen_ms"] == T0
+    r = await api.get("/profile", params={"entity_id": uid("nobody")}, headers=key)
+    assert r.status == 404
+    r = await api.get("/profile", headers=key)
+    totals = await r.json()
+    assert r.status == 200 and totals["entity_id"] is None and totals["memories"] >= 4
