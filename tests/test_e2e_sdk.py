@@ -379,3 +379,63 @@ def test_refuses_unknown_config_key(tmp_path, yaml_text, named):
     assert result.returncode != 0, out
     assert named in out and "unknown key" in out
     assert "Traceback" not in out
+
+
+# ---- (e) what is true now: time, graph, analytics, forgetting, through the SDK ------------------
+
+def test_sdk_time_graph_analytics_and_erase(make_server):
+    server = make_server().start()
+    c = sdk(server)
+    day, t0 = 86_400_000, 1_700_000_000_000
+    me = "user:kai"
+    c.ingest(entity_id=me, text="I live in Austin", timestamp=t0, memory_id=f"{me}::s1::0")
+    c.ingest(entity_id=me, text="I moved to Seattle", timestamp=t0 + 30 * day, memory_id=f"{me}::s2::0",
+             relations=[("lives_in", "Seattle")])
+    c.ingest(entity_id=me, text="Spent $40 on books", timestamp=t0 + 31 * day)
+    c.ingest(entity_id=me, text="Spent $12.50 on coffee", timestamp=t0 + 32 * day)
+    c.ingest(entity_id=me, text="Kai knows Lea", relations=[(me, "knows", "lea"), ("lea", "works_at", "initech")],
+             timestamp=t0 + 33 * day)
+
+    assert c.query("where does kai live now", entity_id=me, top_k=3)[0].textual_content == "I moved to Seattle"
+    assert c.query("where did kai live before", entity_id=me, top_k=3)[0].textual_content == "I live in Austin"
+
+    window = c.temporal_query(entity_id=me, textual_query="spent", window_start_ms=t0 + 31 * day,
+                              window_end_ms=t0 + 31 * day)
+    assert [h["textual_content"] for h in window] == ["Spent $40 on books"]
+    timeline = c.temporal_query(entity_id=me, window_end_ms=t0 + 30 * day)
+    assert [h["textual_content"] for h in timeline] == ["I live in Austin", "I moved to Seattle"]
+
+    edges = c.graph_query(me, user_id=me)["edges"]
+    assert {(e["edge_type"], e["target"]) for e in edges} == {("lives_in", "Seattle"), ("knows", "lea")}
+    walk = c.graph_walk(me, edge_types=["knows", "works_at"], depth=2, user_id=me)
+    assert {n["id"] for n in walk["nodes"]} == {me, "lea", "initech"}
+    graph = c.export_graph(me, depth=1, user_id=me)
+    assert {n["id"] for n in graph["nodes"]} == {me, "Seattle", "lea"} and len(graph["edges"]) == 2
+
+    spend = c.analytics_query(me, "money_usd")
+    assert (spend["count"], spend["sum"], spend["min"], spend["max"]) == (2, 52.5, 12.5, 40.0)
+    assert c.analytics_query(me, "money_usd", start_timestamp_ms=t0 + 32 * day)["sum"] == 12.5
+
+    stats = c.get_stats()
+    assert stats["facts_current"] >= 1 and stats["facts_stale"] >= 1 and stats["measurements"] == 2
+    assert c.get_profile()["memories"] == 5
+
+    assert client_post(server, "/entity/erase", {"entity_id": me})["memories"] == 5
+    assert c.query("Seattle", entity_id=me, top_k=5) == []
+    assert c.graph_query(me, user_id=me)["edges"] == []
+    assert c.analytics_query(me, "money_usd")["count"] == 0
+    assert c.temporal_query(entity_id=me) == []
+    assert_gone(c, f"{me}::s1::0")
+    for f in server.data_dir.rglob("*"):
+        if f.is_file() and f.suffix != ".onnx":
+            assert b"Seattle" not in f.read_bytes(), f
+
+
+def client_post(server, path: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(server.base_url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"x-api-key": API_KEY, "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
