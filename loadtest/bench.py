@@ -135,72 +135,96 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(data_dir: str, key: str, backend: str | None = None) -> tuple[subprocess.Popen, str, float]:
-    """Start `tellodb serve` on a free port; return it, its URL and the seconds until healthy."""
-    port = free_port()
-    env = dict(os.environ, TEMPORAL_MEMORY_PORT=str(port), TEMPORAL_MEMORY_DATA_DIR=data_dir,
-               TEMPORAL_MEMORY_API_KEY=key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
-    if backend:
-        env["TEMPORAL_MEMORY_EMBEDDING_BACKEND"] = backend
-    env.pop("PORT", None)
-    exe = shutil.which("tellodb") or str(Path(sys.executable).parent / "tellodb")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([exe, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    import urllib.request
+def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark shares: which engine to measure."""
+    ap.add_argument("--url", default="http://127.0.0.1:3000", help="a running engine (ignored with --spawn)")
+    ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
+    ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
+    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
+    ap.add_argument("--out", help="write the JSON here as well as to stdout")
 
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"tellodb serve exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1).read()
-            return proc, base, time.perf_counter() - t0
-        except OSError:
-            time.sleep(0.2)
+
+class Engine:
+    """The engine a benchmark measures: the one at `--url`, or with `--spawn` a `tellodb serve` of
+    its own on a free port and a temporary data directory, stopped and removed on exit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.base = args.url
+        self.proc: subprocess.Popen | None = None
+        self.tmp: str | None = None
+        self.startup_seconds: float | None = None
+
+    def __enter__(self) -> "Engine":
+        if not self.args.spawn:
+            return self
+        import urllib.request
+
+        self.tmp = tempfile.mkdtemp(prefix="tellodb-bench-")
+        port = free_port()
+        env = dict(os.environ, TEMPORAL_MEMORY_PORT=str(port), TEMPORAL_MEMORY_DATA_DIR=self.tmp,
+                   TEMPORAL_MEMORY_API_KEY=self.args.key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
+        if self.args.backend:
+            env["TEMPORAL_MEMORY_EMBEDDING_BACKEND"] = self.args.backend
+        env.pop("PORT", None)
+        exe = shutil.which("tellodb") or str(Path(sys.executable).parent / "tellodb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([exe, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"tellodb serve exited with {self.proc.returncode}")
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        self.startup_seconds = round(time.perf_counter() - t0, 2)
+        log(f"engine healthy after {self.startup_seconds} s")
+        return self
+
+    def stop(self) -> dict:
+        """SIGTERM a spawned engine; its exit code and how long the graceful stop took."""
+        if self.proc is None:
+            return {}
+        t0 = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=60)
+        return {"shutdown_exit_code": code, "shutdown_seconds": round(time.perf_counter() - t0, 2)}
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def emit(result: dict, out: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default="http://127.0.0.1:3000")
-    ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
-    ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
-    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
+    add_engine_arguments(ap)
     ap.add_argument("--memories", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--out", help="write the JSON here as well as to stdout")
     args = ap.parse_args()
 
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                "platform": platform.platform()}}
-    proc = None
-    tmp = None
-    base = args.url
-    try:
-        if args.spawn:
-            tmp = tempfile.mkdtemp(prefix="tellodb-bench-")
-            proc, base, startup = spawn(tmp, args.key, args.backend)
-            report["startup_seconds"] = round(startup, 2)
-            report["backend"] = args.backend or "default"
-            log(f"engine healthy after {startup:.1f} s")
-        report.update(asyncio.run(run_load(base, args.key, args.memories, args.concurrency, args.queries,
+                                "platform": platform.platform()}, "backend": args.backend or "default"}
+    with Engine(args) as engine:
+        if engine.startup_seconds is not None:
+            report["startup_seconds"] = engine.startup_seconds
+        report.update(asyncio.run(run_load(engine.base, args.key, args.memories, args.concurrency, args.queries,
                                            args.batch)))
-        if proc is not None:
-            t0 = time.perf_counter()
-            os.kill(proc.pid, signal.SIGTERM)
-            report["shutdown_exit_code"] = proc.wait(timeout=60)
-            report["shutdown_seconds"] = round(time.perf_counter() - t0, 2)
-    finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+        report.update(engine.stop())
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import log, percentile, spawn  # noqa: E402
+from bench import Engine, add_engine_arguments, emit, log, percentile  # noqa: E402
 
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 DIA_ID = re.compile(r"D(\d+):(\d+)")
@@ -157,44 +157,21 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="LoCoMo JSON file (e.g. ../shared/data/locomo/locomo-dev.json)")
-    ap.add_argument("--url", default="http://127.0.0.1:3000")
-    ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
-    ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
-    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
+    add_engine_arguments(ap)
     ap.add_argument("-k", type=int, default=10)
-    ap.add_argument("--out", help="write the JSON here too")
     args = ap.parse_args()
 
     from tellodb import TellodbClient
 
     data = json.loads(Path(args.data).read_text(encoding="utf-8"))
-    proc, tmp, base = None, None, args.url
-    try:
-        if args.spawn:
-            import tempfile
-
-            tmp = tempfile.mkdtemp(prefix="tellodb-recall-")
-            proc, base, startup = spawn(tmp, args.key, args.backend)
-            log(f"engine healthy after {startup:.1f} s")
-        client = TellodbClient.from_cloud(base_url=base, api_key=args.key)
+    with Engine(args) as engine:
+        client = TellodbClient.from_cloud(base_url=engine.base, api_key=args.key)
         result = evaluate(client, data, args.k, uuid.uuid4().hex[:6])
-    finally:
-        if proc is not None:
-            import signal
-
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        if tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        engine.stop()
     result["data"] = os.path.basename(args.data)
     result["backend"] = args.backend or "default"
     print(table(result), file=sys.stderr)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -651,117 +651,6 @@ class ShardStore:
                                "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
         return [dict(_row_to_memory(r), similarity=1.0) for r in rows]
 
-    # ---- the knowledge graph -------------------------------------------------------------------
-
-    def edges(self, entity_id: str | None, nodes: Sequence[str], direction: str, edge_types: Sequence[str] | None,
-              per_node: int) -> list[dict[str, Any]]:
-        """Edges touching each of `nodes` (out: node is the source, in: the target, both), newest first,
-        at most `per_node` per node and direction, optionally of the given types and one entity."""
-        out: list[dict[str, Any]] = []
-        sides = {"out": ("subject",), "in": ("object",), "both": ("subject", "object")}[direction]
-        for node in nodes:
-            for column in sides:
-                sql = (f"SELECT subject, predicate, object, memory_id, timestamp_ms, valid, entity_id FROM relations "
-                       f"WHERE {column} = ?")
-                args: list[Any] = [node]
-                if edge_types:
-                    sql += f" AND predicate IN ({','.join('?' * len(edge_types))})"
-                    args.extend(edge_types)
-                if entity_id is not None:
-                    sql += " AND entity_id = ?"
-                    args.append(entity_id)
-                sql += " ORDER BY timestamp_ms DESC, rowid DESC LIMIT ?"
-                for r in self.db.execute(sql, (*args, per_node)):
-                    out.append({"source": r[0], "edge_type": r[1], "target": r[2], "memory_id": r[3],
-                                "timestamp_ms": r[4], "valid": bool(r[5]), "entity_id": r[6]})
-        return out
-
-    # ---- the right to be forgotten ------------------------------------------------------------
-
-    def export_page(self, entity_id: str, after_rowid: int, limit: int) -> list[dict[str, Any]]:
-        """One page of an entity's memories, with their relations and measurements, in storage order."""
-        rows = self.db.execute(
-            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
-            (entity_id, after_rowid, limit)).fetchall()
-        page = []
-        for r in rows:
-            measured = self.db.execute(
-                "SELECT label, value, unit, timestamp_ms FROM measurements WHERE memory_id = ? ORDER BY rowid",
-                (r["memory_id"],)).fetchall()
-            page.append(dict(_row_to_memory(r), rowid=r["rowid"],
-                             measurements=[{"label": m[0], "value": m[1], "unit": m[2], "timestamp_ms": m[3]}
-                                           for m in measured]))
-        return page
-
-    # ---- analytics ----------------------------------------------------------------------------
-
-    def _summaries(self, source: str, args: list[Any]) -> list[dict[str, Any]]:
-        """Per group `b` of `source` (rows b, value): count, sum, avg, min, max and population
-        stddev, all in SQLite (two passes: the mean, then squared deviations from it)."""
-        sql = f"""
-            WITH src AS ({source}),
-                 agg AS (SELECT b, COUNT(*) AS n, TOTAL(value) AS total, AVG(value) AS mean,
-                                MIN(value) AS low, MAX(value) AS high FROM src GROUP BY b)
-            SELECT agg.b, agg.n, agg.total, agg.mean, agg.low, agg.high,
-                   (SELECT TOTAL((src.value - agg.mean) * (src.value - agg.mean)) FROM src WHERE src.b = agg.b)
-            FROM agg ORDER BY agg.b"""
-        return [{"bucket": b, "count": n, "sum": total, "avg": mean, "min": low, "max": high,
-                 "stddev": math.sqrt(squares / n)} for b, n, total, mean, low, high, squares in
-                self.db.execute(sql, args)]
-
-    def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
-                  bucket: str | None) -> dict[str, Any]:
-        """count, sum, avg, min, max and population stddev of a label's values, computed in SQLite;
-        with `bucket` (hour, day, week, month; UTC) the same per bucket, oldest first."""
-        scope, args = "entity_id = ? AND label = ?", [entity_id, label]
-        if start_ms is not None:
-            scope += " AND timestamp_ms >= ?"
-            args.append(start_ms)
-        if end_ms is not None:
-            scope += " AND timestamp_ms <= ?"
-            args.append(end_ms)
-        overall = f"SELECT 'all' AS b, value FROM measurements WHERE {scope}"
-        rows = self._summaries(overall, args)
-        result = rows[0] if rows else {"bucket": "all", "count": 0, "sum": 0.0, "avg": None, "min": None,
-                                       "max": None, "stddev": None}
-        result.pop("bucket")
-        if bucket is not None:
-            grouped = f"SELECT {BUCKETS[bucket]} AS b, value FROM measurements WHERE {scope}"
-            result["buckets"] = self._summaries(grouped, args)
-        return result
-
-    def erase(self, entity_id: str) -> dict[str, int]:
-        """Remove every trace of an entity: rows, FTS entries, windows, relations, counts, vectors.
-
-        Deleted pages are zeroed (`secure_delete`), both FTS indexes are merged so no segment keeps
-        the entity's tokens, the WAL is truncated, and the Chroma index is rebuilt from SQLite
-        (HNSW files keep deleted vectors otherwise), so no file of the shard holds a copy.
-        """
-        with self._tx():
-            memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
-            relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
-            measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
-            self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
-            if memories:
-                # Neighbours of the entity's own turns are its own: no other entity's window changes.
-                self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
-            self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
-        if memories or relations or measurements:
-            for table, _ in LEXICAL_SOURCES:
-                self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.rebuild_index()
-        return {"memories": memories, "relations": relations, "measurements": measurements}
-
-    def rebuild_index(self) -> int:
-        """Drop the Chroma index and build it again from the vectors in SQLite."""
-        self._chroma.close()
-        shutil.rmtree(self.root / "chroma", ignore_errors=True)
-        self._open_chroma()
-        with self._tx():
-            self.db.execute("UPDATE memories SET indexed = 0")
-        return self.reconcile()
-
     def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
                window: dict[int, float], want: int, as_of: int | None = None,
                past: bool = False, asked: set[str] = frozenset()) -> list[dict[str, Any]]:
@@ -840,6 +729,117 @@ class ShardStore:
                 continue
             if by_id[preferred][0] <= rival:
                 by_id[preferred][0] = rival + 1e-6
+
+    # ---- the knowledge graph -------------------------------------------------------------------
+
+    def edges(self, entity_id: str | None, nodes: Sequence[str], direction: str, edge_types: Sequence[str] | None,
+              per_node: int) -> list[dict[str, Any]]:
+        """Edges touching each of `nodes` (out: node is the source, in: the target, both), newest first,
+        at most `per_node` per node and direction, optionally of the given types and one entity."""
+        out: list[dict[str, Any]] = []
+        sides = {"out": ("subject",), "in": ("object",), "both": ("subject", "object")}[direction]
+        for node in nodes:
+            for column in sides:
+                sql = (f"SELECT subject, predicate, object, memory_id, timestamp_ms, valid, entity_id FROM relations "
+                       f"WHERE {column} = ?")
+                args: list[Any] = [node]
+                if edge_types:
+                    sql += f" AND predicate IN ({','.join('?' * len(edge_types))})"
+                    args.extend(edge_types)
+                if entity_id is not None:
+                    sql += " AND entity_id = ?"
+                    args.append(entity_id)
+                sql += " ORDER BY timestamp_ms DESC, rowid DESC LIMIT ?"
+                for r in self.db.execute(sql, (*args, per_node)):
+                    out.append({"source": r[0], "edge_type": r[1], "target": r[2], "memory_id": r[3],
+                                "timestamp_ms": r[4], "valid": bool(r[5]), "entity_id": r[6]})
+        return out
+
+    # ---- analytics ----------------------------------------------------------------------------
+
+    def _summaries(self, source: str, args: list[Any]) -> list[dict[str, Any]]:
+        """Per group `b` of `source` (rows b, value): count, sum, avg, min, max and population
+        stddev, all in SQLite (two passes: the mean, then squared deviations from it)."""
+        sql = f"""
+            WITH src AS ({source}),
+                 agg AS (SELECT b, COUNT(*) AS n, TOTAL(value) AS total, AVG(value) AS mean,
+                                MIN(value) AS low, MAX(value) AS high FROM src GROUP BY b)
+            SELECT agg.b, agg.n, agg.total, agg.mean, agg.low, agg.high,
+                   (SELECT TOTAL((src.value - agg.mean) * (src.value - agg.mean)) FROM src WHERE src.b = agg.b)
+            FROM agg ORDER BY agg.b"""
+        return [{"bucket": b, "count": n, "sum": total, "avg": mean, "min": low, "max": high,
+                 "stddev": math.sqrt(squares / n)} for b, n, total, mean, low, high, squares in
+                self.db.execute(sql, args)]
+
+    def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
+                  bucket: str | None) -> dict[str, Any]:
+        """count, sum, avg, min, max and population stddev of a label's values, computed in SQLite;
+        with `bucket` (hour, day, week, month; UTC) the same per bucket, oldest first."""
+        scope, args = "entity_id = ? AND label = ?", [entity_id, label]
+        if start_ms is not None:
+            scope += " AND timestamp_ms >= ?"
+            args.append(start_ms)
+        if end_ms is not None:
+            scope += " AND timestamp_ms <= ?"
+            args.append(end_ms)
+        overall = f"SELECT 'all' AS b, value FROM measurements WHERE {scope}"
+        rows = self._summaries(overall, args)
+        result = rows[0] if rows else {"bucket": "all", "count": 0, "sum": 0.0, "avg": None, "min": None,
+                                       "max": None, "stddev": None}
+        result.pop("bucket")
+        if bucket is not None:
+            grouped = f"SELECT {BUCKETS[bucket]} AS b, value FROM measurements WHERE {scope}"
+            result["buckets"] = self._summaries(grouped, args)
+        return result
+
+    # ---- the right to be forgotten ------------------------------------------------------------
+
+    def export_page(self, entity_id: str, after_rowid: int, limit: int) -> list[dict[str, Any]]:
+        """One page of an entity's memories, with their relations and measurements, in storage order."""
+        rows = self.db.execute(
+            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+            (entity_id, after_rowid, limit)).fetchall()
+        page = []
+        for r in rows:
+            measured = self.db.execute(
+                "SELECT label, value, unit, timestamp_ms FROM measurements WHERE memory_id = ? ORDER BY rowid",
+                (r["memory_id"],)).fetchall()
+            page.append(dict(_row_to_memory(r), rowid=r["rowid"],
+                             measurements=[{"label": m[0], "value": m[1], "unit": m[2], "timestamp_ms": m[3]}
+                                           for m in measured]))
+        return page
+
+    def erase(self, entity_id: str) -> dict[str, int]:
+        """Remove every trace of an entity: rows, FTS entries, windows, relations, counts, vectors.
+
+        Deleted pages are zeroed (`secure_delete`), both FTS indexes are merged so no segment keeps
+        the entity's tokens, the WAL is truncated, and the Chroma index is rebuilt from SQLite
+        (HNSW files keep deleted vectors otherwise), so no file of the shard holds a copy.
+        """
+        with self._tx():
+            memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
+            relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
+            measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
+            self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
+            if memories:
+                # Neighbours of the entity's own turns are its own: no other entity's window changes.
+                self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
+            self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
+        if memories or relations or measurements:
+            for table, _ in LEXICAL_SOURCES:
+                self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.rebuild_index()
+        return {"memories": memories, "relations": relations, "measurements": measurements}
+
+    def rebuild_index(self) -> int:
+        """Drop the Chroma index and build it again from the vectors in SQLite."""
+        self._chroma.close()
+        shutil.rmtree(self.root / "chroma", ignore_errors=True)
+        self._open_chroma()
+        with self._tx():
+            self.db.execute("UPDATE memories SET indexed = 0")
+        return self.reconcile()
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and release SQLite and Chroma."""

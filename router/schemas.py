@@ -122,24 +122,26 @@ class GraphQueryRequest(_Body):
     user_id: Id | None = None
 
 
-class GraphWalkRequest(_Body):
-    node: Label
+class _Walk(_Body):
+    """What a breadth-first walk takes; walk and export differ in their defaults."""
+
     direction: Direction = "out"
     edge_types: Annotated[list[Label], Field(max_length=64)] | None = None
     depth: Annotated[StrictInt, Field(ge=1, le=6)] = 2
     breadth: Annotated[StrictInt, Field(ge=1, le=100)] = 10
-    limit: Annotated[StrictInt, Field(ge=1, le=5000)] = 200
     user_id: Id | None = None
 
 
-class GraphExportRequest(_Body):
+class GraphWalkRequest(_Walk):
+    node: Label
+    limit: Annotated[StrictInt, Field(ge=1, le=5000)] = 200  # edges
+
+
+class GraphExportRequest(_Walk):
     seed: Label
     direction: Direction = "both"
-    edge_types: Annotated[list[Label], Field(max_length=64)] | None = None
-    depth: Annotated[StrictInt, Field(ge=1, le=6)] = 2
     breadth: Annotated[StrictInt, Field(ge=1, le=100)] = 25
     max_nodes: Annotated[StrictInt, Field(ge=1, le=5000)] = 200
-    user_id: Id | None = None
 
 
 class AnalyticsRequest(_Body):
