@@ -50,6 +50,10 @@ class Node:
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-store")
         self.shards: dict[int, ShardStore] = {}
         self.reindexed = 0
+        self._pending_writes: list[tuple[list[dict], list[MemoryRecord], asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
+        self.group_commits = 0  # store transactions' groups, and the writes they held (stats)
+        self.grouped_writes = 0
         # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
         # are created on their first write.
         for shard in sorted(self.owned):
@@ -119,26 +123,74 @@ class Node:
                 fact_key=it.get("fact_key"),
             ))
 
-        def write() -> list[str | None]:
-            duplicate_of: list[str | None] = [None] * len(items)
-            by_shard: dict[int, list[MemoryRecord]] = {}
-            for i, (it, record) in enumerate(zip(items, records)):
-                if it.get("enable_semantic_dedup"):
-                    duplicate_of[i] = self._duplicate(record, it["shard"], records[:i], duplicate_of[:i])
-                if duplicate_of[i] is None:
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending_writes.append((items, records, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+        return await future
+
+    async def _write_pending(self) -> None:
+        """Group commit: every write that queued while the store thread was busy goes into one
+        transaction per shard. Each caller is answered after the commit that holds its data."""
+        while self._pending_writes:
+            group, self._pending_writes = self._pending_writes, []
+            try:
+                outcomes = await self._on_store(self._commit_group, [(items, records) for items, records, _ in group])
+            except BaseException as exc:  # the executor itself failed: fail the whole group
+                outcomes = [exc] * len(group)
+            for (_, _, future), outcome in zip(group, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            self.group_commits += 1
+            self.grouped_writes += len(group)
+
+    def _commit_group(self, group: list[tuple[list[dict], list[MemoryRecord]]]) -> list[Any]:
+        """Store every request of `group`, in arrival order (a later write of an id wins). One
+        transaction per shard for the whole group; if it fails, each request is retried on its own
+        so only the faulty one fails. Returns per request its dedup answers, or its exception."""
+        answers: list[list[str | None]] = []
+        accepted: list[MemoryRecord] = []
+        by_shard: dict[int, list[MemoryRecord]] = {}
+        for items, records in group:
+            duplicate_of: list[str | None] = []
+            for it, record in zip(items, records):
+                dup = self._duplicate(record, it["shard"], accepted) if it.get("enable_semantic_dedup") else None
+                duplicate_of.append(dup)
+                if dup is None:
+                    accepted.append(record)
                     by_shard.setdefault(it["shard"], []).append(record)
+            answers.append(duplicate_of)
+        try:
             for shard, batch in by_shard.items():
                 self._shard(shard).upsert(batch)
-            return duplicate_of
+            return answers
+        except Exception:
+            if len(group) == 1:
+                raise
+        outcomes: list[Any] = []
+        for (items, records), duplicate_of in zip(group, answers):
+            mine: dict[int, list[MemoryRecord]] = {}
+            for it, record, dup in zip(items, records, duplicate_of):
+                if dup is None:
+                    mine.setdefault(it["shard"], []).append(record)
+            try:
+                for shard, batch in mine.items():
+                    self._shard(shard).upsert(batch)
+                outcomes.append(duplicate_of)
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
-        return await self._on_store(write)
-
-    def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord],
-                   earlier_dups: list[str | None]) -> str | None:
-        """The id of a memory of the same entity that `record` nearly repeats, if any."""
+    def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord]) -> str | None:
+        """The id of a memory of the same entity that `record` nearly repeats, if any: one stored,
+        or one accepted earlier in this group of writes."""
         threshold = self.ranking.dedup_cosine
-        for other, dup in zip(reversed(earlier), reversed(earlier_dups)):
-            if (dup is None and other.entity_id == record.entity_id and other.memory_id != record.memory_id
+        for other in reversed(earlier):
+            if (other.entity_id == record.entity_id and other.memory_id != record.memory_id
                     and float(other.vector @ record.vector) >= threshold):
                 return other.memory_id
         if self._candidate_shards([shard]):
@@ -257,7 +309,8 @@ class Node:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "shards_owned": len(self.owned), "shards_open": len(self.shards),
-                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes}
+                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes,
+                    "group_commits": self.group_commits, "grouped_writes": self.grouped_writes}
 
         return await self._on_store(collect)
 
@@ -269,6 +322,8 @@ class Node:
 
     async def close(self) -> None:
         """Finish in-flight work, checkpoint every shard's WAL, release files."""
+        if self._writer is not None:
+            await self._writer
         await self.embedder.close()
 
         def close_all() -> None:
