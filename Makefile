@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 LOCOMO ?= ../shared/data/locomo/locomo-dev.json
 
-.PHONY: install test-install run test bench recall clean
+.PHONY: install test-install run test bench recall loadtest-install loadtest clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,18 @@ bench: test-install
 
 recall: test-install
 	$(PY) loadtest/recall.py $(LOCOMO) --spawn
+
+loadtest-install: $(VENV)/.loadtest-installed
+
+$(VENV)/.loadtest-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[loadtest]'
+	touch $@
+
+SCENARIO ?= mixed
+DURATION ?= 60
+CONCURRENCY ?= 16
+loadtest: loadtest-install
+	$(PY) -m loadtest --spawn --scenario $(SCENARIO) --duration $(DURATION) --concurrency $(CONCURRENCY)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,213 @@
+"""The lean asyncio load driver behind `python -m loadtest`: named scenarios against any engine,
+with the machine's raw embedder limit measured in the same run.
+
+Scenarios (one "iteration" per client loop):
+  agent-loop   query the entity's memories, then ingest one (what an agent does per turn)
+  bulk-import  POST /ingest/batch with `--batch` memories
+  read-heavy   95% queries, 5% single ingests
+  mixed        80% queries, 20% single ingests
+  ingest       single ingests only
+  query        queries only
+Every request is timed; the run records latency per operation, throughput per second, errors,
+and (for an engine it spawned) the resident memory of the engine's whole process tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import WORDS, log, percentile, sentence  # noqa: E402
+
+SCENARIOS = ("agent-loop", "bulk-import", "read-heavy", "mixed", "ingest", "query")
+
+
+@dataclass
+class Sample:
+    end: float  # seconds since the run started
+    op: str
+    latency: float
+    items: int
+    ok: bool
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    duration: float
+    concurrency: int
+    samples: list[Sample] = field(default_factory=list)
+    rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MiB of the engine tree)
+    errors: list[str] = field(default_factory=list)
+
+
+def tree_rss_mb(root_pid: int) -> float | None:
+    """Resident memory of a process group (the engine, Ray and its workers), from /proc."""
+    try:
+        pgid = os.getpgid(root_pid)
+    except ProcessLookupError:
+        return None
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != pgid:
+                continue
+            for line in open(f"/proc/{entry}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return total / 1024
+
+
+async def run(base: str, key: str, scenario: str, duration: float, concurrency: int, batch: int,
+              entities: int, preload: int, engine_pid: int | None = None) -> RunResult:
+    if scenario not in SCENARIOS:
+        raise SystemExit(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
+    rng = random.Random(11)
+    tag = f"lt{int(time.time())}"
+    names = [f"{tag}:{i}" for i in range(entities)]
+    result = RunResult(scenario, duration, concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(headers={"x-api-key": key}, timeout=timeout, connector=connector) as s:
+        if preload:
+            log(f"preloading {preload} memories into {entities} entities")
+            for k in range(0, preload, 256):
+                items = [{"entity_id": names[j % entities], "textual_content": sentence(rng, j)}
+                         for j in range(k, min(k + 256, preload))]
+                async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
+                    if r.status != 200:
+                        raise SystemExit(f"preload failed: {r.status} {await r.text()}")
+        started = time.perf_counter()
+        stop_at = started + duration
+        counter = [0]
+
+        async def call(op: str, path: str, body: dict, items: int) -> None:
+            t = time.perf_counter()
+            ok = False
+            try:
+                async with s.post(f"{base}{path}", json=body) as r:
+                    await r.read()
+                    ok = r.status == 200
+                    if not ok and len(result.errors) < 20:
+                        result.errors.append(f"{op} -> HTTP {r.status}")
+            except Exception as exc:  # a failed request is a data point, not a crash
+                if len(result.errors) < 20:
+                    result.errors.append(f"{op} -> {type(exc).__name__}: {exc}")
+            now = time.perf_counter()
+            result.samples.append(Sample(now - started, op, now - t, items, ok))
+
+        def query_body() -> dict:
+            return {"textual_query": " ".join(rng.sample(WORDS, 3)), "entity_id": rng.choice(names), "limit": 10}
+
+        def ingest_body() -> dict:
+            counter[0] += 1
+            return {"entity_id": rng.choice(names), "textual_content": sentence(rng, counter[0])}
+
+        async def client() -> None:
+            while time.perf_counter() < stop_at:
+                if scenario == "agent-loop":
+                    await call("query", "/query/semantic", query_body(), 1)
+                    await call("ingest", "/ingest", ingest_body(), 1)
+                elif scenario == "bulk-import":
+                    items = [ingest_body() for _ in range(batch)]
+                    await call("ingest_batch", "/ingest/batch", {"items": items}, batch)
+                elif scenario == "ingest":
+                    await call("ingest", "/ingest", ingest_body(), 1)
+                elif scenario == "query":
+                    await call("query", "/query/semantic", query_body(), 1)
+                else:
+                    share = 0.95 if scenario == "read-heavy" else 0.80
+                    if rng.random() < share:
+                        await call("query", "/query/semantic", query_body(), 1)
+                    else:
+                        await call("ingest", "/ingest", ingest_body(), 1)
+
+        async def progress() -> None:
+            while time.perf_counter() < stop_at:
+                await asyncio.sleep(5)
+                elapsed = time.perf_counter() - started
+                if engine_pid is not None:
+                    rss = tree_rss_mb(engine_pid)
+                    if rss is not None:
+                        result.rss_mb.append((round(elapsed, 1), round(rss, 1)))
+                recent = [x for x in result.samples if x.end > elapsed - 5]
+                lat = [x.latency for x in recent] or [0.0]
+                log(f"  {elapsed:6.0f}/{duration:.0f} s  {len(recent) / 5:7.1f} req/s  "
+                    f"p50 {percentile(lat, 50) * 1000:6.1f} ms  p99 {percentile(lat, 99) * 1000:6.1f} ms  "
+                    f"errors {sum(not x.ok for x in result.samples)}")
+
+        log(f"scenario {scenario}: {concurrency} clients for {duration:.0f} s")
+        await asyncio.gather(progress(), *(client() for _ in range(concurrency)))
+    return result
+
+
+def summarise(result: RunResult) -> dict:
+    """Per operation: requests, items, errors, throughput and latency percentiles; plus timelines."""
+    ops: dict[str, dict] = {}
+    for op in sorted({x.op for x in result.samples}):
+        rows = [x for x in result.samples if x.op == op]
+        lat = [x.latency * 1000 for x in rows if x.ok] or [0.0]
+        ops[op] = {
+            "requests": len(rows),
+            "errors": sum(not x.ok for x in rows),
+            "items_per_second": round(sum(x.items for x in rows if x.ok) / result.duration, 1),
+            "requests_per_second": round(len(rows) / result.duration, 1),
+            "latency_ms": {f"p{p}": round(percentile(lat, p), 2) for p in (50, 90, 95, 99)}
+            | {"max": round(max(lat), 2), "mean": round(statistics.mean(lat), 2)},
+        }
+    seconds = int(result.duration)  # whole seconds only: the last partial one would read as a drop
+    timeline = [0] * seconds
+    for x in result.samples:
+        if x.ok and int(x.end) < seconds:
+            timeline[int(x.end)] += x.items
+    rss = [v for _, v in result.rss_mb]
+    memory = None
+    if len(rss) >= 4:
+        settled = rss[len(rss) // 4:]  # after warm-up: the first quarter of the run
+        memory = {"samples": result.rss_mb, "after_warmup_min_mb": min(settled), "after_warmup_max_mb": max(settled),
+                  "growth_after_warmup": round(max(settled) / min(settled) - 1, 4)}
+    return {"scenario": result.scenario, "duration_s": result.duration, "concurrency": result.concurrency,
+            "operations": ops, "items_per_second_timeline": timeline, "engine_memory": memory,
+            "first_errors": result.errors}
+
+
+def embedder_limit(backend: str, seconds: float = 5.0) -> dict:
+    """The raw embedder on this machine, in this process, with all its cores: batch-32 texts/s and
+    single-text latency. The ceiling the engine's ingest and query throughput are compared to."""
+    import tempfile
+
+    from node.config import DEFAULT_MODEL, ClusterConfig, EmbeddingConfig, normalized_backend, resolve_model_path
+    from node.embedder import load_embedder
+
+    cfg = ClusterConfig(embedding=EmbeddingConfig(backend=backend))
+    name = normalized_backend(cfg)
+    with tempfile.TemporaryDirectory(prefix="tellodb-limit-") as cache:  # where an ONNX export goes
+        embedder = load_embedder(resolve_model_path(DEFAULT_MODEL), name, "cpu", os.cpu_count() or 1, cache)
+    rng = random.Random(3)
+    texts = [sentence(rng, i) for i in range(32)]
+    embedder.encode(texts)  # warm up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        embedder.encode(texts)
+        done += len(texts)
+    batch_rate = done / (time.perf_counter() - t0)
+    single = []
+    for i in range(100):
+        t = time.perf_counter()
+        embedder.encode([texts[i % 32]])
+        single.append(time.perf_counter() - t)
+    return {"backend": name, "threads": os.cpu_count(), "batch32_per_second": round(batch_rate, 1),
+            "single_p50_ms": round(percentile(single, 50) * 1000, 2)}
