@@ -74,24 +74,25 @@ def _plots(report: dict, out_dir: Path, name: str) -> list[Path]:
     for i, (op, o) in enumerate(s["operations"].items()):
         ax.bar([x + i * width for x in range(len(pct))], [o["latency_ms"][p] for p in pct], width, label=op)
     ax.set_xticks([x + width * (len(s["operations"]) - 1) / 2 for x in range(len(pct))], pct)
-    ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{s['scenario']}: latency percentiles")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}-latency.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_save(fig, ax, "latency (ms)", f"{s['scenario']}: latency percentiles", out_dir / f"{name}-latency.png"))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(range(len(s["items_per_second_timeline"])), s["items_per_second_timeline"], label="items/s")
     limit = report.get("embedder_limit")
     if limit:
         ax.axhline(limit["batch32_per_second"], color="grey", linestyle="--", label="raw embedder limit")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("items per second")
-    ax.set_title(f"{s['scenario']}: throughput over time")
+    paths.append(_save(fig, ax, "items per second", f"{s['scenario']}: throughput over time",
+                       out_dir / f"{name}-throughput.png"))
+    return paths
+
+
+def _save(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    paths.append(out_dir / f"{name}-throughput.png")
-    fig.savefig(paths[-1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
+    return path

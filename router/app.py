@@ -295,14 +295,18 @@ async def delete(request: web.Request) -> web.Response:
     return web.json_response({"deleted": deleted, "memory_id": req.memory_id})
 
 
+def totals(per_node: dict[str, dict | None]) -> dict[str, int]:
+    """Cluster-wide counts from the nodes that answered, and how many did."""
+    live = [s for s in per_node.values() if s is not None]
+    return {**{k: sum(s[k] for s in live) for k in STAT_KEYS}, "nodes_up": len(live)}
+
+
 async def stats(request: web.Request) -> web.Response:
     per_node = await request.app[CLUSTER].stats(timeout=10)
     request.app[METRICS].observe_nodes(per_node)
-    live = [s for s in per_node.values() if s is not None]
     return web.json_response({
-        **{k: sum(s[k] for s in live) for k in STAT_KEYS},
+        **totals(per_node),
         "shards": request.app[CONFIG].shards,
-        "nodes_up": len(live),
         "nodes": per_node,  # each with its totals and `per_shard` counts (open shards only)
     })
 
@@ -312,10 +316,7 @@ async def profile(request: web.Request) -> web.Response:
     (the SDK's get_profile() sends none): the engine's totals."""
     req = parse(ProfileQuery, dict(request.query))
     if req.entity_id is None:
-        per_node = await request.app[CLUSTER].stats(timeout=10)
-        live = [s for s in per_node.values() if s is not None]
-        return web.json_response({"entity_id": None, **{k: sum(s[k] for s in live) for k in STAT_KEYS},
-                                  "nodes_up": len(live)})
+        return web.json_response({"entity_id": None, **totals(await request.app[CLUSTER].stats(timeout=10))})
     found = await request.app[CLUSTER].profile(req.entity_id, req.recent)
     if not found or not found["memories"]:
         raise NotFound(f"no memories for entity {req.entity_id!r}")
