@@ -252,25 +252,30 @@ class ShardStore:
             return
         with self._tx():
             self.db.execute("DELETE FROM windows_fts")
-            self._refresh_windows(self.db.execute("SELECT rowid FROM memories").fetchall(), with_neighbours=False)
+            self._rewrite_windows([r[0] for r in self.db.execute("SELECT rowid FROM memories").fetchall()])
             self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('window_radius', ?)",
                             (str(self.ranking.window_radius),))
 
-    def _refresh_windows(self, rowids: Iterable, with_neighbours: bool = True) -> None:
-        """Rewrite the window documents of `rowids` (and of their session neighbours). In a transaction."""
+    def _window_targets(self, rowids: Iterable[int]) -> set[int]:
+        """`rowids` and their session neighbours within `window_radius`, at their current places:
+        the windows a change to those rows alters. Take them before a row moves or goes."""
         r = self.ranking.window_radius
         targets: set[int] = set()
-        for (rowid,) in rowids:
+        for rowid in rowids:
             targets.add(rowid)
-            if not with_neighbours or r == 0:
-                continue
             me = self.db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE rowid = ?",
                                  (rowid,)).fetchone()
-            if me is not None and me["turn_index"] is not None:
+            if r > 0 and me is not None and me["turn_index"] is not None:
                 targets.update(x[0] for x in self.db.execute(
                     "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
                     (me["entity_id"], me["session_id"], me["turn_index"] - r, me["turn_index"] + r)))
-        for rowid in targets:
+        return targets
+
+    def _rewrite_windows(self, rowids: Iterable[int]) -> None:
+        """Rewrite the window documents of `rowids` from the rows as they are now (rows that are gone
+        lose theirs). In a transaction."""
+        r = self.ranking.window_radius
+        for rowid in rowids:
             me = self.db.execute(
                 "SELECT entity_id, entity_token, session_id, turn_index, textual_content FROM memories WHERE rowid = ?",
                 (rowid,)).fetchone()
@@ -376,7 +381,7 @@ class ShardStore:
         # Within one call the last record of an id wins, as if they had been sent one by one.
         unique = list({r.memory_id: r for r in records}.values())
         with self._tx():
-            touched: list[tuple[int]] = []
+            windows: set[int] = set()  # rows whose window documents change
             slots: set[tuple[str, str]] = set()  # (entity, slot) whose validity chain changes
             for r in unique:
                 old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
@@ -387,11 +392,11 @@ class ShardStore:
                     self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
                     slots.update(self._drop_facts(r.memory_id))
                     # Its old neighbours lose it from their windows (it may change session or turn).
-                    self._refresh_windows([(old["rowid"],)])
+                    windows |= self._window_targets([old["rowid"]])
                 vector = np.asarray(r.vector, dtype=np.float32)
                 if vector.shape != (self.dimension,):
                     raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
-                self.db.execute(
+                rowid = self.db.execute(
                     """
                     INSERT INTO memories (memory_id, entity_id, entity_token, session_id, turn_index,
                         created_at_ms, ingested_at_ms, kind, textual_content, relations, vector, indexed)
@@ -402,11 +407,12 @@ class ShardStore:
                         created_at_ms = excluded.created_at_ms, ingested_at_ms = excluded.ingested_at_ms,
                         kind = excluded.kind, textual_content = excluded.textual_content,
                         relations = excluded.relations, vector = excluded.vector, indexed = 0
+                    RETURNING rowid
                     """,
                     (r.memory_id, r.entity_id, entity_token(r.entity_id), r.session_id, r.turn_index,
                      r.created_at_ms, now, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
                      vector.tobytes()),
-                )
+                ).fetchone()[0]
                 self.db.executemany(
                     "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -425,9 +431,8 @@ class ShardStore:
                                     (r.memory_id, r.entity_id, slot, r.created_at_ms))
                     slots.add((r.entity_id, slot))
                 self._count_entity(r.entity_id, +1)
-                touched.append(self.db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
-                                               (r.memory_id,)).fetchone()[0:1])
-            self._refresh_windows(touched)
+                windows |= self._window_targets([rowid])
+            self._rewrite_windows(windows)
             self._rechain(slots)
         self._index(
             [r.memory_id for r in unique],
@@ -471,20 +476,16 @@ class ShardStore:
     def delete(self, memory_id: str) -> bool:
         """Remove a memory from SQLite, FTS, relations and Chroma. False when it is not here."""
         with self._tx():
-            row = self.db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE memory_id = ?",
+            row = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
                                   (memory_id,)).fetchone()
             if row is None:
                 return False
+            windows = self._window_targets([row["rowid"]])
             slots = self._drop_facts(memory_id)
             # Triggers take its FTS entry, window, relations and measurements with it.
             self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
             self._rechain(slots)
-            if row["turn_index"] is not None:
-                r = self.ranking.window_radius
-                self._refresh_windows(self.db.execute(
-                    "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
-                    (row["entity_id"], row["session_id"], row["turn_index"] - r, row["turn_index"] + r),
-                ).fetchall(), with_neighbours=False)
+            self._rewrite_windows(windows)
             self._count_entity(row["entity_id"], -1)
         self.collection.delete(ids=[memory_id])
         return True
