@@ -22,6 +22,14 @@ def uid(prefix: str = "ent") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
+def on_two_shards(cluster, prefix_a: str, prefix_b: str) -> tuple[str, str]:
+    """Two fresh entity ids that live in different shards."""
+    a, b = uid(prefix_a), uid(prefix_b)
+    while cluster.placement.shard_of(a) == cluster.placement.shard_of(b):
+        b = uid(prefix_b)
+    return a, b
+
+
 def assert_error(status: int, body, expected_status: int, code: str | None = None) -> None:
     """A JSON error body `{"error": {"code": str, "message": str}}` with the expected status."""
     assert status == expected_status, (status, body)
@@ -325,9 +333,7 @@ async def test_upsert_replaces(api):
 async def test_reingest_under_another_entity_keeps_one_memory(api, cluster):
     """A memory id names one memory: re-ingesting it for another entity moves it, wherever the two
     entities live (the shard store already moves it when both entities share a shard)."""
-    a, b = uid("from"), uid("to")
-    while cluster.placement.shard_of(a) == cluster.placement.shard_of(b):
-        b = uid("to")
+    a, b = on_two_shards(cluster, "from", "to")
     mid = f"moved-{uuid.uuid4().hex}"
     await ingest(api, a, "first version of the moving memory kumquat", memory_id=mid)
     await ingest(api, b, "second version of the moving memory kumquat", memory_id=mid)
@@ -362,9 +368,7 @@ async def test_grammar_ids_belong_to_the_entity_they_name(api, cluster):
 
 async def test_delete_of_a_moved_free_form_id_leaves_nothing(api, cluster):
     """`deleted: true` means the id is gone everywhere, also after it moved between entities."""
-    a, b = uid("home"), uid("away")
-    while cluster.placement.shard_of(a) == cluster.placement.shard_of(b):
-        b = uid("away")
+    a, b = on_two_shards(cluster, "home", "away")
     mid = f"free-{uuid.uuid4().hex}"
     await ingest(api, a, "passport number of the user is X99887766", memory_id=mid)
     await ingest(api, b, "passport number of the user is X99887766 (moved)", memory_id=mid)
