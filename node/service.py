@@ -4,6 +4,10 @@
 as a Ray actor. All SQLite and Chroma work runs on one store thread per node (shards are not
 thread-safe, and SQLite writes serialise anyway); embedding runs on its own thread. The event
 loop only coordinates, so concurrent requests batch instead of queueing behind each other.
+
+Vectors reach Chroma behind the writes (see `node.shard_store`): a shard is indexed as soon as
+INDEX_BACKLOG of its rows wait, and every waiting row once writes pause for INDEX_IDLE_S. Each
+shard is indexed in its own store call, so queries queued meanwhile run between shards.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from node.shard_store import MemoryRecord, ShardStore
 
 log = logging.getLogger("tellodb.node")
 
+
+INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
+INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
 
 STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
              "unindexed", "vectors")
@@ -52,6 +59,8 @@ class Node:
         self.reindexed = 0
         self._pending_writes: list[tuple[list[dict], list[MemoryRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._indexer: asyncio.Task | None = None
+        self._last_write = 0.0
         self.group_commits = 0  # store transactions' groups, and the writes they held (stats)
         self.grouped_writes = 0
         # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
@@ -123,10 +132,14 @@ class Node:
                 fact_key=it.get("fact_key"),
             ))
 
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
         self._pending_writes.append((items, records, future))
+        self._last_write = time.monotonic()
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+            self._writer = loop.create_task(self._write_pending())
+        if self._indexer is None:
+            self._indexer = loop.create_task(self._index_when_idle())
         return await future
 
     async def _write_pending(self) -> None:
@@ -147,6 +160,22 @@ class Node:
                     future.set_result(outcome)
             self.group_commits += 1
             self.grouped_writes += len(group)
+            await self._index_backlogs(INDEX_BACKLOG)
+
+    async def _index_backlogs(self, at_least: int) -> None:
+        """Index every shard with `at_least` unindexed rows, one shard per store call."""
+        # list() copies in one step: the store thread may be opening a shard meanwhile.
+        for store in [store for store in list(self.shards.values()) if store.unindexed >= at_least]:
+            try:
+                await self._on_store(store.index_pending)
+            except Exception:  # the rows stay searchable (scored exactly) and are retried later
+                log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
+
+    async def _index_when_idle(self) -> None:
+        while True:
+            await asyncio.sleep(INDEX_IDLE_S)
+            if time.monotonic() - self._last_write >= INDEX_IDLE_S:
+                await self._index_backlogs(1)
 
     def _commit_group(self, group: list[tuple[list[dict], list[MemoryRecord]]]) -> list[Any]:
         """Store every request of `group`, in arrival order (a later write of an id wins). One
@@ -324,6 +353,12 @@ class Node:
         """Finish in-flight work, checkpoint every shard's WAL, release files."""
         if self._writer is not None:
             await self._writer
+        if self._indexer is not None:  # what is still unindexed is indexed by reconcile() at start-up
+            self._indexer.cancel()
+            try:
+                await self._indexer
+            except asyncio.CancelledError:
+                pass
         await self.embedder.close()
 
         def close_all() -> None:

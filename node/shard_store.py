@@ -3,10 +3,14 @@
 A shard lives in its own folder, `<data>/shards/<NNNN>/`, holding `store.sqlite3` and `chroma/`,
 so placing, copying or backing up a shard is moving one folder.
 
-Writes commit to SQLite first (row, FTS5 entries, vector blob, relations) in one transaction with
-`synchronous=FULL`; only then is the vector added to Chroma and the row marked `indexed`. A crash
-between the two leaves rows with `indexed = 0`, which `reconcile()` re-indexes at start-up; if the
-collection is lost or disagrees with SQLite it is rebuilt from the stored vectors.
+Writes commit to SQLite (row, FTS5 entries, vector blob, relations) in one transaction with
+`synchronous=FULL`, and the caller is answered then. The vector reaches Chroma later, in batches
+(`index_pending()`, called by the node when a shard's backlog fills or writes pause): one Chroma
+upsert costs about 7 ms plus 0.4 ms a vector here, so indexing one write at a time would cost more
+than everything else a write does. Until then the row has `indexed = 0`, and searches score such
+rows exactly from their stored vectors, so a write is searchable the moment it is acknowledged.
+Rows a crash left unindexed are indexed by `reconcile()` at start-up; if the collection is lost or
+disagrees with SQLite it is rebuilt from the stored vectors.
 
 Lexical search runs over two FTS5 tables: `memories_fts` (each memory's own text) and
 `windows_fts` (each turn with its session neighbours within `window_radius` turns, so a question
@@ -126,7 +130,7 @@ END;
 MEMORY_COLUMNS = (
     "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
 )
-CHROMA_BATCH = 256
+CHROMA_BATCH = 256  # vectors per Chroma upsert
 Window = tuple[int | None, int | None] | None  # (start_ms, end_ms) of created_at_ms, inclusive
 LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
@@ -226,6 +230,8 @@ class ShardStore:
         self._check_meta()
         self._open_chroma()
         self._check_windows()
+        # Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact).
+        self.unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -340,6 +346,10 @@ class ShardStore:
             with self._tx():
                 self.db.execute("UPDATE memories SET indexed = 1")
                 self.db.executemany("UPDATE memories SET indexed = 0 WHERE memory_id = ?", [(m,) for m in missing])
+        return self.index_pending()
+
+    def index_pending(self) -> int:
+        """Add every committed row that is not in Chroma yet, CHROMA_BATCH at a time; return how many."""
         total = 0
         while True:
             rows = self.db.execute(
@@ -347,6 +357,7 @@ class ShardStore:
                 (CHROMA_BATCH,),
             ).fetchall()
             if not rows:
+                self.unindexed = 0
                 return total
             ids = [r["memory_id"] for r in rows]
             vectors = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
@@ -374,7 +385,8 @@ class ShardStore:
     # ---- writes -------------------------------------------------------------------------------
 
     def upsert(self, records: Sequence[MemoryRecord]) -> None:
-        """Store `records` atomically (all or none), then index them. Re-used ids are replaced."""
+        """Store `records` atomically (all or none); Chroma gets them from `index_pending()`.
+        Re-used ids are replaced."""
         if not records:
             return
         now = int(time.time() * 1000)
@@ -434,12 +446,7 @@ class ShardStore:
                 windows |= self._window_targets([rowid])
             self._rewrite_windows(windows)
             self._rechain(slots)
-        self._index(
-            [r.memory_id for r in unique],
-            np.stack([np.asarray(r.vector, dtype=np.float32) for r in unique]),
-            [r.entity_id for r in unique],
-            [r.created_at_ms for r in unique],
-        )
+        self.unindexed += len(unique)
 
     def _drop_facts(self, memory_id: str) -> set[tuple[str, str]]:
         """Delete a memory's facts; return their (entity, slot) pairs, whose chains must be redone."""
@@ -496,12 +503,14 @@ class ShardStore:
         if n == 0:
             return None
         ids = self.collection.query(query_embeddings=np.asarray(vector, dtype=np.float32).reshape(1, -1),
-                                    n_results=n, where={"entity_id": entity_id}, include=[])["ids"][0]
+                                    n_results=n + self._stale_slack(), where={"entity_id": entity_id},
+                                    include=[])["ids"][0]
+        ids += self._unindexed_ids("m.entity_id = ?", [entity_id])
         ids = [i for i in ids if i != exclude]
         if not ids:
             return None
-        rows = self.db.execute(f"SELECT memory_id, vector FROM memories WHERE memory_id IN ({','.join('?' * len(ids))})",
-                               ids).fetchall()
+        rows = self.db.execute(f"SELECT memory_id, vector FROM memories WHERE entity_id = ? AND memory_id IN "
+                               f"({','.join('?' * len(ids))})", [entity_id, *ids]).fetchall()
         scored = [(r[0], float(np.frombuffer(r[1], dtype=np.float32) @ vector)) for r in rows]
         return max(scored, key=lambda x: x[1], default=None)
 
@@ -585,14 +594,17 @@ class ShardStore:
         # Dense candidates from the HNSW index, filtered to the entity.
         ids = self.collection.query(
             query_embeddings=np.asarray(query_vector, dtype=np.float32).reshape(1, -1),
-            n_results=min(pool, in_scope),
+            n_results=min(pool, in_scope) + self._stale_slack(),
             where=_chroma_where(entity_id, window),
             include=[],
         )["ids"][0]
+        # Chroma may still hold an older copy of a row (see index_pending): keep only rows in scope.
+        ids += self._unindexed_ids(scope, scope_args)
         for i in range(0, len(ids), 900):
             chunk = ids[i : i + 900]
             candidates.update(r[0] for r in self.db.execute(
-                f"SELECT rowid FROM memories WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk))
+                f"SELECT rowid FROM memories m WHERE {scope} AND memory_id IN ({','.join('?' * len(chunk))})",
+                [*scope_args, *chunk]))
 
         # Lexical candidates from both FTS5 tables: the best `pool` of each. The scores of the
         # best LEXICAL_SCAN matches are kept, so every candidate is scored exactly on both.
@@ -616,6 +628,19 @@ class ShardStore:
         as_of = window[1] if window is not None else None
         return self._score(sorted(candidates), query_vector, turn, window_bm25, want, as_of,
                            asks_about_the_past(query_text), asked_predicates(query_text))
+
+    def _stale_slack(self) -> int:
+        """Extra results to ask Chroma for: each row re-written since it was indexed may hold a slot
+        with its stale copy (dropped by the scope check), and there are at most `unindexed` such."""
+        return min(self.unindexed, CHROMA_BATCH)
+
+    def _unindexed_ids(self, scope: str, scope_args: list[Any]) -> list[str]:
+        """Ids of committed rows in scope that Chroma does not have yet: they are scored exactly."""
+        if not self.unindexed:
+            return []
+        return [r[0] for r in self.db.execute(
+            f"SELECT m.memory_id FROM memories AS m INDEXED BY memories_unindexed WHERE m.indexed = 0 AND {scope}",
+            scope_args)]
 
     def _slot_mates(self, entity_id: str, rowids: set[int], scope: str, scope_args: list[Any]) -> set[int]:
         """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""

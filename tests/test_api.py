@@ -6,6 +6,7 @@ The cluster is shared by the whole session, so every test works on entities of i
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 
@@ -385,9 +386,14 @@ async def test_stats(api):
     assert_error(resp.status, await resp.json(), 401, "unauthorized")
     ent = uid()
     await ingest(api, ent, "stats probe")
-    resp = await api.get("/stats", headers=AUTH)
-    assert resp.status == 200
-    body = await resp.json()
+    # Vectors reach Chroma in batches once writes pause (node/service.py): wait for that.
+    for _ in range(300):
+        resp = await api.get("/stats", headers=AUTH)
+        assert resp.status == 200
+        body = await resp.json()
+        if not any(n["unindexed"] for n in body["nodes"].values()):
+            break
+        await asyncio.sleep(0.1)
     assert body["shards"] == 8 and set(body["nodes"]) == {"node-0", "node-1"}
     nodes = list(body["nodes"].values())
     assert sum(n["shards_owned"] for n in nodes) == 8

@@ -48,8 +48,12 @@ def assert_gone(client: TellodbClient, memory_id: str) -> None:
 
 
 def assert_stats_consistent(client: TellodbClient, memories: int) -> None:
-    """GET /stats: every committed memory is in its shard's Chroma index, none waits for indexing."""
-    stats = client.get_stats()
+    """GET /stats: every committed memory is in its shard's Chroma index once writes pause."""
+    for _ in range(300):
+        stats = client.get_stats()
+        if not any(n and n["unindexed"] for n in stats["nodes"].values()):
+            break
+        time.sleep(0.1)
     nodes = stats["nodes"]
     assert set(nodes) == {"node-0", "node-1"} and all(n is not None for n in nodes.values()), nodes
     assert stats["memories"] == sum(n["memories"] for n in nodes.values()) == memories, stats

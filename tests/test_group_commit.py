@@ -11,7 +11,7 @@ import pytest
 from node.config import ClusterConfig, EmbeddingConfig
 from node.ids import parse_memory_id
 from node.ring import Placement
-from node.service import Node, NotOwnedError, shard_dir
+from node.service import INDEX_BACKLOG, Node, NotOwnedError, shard_dir
 
 SHARDS = 4
 
@@ -46,8 +46,32 @@ async def test_concurrent_writes_share_commits_and_all_land(node):
               for i in range(40)]
     assert await asyncio.gather(*writes) == [[None]] * 40
     assert node.grouped_writes == 40 and node.group_commits < 40
-    stats = await node.stats()
+    stats = await indexed(node)
     assert stats["memories"] == 40 and stats["vectors"] == 40
+
+
+async def indexed(node, within: float = 30.0) -> dict:
+    """The node's stats once its write-behind index has caught up (writes paused)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (stats := await node.stats())["unindexed"] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    return stats
+
+
+async def test_a_pause_in_writes_indexes_every_backlog(node):
+    writes = [item(own_entity(i % 3), f"note {i}", f"{own_entity(i % 3)}::s::{i}") for i in range(9)]
+    await node.ingest(writes)
+    assert (await node.stats())["unindexed"] == 9  # answered before Chroma saw them
+    stats = await indexed(node)
+    assert (stats["unindexed"], stats["vectors"]) == (0, 9)
+
+
+async def test_a_full_backlog_is_indexed_without_waiting_for_a_pause(node):
+    e = own_entity(0)
+    await node.ingest([item(e, f"line {i}", f"{e}::s::{i}") for i in range(INDEX_BACKLOG)])
+    await node._writer  # the writer indexes full backlogs right after answering, before any pause
+    stats = await node.stats()
+    assert (stats["unindexed"], stats["vectors"]) == (0, INDEX_BACKLOG)
 
 
 async def test_a_later_write_of_the_same_id_wins(node):

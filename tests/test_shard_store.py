@@ -65,19 +65,51 @@ def test_exact_tokens_are_found_among_distractors(make_store, embedder):
 def test_reingest_replaces_and_counts_stay_right(make_store, embedder):
     s = make_store()
     s.upsert(records(embedder, "e", ["I live in Austin"]))
-    s.upsert(records(embedder, "e", ["I live in Seattle"]))  # same id e::s1::0
+    s.index_pending()
+    s.upsert(records(embedder, "e", ["I live in Seattle"]))  # same id e::s1::0; Chroma still has Austin
+    assert s.get("e::s1::0")["textual_content"] == "I live in Seattle"
+    assert [h["textual_content"] for h in search(s, embedder, "Austin", "e")] == ["I live in Seattle"]
+    assert s.index_pending() == 1
     assert s.stats()["memories"] == 1 and s.stats()["vectors"] == 1
     assert s.entity_count("e") == 1
-    assert s.get("e::s1::0")["textual_content"] == "I live in Seattle"
     hits = search(s, embedder, "Austin", "e")
     assert [h["textual_content"] for h in hits] == ["I live in Seattle"]
     fts = s.db.execute("SELECT COUNT(*) FROM memories_fts WHERE memories_fts MATCH 'austin'").fetchone()[0]
     assert fts == 0
 
 
+def test_unindexed_rows_are_searchable_until_indexed_in_one_batch(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", ["My daughter started violin lessons", "The car needs new tyres",
+                                     "We adopted a grey kitten named Smoke"]))
+    assert s.stats()["unindexed"] == 3 and s.collection.count() == 0
+    # No word in common with the answer: only the vector path can find it.
+    before = search(s, embedder, "a new pet cat", "e")
+    assert before[0]["textual_content"] == "We adopted a grey kitten named Smoke"
+    kitten = embedder.encode(["We adopted a small grey kitten named Smoke"])[0]
+    assert s.nearest("e", kitten, "other")[0] == "e::s1::2"
+    assert s.index_pending() == 3
+    assert (s.stats()["unindexed"], s.collection.count()) == (0, 3)
+    assert search(s, embedder, "a new pet cat", "e") == before
+
+
+def test_a_stale_index_entry_never_leaks_into_another_entity(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "a", ["grocery list: eggs and milk"]))
+    secret = records(embedder, "a", ["the launch code is 7 7 1 9"], start=1)[0]
+    s.upsert([secret])
+    s.index_pending()  # Chroma now files the id under entity a
+    moved = MemoryRecord(secret.memory_id, "b", "s1", 1, 2_000, None, "the launch code is 7 7 1 9", (),
+                         secret.vector)
+    s.upsert([moved])  # the same id now belongs to b; Chroma's copy is stale until indexed
+    assert [h["entity_id"] for h in search(s, embedder, "launch code", "a")] == ["a"]
+    assert s.nearest("a", secret.vector, "none")[0] != secret.memory_id
+
+
 def test_delete_removes_row_fts_relations_and_vector(make_store, embedder):
     s = make_store()
     s.upsert(records(embedder, "e", ["Bob works at Initech"], relations=[("e", "works_at", "Initech")]))
+    s.index_pending()
     assert s.db.execute("SELECT COUNT(*) FROM relations").fetchone()[0] == 1
     assert s.delete("e::s1::0") is True
     assert s.delete("e::s1::0") is False
@@ -110,6 +142,7 @@ def test_rows_missing_from_chroma_are_reindexed_on_open(tmp_path, make_store, em
     root = tmp_path / "shard"
     s = make_store(root=root)
     s.upsert(records(embedder, "e", ["the cat sat on the mat", "dogs bark at night"]))
+    s.index_pending()
     # Simulate a crash between the SQLite commit and the Chroma add.
     s.db.execute("UPDATE memories SET indexed = 0 WHERE memory_id = 'e::s1::1'")
     s.collection.delete(ids=["e::s1::1"])
