@@ -66,12 +66,17 @@ month times am pm""".split())
 COUNT = re.compile(r"(?<![\d.,$€£])\b(?P<num>\d{1,6})\s+(?P<noun>[a-z][a-z-]{2,30}s)\b", re.IGNORECASE)
 
 
+_DIGIT = re.compile(r"\d")
+
+
 def _number(text: str) -> float:
     return float(text.replace(",", ""))
 
 
 def extract(text: str) -> list[Measurement]:
     """Every measurement in `text`, in order of appearance; each span is used at most once."""
+    if not _DIGIT.search(text):  # every rule needs a digit; most chat turns have none
+        return []
     found: list[tuple[int, Measurement]] = []
     taken: list[tuple[int, int]] = []
 

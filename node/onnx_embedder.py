@@ -21,7 +21,8 @@ import numpy as np
 
 log = logging.getLogger("tellodb.embedder")
 ONNX_BACKENDS = ("onnx", "onnx-int8")
-CHUNK = 16  # texts per ONNX run
+CHUNK = 32  # at most this many texts per ONNX run
+TOKEN_BUDGET = 256  # and at most about this many padded tokens
 
 
 def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
@@ -119,8 +120,7 @@ class OnnxEmbedder:
         encoded = self.tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i].ids))
         parts: dict[int, np.ndarray] = {}
-        for start in range(0, len(order), CHUNK):
-            idx = order[start : start + CHUNK]
+        for idx in _chunks([len(encoded[i].ids) for i in order], order):
             width = max(len(encoded[i].ids) for i in idx)
             ids = np.zeros((len(idx), width), dtype=np.int64)
             mask = np.zeros((len(idx), width), dtype=np.int64)
@@ -139,3 +139,18 @@ class OnnxEmbedder:
             for row, i in enumerate(idx):
                 parts[i] = pooled[row]
         return np.ascontiguousarray(np.stack([parts[i] for i in range(len(texts))]), dtype=np.float32)
+
+
+def _chunks(lengths: list[int], order: list[int]) -> list[list[int]]:
+    """Split length-sorted `order` into runs of at most CHUNK texts and about TOKEN_BUDGET padded
+    tokens: attention cost grows with width squared, so long texts go in smaller runs."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for length, i in zip(lengths, order):
+        if current and (len(current) >= CHUNK or (len(current) + 1) * length > TOKEN_BUDGET):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks

@@ -108,6 +108,15 @@ class Node:
             "ranking": asdict(self.ranking),
         }
 
+    MERGEABLE = ("ingest", "query")
+
+    async def many(self, method: str, calls: list[tuple]) -> list[Any]:
+        """Run requests the router merged into one Ray call (`router.coalesce`) concurrently, so they
+        share embedding passes and group commits; per request, its result or its exception."""
+        if method not in self.MERGEABLE:
+            raise ValueError(f"{method} cannot be merged")
+        return await asyncio.gather(*(getattr(self, method)(*args) for args in calls), return_exceptions=True)
+
     async def ingest(self, items: list[dict[str, Any]]) -> list[str | None]:
         """Embed and store `items` (validated dicts with a `shard`); answer after the commit.
 

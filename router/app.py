@@ -308,6 +308,7 @@ async def stats(request: web.Request) -> web.Response:
         **totals(per_node),
         "shards": request.app[CONFIG].shards,
         "nodes": per_node,  # each with its totals and `per_shard` counts (open shards only)
+        "router": {"merged": request.app[CLUSTER].merged_calls()},
     })
 
 

@@ -21,10 +21,12 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from node.actor import NodeActor
+from node.service import Node
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.onnx_embedder import ONNX_BACKENDS, export_onnx
 from node.ids import parse_memory_id
 from node.ring import Placement
+from router.coalesce import Coalescer
 from router.errors import ApiError, Unavailable
 
 log = logging.getLogger("tellodb")
@@ -37,6 +39,7 @@ class Cluster:
         self.placement = Placement(config.shards, tuple(config.node_names))
         self.actors: dict[str, Any] = {}
         self.node_info: dict[str, dict] = {}
+        self.coalescers: dict[tuple[str, str], Coalescer] = {}  # (node, method) -> merged Ray calls
         self._owns_ray = False
 
     # ---- life cycle ---------------------------------------------------------------------------
@@ -75,6 +78,10 @@ class Cluster:
                 name=f"{NAMESPACE}-{name}", namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
                 max_restarts=-1, get_if_exists=True,
             ).remote(name, cfg, table.get(name, []), threads)
+        for name, actor in self.actors.items():
+            for method in Node.MERGEABLE:
+                self.coalescers[name, method] = Coalescer(
+                    lambda calls, actor=actor, method=method: actor.many.remote(method, calls))
         names = list(self.actors)
         infos = ray.get([self.actors[n].info.remote() for n in names], timeout=600)
         for info in infos:
@@ -114,14 +121,15 @@ class Cluster:
     # ---- calls --------------------------------------------------------------------------------
 
     async def _call(self, node: str, method: str, *args: Any) -> Any:
-        actor = self.actors[node]
+        coalescer = self.coalescers.get((node, method))
+        call = coalescer.call(args) if coalescer else getattr(self.actors[node], method).remote(*args)
         try:
-            return await asyncio.wait_for(getattr(actor, method).remote(*args), self.config.request_timeout_s)
+            return await asyncio.wait_for(call, self.config.request_timeout_s)
         except (asyncio.TimeoutError, GetTimeoutError):
             raise Unavailable(f"{node} did not answer within {self.config.request_timeout_s:g} s") from None
         except RayActorError:
             raise Unavailable(f"{node} is restarting; retry the request") from None
-        except RayError as exc:
+        except (RayError, Exception) as exc:  # a Ray task error, or one a merged request got alone
             log.error("%s.%s failed: %s", node, method, exc)
             raise ApiError(f"{node} could not complete {method}") from None
 
@@ -267,6 +275,11 @@ class Cluster:
     async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
         shard = self.placement.shard_of(entity_id)
         return await self._call(self.placement.node_of_shard(shard), "profile", entity_id, shard, recent)
+
+    def merged_calls(self) -> dict[str, dict[str, int]]:
+        """Per node method: Ray calls made and the requests they carried (router.coalesce)."""
+        return {f"{node}.{method}": {"calls": c.calls, "requests": c.requests}
+                for (node, method), c in self.coalescers.items()}
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         """Per-node stats; a node that does not answer within `timeout` maps to None."""

@@ -668,3 +668,21 @@ async def test_body_too_large(api):
     assert_error(status, body, 422, "validation_error")
     assert await query(api, "a", ent) == []
 
+
+
+async def test_concurrent_requests_are_merged_into_fewer_node_calls(api):
+    """router/coalesce.py: under concurrency one Ray call carries many requests, each answered alone."""
+
+    async def merged() -> tuple[int, int]:
+        resp = await api.get("/stats", headers=AUTH)
+        m = (await resp.json())["router"]["merged"]
+        return sum(v["calls"] for v in m.values()), sum(v["requests"] for v in m.values())
+
+    ents = [uid("merge") for _ in range(40)]
+    calls0, requests0 = await merged()
+    await asyncio.gather(*(ingest(api, e, f"my lucky number is {i}") for i, e in enumerate(ents)))
+    hits = await asyncio.gather(*(query(api, "lucky number", e) for e in ents))
+    assert [h[0]["textual_content"] for h in hits] == [f"my lucky number is {i}" for i in range(40)]
+    calls, requests = await merged()
+    assert requests - requests0 == 80
+    assert calls - calls0 < 80, "no request shared a node call"

@@ -107,3 +107,17 @@ async def test_dedup_sees_earlier_writes_of_the_same_group(node):
         node.ingest([item(e, "I am allergic to peanuts", f"{e}::s::0", enable_semantic_dedup=True)]),
         node.ingest([item(e, "I am allergic to peanuts.", f"{e}::s::1", enable_semantic_dedup=True)]))
     assert first == [None] and second == [f"{e}::s::0"]
+
+
+async def test_merged_requests_share_passes_and_fail_alone(node):
+    """What the router's coalescer sends: several requests in one call, each with its own answer."""
+    good = [([item(own_entity(i), f"merged {i}", f"{own_entity(i)}::m::{i}")],) for i in range(4)]
+    bad = ([item(foreign_entity(), "not our shard", f"{foreign_entity()}::m::0")],)
+    passes = node.embedder.passes
+    results = await node.many("ingest", [*good, bad])
+    assert results[:4] == [[None]] * 4 and isinstance(results[4], NotOwnedError)
+    assert node.embedder.passes - passes == 1  # five requests, one embedding pass
+    hits = await node.many("query", [("merged 2", own_entity(2), None, 1, None)])
+    assert hits[0][0]["memory_id"] == f"{own_entity(2)}::m::2"
+    with pytest.raises(ValueError):
+        await node.many("erase", [("x",)])
