@@ -52,7 +52,7 @@ async def run_baseline(args: argparse.Namespace):
                 await asyncio.sleep(0.3)
         log(f"baseline (single-process Chroma) healthy at {base}")
         return await run(base, args.key, args.scenario, args.duration, args.concurrency, args.batch, args.entities,
-                         args.preload, proc.pid)
+                         args.preload, proc.pid, args.warmup, args.tag)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="memories per /ingest/batch (bulk-import)")
     ap.add_argument("--entities", type=int, default=100)
     ap.add_argument("--preload", type=int, default=2000, help="memories stored before the timed run")
+    ap.add_argument("--tag", help="entity name prefix (default: new per run); reuse one to query an earlier preload")
+    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before recording starts")
     ap.add_argument("--no-limit", action="store_true", help="do not measure the raw embedder limit")
     ap.add_argument("--baseline", action="store_true",
                     help="also run the scenario against a single-process Chroma service with the same embedder "
@@ -95,7 +97,8 @@ def main() -> None:
         log(f"  {limit['batch32_per_second']} texts/s in batches of 32, single p50 {limit['single_p50_ms']} ms")
     with Engine(args) as engine:
         result = asyncio.run(run(engine.base, args.key, args.scenario, args.duration, args.concurrency, args.batch,
-                                 args.entities, args.preload, engine.proc.pid if engine.proc else None))
+                                 args.entities, args.preload, engine.proc.pid if engine.proc else None,
+                                 args.warmup, args.tag))
         stopped = engine.stop()
     summary = summarise(result)
     baseline = None

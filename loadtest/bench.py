@@ -28,13 +28,8 @@ from pathlib import Path
 
 import aiohttp
 
-WORDS = ("garden trip coffee sister guitar marathon recipe python meeting doctor museum paint camera "
-         "hiking budget concert novel puppy kitchen piano soccer beach train rent promotion wedding").split()
-
-
-def sentence(rng: random.Random, i: int) -> str:
-    return f"Memory {i}: " + " ".join(rng.choice(WORDS) for _ in range(12)) + f" code{rng.randrange(10**6)}."
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from texts import query_text, sentence  # noqa: E402
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
@@ -100,7 +95,7 @@ async def run_load(base: str, key: str, memories: int, concurrency: int, queries
         lat = []
         for q in range(queries):
             t = time.perf_counter()
-            hits = await post(s, f"{base}/query/semantic", {"textual_query": " ".join(rng.sample(WORDS, 3)),
+            hits = await post(s, f"{base}/query/semantic", {"textual_query": query_text(rng),
                                                             "entity_id": entities[q % len(entities)], "limit": 10})
             lat.append(time.perf_counter() - t)
             assert isinstance(hits, list) and hits
@@ -117,7 +112,7 @@ async def run_load(base: str, key: str, memories: int, concurrency: int, queries
             while remaining:
                 q = remaining.pop()
                 t = time.perf_counter()
-                await post(s, f"{base}/query/semantic", {"textual_query": " ".join(rng.sample(WORDS, 3)),
+                await post(s, f"{base}/query/semantic", {"textual_query": query_text(rng),
                                                          "entity_id": entities[q % len(entities)], "limit": 10})
                 lat.append(time.perf_counter() - t)
 

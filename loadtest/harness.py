@@ -26,7 +26,8 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORDS, log, percentile, sentence  # noqa: E402
+from bench import log, percentile  # noqa: E402
+from texts import query_text, sentence  # noqa: E402
 
 SCENARIOS = ("agent-loop", "bulk-import", "read-heavy", "mixed", "ingest", "query")
 
@@ -46,51 +47,93 @@ class RunResult:
     duration: float
     concurrency: int
     samples: list[Sample] = field(default_factory=list)
-    rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MiB of the engine tree)
+    rss_mb: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (seconds, MiB per process)
     errors: list[str] = field(default_factory=list)
 
 
-def tree_rss_mb(root_pid: int) -> float | None:
-    """Resident memory of a process group (the engine, Ray and its workers), from /proc."""
+def tree_rss_mb(root_pid: int) -> dict[str, float] | None:
+    """Resident memory (MiB) of each process of a process group (the engine, Ray and its workers),
+    keyed "<pid> <name>", from /proc."""
     try:
         pgid = os.getpgid(root_pid)
     except ProcessLookupError:
         return None
-    total = 0
+    found: dict[str, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             if os.getpgid(int(entry)) != pgid:
                 continue
-            for line in open(f"/proc/{entry}/status"):
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            status = dict(line.split(":", 1) for line in open(f"/proc/{entry}/status") if ":" in line)
+            if "VmRSS" in status:
+                found[f"{entry} {status['Name'].strip()}"] = int(status["VmRSS"].split()[0]) / 1024
+        except (ProcessLookupError, FileNotFoundError, PermissionError, ValueError):
             continue
-    return total / 1024
+    return found
+
+
+def memory_summary(samples: list[tuple[float, dict[str, float]]]) -> dict | None:
+    """Growth of resident memory after warm-up (the first quarter of the samples), for the whole
+    tree and for every process that lived through the run."""
+    if len(samples) < 4:
+        return None
+    settled = samples[len(samples) // 4:]
+    totals = [sum(per.values()) for _, per in settled]
+    procs = set.intersection(*(set(per) for _, per in settled))
+    per_process = {}
+    for p in sorted(procs):
+        values = [per[p] for _, per in settled]
+        per_process[p] = {"min_mb": round(min(values), 1), "max_mb": round(max(values), 1),
+                          "growth": round(max(values) / min(values) - 1, 4)}
+    return {"samples": [(t, round(sum(per.values()), 1)) for t, per in samples],
+            "after_warmup_min_mb": round(min(totals), 1), "after_warmup_max_mb": round(max(totals), 1),
+            "growth_after_warmup": round(max(totals) / min(totals) - 1, 4),
+            "largest_process_growth": max((v["growth"] for v in per_process.values()), default=None),
+            "per_process": per_process}
+
+
+async def preload_memories(s: aiohttp.ClientSession, base: str, names: list[str], total: int,
+                           rng: random.Random, batch: int = 256, writers: int = 4) -> None:
+    """Store `total` memories spread over `names` with `writers` concurrent /ingest/batch calls,
+    logging progress every 5 s (a 1M preload takes a while)."""
+    log(f"preloading {total} memories into {len(names)} entities")
+    starts = iter(range(0, total, batch))
+    done, t0, last = 0, time.perf_counter(), time.perf_counter()
+
+    async def writer() -> None:
+        nonlocal done, last
+        for k in starts:
+            items = [{"entity_id": names[j % len(names)], "textual_content": sentence(rng, j)}
+                     for j in range(k, min(k + batch, total))]
+            async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
+                if r.status != 200:
+                    raise SystemExit(f"preload failed: {r.status} {await r.text()}")
+            done += len(items)
+            if time.perf_counter() - last >= 5:
+                last = time.perf_counter()
+                log(f"  preloaded {done}/{total}  {done / (last - t0):.0f}/s")
+
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    log(f"  preloaded {total} in {time.perf_counter() - t0:.0f} s")
 
 
 async def run(base: str, key: str, scenario: str, duration: float, concurrency: int, batch: int,
-              entities: int, preload: int, engine_pid: int | None = None) -> RunResult:
+              entities: int, preload: int, engine_pid: int | None = None, warmup: float = 0.0,
+              tag: str | None = None) -> RunResult:
+    """Run `scenario` for `warmup` + `duration` seconds; only the last `duration` are recorded."""
     if scenario not in SCENARIOS:
         raise SystemExit(f"unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}")
     rng = random.Random(11)
-    tag = f"lt{int(time.time())}"
+    tag = tag or f"lt{int(time.time())}"  # entity names: <tag>:<i>; reuse a tag to query a preload
     names = [f"{tag}:{i}" for i in range(entities)]
     result = RunResult(scenario, duration, concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(headers={"x-api-key": key}, timeout=timeout, connector=connector) as s:
         if preload:
-            log(f"preloading {preload} memories into {entities} entities")
-            for k in range(0, preload, 256):
-                items = [{"entity_id": names[j % entities], "textual_content": sentence(rng, j)}
-                         for j in range(k, min(k + 256, preload))]
-                async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
-                    if r.status != 200:
-                        raise SystemExit(f"preload failed: {r.status} {await r.text()}")
-        started = time.perf_counter()
+            await preload_memories(s, base, names, preload, rng)
+        started = time.perf_counter() + warmup  # samples before this are warm-up, not recorded
         stop_at = started + duration
         counter = [0]
 
@@ -107,10 +150,10 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
                 if len(result.errors) < 20:
                     result.errors.append(f"{op} -> {type(exc).__name__}: {exc}")
             now = time.perf_counter()
-            result.samples.append(Sample(now - started, op, now - t, items, ok))
+            result.samples.append(Sample(now - started, op, now - t, items, ok))  # end < 0: warm-up
 
         def query_body() -> dict:
-            return {"textual_query": " ".join(rng.sample(WORDS, 3)), "entity_id": rng.choice(names), "limit": 10}
+            return {"textual_query": query_text(rng), "entity_id": rng.choice(names), "limit": 10}
 
         def ingest_body() -> dict:
             counter[0] += 1
@@ -136,13 +179,16 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
                         await call("ingest", "/ingest", ingest_body(), 1)
 
         async def progress() -> None:
+            if warmup:
+                log(f"  warming up for {warmup:.0f} s (not recorded)")
+                await asyncio.sleep(warmup)
             while time.perf_counter() < stop_at:
                 await asyncio.sleep(5)
                 elapsed = time.perf_counter() - started
                 if engine_pid is not None:
                     rss = tree_rss_mb(engine_pid)
                     if rss is not None:
-                        result.rss_mb.append((round(elapsed, 1), round(rss, 1)))
+                        result.rss_mb.append((round(elapsed, 1), rss))
                 recent = [x for x in result.samples if x.end > elapsed - 5]
                 lat = [x.latency for x in recent] or [0.0]
                 log(f"  {elapsed:6.0f}/{duration:.0f} s  {len(recent) / 5:7.1f} req/s  "
@@ -157,8 +203,9 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
 def summarise(result: RunResult) -> dict:
     """Per operation: requests, items, errors, throughput and latency percentiles; plus timelines."""
     ops: dict[str, dict] = {}
-    for op in sorted({x.op for x in result.samples}):
-        rows = [x for x in result.samples if x.op == op]
+    recorded = [x for x in result.samples if x.end >= 0]
+    for op in sorted({x.op for x in recorded}):
+        rows = [x for x in recorded if x.op == op]
         lat = [x.latency * 1000 for x in rows if x.ok] or [0.0]
         ops[op] = {
             "requests": len(rows),
@@ -170,18 +217,13 @@ def summarise(result: RunResult) -> dict:
         }
     seconds = int(result.duration)  # whole seconds only: the last partial one would read as a drop
     timeline = [0] * seconds
-    for x in result.samples:
+    for x in recorded:
         if x.ok and int(x.end) < seconds:
             timeline[int(x.end)] += x.items
-    rss = [v for _, v in result.rss_mb]
-    memory = None
-    if len(rss) >= 4:
-        settled = rss[len(rss) // 4:]  # after warm-up: the first quarter of the run
-        memory = {"samples": result.rss_mb, "after_warmup_min_mb": min(settled), "after_warmup_max_mb": max(settled),
-                  "growth_after_warmup": round(max(settled) / min(settled) - 1, 4)}
+    memory = memory_summary([(t, per) for t, per in result.rss_mb if t >= 0])
     return {"scenario": result.scenario, "duration_s": result.duration, "concurrency": result.concurrency,
             "operations": ops, "items_per_second_timeline": timeline, "engine_memory": memory,
-            "first_errors": result.errors}
+            "warmup_errors": sum(not x.ok for x in result.samples if x.end < 0), "first_errors": result.errors}
 
 
 def embedder_limit(backend: str, seconds: float = 3.0, rounds: int = 3) -> dict:

@@ -17,16 +17,15 @@ import random
 import time
 
 from locust import HttpUser, between, task
+from texts import query_text, sentence  # locust puts this folder on sys.path
 
-WORDS = ("garden trip coffee sister guitar marathon recipe python meeting doctor museum paint camera "
-         "hiking budget concert novel puppy kitchen piano soccer beach train rent promotion wedding").split()
 KEY = os.environ.get("TELLODB_API_KEY", "XXX1111AAA")
 ENTITIES = int(os.environ.get("TELLODB_LOADTEST_ENTITIES", "1000"))
 RUN = f"locust{int(time.time())}"
 
 
 def text() -> str:
-    return " ".join(random.choice(WORDS) for _ in range(12)) + f" code{random.randrange(10**6)}."
+    return sentence(random, random.randrange(10**9))
 
 
 class _Tellodb(HttpUser):
@@ -39,7 +38,7 @@ class _Tellodb(HttpUser):
 
     def query(self) -> None:
         self.client.post("/query/semantic", name="query",
-                         json={"textual_query": " ".join(random.sample(WORDS, 3)), "entity_id": self.entity,
+                         json={"textual_query": query_text(random), "entity_id": self.entity,
                                "limit": 10})
 
     def ingest(self) -> None:

@@ -51,7 +51,10 @@ def _markdown(report: dict, plots: list[str]) -> str:
     mem = s.get("engine_memory")
     if mem:
         lines += ["", f"Engine resident memory after warm-up: {mem['after_warmup_min_mb']:.0f}-"
-                      f"{mem['after_warmup_max_mb']:.0f} MiB ({mem['growth_after_warmup'] * 100:.1f}% growth)."]
+                      f"{mem['after_warmup_max_mb']:.0f} MiB ({mem['growth_after_warmup'] * 100:.1f}% growth).", "",
+                  "| process | MiB after warm-up | growth |", "|---|---|---|"]
+        lines += [f"| {p} | {v['min_mb']:.0f}-{v['max_mb']:.0f} | {v['growth'] * 100:.1f}% |"
+                  for p, v in mem.get("per_process", {}).items()]
     if s["first_errors"]:
         lines += ["", "First errors: " + "; ".join(s["first_errors"][:5])]
     lines += [""] + [f"![{p}]({p})" for p in plots]

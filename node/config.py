@@ -60,6 +60,7 @@ class ClusterConfig:
     max_batch_items: int = 1000
     max_query_limit: int = 1000
     request_timeout_s: float = 60.0
+    vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
@@ -215,6 +216,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")
     check(config.max_query_limit >= 1, "max_query_limit", "must be at least 1")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
+    check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
     emb = config.embedding
     backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())
     check(backend in EMBEDDING_BACKENDS, "embedding.backend",

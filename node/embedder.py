@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -69,6 +70,7 @@ class BatchingEmbedder:
         self._worker: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.passes = 0  # model calls made, for tests and stats
+        self.busy_seconds = 0.0  # time the model ran
 
     @property
     def dimension(self) -> int:
@@ -102,7 +104,7 @@ class BatchingEmbedder:
                 size += len(item[0])
             texts = [t for item_texts, _ in pending for t in item_texts]
             try:
-                vectors = await loop.run_in_executor(self._pool, self.embedder.encode, texts)
+                vectors = await loop.run_in_executor(self._pool, self._timed_encode, texts)
                 self.passes += 1
             except Exception as exc:  # one bad batch fails its callers, not the worker
                 log.exception("embedding failed for a batch of %d texts", len(texts))
@@ -116,6 +118,13 @@ class BatchingEmbedder:
                 if not fut.done():
                     fut.set_result(vectors[offset : offset + n])
                 offset += n
+
+    def _timed_encode(self, texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self.embedder.encode(texts)
+        finally:
+            self.busy_seconds += time.perf_counter() - started
 
     async def close(self) -> None:
         if self._worker is not None:

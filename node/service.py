@@ -25,6 +25,7 @@ from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.embedder import BatchingEmbedder, load_embedder
 from node.ranking import RankingConfig
 from node.shard_store import MemoryRecord, ShardStore
+from node.vector_cache import VectorCache
 
 log = logging.getLogger("tellodb.node")
 
@@ -56,6 +57,7 @@ class Node:
         )
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-store")
         self.shards: dict[int, ShardStore] = {}
+        self.vector_cache = VectorCache(config.vector_cache_mb << 20)
         self.reindexed = 0
         self._pending_writes: list[tuple[list[dict], list[MemoryRecord], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
@@ -63,6 +65,9 @@ class Node:
         self._last_write = 0.0
         self.group_commits = 0  # store transactions' groups, and the writes they held (stats)
         self.grouped_writes = 0
+        self.busy = {"commit": 0.0, "index": 0.0, "search": 0.0}  # store-thread seconds per kind of work
+        self.queries = 0
+        self.query_seconds = 0.0  # wall time of queries inside the node (embed, search and the hand-offs)
         # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
         # are created on their first write.
         for shard in sorted(self.owned):
@@ -81,13 +86,24 @@ class Node:
             store = ShardStore(
                 shard_dir(self.data_dir, shard), shard, self.embedder.dimension,
                 {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
-                self.ranking,
+                self.ranking, self.vector_cache,
             )
             self.shards[shard] = store
         return store
 
-    async def _on_store(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+    async def _on_store(self, fn, *args, busy: str | None = None):
+        """Run `fn` on the store thread; with `busy`, add its run time to that kind of work."""
+        if busy is None:
+            return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+
+        def timed():
+            started = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.busy[busy] += time.perf_counter() - started
+
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, timed)
 
     # ---- API ----------------------------------------------------------------------------------
 
@@ -157,7 +173,8 @@ class Node:
         while self._pending_writes:
             group, self._pending_writes = self._pending_writes, []
             try:
-                outcomes = await self._on_store(self._commit_group, [(items, records) for items, records, _ in group])
+                outcomes = await self._on_store(self._commit_group, [(items, records) for items, records, _ in group],
+                                                busy="commit")
             except BaseException as exc:  # the executor itself failed: fail the whole group
                 outcomes = [exc] * len(group)
             for (_, _, future), outcome in zip(group, outcomes):
@@ -176,7 +193,7 @@ class Node:
         # list() copies in one step: the store thread may be opening a shard meanwhile.
         for store in [store for store in list(self.shards.values()) if store.unindexed >= at_least]:
             try:
-                await self._on_store(store.index_pending)
+                await self._on_store(store.index_pending, busy="index")
             except Exception:  # the rows stay searchable (scored exactly) and are retried later
                 log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
 
@@ -241,6 +258,7 @@ class Node:
                     window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:
         """Hits from one shard (an entity's) or from every shard here (`shard=None`), best first,
         created within `window` if given. Without `text`: the window's memories, oldest first."""
+        started = time.perf_counter()
         vector = (await self.embedder.embed([text]))[0] if text is not None else None
 
         def search() -> list[dict[str, Any]]:
@@ -255,7 +273,11 @@ class Node:
                 hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
             return hits[:limit]
 
-        return await self._on_store(search)
+        try:
+            return await self._on_store(search, busy="search")
+        finally:
+            self.queries += 1
+            self.query_seconds += time.perf_counter() - started
 
     async def edges(self, entity_id: str | None, shard: int | None, nodes: list[str], direction: str,
                     edge_types: list[str] | None, per_node: int) -> list[dict[str, Any]]:
@@ -347,7 +369,12 @@ class Node:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "shards_owned": len(self.owned), "shards_open": len(self.shards),
-                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes,
+                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
+                    "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
+                                     "misses": self.vector_cache.misses},
+                    "query_seconds": round(self.query_seconds, 3),
+                    "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
+                                     **{k: round(v, 3) for k, v in self.busy.items()}},
                     "group_commits": self.group_commits, "grouped_writes": self.grouped_writes}
 
         return await self._on_store(collect)

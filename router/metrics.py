@@ -26,6 +26,10 @@ class Metrics:
         self.node_entities = Gauge("tellodb_node_entities", "Entities stored per node.", ["node"], registry=r)
         self.node_unindexed = Gauge(
             "tellodb_node_unindexed", "Memories committed to SQLite but not yet in Chroma.", ["node"], registry=r)
+        self.node_busy = Gauge(
+            "tellodb_node_busy_seconds", "Seconds a node's worker threads have spent per phase since it started "
+            "(embed, commit, index, search); its rate is the share of a core each phase takes.",
+            ["node", "phase"], registry=r)
         self.node_facts = Gauge("tellodb_node_facts", "Facts per node, current or stale.", ["node", "state"],
                                 registry=r)
         self.node_edges = Gauge("tellodb_node_edges", "Knowledge-graph edges per node.", ["node"], registry=r)
@@ -45,6 +49,8 @@ class Metrics:
                 self.node_facts.labels(node, "stale").set(s["facts_stale"])
                 self.node_edges.labels(node).set(s["edges"])
                 self.node_measurements.labels(node).set(s["measurements"])
+                for phase, seconds in s["busy_seconds"].items():
+                    self.node_busy.labels(node, phase).set(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

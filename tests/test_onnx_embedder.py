@@ -34,3 +34,4 @@ def test_export_is_cached_per_data_dir(data_dir):
     assert export_onnx(model, data_dir, "onnx") == path and path.stat().st_mtime_ns == stamp
     assert path.parent == onnx_cache_dir(model, data_dir)
     assert not list(path.parent.glob("*.tmp.onnx"))
+

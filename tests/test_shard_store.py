@@ -22,8 +22,19 @@ def search(store, embedder, text, entity, limit=10):
     return store.search(embedder.encode([text])[0], text, entity, limit)
 
 
-def test_upsert_then_search_ranks_the_relevant_memory_first(make_store, embedder):
-    s = make_store()
+@pytest.fixture(params=["exact", "hnsw"])
+def dense_path(request):
+    """Run a test on both dense paths: the exact scan of small scopes, and Chroma's HNSW index."""
+    return (lambda store: store) if request.param == "exact" else _hnsw_only
+
+
+def _hnsw_only(store):
+    store.exact_scan = 0
+    return store
+
+
+def test_upsert_then_search_ranks_the_relevant_memory_first(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "sarah", [
         "User prefers dark mode and uses a screen reader",
         "User works at Acme Corp as a software engineer",
@@ -35,8 +46,8 @@ def test_upsert_then_search_ranks_the_relevant_memory_first(make_store, embedder
     assert sims == sorted(sims, reverse=True) and all(0 <= x <= 1 for x in sims)
 
 
-def test_exactly_min_limit_and_count_hits(make_store, embedder):
-    s = make_store()
+def test_exactly_min_limit_and_count_hits(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "a", [f"note number {i} about gardening" for i in range(7)]))
     s.upsert(records(embedder, "b", [f"other note {i}" for i in range(5)]))
     assert len(search(s, embedder, "gardening", "a", limit=3)) == 3
@@ -45,16 +56,16 @@ def test_exactly_min_limit_and_count_hits(make_store, embedder):
     assert len(search(s, embedder, "gardening", None, limit=50)) == 12
 
 
-def test_entity_isolation(make_store, embedder):
-    s = make_store()
+def test_entity_isolation(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "alice", ["Alice's passport number is K1234567"]))
     s.upsert(records(embedder, "bob", ["I like trains"]))
     hits = search(s, embedder, "passport number K1234567", "bob", limit=10)
     assert [h["entity_id"] for h in hits] == ["bob"]
 
 
-def test_exact_tokens_are_found_among_distractors(make_store, embedder):
-    s = make_store()
+def test_exact_tokens_are_found_among_distractors(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     texts = [f"Order {n} shipped to the warehouse" for n in range(40000, 40040)]
     texts.append("The door code is ZX-99817, remember it")
     s.upsert(records(embedder, "e", texts))
@@ -62,8 +73,8 @@ def test_exact_tokens_are_found_among_distractors(make_store, embedder):
     assert search(s, embedder, "order 40017", "e")[0]["textual_content"] == "Order 40017 shipped to the warehouse"
 
 
-def test_reingest_replaces_and_counts_stay_right(make_store, embedder):
-    s = make_store()
+def test_reingest_replaces_and_counts_stay_right(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "e", ["I live in Austin"]))
     s.index_pending()
     s.upsert(records(embedder, "e", ["I live in Seattle"]))  # same id e::s1::0; Chroma still has Austin
@@ -78,8 +89,8 @@ def test_reingest_replaces_and_counts_stay_right(make_store, embedder):
     assert fts == 0
 
 
-def test_unindexed_rows_are_searchable_until_indexed_in_one_batch(make_store, embedder):
-    s = make_store()
+def test_unindexed_rows_are_searchable_until_indexed_in_one_batch(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "e", ["My daughter started violin lessons", "The car needs new tyres",
                                      "We adopted a grey kitten named Smoke"]))
     assert s.stats()["unindexed"] == 3 and s.collection.count() == 0
@@ -93,8 +104,8 @@ def test_unindexed_rows_are_searchable_until_indexed_in_one_batch(make_store, em
     assert search(s, embedder, "a new pet cat", "e") == before
 
 
-def test_a_stale_index_entry_never_leaks_into_another_entity(make_store, embedder):
-    s = make_store()
+def test_a_stale_index_entry_never_leaks_into_another_entity(make_store, embedder, dense_path):
+    s = dense_path(make_store())
     s.upsert(records(embedder, "a", ["grocery list: eggs and milk"]))
     secret = records(embedder, "a", ["the launch code is 7 7 1 9"], start=1)[0]
     s.upsert([secret])
@@ -291,3 +302,34 @@ def test_export_pages_through_an_entity(make_store, embedder):
     rest = s.export_page("e", first[-1]["rowid"], 5)
     assert [m["textual_content"] for m in first + rest] == [f"m{i}" for i in range(7)]
     assert s.export_page("e", rest[-1]["rowid"], 5) == []
+
+
+def test_cached_entity_vectors_follow_every_write(make_store, embedder):
+    s = make_store()
+    s.upsert(records(embedder, "e", ["I play the cello", "My car is blue"]))
+    assert search(s, embedder, "musical instrument", "e")[0]["textual_content"] == "I play the cello"
+    assert s.vector_cache.get(0, "e") is not None  # the scan loaded it
+    s.upsert(records(embedder, "e", ["I play the trumpet"]))  # replaces e::s1::0
+    assert s.vector_cache.get(0, "e") is None
+    assert search(s, embedder, "brass instrument", "e")[0]["textual_content"] == "I play the trumpet"
+    s.delete("e::s1::0")
+    assert [h["textual_content"] for h in search(s, embedder, "brass instrument", "e")] == ["My car is blue"]
+    s.erase("e")
+    assert search(s, embedder, "brass instrument", "e") == []
+
+
+def test_the_vector_cache_stays_within_its_budget(tmp_path, embedder):
+    from node.shard_store import ShardStore
+    from node.vector_cache import VectorCache
+
+    cache = VectorCache(max_bytes=3 * 384 * 4 + 1000)  # room for about three vectors
+    s = ShardStore(tmp_path / "s", 0, embedder.dimension, vector_cache=cache)
+    try:
+        for ent in ("a", "b", "c"):
+            s.upsert(records(embedder, ent, [f"{ent} one", f"{ent} two"]))
+            search(s, embedder, "one", ent)
+        assert cache.bytes <= cache.max_bytes
+        assert cache.get(0, "a") is None and cache.get(0, "c") is not None  # least recently used left first
+        assert search(s, embedder, "two", "a")[0]["textual_content"] == "a two"  # reloaded on demand
+    finally:
+        s.close()
