@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 LOCOMO ?= ../shared/data/locomo/locomo-dev.json
 
-.PHONY: install test-install run test bench recall loadtest-install loadtest clean
+.PHONY: install test-install run test bench recall loadtest-install loadtest scale clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ DURATION ?= 60
 CONCURRENCY ?= 16
 loadtest: loadtest-install
 	$(PY) -m loadtest --spawn --scenario $(SCENARIO) --duration $(DURATION) --concurrency $(CONCURRENCY)
+
+SCALE_TOTAL ?= 1000000
+scale: loadtest-install
+	$(PY) loadtest/scale.py --spawn --total $(SCALE_TOTAL)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

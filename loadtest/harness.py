@@ -48,12 +48,14 @@ class RunResult:
     concurrency: int
     samples: list[Sample] = field(default_factory=list)
     rss_mb: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (seconds, MiB per process)
+    anon_mb: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the same, own memory only
     errors: list[str] = field(default_factory=list)
 
 
-def tree_rss_mb(root_pid: int) -> dict[str, float] | None:
+def tree_rss_mb(root_pid: int, field: str = "VmRSS") -> dict[str, float] | None:
     """Resident memory (MiB) of each process of a process group (the engine, Ray and its workers),
-    keyed "<pid> <name>", from /proc."""
+    keyed "<pid> <name>", from /proc. `field="RssAnon"` counts only the processes' own memory
+    (not file pages they map, such as SQLite's mmap of the shards, which are the OS page cache)."""
     try:
         pgid = os.getpgid(root_pid)
     except ProcessLookupError:
@@ -66,19 +68,21 @@ def tree_rss_mb(root_pid: int) -> dict[str, float] | None:
             if os.getpgid(int(entry)) != pgid:
                 continue
             status = dict(line.split(":", 1) for line in open(f"/proc/{entry}/status") if ":" in line)
-            if "VmRSS" in status:
-                found[f"{entry} {status['Name'].strip()}"] = int(status["VmRSS"].split()[0]) / 1024
+            if field in status:
+                found[f"{entry} {status['Name'].strip()}"] = int(status[field].split()[0]) / 1024
         except (ProcessLookupError, FileNotFoundError, PermissionError, ValueError):
             continue
     return found
 
 
-def memory_summary(samples: list[tuple[float, dict[str, float]]]) -> dict | None:
+def memory_summary(samples: list[tuple[float, dict[str, float]]],
+                   anon: list[tuple[float, dict[str, float]]] | None = None) -> dict | None:
     """Growth of resident memory after warm-up (the first quarter of the samples), for the whole
-    tree and for every process that lived through the run."""
+    tree and for every process that lived through the run; with `anon`, also of its own memory."""
     if len(samples) < 4:
         return None
     settled = samples[len(samples) // 4:]
+    settled_anon = (anon or [])[len(anon or []) // 4:]
     totals = [sum(per.values()) for _, per in settled]
     procs = set.intersection(*(set(per) for _, per in settled))
     per_process = {}
@@ -86,6 +90,9 @@ def memory_summary(samples: list[tuple[float, dict[str, float]]]) -> dict | None
         values = [per[p] for _, per in settled]
         per_process[p] = {"min_mb": round(min(values), 1), "max_mb": round(max(values), 1),
                           "growth": round(max(values) / min(values) - 1, 4)}
+        own = [per[p] for _, per in settled_anon if p in per]
+        if own and min(own) > 0:
+            per_process[p]["anon_growth"] = round(max(own) / min(own) - 1, 4)
     return {"samples": [(t, round(sum(per.values()), 1)) for t, per in samples],
             "after_warmup_min_mb": round(min(totals), 1), "after_warmup_max_mb": round(max(totals), 1),
             "growth_after_warmup": round(max(totals) / min(totals) - 1, 4),
@@ -94,18 +101,19 @@ def memory_summary(samples: list[tuple[float, dict[str, float]]]) -> dict | None
 
 
 async def preload_memories(s: aiohttp.ClientSession, base: str, names: list[str], total: int,
-                           rng: random.Random, batch: int = 256, writers: int = 4) -> None:
-    """Store `total` memories spread over `names` with `writers` concurrent /ingest/batch calls,
-    logging progress every 5 s (a 1M preload takes a while)."""
+                           rng: random.Random, batch: int = 256, writers: int = 4, offset: int = 0) -> None:
+    """Store `total` memories (numbered from `offset`) spread over `names` with `writers` concurrent
+    /ingest/batch calls, logging progress every 5 s (a 1M preload takes a while)."""
     log(f"preloading {total} memories into {len(names)} entities")
-    starts = iter(range(0, total, batch))
+    end = offset + total
+    starts = iter(range(offset, end, batch))
     done, t0, last = 0, time.perf_counter(), time.perf_counter()
 
     async def writer() -> None:
         nonlocal done, last
         for k in starts:
             items = [{"entity_id": names[j % len(names)], "textual_content": sentence(rng, j)}
-                     for j in range(k, min(k + batch, total))]
+                     for j in range(k, min(k + batch, end))]
             async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
                 if r.status != 200:
                     raise SystemExit(f"preload failed: {r.status} {await r.text()}")
@@ -189,6 +197,7 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
                     rss = tree_rss_mb(engine_pid)
                     if rss is not None:
                         result.rss_mb.append((round(elapsed, 1), rss))
+                        result.anon_mb.append((round(elapsed, 1), tree_rss_mb(engine_pid, "RssAnon") or {}))
                 recent = [x for x in result.samples if x.end > elapsed - 5]
                 lat = [x.latency for x in recent] or [0.0]
                 log(f"  {elapsed:6.0f}/{duration:.0f} s  {len(recent) / 5:7.1f} req/s  "
@@ -220,7 +229,8 @@ def summarise(result: RunResult) -> dict:
     for x in recorded:
         if x.ok and int(x.end) < seconds:
             timeline[int(x.end)] += x.items
-    memory = memory_summary([(t, per) for t, per in result.rss_mb if t >= 0])
+    memory = memory_summary([(t, per) for t, per in result.rss_mb if t >= 0],
+                            [(t, per) for t, per in result.anon_mb if t >= 0])
     return {"scenario": result.scenario, "duration_s": result.duration, "concurrency": result.concurrency,
             "operations": ops, "items_per_second_timeline": timeline, "engine_memory": memory,
             "warmup_errors": sum(not x.ok for x in result.samples if x.end < 0), "first_errors": result.errors}

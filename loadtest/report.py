@@ -52,8 +52,10 @@ def _markdown(report: dict, plots: list[str]) -> str:
     if mem:
         lines += ["", f"Engine resident memory after warm-up: {mem['after_warmup_min_mb']:.0f}-"
                       f"{mem['after_warmup_max_mb']:.0f} MiB ({mem['growth_after_warmup'] * 100:.1f}% growth).", "",
-                  "| process | MiB after warm-up | growth |", "|---|---|---|"]
-        lines += [f"| {p} | {v['min_mb']:.0f}-{v['max_mb']:.0f} | {v['growth'] * 100:.1f}% |"
+                  "| process | RSS MiB after warm-up | RSS growth | own (anonymous) memory growth |", "|---|---|---|---|"]
+        lines += [f"| {p} | {v['min_mb']:.0f}-{v['max_mb']:.0f} | {v['growth'] * 100:.1f}% | "
+                  f"{v['anon_growth'] * 100:.1f}% |" if "anon_growth" in v else
+                  f"| {p} | {v['min_mb']:.0f}-{v['max_mb']:.0f} | {v['growth'] * 100:.1f}% | |"
                   for p, v in mem.get("per_process", {}).items()]
     if s["first_errors"]:
         lines += ["", "First errors: " + "; ".join(s["first_errors"][:5])]
