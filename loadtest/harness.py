@@ -53,25 +53,31 @@ class RunResult:
 
 
 def tree_rss_mb(root_pid: int, field: str = "VmRSS") -> dict[str, float] | None:
-    """Resident memory (MiB) of each process of a process group (the engine, Ray and its workers),
-    keyed "<pid> <name>", from /proc. `field="RssAnon"` counts only the processes' own memory
-    (not file pages they map, such as SQLite's mmap of the shards, which are the OS page cache)."""
-    try:
-        pgid = os.getpgid(root_pid)
-    except ProcessLookupError:
+    """Resident memory (MiB) of a process and all its descendants (the engine, Ray's processes and
+    its worker processes, which Ray starts in sessions of their own), keyed "<pid> <name>", from
+    /proc. `field="RssAnon"` counts only the processes' own memory (not file pages they map, such
+    as SQLite's mmap of the shards, which are the OS page cache)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    if not os.path.exists(f"/proc/{root_pid}"):
         return None
     found: dict[str, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    todo = [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
         try:
-            if os.getpgid(int(entry)) != pgid:
-                continue
-            status = dict(line.split(":", 1) for line in open(f"/proc/{entry}/status") if ":" in line)
-            if field in status:
-                found[f"{entry} {status['Name'].strip()}"] = int(status[field].split()[0]) / 1024
-        except (ProcessLookupError, FileNotFoundError, PermissionError, ValueError):
+            status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
+        if field in status:
+            found[f"{pid} {status['Name'].strip()}"] = int(status[field].split()[0]) / 1024
     return found
 
 

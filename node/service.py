@@ -32,6 +32,7 @@ log = logging.getLogger("tellodb.node")
 
 INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
 INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
+INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
 
 STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
              "unindexed", "vectors")
@@ -189,11 +190,14 @@ class Node:
             await self._index_backlogs(INDEX_BACKLOG)
 
     async def _index_backlogs(self, at_least: int) -> None:
-        """Index every shard with `at_least` unindexed rows, one shard per store call."""
+        """Index all waiting rows of every shard with `at_least` of them, INDEX_CHUNK rows per store
+        call, so a query queued meanwhile waits for one chunk (tens of ms), not a whole backlog."""
         # list() copies in one step: the store thread may be opening a shard meanwhile.
         for store in [store for store in list(self.shards.values()) if store.unindexed >= at_least]:
             try:
-                await self._on_store(store.index_pending, busy="index")
+                while store.unindexed:
+                    if not await self._on_store(store.index_pending, INDEX_CHUNK, busy="index"):
+                        break
             except Exception:  # the rows stay searchable (scored exactly) and are retried later
                 log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
 

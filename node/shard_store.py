@@ -370,21 +370,25 @@ class ShardStore:
                 self.db.executemany("UPDATE memories SET indexed = 0 WHERE memory_id = ?", [(m,) for m in missing])
         return self.index_pending()
 
-    def index_pending(self) -> int:
-        """Add every committed row that is not in Chroma yet, CHROMA_BATCH at a time; return how many."""
+    def index_pending(self, limit: int | None = None) -> int:
+        """Add committed rows that are not in Chroma yet (all, or at most `limit`), CHROMA_BATCH at
+        a time; return how many."""
         total = 0
-        while True:
+        while limit is None or total < limit:
+            take = CHROMA_BATCH if limit is None else min(CHROMA_BATCH, limit - total)
             rows = self.db.execute(
                 "SELECT memory_id, entity_id, created_at_ms, vector FROM memories WHERE indexed = 0 LIMIT ?",
-                (CHROMA_BATCH,),
+                (take,),
             ).fetchall()
             if not rows:
                 self.unindexed = 0
-                return total
+                break
             ids = [r["memory_id"] for r in rows]
             vectors = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
             self._index(ids, vectors, [r["entity_id"] for r in rows], [r["created_at_ms"] for r in rows])
             total += len(rows)
+            self.unindexed = max(0, self.unindexed - len(rows))
+        return total
 
     def _all_chroma_ids(self) -> Iterable[str]:
         offset, page = 0, 5000

@@ -47,8 +47,11 @@ class Cluster:
     def start(self) -> None:
         cfg = self.config
         # Node actors inherit these: no hub access, no tokenizer threads, no progress bars in logs.
+        # MALLOC_ARENA_MAX: glibc gives each of a node's many threads (Chroma's runtimes, SQLite,
+        # ONNX, Ray) its own heap arena by default, and the node's memory kept growing with them.
         for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error")):
+                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                           ("MALLOC_ARENA_MAX", "2")):
             os.environ.setdefault(var, value)
         if not ray.is_initialized():
             started = time.monotonic()
@@ -77,6 +80,9 @@ class Cluster:
             self.actors[name] = NodeActor.options(
                 name=f"{NAMESPACE}-{name}", namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
                 max_restarts=-1, get_if_exists=True,
+                # Hundreds of calls a second would each leave a task event in Ray's GCS (for the
+                # dashboard's task list): its memory grew 34% in a one-minute load test.
+                enable_task_events=False,
             ).remote(name, cfg, table.get(name, []), threads)
         for name, actor in self.actors.items():
             for method in Node.MERGEABLE:
