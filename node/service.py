@@ -6,8 +6,8 @@ thread-safe, and SQLite writes serialise anyway); embedding runs on its own thre
 loop only coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Vectors reach Chroma behind the writes (see `node.shard_store`): a shard is indexed as soon as
-INDEX_BACKLOG of its rows wait, and every waiting row once writes pause for INDEX_IDLE_S. Each
-shard is indexed in its own store call, so queries queued meanwhile run between shards.
+INDEX_BACKLOG of its rows wait, and every waiting row once writes pause for INDEX_IDLE_S, in
+store calls of INDEX_CHUNK rows, so queries queued meanwhile run between chunks.
 """
 
 from __future__ import annotations
