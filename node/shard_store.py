@@ -172,16 +172,20 @@ def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), args
 
 
+def _in_window(created_at_ms, window: Window):
+    """Whether `created_at_ms` (a number, or a NumPy array of them) lies within `window`."""
+    inside = np.full(np.shape(created_at_ms), True)
+    if window is not None:
+        if window[0] is not None:
+            inside = inside & (created_at_ms >= window[0])
+        if window[1] is not None:
+            inside = inside & (created_at_ms <= window[1])
+    return inside
+
+
 def _in_scope(entity: str, created_at_ms: int, entity_id: str | None, window: Window) -> bool:
     """The Python twin of `_scope_sql`, for rows already fetched."""
-    if entity_id is not None and entity != entity_id:
-        return False
-    if window is not None:
-        if window[0] is not None and created_at_ms < window[0]:
-            return False
-        if window[1] is not None and created_at_ms > window[1]:
-            return False
-    return True
+    return (entity_id is None or entity == entity_id) and bool(_in_window(created_at_ms, window))
 
 
 def _chroma_where(entity_id: str | None, window: Window) -> dict | None:
@@ -656,12 +660,7 @@ class ShardStore:
                 vectors = self._entity_vectors(entity_id)
                 rowids, matrix = vectors.rowids, vectors.matrix
                 if window is not None:
-                    created = vectors.created_at_ms
-                    keep = np.ones(len(rowids), dtype=bool)
-                    if window[0] is not None:
-                        keep &= created >= window[0]
-                    if window[1] is not None:
-                        keep &= created <= window[1]
+                    keep = _in_window(vectors.created_at_ms, window)
                     rowids, matrix = rowids[keep], matrix[keep]
             else:
                 rows = self.db.execute(f"SELECT m.rowid, m.vector FROM memories m WHERE {scope}", scope_args).fetchall()
