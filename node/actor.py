@@ -1,4 +1,4 @@
-"""`Node` as a Ray actor: one per machine slot, named so any router can find it."""
+"""`Node` as a Ray actor: one per machine slot, named so any router (or another node) can find it."""
 
 from __future__ import annotations
 
@@ -6,4 +6,10 @@ import ray
 
 from node.service import Node
 
+NAMESPACE = "tellodb"
 NodeActor = ray.remote(Node)
+
+
+def actor_name(node: str) -> str:
+    """The Ray actor name of node `node` in NAMESPACE."""
+    return f"{NAMESPACE}-{node}"

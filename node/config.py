@@ -61,6 +61,7 @@ class ClusterConfig:
     max_query_limit: int = 1000
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
+    min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
@@ -92,6 +93,7 @@ ENV_VARS: list[tuple[str, str]] = [
     ("TELLODB_NODES", "nodes"),
     ("RAY_ADDRESS", "ray_address"),
     ("TELLODB_MAX_BODY_BYTES", "max_body_bytes"),
+    ("TELLODB_MIN_FREE_MB", "min_free_mb"),
     ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "embedding.backend"),
     ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "embedding.model"),
     ("TEMPORAL_MEMORY_DEVICE", "embedding.device"),
@@ -217,6 +219,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.max_query_limit >= 1, "max_query_limit", "must be at least 1")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
+    check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
     emb = config.embedding
     backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())
     check(backend in EMBEDDING_BACKENDS, "embedding.backend",

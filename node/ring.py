@@ -35,6 +35,10 @@ class Placement:
     def node_of_shard(self, shard: int) -> str:
         return self.owner[shard]
 
+    def id_home(self, memory_id: str) -> int:
+        """The home shard of a free-form memory id: the one that records where it lives (node.id_homes)."""
+        return shard_of(memory_id, self.shards)
+
     def node_of(self, entity_id: str) -> str:
         return self.owner[self.shard_of(entity_id)]
 

@@ -15,16 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from node import id_homes
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.embedder import BatchingEmbedder, load_embedder
+from node.errors import DeadlineExceeded, NotOwnedError, StorageFull, is_disk_full
+from node.ids import parse_memory_id
 from node.ranking import RankingConfig
-from node.shard_store import MemoryRecord, ShardStore
+from node.ring import Placement
+from node.shard_store import MemoryRecord, ShardStore, upsert_together
 from node.vector_cache import VectorCache
 
 log = logging.getLogger("tellodb.node")
@@ -48,7 +53,10 @@ class Node:
         self.name = name
         self.config = config
         self.owned = set(shards)
+        self.placement = Placement(config.shards, tuple(config.node_names))
         self.data_dir = Path(config.data_dir)
+        self._id_locks: dict[str, asyncio.Lock] = {}  # free-form ids being written or deleted (node.id_homes)
+        self._peers: dict[str, Any] = {}
         self.ranking = RankingConfig.load(self.data_dir)
         self.embedder = BatchingEmbedder(
             load_embedder(resolve_model_path(config.embedding.model), normalized_backend(config),
@@ -60,7 +68,8 @@ class Node:
         self.shards: dict[int, ShardStore] = {}
         self.vector_cache = VectorCache(config.vector_cache_mb << 20)
         self.reindexed = 0
-        self._pending_writes: list[tuple[list[dict], list[MemoryRecord], asyncio.Future]] = []
+        # (items, records, deadline, answer): writes waiting for the store thread
+        self._pending_writes: list[tuple[list[dict], list[MemoryRecord], float | None, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
         self._indexer: asyncio.Task | None = None
         self._last_write = 0.0
@@ -84,11 +93,20 @@ class Node:
         store = self.shards.get(shard)
         if store is None:
             h = self.config.hnsw
-            store = ShardStore(
-                shard_dir(self.data_dir, shard), shard, self.embedder.dimension,
-                {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
-                self.ranking, self.vector_cache,
-            )
+            root = shard_dir(self.data_dir, shard)
+            new = not root.exists()
+            try:
+                store = ShardStore(
+                    root, shard, self.embedder.dimension,
+                    {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
+                    self.ranking, self.vector_cache,
+                )
+            except Exception as exc:
+                if new:  # a shard created half-way (a full disk) must not look like one that exists
+                    shutil.rmtree(root, ignore_errors=True)
+                if is_disk_full(exc):
+                    raise StorageFull(f"{self.name}: the data volume is full; shard {shard} cannot be created") from None
+                raise
             self.shards[shard] = store
         return store
 
@@ -134,13 +152,16 @@ class Node:
             raise ValueError(f"{method} cannot be merged")
         return await asyncio.gather(*(getattr(self, method)(*args) for args in calls), return_exceptions=True)
 
-    async def ingest(self, items: list[dict[str, Any]]) -> list[str | None]:
+    async def ingest(self, items: list[dict[str, Any]], deadline: float | None = None) -> list[str | None]:
         """Embed and store `items` (validated dicts with a `shard`); answer after the commit.
 
         Returns, per item, None when it was stored, or the id of the memory it duplicates when it
         asked for `enable_semantic_dedup` and one of its entity's memories (stored, or earlier in
-        this call) has cosine >= `dedup_cosine` with it.
+        this call) has cosine >= `dedup_cosine` with it. A write whose commit would start after
+        `deadline` (time.time()) is dropped with DeadlineExceeded: the caller has given up on it,
+        and it must not land later. A volume below the free-space reserve: StorageFull.
         """
+        self._check_space()
         vectors = await self.embedder.embed([it["textual_content"] for it in items])
         records: list[MemoryRecord] = []
         for it, vec in zip(items, vectors):
@@ -160,7 +181,7 @@ class Node:
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
-        self._pending_writes.append((items, records, future))
+        self._pending_writes.append((items, records, deadline, future))
         self._last_write = time.monotonic()
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_pending())
@@ -174,11 +195,10 @@ class Node:
         while self._pending_writes:
             group, self._pending_writes = self._pending_writes, []
             try:
-                outcomes = await self._on_store(self._commit_group, [(items, records) for items, records, _ in group],
-                                                busy="commit")
+                outcomes = await self._on_store(self._commit_group, [w[:3] for w in group], busy="commit")
             except BaseException as exc:  # the executor itself failed: fail the whole group
                 outcomes = [exc] * len(group)
-            for (_, _, future), outcome in zip(group, outcomes):
+            for (*_, future), outcome in zip(group, outcomes):
                 if future.done():
                     continue
                 if isinstance(outcome, BaseException):
@@ -207,14 +227,35 @@ class Node:
             if time.monotonic() - self._last_write >= INDEX_IDLE_S:
                 await self._index_backlogs(1)
 
-    def _commit_group(self, group: list[tuple[list[dict], list[MemoryRecord]]]) -> list[Any]:
+    def _check_space(self) -> None:
+        """Refuse writes while the data volume has less than `min_free_mb` free: a write that
+        starts then has room to finish, so it never fails half-way for want of disk."""
+        reserve = self.config.min_free_mb << 20
+        if not reserve:
+            return
+        free = shutil.disk_usage(self.data_dir).free
+        if free < reserve:
+            raise StorageFull(f"{self.name}: {free >> 20} MiB free on the data volume, below the reserve of "
+                              f"{self.config.min_free_mb} MiB (min_free_mb); writes resume when space is freed")
+
+    def _commit_group(self, group: list[tuple[list[dict], list[MemoryRecord], float | None]]) -> list[Any]:
         """Store every request of `group`, in arrival order (a later write of an id wins). One
         transaction per shard for the whole group; if it fails, each request is retried on its own
-        so only the faulty one fails. Returns per request its dedup answers, or its exception."""
+        so only the faulty one fails, and a request is all-or-nothing across this node's shards
+        (`upsert_together`). Returns per request its dedup answers, or its exception."""
+        try:
+            self._check_space()
+        except StorageFull as exc:
+            return [exc] * len(group)
+        now = time.time()
+        late = [deadline is not None and now >= deadline for _, _, deadline in group]
         answers: list[list[str | None]] = []
         accepted: list[MemoryRecord] = []
         by_shard: dict[int, list[MemoryRecord]] = {}
-        for items, records in group:
+        for (items, records, _), expired in zip(group, late):
+            if expired:
+                answers.append([])
+                continue
             duplicate_of: list[str | None] = []
             for it, record in zip(items, records):
                 dup = self._duplicate(record, it["shard"], accepted) if it.get("enable_semantic_dedup") else None
@@ -223,26 +264,38 @@ class Node:
                     accepted.append(record)
                     by_shard.setdefault(it["shard"], []).append(record)
             answers.append(duplicate_of)
+        expired = DeadlineExceeded(f"{self.name}: the write reached its commit after the caller's deadline; "
+                                   "it was not stored")
         try:
-            for shard, batch in by_shard.items():
-                self._shard(shard).upsert(batch)
-            return answers
-        except Exception:
-            if len(group) == 1:
-                raise
+            self._upsert(by_shard)
+            return [expired if x else a for a, x in zip(answers, late)]
+        except Exception as exc:
+            if len(group) - sum(late) == 1:
+                return [expired if x else exc for x in late]
         outcomes: list[Any] = []
-        for (items, records), duplicate_of in zip(group, answers):
+        for (items, records, _), duplicate_of, x in zip(group, answers, late):
+            if x:
+                outcomes.append(expired)
+                continue
             mine: dict[int, list[MemoryRecord]] = {}
             for it, record, dup in zip(items, records, duplicate_of):
                 if dup is None:
                     mine.setdefault(it["shard"], []).append(record)
             try:
-                for shard, batch in mine.items():
-                    self._shard(shard).upsert(batch)
+                self._upsert(mine)
                 outcomes.append(duplicate_of)
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
+
+    def _upsert(self, by_shard: dict[int, list[MemoryRecord]]) -> None:
+        """One unit of writes over this node's shards; a full disk becomes StorageFull."""
+        try:
+            upsert_together([(self._shard(shard), batch) for shard, batch in by_shard.items()])
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise StorageFull(f"{self.name}: the data volume is full; the write was not stored") from None
+            raise
 
     def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord]) -> str | None:
         """The id of a memory of the same entity that `record` nearly repeats, if any: one stored,
@@ -317,15 +370,22 @@ class Node:
     async def erase(self, entity_id: str) -> dict[str, Any]:
         """Erase an entity from every shard here; per-shard counts of what was removed."""
 
-        def erase_all() -> dict[str, Any]:
-            removed = {}
+        def erase_all() -> tuple[dict[str, Any], list[str]]:
+            removed, free = {}, []
             for s in sorted(self.shards):
+                free += [m for (m,) in self.shards[s].db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
+                                                                 (entity_id,)) if parse_memory_id(m).entity_prefix is None]
                 counts = self.shards[s].erase(entity_id)
                 if any(counts.values()):
                     removed[s] = counts
-            return removed
+            return removed, free
 
-        return await self._on_store(erase_all)
+        removed, free = await self._on_store(erase_all)
+        by_home: dict[str, list[str]] = {}
+        for m in free:  # their home records name the entity's shard: no trace may stay behind
+            by_home.setdefault(self.placement.node_of_shard(self.placement.id_home(m)), []).append(m)
+        await asyncio.gather(*(self._on_node(node, "forget_homes", ids) for node, ids in by_home.items()))
+        return removed
 
     async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
         def find() -> dict | None:
@@ -347,14 +407,170 @@ class Node:
 
         return await self._on_store(remove)
 
-    async def delete_elsewhere(self, pairs: list[tuple[str, int]]) -> int:
-        """Delete each (memory_id, shard) id from every shard here but that one; return how many."""
+    # ---- free-form ids (node.id_homes): this node is the home of the ids hashed to its shards ----
 
-        def remove() -> int:
-            return sum(self.shards[s].delete(memory_id) for memory_id, keep in pairs
-                       for s in sorted(self.shards) if s != keep)
+    def _home_store(self, memory_id: str) -> ShardStore:
+        return self._shard(self.placement.id_home(memory_id))
 
-        return await self._on_store(remove)
+    def _peer(self, node: str):
+        """`node` as something to call: this object, or the other node's Ray actor."""
+        if node == self.name:
+            return None
+        if node not in self._peers:
+            import ray
+
+            from node.actor import NAMESPACE, actor_name
+
+            self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
+        return self._peers[node]
+
+    async def _on_node(self, node: str, method: str, *args: Any) -> Any:
+        peer = self._peer(node)
+        return await (getattr(self, method)(*args) if peer is None else getattr(peer, method).remote(*args))
+
+    async def _locked(self, ids: list[str]):
+        """Hold the locks of `ids` (sorted, so two writers of overlapping ids never deadlock)."""
+        locks = [self._id_locks.setdefault(m, asyncio.Lock()) for m in sorted(set(ids))]
+        for lock in locks:
+            await lock.acquire()
+        return locks
+
+    def _unlock(self, ids: list[str], locks: list[asyncio.Lock]) -> None:
+        for lock in locks:
+            lock.release()
+        for m in set(ids):
+            lock = self._id_locks.get(m)
+            if lock is not None and not lock.locked() and not lock._waiters:
+                del self._id_locks[m]
+
+    async def _homes(self, ids: list[str]) -> dict[str, id_homes.Home]:
+        def read() -> dict[str, id_homes.Home]:
+            found: dict[str, id_homes.Home] = {}
+            for m in ids:
+                found.update(id_homes.lookup(self._home_store(m), [m]))
+            return found
+
+        return await self._on_store(read)
+
+    async def _record_homes(self, homes: dict[str, id_homes.Home | None]) -> None:
+        def write() -> None:
+            for m, home in homes.items():
+                if home is None:
+                    id_homes.forget(self._home_store(m), [m])
+                else:
+                    id_homes.record(self._home_store(m), {m: home})
+
+        await self._on_store(write)
+
+    async def _holds(self, memory_id: str, shard: int) -> bool:
+        return await self._on_node(self.placement.node_of_shard(shard), "inspect", memory_id, [shard], False, 0) \
+            is not None
+
+    async def _delete_at(self, memory_id: str, shard: int) -> bool:
+        return await self._on_node(self.placement.node_of_shard(shard), "delete", memory_id, [shard])
+
+    async def _settle(self, memory_id: str, home: id_homes.Home) -> id_homes.Home:
+        """Finish a move a crash interrupted: keep the new copy if it was written, else the old."""
+        if home.moving_from is None:
+            return home
+        if await self._holds(memory_id, home.shard):
+            await self._delete_at(memory_id, home.moving_from)
+            settled = id_homes.Home(home.shard, None)
+        else:
+            settled = id_homes.Home(home.moving_from, None)
+        await self._record_homes({memory_id: settled})
+        return settled
+
+    async def ingest_free(self, items: list[dict[str, Any]], deadline: float | None = None) -> list[str | None]:
+        """Write items whose free-form ids have their home here: each id ends up in exactly one
+        shard, its item's, however many writers race (see node.id_homes). Answers as `ingest`."""
+        ids = [it["memory_id"] for it in items]
+        last = {it["memory_id"]: it for it in items}  # within one request the last write of an id wins
+        locks = await self._locked(ids)
+        try:
+            homes = {m: await self._settle(m, h) for m, h in (await self._homes(list(last))).items()}
+            intents = {m: id_homes.Home(it["shard"], homes[m].shard if m in homes and homes[m].shard != it["shard"]
+                                        else None) for m, it in last.items()}
+            await self._record_homes(intents)
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for it in last.values():
+                groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(it)
+            try:
+                parts = await asyncio.gather(*(self._on_node(node, "ingest", group, deadline)
+                                               for node, group in groups.items()))
+            except BaseException:
+                # Nothing of a failed write is stored (a node's write is all-or-nothing): back to before.
+                await self._record_homes({m: homes.get(m) for m in last})
+                raise
+            answer = {it["memory_id"]: dup for group, part in zip(groups.values(), parts) for it, dup in zip(group, part)}
+            final: dict[str, id_homes.Home | None] = {}
+            for m, intent in intents.items():
+                if answer[m] is not None:  # a near-duplicate: not stored, the id stays where it was
+                    final[m] = homes.get(m)
+                    continue
+                if intent.moving_from is not None:
+                    await self._delete_at(m, intent.moving_from)
+                final[m] = id_homes.Home(intent.shard, None)
+            await self._record_homes(final)
+            return [answer[m] for m in ids]
+        finally:
+            self._unlock(ids, locks)
+
+    async def inspect_free(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
+        home = (await self._homes([memory_id])).get(memory_id)
+        if home is None:
+            return None
+        for shard in (home.shard, home.moving_from):
+            if shard is not None:
+                found = await self._on_node(self.placement.node_of_shard(shard), "inspect", memory_id, [shard],
+                                            include_window, radius)
+                if found is not None:
+                    return found
+        return None
+
+    async def delete_free(self, memory_id: str) -> bool:
+        locks = await self._locked([memory_id])
+        try:
+            home = (await self._homes([memory_id])).get(memory_id)
+            if home is None:
+                return False
+            deleted = [await self._delete_at(memory_id, s) for s in (home.shard, home.moving_from) if s is not None]
+            await self._record_homes({memory_id: None})
+            return any(deleted)
+        finally:
+            self._unlock([memory_id], locks)
+
+    async def forget_homes(self, ids: list[str]) -> None:
+        """Drop the home records of ids whose memories are gone (an erased entity's)."""
+        await self._record_homes({m: None for m in ids})
+
+    async def unregistered_free_ids(self) -> dict[int, list[str]]:
+        """Per shard here that predates id homes: its free-form ids (to register at their homes)."""
+
+        def collect() -> dict[int, list[str]]:
+            found: dict[int, list[str]] = {}
+            for s in sorted(self.owned):
+                if not self._candidate_shards([s]) or self.shards[s].meta("id_homes") is not None:
+                    continue
+                found[s] = [m for (m,) in self.shards[s].db.execute("SELECT memory_id FROM memories")
+                            if parse_memory_id(m).entity_prefix is None]
+            return found
+
+        return await self._on_store(collect)
+
+    async def register_homes(self, pairs: list[tuple[str, int]]) -> None:
+        """Record the shard of free-form ids found in old shards, unless the id already has a home."""
+
+        def write() -> None:
+            for m, shard in pairs:
+                store = self._home_store(m)
+                if not id_homes.lookup(store, [m]):
+                    id_homes.record(store, {m: id_homes.Home(shard, None)})
+
+        await self._on_store(write)
+
+    async def mark_homes_registered(self, shards: list[int]) -> None:
+        await self._on_store(lambda: [self._shard(s).set_meta("id_homes", "1") for s in shards])
 
     def _candidate_shards(self, shards: list[int] | None) -> list[int]:
         """Shards to look in: the given ones that exist here, or every open one."""
@@ -372,7 +588,7 @@ class Node:
         def collect() -> dict[str, Any]:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
-            return {"node": self.name, "shards_owned": len(self.owned), "shards_open": len(self.shards),
+            return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
                     **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
@@ -408,7 +624,3 @@ class Node:
 
         await self._on_store(close_all)
         self._store_pool.shutdown(wait=True)
-
-
-class NotOwnedError(LookupError):
-    """A request reached a node that does not own the shard (stale placement)."""

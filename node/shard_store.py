@@ -122,6 +122,12 @@ CREATE TABLE IF NOT EXISTS facts (
     PRIMARY KEY (memory_id, slot)
 );
 CREATE INDEX IF NOT EXISTS facts_by_slot ON facts(entity_id, slot, valid_from_ms);
+-- The home of each free-form memory id whose hash falls on this shard (node/id_homes.py).
+CREATE TABLE IF NOT EXISTS id_homes (
+    memory_id TEXT PRIMARY KEY,
+    shard INTEGER NOT NULL,
+    moving_from INTEGER
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS memories_measurements_ad AFTER DELETE ON memories BEGIN
     DELETE FROM measurements WHERE memory_id = old.memory_id;
     DELETE FROM relations WHERE memory_id = old.memory_id;
@@ -268,7 +274,7 @@ class ShardStore:
                 self.db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
                     [("schema_version", str(SCHEMA_VERSION)), ("dimension", str(self.dimension)),
-                     ("shard_id", str(self.shard_id))],
+                     ("shard_id", str(self.shard_id)), ("id_homes", "1")],
                 )
             return
         if int(meta.get("dimension", self.dimension)) != self.dimension:
@@ -276,6 +282,14 @@ class ShardStore:
                 f"shard {self.shard_id} at {self.root} holds {meta['dimension']}-dimensional vectors but the "
                 f"configured model makes {self.dimension}; use the model it was written with"
             )
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     def _check_windows(self) -> None:
         """Rebuild every window when the configured radius differs from the one they were built with."""
@@ -417,66 +431,70 @@ class ShardStore:
     def upsert(self, records: Sequence[MemoryRecord]) -> None:
         """Store `records` atomically (all or none); Chroma gets them from `index_pending()`.
         Re-used ids are replaced."""
+        upsert_together([(self, records)])
+
+    def stage(self, records: Sequence[MemoryRecord]) -> int:
+        """Write `records` inside the caller's open transaction; return how many rows it wrote
+        (`upsert_together` commits, and counts them as unindexed then)."""
         if not records:
-            return
+            return 0
         now = int(time.time() * 1000)
         # Within one call the last record of an id wins, as if they had been sent one by one.
         unique = list({r.memory_id: r for r in records}.values())
-        with self._tx():
-            windows: set[int] = set()  # rows whose window documents change
-            slots: set[tuple[str, str]] = set()  # (entity, slot) whose validity chain changes
-            for r in unique:
-                old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
-                                      (r.memory_id,)).fetchone()
-                if old is not None:
-                    self._count_entity(old["entity_id"], -1)
-                    self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
-                    self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
-                    slots.update(self._drop_facts(r.memory_id))
-                    # Its old neighbours lose it from their windows (it may change session or turn).
-                    windows |= self._window_targets([old["rowid"]])
-                vector = np.asarray(r.vector, dtype=np.float32)
-                if vector.shape != (self.dimension,):
-                    raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
-                rowid = self.db.execute(
-                    """
-                    INSERT INTO memories (memory_id, entity_id, entity_token, session_id, turn_index,
-                        created_at_ms, ingested_at_ms, kind, textual_content, relations, vector, indexed)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
-                    ON CONFLICT(memory_id) DO UPDATE SET
-                        entity_id = excluded.entity_id, entity_token = excluded.entity_token,
-                        session_id = excluded.session_id, turn_index = excluded.turn_index,
-                        created_at_ms = excluded.created_at_ms, ingested_at_ms = excluded.ingested_at_ms,
-                        kind = excluded.kind, textual_content = excluded.textual_content,
-                        relations = excluded.relations, vector = excluded.vector, indexed = 0
-                    RETURNING rowid
-                    """,
-                    (r.memory_id, r.entity_id, entity_token(r.entity_id), r.session_id, r.turn_index,
-                     r.created_at_ms, now, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
-                     vector.tobytes()),
-                ).fetchone()[0]
-                self.db.executemany(
-                    "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.memory_id, r.entity_id, s, p, o, r.created_at_ms) for s, p, o in r.relations],
-                )
-                measured = [(label, value, None) for label, value in r.metrics]
-                measured += [(m.label, m.value, m.unit) for m in extract(r.textual_content)]
-                self.db.executemany(
-                    "INSERT INTO measurements (memory_id, entity_id, label, value, unit, timestamp_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [(r.memory_id, r.entity_id, label, value, unit, r.created_at_ms) for label, value, unit in measured],
-                )
-                for slot in slots_of(r.entity_id, r.textual_content, r.relations, r.fact_key,
-                                     self.ranking.single_valued_predicates):
-                    self.db.execute("INSERT INTO facts (memory_id, entity_id, slot, valid_from_ms) VALUES (?, ?, ?, ?)",
-                                    (r.memory_id, r.entity_id, slot, r.created_at_ms))
-                    slots.add((r.entity_id, slot))
-                self._count_entity(r.entity_id, +1)
-                windows |= self._window_targets([rowid])
-            self._rewrite_windows(windows)
-            self._rechain(slots)
-        self.unindexed += len(unique)
+        windows: set[int] = set()  # rows whose window documents change
+        slots: set[tuple[str, str]] = set()  # (entity, slot) whose validity chain changes
+        for r in unique:
+            old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
+                                  (r.memory_id,)).fetchone()
+            if old is not None:
+                self._count_entity(old["entity_id"], -1)
+                self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
+                self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
+                slots.update(self._drop_facts(r.memory_id))
+                # Its old neighbours lose it from their windows (it may change session or turn).
+                windows |= self._window_targets([old["rowid"]])
+            vector = np.asarray(r.vector, dtype=np.float32)
+            if vector.shape != (self.dimension,):
+                raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
+            rowid = self.db.execute(
+                """
+                INSERT INTO memories (memory_id, entity_id, entity_token, session_id, turn_index,
+                    created_at_ms, ingested_at_ms, kind, textual_content, relations, vector, indexed)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+                ON CONFLICT(memory_id) DO UPDATE SET
+                    entity_id = excluded.entity_id, entity_token = excluded.entity_token,
+                    session_id = excluded.session_id, turn_index = excluded.turn_index,
+                    created_at_ms = excluded.created_at_ms, ingested_at_ms = excluded.ingested_at_ms,
+                    kind = excluded.kind, textual_content = excluded.textual_content,
+                    relations = excluded.relations, vector = excluded.vector, indexed = 0
+                RETURNING rowid
+                """,
+                (r.memory_id, r.entity_id, entity_token(r.entity_id), r.session_id, r.turn_index,
+                 r.created_at_ms, now, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
+                 vector.tobytes()),
+            ).fetchone()[0]
+            self.db.executemany(
+                "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.memory_id, r.entity_id, s, p, o, r.created_at_ms) for s, p, o in r.relations],
+            )
+            measured = [(label, value, None) for label, value in r.metrics]
+            measured += [(m.label, m.value, m.unit) for m in extract(r.textual_content)]
+            self.db.executemany(
+                "INSERT INTO measurements (memory_id, entity_id, label, value, unit, timestamp_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.memory_id, r.entity_id, label, value, unit, r.created_at_ms) for label, value, unit in measured],
+            )
+            for slot in slots_of(r.entity_id, r.textual_content, r.relations, r.fact_key,
+                                 self.ranking.single_valued_predicates):
+                self.db.execute("INSERT INTO facts (memory_id, entity_id, slot, valid_from_ms) VALUES (?, ?, ?, ?)",
+                                (r.memory_id, r.entity_id, slot, r.created_at_ms))
+                slots.add((r.entity_id, slot))
+            self._count_entity(r.entity_id, +1)
+            windows |= self._window_targets([rowid])
+        self._rewrite_windows(windows)
+        self._rechain(slots)
+        return len(unique)
 
     def _drop_facts(self, memory_id: str) -> set[tuple[str, str]]:
         """Delete a memory's facts; return their (entity, slot) pairs, whose chains must be redone."""
@@ -960,4 +978,43 @@ class _Transaction:
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        if exc_type:
+            _rollback(self.db)
+            return
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            _rollback(self.db)  # a failed COMMIT (disk full) leaves the transaction open otherwise
+            raise
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """End the open transaction, if any, without raising: the error that led here is the one to report."""
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback failed")
+
+
+def upsert_together(batches: Sequence[tuple[ShardStore, Sequence[MemoryRecord]]]) -> None:
+    """Upsert into several shards as one unit: every shard's transaction is opened and written
+    before any of them commits, so a failure while writing (a bad record, a full disk) changes no
+    shard. A failure during the commits themselves can still leave the shards before it committed;
+    the node's free-space reserve (`min_free_mb`) is what keeps a disk from filling there."""
+    opened: list[ShardStore] = []
+    counts: list[int] = []
+    committed = 0
+    try:
+        for store, records in batches:
+            store.db.execute("BEGIN IMMEDIATE")
+            opened.append(store)
+            counts.append(store.stage(records))
+        for store, count in zip(opened, counts):
+            store.db.execute("COMMIT")
+            committed += 1
+            store.unindexed += count
+    except BaseException:
+        for store in opened[committed:]:
+            _rollback(store.db)
+        raise

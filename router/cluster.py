@@ -18,19 +18,20 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from node.actor import NodeActor
+from node.actor import NAMESPACE, NodeActor, actor_name
+from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.onnx_embedder import ONNX_BACKENDS, export_onnx
 from node.ids import parse_memory_id
 from node.ring import Placement
 from router.coalesce import Coalescer
-from router.errors import ApiError, Unavailable
+from router.errors import ApiError, InsufficientStorage, Unavailable
 
 log = logging.getLogger("tellodb")
-NAMESPACE = "tellodb"
+DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
 
 
 class Cluster:
@@ -78,7 +79,7 @@ class Cluster:
         table = self.placement.by_node()
         for name in cfg.node_names:
             self.actors[name] = NodeActor.options(
-                name=f"{NAMESPACE}-{name}", namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
+                name=actor_name(name), namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
                 max_restarts=-1, get_if_exists=True,
                 # Hundreds of calls a second would each leave a task event in Ray's GCS (for the
                 # dashboard's task list): its memory grew 34% in a one-minute load test.
@@ -100,6 +101,20 @@ class Cluster:
                      info["pid"], info["shards_owned"], info["shards_open"], info["reindexed"],
                      info["startup_seconds"])
         log.info("Shards placed shards=%d nodes=%d seconds=%.1f", cfg.shards, cfg.nodes, time.monotonic() - started)
+        self._register_old_free_ids()
+
+    def _register_old_free_ids(self) -> None:
+        """Shards written before free-form ids had homes (node.id_homes): record where their ids live."""
+        found = dict(zip(self.actors, ray.get([a.unregistered_free_ids.remote() for a in self.actors.values()])))
+        pairs = [(m, shard) for per_shard in found.values() for shard, ids in per_shard.items() for m in ids]
+        by_home: dict[str, list[tuple[str, int]]] = {}
+        for m, shard in pairs:
+            by_home.setdefault(self.placement.node_of_shard(self.placement.id_home(m)), []).append((m, shard))
+        ray.get([self.actors[node].register_homes.remote(p) for node, p in by_home.items()])
+        ray.get([self.actors[node].mark_homes_registered.remote(list(per_shard))
+                 for node, per_shard in found.items() if per_shard])
+        if pairs:
+            log.info("Registered the homes of free-form ids ids=%d", len(pairs))
 
     async def close(self) -> None:
         """Let every node finish in-flight work and checkpoint its shards."""
@@ -136,6 +151,13 @@ class Cluster:
         except RayActorError:
             raise Unavailable(f"{node} is restarting; retry the request") from None
         except (RayError, Exception) as exc:  # a Ray task error, or one a merged request got alone
+            cause = exc
+            while isinstance(cause, RayTaskError) and cause.cause is not None:  # a node's error, via other nodes
+                cause = cause.cause
+            if isinstance(cause, NodeError):
+                raise api_error(cause) from None
+            if is_disk_full(cause):
+                raise InsufficientStorage(f"{node}: the data volume is full") from None
             log.error("%s.%s failed: %s", node, method, exc)
             raise ApiError(f"{node} could not complete {method}") from None
 
@@ -146,20 +168,23 @@ class Cluster:
         """Store validated items; each gets its `shard`. Returns, in the order given, None for each
         stored item and the matched id for each one dropped as a near-duplicate.
 
-        A free-form id may have been written before under another entity, in another shard: its
-        old copy is removed first, so an id always names one memory (an upsert, never a duplicate).
+        Items with `<entity>::...` ids go to their shard's node. A free-form id may have been
+        written before under another entity: such items go to the node of the id's home shard,
+        which moves the id in one operation (node.id_homes), so an id always names one memory.
+        A write not committed when the router's timeout is near is dropped by its node, not
+        committed later (DEADLINE_MARGIN_S).
         """
-        groups: dict[str, list[int]] = {}
-        free: list[tuple[str, int]] = []
+        deadline = time.time() + self.config.request_timeout_s - min(DEADLINE_MARGIN_S, self.config.request_timeout_s / 4)
+        groups: dict[tuple[str, str], list[int]] = {}
         for i, it in enumerate(items):
             it["shard"] = self.placement.shard_of(it["entity_id"])
-            groups.setdefault(self.placement.node_of_shard(it["shard"]), []).append(i)
             if parse_memory_id(it["memory_id"]).entity_prefix is None:
-                free.append((it["memory_id"], it["shard"]))
-        if free:
-            await self._everywhere("delete_elsewhere", free)
-        answers = await asyncio.gather(*(self._call(node, "ingest", [items[i] for i in group])
-                                         for node, group in groups.items()))
+                key = (self.placement.node_of_shard(self.placement.id_home(it["memory_id"])), "ingest_free")
+            else:
+                key = (self.placement.node_of_shard(it["shard"]), "ingest")
+            groups.setdefault(key, []).append(i)
+        answers = await asyncio.gather(*(self._call(node, method, [items[i] for i in group], deadline)
+                                         for (node, method), group in groups.items()))
         duplicate_of: list[str | None] = [None] * len(items)
         for group, answer in zip(groups.values(), answers):
             for i, dup in zip(group, answer):
@@ -267,16 +292,17 @@ class Cluster:
         home = self._home(memory_id)
         if home is not None:
             return await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
-        for found in await self._everywhere("inspect", memory_id, None, include_window, radius):
-            if found is not None:
-                return found
-        return None
+        return await self._call(self._id_home_node(memory_id), "inspect_free", memory_id, include_window, radius)
 
     async def delete(self, memory_id: str) -> bool:
         home = self._home(memory_id)
         if home is not None:
             return await self._call(home[0], "delete", memory_id, [home[1]])
-        return any(await self._everywhere("delete", memory_id, None))
+        return await self._call(self._id_home_node(memory_id), "delete_free", memory_id)
+
+    def _id_home_node(self, memory_id: str) -> str:
+        """The node that records where a free-form id lives (node.id_homes)."""
+        return self.placement.node_of_shard(self.placement.id_home(memory_id))
 
     async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
         shard = self.placement.shard_of(entity_id)
@@ -298,3 +324,14 @@ class Cluster:
 
         names = list(self.actors)
         return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+
+
+def api_error(exc: NodeError) -> ApiError:
+    """The API error a node's failure means for the client."""
+    if isinstance(exc, StorageFull):
+        return InsufficientStorage(str(exc))
+    if isinstance(exc, DeadlineExceeded):
+        return Unavailable(f"{exc} (retry; with a memory_id a retry is an upsert)")
+    if isinstance(exc, NotOwnedError):
+        return Unavailable(f"{exc}; the placement changed, retry the request")
+    return ApiError(str(exc))

@@ -38,3 +38,7 @@ class ValidationFailed(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class InsufficientStorage(ApiError):
+    status, code = 507, "insufficient_storage"

@@ -4,13 +4,16 @@ ordering, isolation of failures or durability."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
+import time
 
 import pytest
 
 from node.config import ClusterConfig, EmbeddingConfig
 from node.ids import parse_memory_id
 from node.ring import Placement
+from node.errors import DeadlineExceeded, StorageFull
 from node.service import INDEX_BACKLOG, Node, NotOwnedError, shard_dir
 
 SHARDS = 4
@@ -89,7 +92,33 @@ async def test_one_failing_write_fails_alone(node):
     assert results[:6] == [[None]] * 6
     assert isinstance(results[6], NotOwnedError)
     stats = await node.stats()
-    assert stats["memories"] >= 6
+    assert stats["memories"] == 6  # the failed request is all-or-nothing: its good item is not stored
+    assert await node.inspect(f"{own_entity(0)}::s::99", None, False, 0) is None
+
+
+async def test_a_write_past_its_deadline_is_not_committed(node):
+    """The router gave up on it (503): it must not land later and surprise a retrying client."""
+    e = own_entity(3)
+    with pytest.raises(DeadlineExceeded):
+        await node.ingest([item(e, "too late", f"{e}::s::0")], deadline=time.time() - 0.001)
+    assert await node.ingest([item(e, "in time", f"{e}::s::1")], deadline=time.time() + 30) == [None]
+    assert await node.inspect(f"{e}::s::0", None, False, 0) is None
+    assert (await node.inspect(f"{e}::s::1", None, False, 0))["textual_content"] == "in time"
+
+
+async def test_writes_are_refused_whole_below_the_free_space_reserve(tmp_path):
+    free_mb = shutil.disk_usage(tmp_path).free >> 20
+    config = ClusterConfig(data_dir=str(tmp_path), shards=SHARDS, nodes=1, min_free_mb=free_mb + 1024,
+                           embedding=EmbeddingConfig(backend="torch"))
+    n = Node("node-0", config, list(range(SHARDS)))
+    try:
+        e = own_entity(0)
+        with pytest.raises(StorageFull, match="min_free_mb"):
+            await n.ingest([item(e, "no room", f"{e}::s::0")])
+        assert (await n.stats())["memories"] == 0
+        assert await n.query("no room", e, item(e, "", "x")["shard"], 5) == []  # reads go on
+    finally:
+        await n.close()
 
 
 async def test_an_answered_write_is_committed(node, tmp_path):

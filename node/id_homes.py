@@ -1,0 +1,51 @@
+"""Where each free-form memory id lives, so an id names one memory in the whole cluster.
+
+An id of the form `<entity>::<session>::<turn>` lives in its entity's shard: its place follows
+from the id. A free-form id (any other string) can be written under any entity, so its place is
+recorded: each free-form id has a *home shard*, chosen by hashing the id, whose `id_homes` table
+says which shard holds the memory. The node that owns the home shard serialises every write and
+delete of the id (one lock per id), which makes moving an id between entities one operation:
+
+1. record the intent: `shard` = the new shard, `moving_from` = the old one;
+2. write the memory into the new shard (through its node);
+3. delete it from the old shard, then clear `moving_from`.
+
+A crash between the steps leaves `moving_from` set; the next write or delete of the id settles it
+(the new copy exists: drop the old one; it does not: point back to the old one), and a read looks in
+both. Every other node is left out, so a node's restart affects only ids whose home or memory it
+holds. The table lives in the home shard, so it travels with the shard.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+from node.shard_store import ShardStore
+
+
+class Home(NamedTuple):
+    shard: int
+    moving_from: int | None
+
+
+def lookup(store: ShardStore, ids: Iterable[str]) -> dict[str, Home]:
+    ids = list(ids)
+    found: dict[str, Home] = {}
+    for i in range(0, len(ids), 900):
+        chunk = ids[i : i + 900]
+        for memory_id, shard, moving_from in store.db.execute(
+                f"SELECT memory_id, shard, moving_from FROM id_homes WHERE memory_id IN ({','.join('?' * len(chunk))})",
+                chunk):
+            found[memory_id] = Home(shard, moving_from)
+    return found
+
+
+def record(store: ShardStore, homes: dict[str, Home]) -> None:
+    with store._tx():
+        store.db.executemany("INSERT OR REPLACE INTO id_homes(memory_id, shard, moving_from) VALUES (?, ?, ?)",
+                             [(m, h.shard, h.moving_from) for m, h in homes.items()])
+
+
+def forget(store: ShardStore, ids: Iterable[str]) -> None:
+    with store._tx():
+        store.db.executemany("DELETE FROM id_homes WHERE memory_id = ?", [(m,) for m in ids])
