@@ -401,6 +401,10 @@ class Node:
 
         return await self._on_store(find)
 
+    async def delete_ids(self, pairs: list[tuple[str, int]]) -> int:
+        """Delete each (memory_id, shard) in one store call; return how many were there."""
+        return await self._on_store(lambda: sum(self._shard(s).delete(m) for m, s in pairs))
+
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
         def remove() -> bool:
             return any([self.shards[s].delete(memory_id) for s in self._candidate_shards(shards)])

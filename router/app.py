@@ -125,6 +125,7 @@ def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
         "metrics": req.metrics or {},
         "fact_key": req.fact_key,
         "enable_semantic_dedup": bool(req.enable_semantic_dedup),
+        "generated_id": req.memory_id is None,  # new for sure: a failed batch takes it back (Cluster.ingest)
     }
 
 

@@ -172,7 +172,10 @@ class Cluster:
         written before under another entity: such items go to the node of the id's home shard,
         which moves the id in one operation (node.id_homes), so an id always names one memory.
         A write not committed when the router's timeout is near is dropped by its node, not
-        committed later (DEADLINE_MARGIN_S).
+        committed later (DEADLINE_MARGIN_S). Each node stores its part of a batch all-or-nothing;
+        when one part fails, the items the engine named itself (`generated_id`, so new for sure)
+        are deleted from the parts that were stored, and the first failure is raised: retrying a
+        failed batch never duplicates them, and items with the caller's ids are upserts anyway.
         """
         deadline = time.time() + self.config.request_timeout_s - min(DEADLINE_MARGIN_S, self.config.request_timeout_s / 4)
         groups: dict[tuple[str, str], list[int]] = {}
@@ -184,7 +187,11 @@ class Cluster:
                 key = (self.placement.node_of_shard(it["shard"]), "ingest")
             groups.setdefault(key, []).append(i)
         answers = await asyncio.gather(*(self._call(node, method, [items[i] for i in group], deadline)
-                                         for (node, method), group in groups.items()))
+                                         for (node, method), group in groups.items()), return_exceptions=True)
+        if any(isinstance(a, BaseException) for a in answers):
+            stored = [(g, a) for g, a in zip(groups.values(), answers) if not isinstance(a, BaseException)]
+            await self._take_back(items, stored)
+            raise next(a for a in answers if isinstance(a, BaseException))
         duplicate_of: list[str | None] = [None] * len(items)
         for group, answer in zip(groups.values(), answers):
             for i, dup in zip(group, answer):
@@ -287,6 +294,20 @@ class Cluster:
             return None
         shard = self.placement.shard_of(prefix)
         return self.placement.node_of_shard(shard), shard
+
+    async def _take_back(self, items: list[dict[str, Any]], stored: list[tuple[list[int], list]]) -> None:
+        """Delete the stored items with engine-made ids of a batch whose other parts failed."""
+        by_node: dict[str, list[tuple[str, int]]] = {}
+        for group, answer in stored:
+            for i, dup in zip(group, answer):
+                it = items[i]
+                if it.get("generated_id") and dup is None:
+                    by_node.setdefault(self.placement.node_of_shard(it["shard"]), []).append((it["memory_id"], it["shard"]))
+        results = await asyncio.gather(*(self._call(node, "delete_ids", pairs) for node, pairs in by_node.items()),
+                                       return_exceptions=True)
+        for node, result in zip(by_node, results):
+            if isinstance(result, BaseException):
+                log.error("a failed batch's items on %s could not be taken back: %s", node, result)
 
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
         home = self._home(memory_id)

@@ -91,6 +91,20 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
             break
     assert answers[-1][0] == 507, "the disk never filled up"
 
+    # A batch over both nodes, with ids the engine makes: if any node's part fails, none of it stays.
+    both = entities[12:36]
+    for attempt in range(5):
+        marker = f"crossing batch number {attempt}"
+        status, body = _post(base, "/ingest/batch", {"items": [{"entity_id": e, "textual_content": f"{text} {marker}"}
+                                                                for e in both]})
+        assert status in (200, 507), body
+        if status == 507:
+            break
+    assert status == 507
+    for e in both:
+        status, hits = _post(base, "/query/semantic", {"textual_query": marker, "entity_id": e, "limit": 50})
+        assert status == 200 and not [h for h in hits if h["textual_content"].endswith(marker)], (e, hits)
+
     status, hits = _post(base, "/query/semantic", {"textual_query": "before the disk filled", "entity_id": entities[0]})
     assert status == 200 and hits[0]["memory_id"] == "user-0::s::0"  # reads go on
 
