@@ -168,6 +168,7 @@ def test_a_lost_chroma_index_is_rebuilt_from_sqlite(tmp_path, make_store, embedd
     root = tmp_path / "shard"
     s = make_store(root=root)
     s.upsert(records(embedder, "e", [f"memory {i}" for i in range(30)]))
+    assert s.index_pending() == 30  # indexed, so only the repair branch of reconcile() can bring them back
     s.close()
     shutil.rmtree(root / "chroma")
     s2 = make_store(root=root)
@@ -181,6 +182,7 @@ def test_orphan_vectors_are_removed_on_reconcile(tmp_path, make_store, embedder)
     root = tmp_path / "shard"
     s = make_store(root=root)
     s.upsert(records(embedder, "e", ["kept", "deleted"]))
+    assert s.index_pending() == 2
     # Simulate a crash after the SQLite delete committed but before Chroma heard of it.
     s.db.execute("DELETE FROM memories WHERE memory_id = 'e::s1::1'")
     s.close()
