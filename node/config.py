@@ -62,6 +62,7 @@ class ClusterConfig:
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
+    changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node.changelog)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
@@ -220,6 +221,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
+    check(config.changelog_keep >= 0, "changelog_keep", "must be 0 or more")
     emb = config.embedding
     backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())
     check(backend in EMBEDDING_BACKENDS, "embedding.backend",

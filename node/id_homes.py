@@ -13,13 +13,16 @@ delete of the id (one lock per id), which makes moving an id between entities on
 A crash between the steps leaves `moving_from` set; the next write or delete of the id settles it
 (the new copy exists: drop the old one; it does not: point back to the old one), and a read looks in
 both. Every other node is left out, so a node's restart affects only ids whose home or memory it
-holds. The table lives in the home shard, so it travels with the shard.
+holds. The table lives in the home shard, so it travels with the shard, and its changes are in the
+shard's change log (node.changelog).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Iterable, NamedTuple
 
+from node import changelog
 from node.shard_store import ShardStore
 
 
@@ -42,10 +45,35 @@ def lookup(store: ShardStore, ids: Iterable[str]) -> dict[str, Home]:
 
 def record(store: ShardStore, homes: dict[str, Home]) -> None:
     with store._tx():
-        store.db.executemany("INSERT OR REPLACE INTO id_homes(memory_id, shard, moving_from) VALUES (?, ?, ?)",
-                             [(m, h.shard, h.moving_from) for m, h in homes.items()])
+        for memory_id, home in homes.items():
+            set_row(store, memory_id, home)
 
 
-def forget(store: ShardStore, ids: Iterable[str]) -> None:
+def forget(store: ShardStore, ids: Iterable[str], erased: bool = False) -> None:
+    """Drop ids' records. For an erased entity's ids, their earlier log entries go too, unlogged:
+    a stale record left in an older copy points to a memory that is gone, which reads as absent."""
     with store._tx():
-        store.db.executemany("DELETE FROM id_homes WHERE memory_id = ?", [(m,) for m in ids])
+        for memory_id in ids:
+            if erased:
+                store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
+                store.db.execute("DELETE FROM changes WHERE key = ? AND op IN (?, ?)",
+                                 (memory_id, changelog.HOME, changelog.UNHOME))
+            else:
+                drop_row(store, memory_id)
+
+
+def set_row(store: ShardStore, memory_id: str, home: Home, seq: int | None = None) -> None:
+    """In a transaction: record `home`, and log it."""
+    store.db.execute("INSERT OR REPLACE INTO id_homes(memory_id, shard, moving_from) VALUES (?, ?, ?)",
+                     (memory_id, home.shard, home.moving_from))
+    changelog.record(store.db, changelog.HOME, memory_id, body=list(home), seq=seq)
+
+
+def drop_row(store: ShardStore, memory_id: str, seq: int | None = None) -> None:
+    """In a transaction: drop the record, and log it."""
+    store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
+    changelog.record(store.db, changelog.UNHOME, memory_id, seq=seq)
+
+
+def home_of(change: changelog.Change) -> Home:
+    return Home(*json.loads(change.body))

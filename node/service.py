@@ -74,6 +74,7 @@ class Node:
         self._indexer: asyncio.Task | None = None
         self._last_write = 0.0
         self.group_commits = 0  # store transactions' groups, and the writes they held (stats)
+        self._trimmed_at = 0  # group_commits when the change logs were last trimmed
         self.grouped_writes = 0
         self.busy = {"commit": 0.0, "index": 0.0, "search": 0.0}  # store-thread seconds per kind of work
         self.queries = 0
@@ -226,6 +227,17 @@ class Node:
             await asyncio.sleep(INDEX_IDLE_S)
             if time.monotonic() - self._last_write >= INDEX_IDLE_S:
                 await self._index_backlogs(1)
+                if self._trimmed_at != self.group_commits:  # writes since the last trim
+                    self._trimmed_at = self.group_commits
+                    await self._on_store(self._trim_logs)
+
+    def _trim_logs(self) -> None:
+        """Keep each shard's change log to its newest `changelog_keep` changes (node.changelog)."""
+        for store in list(self.shards.values()):
+            try:
+                store.trim_log(self.config.changelog_keep)
+            except Exception:  # a full disk, say: the log is trimmed on a later pause
+                log.exception("%s: trimming the change log of shard %d failed", self.name, store.shard_id)
 
     def _check_space(self) -> None:
         """Refuse writes while the data volume has less than `min_free_mb` free: a write that
@@ -545,8 +557,8 @@ class Node:
             self._unlock([memory_id], locks)
 
     async def forget_homes(self, ids: list[str]) -> None:
-        """Drop the home records of ids whose memories are gone (an erased entity's)."""
-        await self._record_homes({m: None for m in ids})
+        """Drop the home records of an erased entity's free-form ids, and their log entries."""
+        await self._on_store(lambda: [id_homes.forget(self._home_store(m), [m], erased=True) for m in ids])
 
     async def unregistered_free_ids(self) -> dict[int, list[str]]:
         """Per shard here that predates id homes: its free-form ids (to register at their homes)."""

@@ -23,6 +23,7 @@ Not thread-safe: the owning node calls a shard from one thread at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from node import changelog
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
@@ -160,6 +162,7 @@ class MemoryRecord:
     vector: np.ndarray
     metrics: tuple[tuple[str, float], ...] = ()  # explicit (label, value) pairs from the ingest
     fact_key: str | None = None  # explicit fact slot (see node/facts.py)
+    ingested_at_ms: int | None = None  # None: now; a replayed change keeps its original time
 
 
 def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
@@ -258,6 +261,7 @@ class ShardStore:
         # cache (shared, reclaimable), not the process's own memory.
         self.db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         self.db.executescript(SCHEMA)
+        self.db.executescript(changelog.SCHEMA)
         self._check_meta()
         self._open_chroma()
         self._check_windows()
@@ -433,17 +437,21 @@ class ShardStore:
         Re-used ids are replaced."""
         upsert_together([(self, records)])
 
-    def stage(self, records: Sequence[MemoryRecord]) -> int:
-        """Write `records` inside the caller's open transaction; return how many rows it wrote
-        (`upsert_together` commits, and counts them as unindexed then)."""
+    def stage(self, records: Sequence[MemoryRecord], seqs: Sequence[int] | None = None) -> int:
+        """Write `records` inside the caller's open transaction, each with its change-log entry
+        (with the sequence numbers `seqs` when applying another copy's log); return how many rows
+        it wrote (`upsert_together` commits, and counts them as unindexed then)."""
         if not records:
             return 0
         now = int(time.time() * 1000)
         # Within one call the last record of an id wins, as if they had been sent one by one.
-        unique = list({r.memory_id: r for r in records}.values())
+        last = {r.memory_id: i for i, r in enumerate(records)}
+        unique = [records[i] for i in sorted(last.values())]
+        unique_seqs = [None] * len(unique) if seqs is None else [seqs[i] for i in sorted(last.values())]
         windows: set[int] = set()  # rows whose window documents change
         slots: set[tuple[str, str]] = set()  # (entity, slot) whose validity chain changes
-        for r in unique:
+        for r, seq in zip(unique, unique_seqs):
+            ingested = r.ingested_at_ms if r.ingested_at_ms is not None else now
             old = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
                                   (r.memory_id,)).fetchone()
             if old is not None:
@@ -470,9 +478,11 @@ class ShardStore:
                 RETURNING rowid
                 """,
                 (r.memory_id, r.entity_id, entity_token(r.entity_id), r.session_id, r.turn_index,
-                 r.created_at_ms, now, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
+                 r.created_at_ms, ingested, r.kind, r.textual_content, json.dumps([list(t) for t in r.relations]),
                  vector.tobytes()),
             ).fetchone()[0]
+            changelog.record(self.db, changelog.UPSERT, r.memory_id, r.entity_id, changelog.upsert_body(r, ingested),
+                             vector.tobytes(), seq)
             self.db.executemany(
                 "INSERT INTO relations (memory_id, entity_id, subject, predicate, object, timestamp_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -533,18 +543,24 @@ class ShardStore:
     def delete(self, memory_id: str) -> bool:
         """Remove a memory from SQLite, FTS, relations and Chroma. False when it is not here."""
         with self._tx():
-            row = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?",
-                                  (memory_id,)).fetchone()
-            if row is None:
-                return False
-            windows = self._window_targets([row["rowid"]])
-            slots = self._drop_facts(memory_id)
-            # Triggers take its FTS entry, window, relations and measurements with it.
-            self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
-            self._rechain(slots)
-            self._rewrite_windows(windows)
-            self._count_entity(row["entity_id"], -1)
-        self.collection.delete(ids=[memory_id])
+            found = self._delete_row(memory_id)
+        if found:
+            self.collection.delete(ids=[memory_id])
+        return found
+
+    def _delete_row(self, memory_id: str, seq: int | None = None) -> bool:
+        """Delete a memory and what derives from it, and log it; in a transaction."""
+        row = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
+        if row is None:
+            return False
+        windows = self._window_targets([row["rowid"]])
+        slots = self._drop_facts(memory_id)
+        # Triggers take its FTS entry, window, relations and measurements with it.
+        self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
+        self._rechain(slots)
+        self._rewrite_windows(windows)
+        self._count_entity(row["entity_id"], -1)
+        changelog.record(self.db, changelog.DELETE, memory_id, row["entity_id"], seq=seq)
         return True
 
     def nearest(self, entity_id: str, vector: np.ndarray, exclude: str) -> tuple[str, float] | None:
@@ -932,22 +948,110 @@ class ShardStore:
         the entity's tokens, the WAL is truncated, and the Chroma index is rebuilt from SQLite
         (HNSW files keep deleted vectors otherwise), so no file of the shard holds a copy.
         """
-        self.vector_cache.drop(self.shard_id, entity_id)
         with self._tx():
-            memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
-            relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
-            measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
-            self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
-            if memories:
-                # Neighbours of the entity's own turns are its own: no other entity's window changes.
-                self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
-            self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
-        if memories or relations or measurements:
-            for table, _ in LEXICAL_SOURCES:
-                self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.rebuild_index()
-        return {"memories": memories, "relations": relations, "measurements": measurements}
+            counts = self._erase_rows(entity_id)
+        if any(counts.values()):
+            self._scrub()
+        return counts
+
+    def _erase_rows(self, entity_id: str, seq: int | None = None) -> dict[str, int]:
+        """Delete an entity's rows and its earlier change-log entries, and log the erase; in a transaction."""
+        self.vector_cache.drop(self.shard_id, entity_id)
+        memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
+        relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
+        measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
+        self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
+        if memories:
+            # Neighbours of the entity's own turns are its own: no other entity's window changes.
+            self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
+        self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
+        counts = {"memories": memories, "relations": relations, "measurements": measurements}
+        if any(counts.values()) or seq is not None:
+            changelog.forget_entity(self.db, entity_id)
+            changelog.record(self.db, changelog.ERASE, entity_id, seq=seq)  # no entity: a later erase keeps it
+        return counts
+
+    def _scrub(self) -> None:
+        """After an erase: merge the FTS indexes, truncate the WAL and rebuild the Chroma index, so no
+        file of the shard keeps a copy of what was erased."""
+        for table, _ in LEXICAL_SOURCES:
+            self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.rebuild_index()
+
+    # ---- the change log: bringing copies of this shard up to date (node.changelog) --------------
+
+    def last_seq(self) -> int:
+        return changelog.last_seq(self.db)
+
+    def changes_since(self, after: int, limit: int = 1000) -> list[changelog.Change]:
+        return changelog.since(self.db, after, limit)
+
+    def apply(self, changes: Sequence[changelog.Change]) -> int:
+        """Replay another copy's changes onto this one, in one transaction; those at or below this
+        copy's own last sequence number are skipped, so replay is idempotent. Returns how many applied."""
+        from node import id_homes  # it builds on this module
+
+        todo = [c for c in changes if c.seq > self.last_seq()]
+        if not todo:
+            return 0
+        written, deleted, erased = 0, [], False
+        with self._tx():
+            for c in todo:
+                if c.op == changelog.UPSERT:
+                    b = json.loads(c.body)
+                    record = MemoryRecord(
+                        memory_id=c.key, entity_id=b["entity_id"], session_id=b["session_id"],
+                        turn_index=b["turn_index"], created_at_ms=b["created_at_ms"], kind=b["kind"],
+                        textual_content=b["textual_content"], relations=tuple(tuple(r) for r in b["relations"]),
+                        vector=changelog.vector_of(c), metrics=tuple((m[0], m[1]) for m in b["metrics"]),
+                        fact_key=b["fact_key"], ingested_at_ms=b["ingested_at_ms"])
+                    written += self.stage([record], [c.seq])
+                elif c.op == changelog.DELETE:
+                    if self._delete_row(c.key, c.seq):
+                        deleted.append(c.key)
+                elif c.op == changelog.ERASE:
+                    erased |= any(self._erase_rows(c.key, c.seq).values())
+                elif c.op == changelog.HOME:
+                    id_homes.set_row(self, c.key, id_homes.home_of(c), c.seq)
+                elif c.op == changelog.UNHOME:
+                    id_homes.drop_row(self, c.key, c.seq)
+                else:
+                    raise ValueError(f"change {c.seq}: unknown operation {c.op!r}")
+        self.unindexed += written
+        if deleted:
+            self.collection.delete(ids=deleted)
+        if erased:
+            self._scrub()
+        return len(todo)
+
+    def trim_log(self, keep: int) -> int:
+        with self._tx():
+            return changelog.trim(self.db, keep)
+
+    def snapshot(self, dest: str | Path) -> dict[str, Any]:
+        """A consistent copy of this shard's SQLite file at a known sequence number, with its sha256.
+
+        Safe from any thread while the shard serves: `VACUUM INTO` runs on a connection of its own
+        in one read transaction (WAL: writers go on). The copy marks every row unindexed, so
+        the shard it becomes builds its vector index from the stored vectors, never re-embedding.
+        """
+        dest = Path(dest)
+        source = sqlite3.connect(self.root / "store.sqlite3")
+        try:
+            source.execute("VACUUM INTO ?", (str(dest),))
+        finally:
+            source.close()
+        copy = sqlite3.connect(dest, isolation_level=None)
+        try:
+            copy.execute("PRAGMA journal_mode=DELETE")
+            with _Transaction(copy):
+                copy.execute("UPDATE memories SET indexed = 0")
+                copy.execute("DELETE FROM log_pins")
+            seq = changelog.last_seq(copy)
+        finally:
+            copy.close()
+        return {"shard": self.shard_id, "seq": seq, "bytes": dest.stat().st_size, "sha256": file_sha256(dest)}
 
     def rebuild_index(self) -> int:
         """Drop the Chroma index and build it again from the vectors in SQLite."""
@@ -965,6 +1069,14 @@ class ShardStore:
         finally:
             self.db.close()
             self._chroma.close()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _Transaction:

@@ -150,3 +150,22 @@ async def test_merged_requests_share_passes_and_fail_alone(node):
     assert hits[0][0]["memory_id"] == f"{own_entity(2)}::m::2"
     with pytest.raises(ValueError):
         await node.many("erase", [("x",)])
+
+
+async def test_a_pause_in_writes_trims_the_change_logs(tmp_path):
+    config = ClusterConfig(data_dir=str(tmp_path), shards=SHARDS, nodes=1, changelog_keep=3,
+                           embedding=EmbeddingConfig(backend="torch"))
+    n = Node("node-0", config, list(range(SHARDS)))
+    try:
+        e = own_entity(0)
+        for i in range(10):
+            await n.ingest([item(e, f"note {i}", f"{e}::s::{i}")])
+        store = n.shards[item(e, "", "x")["shard"]]
+        assert len(store.changes_since(0)) == 10
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if len(store.changes_since(0)) == 3:
+                break
+        assert [c.seq for c in store.changes_since(0)] == [8, 9, 10]
+    finally:
+        await n.close()
