@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 
 from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config
-from router import __version__, datadir
+from router import __version__, datadir, ray_local
 
 log = logging.getLogger("tellodb")
 
@@ -107,6 +107,11 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         log.error("%s", exc)
         return 3
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
+    if not config.ray_address:
+        ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
+    elif os.environ.get("RAY_AUTH_MODE") != "token":
+        log.warning("Joining Ray at %s without RAY_AUTH_MODE=token: anyone who reaches its ports can run code "
+                    "(README: Network and Ray security)", config.ray_address)
     from router.cluster import Cluster  # imports Ray: only once the data directory is ours
 
     cluster = Cluster(config)
