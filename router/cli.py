@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 
 from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config
-from router import __version__
+from router import __version__, datadir, ray_local
 
 log = logging.getLogger("tellodb")
 
@@ -75,9 +75,19 @@ async def serve(config: ClusterConfig, cluster) -> None:
     log.info("HTTP server stopped seconds=%.1f", time.monotonic() - started)
 
 
-def run_server(config_path: str | None, overrides: dict) -> int:
-    from router.cluster import Cluster
+def claim_data_dir(config: ClusterConfig) -> None:
+    """Make the data directory private and hold it for this process (before any start-up work)."""
+    try:
+        datadir.make_private(config.data_dir)
+    except OSError as exc:
+        raise ConfigError(f"data_dir: cannot create {config.data_dir}: {exc.strerror}") from None
+    datadir.lock(config.data_dir, config.host, config.port)
+    tightened = datadir.tighten(config.data_dir)
+    if tightened:
+        log.info("Data directory made private (0700 folders, 0600 files) changed=%d", tightened)
 
+
+def run_server(config_path: str | None, overrides: dict) -> int:
     setup_logging()
     started = time.monotonic()
     log.info("Initializing Temporal Multi-Model Memory Engine (tellodb-cluster %s)...", __version__)
@@ -88,8 +98,22 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     except ConfigError as exc:
         log.error("Invalid configuration: %s", exc)
         return 2
-    os.makedirs(config.data_dir, exist_ok=True)
+    try:
+        claim_data_dir(config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except datadir.DataDirBusy as exc:
+        log.error("%s", exc)
+        return 3
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
+    if not config.ray_address:
+        ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
+    elif os.environ.get("RAY_AUTH_MODE") != "token":
+        log.warning("Joining Ray at %s without RAY_AUTH_MODE=token: anyone who reaches its ports can run code "
+                    "(README: Network and Ray security)", config.ray_address)
+    from router.cluster import Cluster  # imports Ray: only once the data directory is ours
+
     cluster = Cluster(config)
     code = 0
     try:

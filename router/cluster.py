@@ -27,6 +27,7 @@ from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.onnx_embedder import ONNX_BACKENDS, export_onnx
 from node.ids import parse_memory_id
 from node.ring import Placement
+from router import ray_local
 from router.coalesce import Coalescer
 from router.errors import ApiError, InsufficientStorage, Unavailable
 
@@ -59,10 +60,10 @@ class Cluster:
             if cfg.ray_address:
                 ray.init(address=cfg.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING,
                          log_to_driver=True)
-            else:
+            else:  # private: loopback only, token required (router/ray_local.py)
                 ray.init(address="local", namespace=NAMESPACE, num_cpus=os.cpu_count() or 1,
                          include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                         object_store_memory=256 * 1024 * 1024)
+                         object_store_memory=256 * 1024 * 1024, **ray_local.prepare(cfg.data_dir))
                 self._owns_ray = True
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
