@@ -13,13 +13,16 @@ import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.web_protocol import RequestPayloadError
 
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.service import STAT_KEYS
 from router import __version__
 from router.cluster import Cluster
-from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
+from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
+                           ValidationFailed)
 from router.metrics import Metrics
 from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
                             IngestBatchRequest, IngestRequest, InspectRequest, ProfileQuery, QueryRequest, TemporalQuery, parse)
@@ -34,6 +37,9 @@ API_KEY = web.AppKey("api_key", str)
 OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics"})
 HIT_FIELDS = ("memory_id", "entity_id", "session_id", "turn_index", "created_at_ms", "similarity",
               "textual_content", "kind")
+# Content-Encodings aiohttp decodes for us; any other would reach the JSON parser still encoded.
+ENCODINGS = frozenset({"", "identity", "gzip", "deflate"} | ({"br"} if HAS_BROTLI else set())
+                      | ({"zstd"} if HAS_ZSTD else set()))
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -81,27 +87,41 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             offered.append(auth[7:].strip())
-        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat.
-        if not any([hmac.compare_digest(o.encode(), expected) for o in offered if o]):
+        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat. aiohttp
+        # decodes header bytes with surrogateescape, so non-UTF-8 keys encode back to their raw bytes.
+        if not any([hmac.compare_digest(o.encode("utf-8", "surrogateescape"), expected) for o in offered if o]):
             raise Unauthorized("missing or wrong API key (send x-api-key or Authorization: Bearer)")
     return await handler(request)
 
 
 # ---- request helpers ------------------------------------------------------------------------
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json(request: web.Request) -> Any:
+    """The body as JSON, whatever its Content-Type (SDKs and curl users vary); gzip/deflate bodies are
+    decoded, other Content-Encodings are refused (415), and every malformed body is a 400."""
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = await request.read()
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send one of "
+                                   f"{', '.join(sorted(ENCODINGS - {''}))}")
+    try:
+        raw = await request.read()
+    except RequestPayloadError:
+        raise BadRequest(f"request body could not be decoded as Content-Encoding {encoding!r}") from None
     if not raw:
         raise BadRequest("request body is empty; send a JSON object")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # rejects lone surrogates such as "\ud800"
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise BadRequest("request body is not valid UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, NaN, integers past Python's 4300 digits
         raise BadRequest(f"malformed JSON: {exc}") from None
     return data
 

@@ -32,9 +32,17 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
 class ValidationFailed(ApiError):
     status, code = 422, "validation_error"
 
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class InsufficientStorage(ApiError):
+    status, code = 507, "insufficient_storage"
