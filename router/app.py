@@ -15,11 +15,12 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.web_protocol import RequestPayloadError
+from swagger_ui_bundle import swagger_ui_path
 
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.service import STAT_KEYS
-from router import __version__
+from router import __version__, openapi
 from router.cluster import Cluster
 from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
                            ValidationFailed)
@@ -33,8 +34,10 @@ CONFIG = web.AppKey("config", ClusterConfig)
 CLUSTER = web.AppKey("cluster", Cluster)
 METRICS = web.AppKey("metrics", Metrics)
 API_KEY = web.AppKey("api_key", str)
+OPENAPI = web.AppKey("openapi", dict)
 
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics", "/openapi.json", "/docs"})
+DOCS_ASSETS = "/docs/static/"  # Swagger UI's files, open like /docs
 HIT_FIELDS = ("memory_id", "entity_id", "session_id", "turn_index", "created_at_ms", "similarity",
               "textual_content", "kind")
 # Content-Encodings aiohttp decodes for us; any other would reach the JSON parser still encoded.
@@ -73,7 +76,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else (
             f"request body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
-        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 must list the methods
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status, headers=headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
@@ -81,7 +85,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in OPEN_PATHS:
+    if request.path not in OPEN_PATHS and not request.path.startswith(DOCS_ASSETS):
         expected = request.app[API_KEY].encode()
         offered = [request.headers.get("x-api-key", "")]
         auth = request.headers.get("Authorization", "")
@@ -344,6 +348,14 @@ async def profile(request: web.Request) -> web.Response:
     return web.json_response({"entity_id": req.entity_id, **found})
 
 
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.DOCS_HTML, content_type="text/html")
+
+
 async def metrics(request: web.Request) -> web.Response:
     request.app[METRICS].observe_nodes(await request.app[CLUSTER].stats(timeout=2))
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
@@ -363,6 +375,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     app[CLUSTER] = cluster
     app[METRICS] = Metrics()
     app[API_KEY] = key
+    app[OPENAPI] = openapi.build()
     r = app.router
     for path in ("/health", "/v1/health"):
         r.add_get(path, health)
@@ -384,4 +397,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_get("/stats", stats)
     r.add_get("/profile", profile)
     r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi_document)
+    r.add_get("/docs", docs)
+    r.add_static(DOCS_ASSETS, swagger_ui_path)
     return app

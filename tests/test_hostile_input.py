@@ -201,6 +201,7 @@ async def test_raw_non_ascii_request_target_is_a_400_from_the_parser(api):
 async def test_wrong_method_is_405_with_error_body(api, method, path):
     resp = await api.request(method, path, headers=AUTH)
     assert_error(resp.status, await resp.json(), 405, "method_not_allowed")
+    assert method not in resp.headers["Allow"] and resp.headers["Allow"], resp.headers
 
 
 async def test_unknown_path_is_404_with_error_body(api):
