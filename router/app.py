@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
@@ -256,9 +257,16 @@ async def analytics_query(request: web.Request) -> web.Response:
     req = parse(AnalyticsRequest, await read_json(request))
     if None not in (req.start_timestamp_ms, req.end_timestamp_ms) and req.start_timestamp_ms > req.end_timestamp_ms:
         raise ValidationFailed("start_timestamp_ms: must not be after end_timestamp_ms")
-    result = await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
-                                                  req.end_timestamp_ms, req.bucket)
+    result = finite(await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
+                                                         req.end_timestamp_ms, req.bucket))
+    if "buckets" in result:
+        result["buckets"] = [finite(b) for b in result["buckets"]]
     return web.json_response({"entity_id": req.entity_id, "label": req.label, **result})
+
+
+def finite(summary: dict[str, Any]) -> dict[str, Any]:
+    """An aggregate that overflowed a double is null: `Infinity` is not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 async def export_entity(request: web.Request) -> web.StreamResponse:

@@ -133,8 +133,10 @@ class GraphExportResult(BaseModel):
 
 
 class Summary(BaseModel):
+    """Aggregates; one that overflows a double is null."""
+
     count: int
-    sum: float
+    sum: float | None
     avg: float | None
     min: float | None
     max: float | None

@@ -207,3 +207,26 @@ async def test_wrong_method_is_405_with_error_body(api, method, path):
 async def test_unknown_path_is_404_with_error_body(api):
     resp = await api.get("/no/such/route", headers=AUTH)
     assert_error(resp.status, await resp.json(), 404, "not_found")
+
+
+# ---- answers are strict JSON ------------------------------------------------------------------
+
+def strict_json(text: str):
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON: {text[:300]}")
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_analytics_that_overflow_a_double_answer_null_not_infinity(api):
+    entity = uid()
+    for _ in range(2):
+        status, payload = await post_bytes(api, "/ingest", json.dumps(
+            {"entity_id": entity, "textual_content": "huge", "metrics": {"x": 1.7e308}}).encode())
+        assert status == 200, payload
+    for bucket in (None, "day"):
+        resp = await api.post("/analytics/query", json={"entity_id": entity, "label": "x", "bucket": bucket},
+                              headers=AUTH)
+        assert resp.status == 200
+        body = strict_json(await resp.text())
+        assert body["count"] == 2 and body["max"] == 1.7e308
+        assert body["sum"] is None and body["avg"] is None and body["stddev"] is None, body
