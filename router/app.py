@@ -131,6 +131,14 @@ async def read_json(request: web.Request) -> Any:
     return data
 
 
+def query_params(request: web.Request) -> dict[str, str]:
+    """The query string as a dict; a repeated parameter is ambiguous, so it is refused."""
+    params = dict(request.query)
+    if len(params) != len(request.query):
+        raise ValidationFailed("query string: a parameter is repeated")
+    return params
+
+
 def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
     memory_id = req.memory_id or new_memory_id(req.entity_id)
     parsed = parse_memory_id(memory_id)
@@ -208,10 +216,7 @@ async def query(request: web.Request) -> web.Response:
 
 async def temporal_query(request: web.Request) -> web.Response:
     """The best matches created within [window_start_ms, window_end_ms]; without text, in time order."""
-    params = dict(request.query)
-    if len(params) != len(request.query):
-        raise ValidationFailed("query string: a parameter is repeated")
-    req = parse(TemporalQuery, params)
+    req = parse(TemporalQuery, query_params(request))
     if req.limit > request.app[CONFIG].max_query_limit:
         raise ValidationFailed(f"limit: must be at most {request.app[CONFIG].max_query_limit}")
     if None not in (req.window_start_ms, req.window_end_ms) and req.window_start_ms > req.window_end_ms:
@@ -347,7 +352,7 @@ async def stats(request: web.Request) -> web.Response:
 async def profile(request: web.Request) -> web.Response:
     """GET /profile?entity_id=: the entity's current facts and recent activity. Without an entity
     (the SDK's get_profile() sends none): the engine's totals."""
-    req = parse(ProfileQuery, dict(request.query))
+    req = parse(ProfileQuery, query_params(request))
     if req.entity_id is None:
         return web.json_response({"entity_id": None, **totals(await request.app[CLUSTER].stats(timeout=10))})
     found = await request.app[CLUSTER].profile(req.entity_id, req.recent)

@@ -187,6 +187,14 @@ async def test_profile_query_string_is_never_a_500(api, query):
     assert_error(status, payload, status)
 
 
+@pytest.mark.parametrize("path", [b"/temporal/query", b"/profile"])
+async def test_repeated_query_parameter_is_a_422(api, path):
+    status, payload = await send_raw(api, raw_request("GET", path + b"?entity_id=a&entity_id=b",
+                                                      [(b"x-api-key", API_KEY.encode())]))
+    assert_error(status, payload, 422, "validation_error")
+    assert "repeated" in payload["error"]["message"]
+
+
 async def test_raw_non_ascii_request_target_is_a_400_from_the_parser(api):
     """aiohttp's HTTP parser refuses it before the app runs (plain-text body, not ours)."""
     status, _ = await send_raw(api, raw_request("GET", b"/temporal/query?textual_query=\xed\xa0\x80",
