@@ -388,7 +388,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     app[CLUSTER] = cluster
     app[METRICS] = Metrics()
     app[API_KEY] = key
-    app[OPENAPI] = openapi.build()
+    app[OPENAPI] = openapi.build(config.max_query_limit, config.max_batch_items)
     r = app.router
     for path in ("/health", "/v1/health"):
         r.add_get(path, health)

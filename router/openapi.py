@@ -101,8 +101,17 @@ def _query_parameters(model: type[BaseModel], schema: dict) -> list[dict]:
     return params
 
 
-def build() -> dict[str, Any]:
-    """The whole document (a fresh dict each call)."""
+def _config_limits(defs: dict, paths: dict, max_query_limit: int, max_batch_items: int) -> None:
+    """Limits the handlers take from the configuration, not from the models."""
+    defs["QueryRequest"]["properties"]["limit"]["maximum"] = max_query_limit
+    for param in paths["/temporal/query"]["get"]["parameters"]:
+        if param["name"] == "limit":
+            param["schema"]["maximum"] = max_query_limit
+    defs["IngestBatchRequest"]["properties"]["items"]["maxItems"] = max_batch_items
+
+
+def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
+    """The whole document (a fresh dict each call), with the configured limits."""
     models = [(m, "validation") for m in {x.body for x in ROUTES if x.body}]
     models += [(m, "serialization") for x in ROUTES for m in (x.response, *x.also) if m]
     models += [(r.Hit, "serialization"), (r.ErrorBody, "serialization")]
@@ -140,6 +149,7 @@ def build() -> dict[str, Any]:
             paths.setdefault(path, {})[route.method] = {
                 **op, "operationId": f"{route.method}_{path.strip('/').replace('/', '_').replace('.', '_')}",
                 **({"description": f"Alias of {route.paths[0]}."} if i else {})}
+    _config_limits(defs["$defs"], paths, max_query_limit, max_batch_items)
     return {
         "openapi": "3.1.0",
         "info": {"title": "tellodb-cluster", "version": __version__,
