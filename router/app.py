@@ -9,17 +9,22 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.web_protocol import RequestPayloadError
+from swagger_ui_bundle import swagger_ui_path
 
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.service import STAT_KEYS
-from router import __version__
+from router import __version__, openapi
 from router.cluster import Cluster
-from router.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
+from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
+                           ValidationFailed)
 from router.metrics import Metrics
 from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
                             IngestBatchRequest, IngestRequest, InspectRequest, ProfileQuery, QueryRequest, TemporalQuery, parse)
@@ -30,10 +35,15 @@ CONFIG = web.AppKey("config", ClusterConfig)
 CLUSTER = web.AppKey("cluster", Cluster)
 METRICS = web.AppKey("metrics", Metrics)
 API_KEY = web.AppKey("api_key", str)
+OPENAPI = web.AppKey("openapi", dict)
 
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics", "/openapi.json", "/docs"})
+DOCS_ASSETS = "/docs/static/"  # Swagger UI's files, open like /docs
 HIT_FIELDS = ("memory_id", "entity_id", "session_id", "turn_index", "created_at_ms", "similarity",
               "textual_content", "kind")
+# Content-Encodings aiohttp decodes for us; any other would reach the JSON parser still encoded.
+ENCODINGS = frozenset({"", "identity", "gzip", "deflate"} | ({"br"} if HAS_BROTLI else set())
+                      | ({"zstd"} if HAS_ZSTD else set()))
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -67,7 +77,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else (
             f"request body exceeds the limit of {request.app[CONFIG].max_body_bytes} bytes")
-        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 must list the methods
+        return web.json_response({"error": {"code": code, "message": message}}, status=exc.status, headers=headers)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
@@ -75,35 +86,57 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in OPEN_PATHS:
+    if request.path not in OPEN_PATHS and not request.path.startswith(DOCS_ASSETS):
         expected = request.app[API_KEY].encode()
         offered = [request.headers.get("x-api-key", "")]
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             offered.append(auth[7:].strip())
-        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat.
-        if not any([hmac.compare_digest(o.encode(), expected) for o in offered if o]):
+        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat. aiohttp
+        # decodes header bytes with surrogateescape, so non-UTF-8 keys encode back to their raw bytes.
+        if not any([hmac.compare_digest(o.encode("utf-8", "surrogateescape"), expected) for o in offered if o]):
             raise Unauthorized("missing or wrong API key (send x-api-key or Authorization: Bearer)")
     return await handler(request)
 
 
 # ---- request helpers ------------------------------------------------------------------------
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 async def read_json(request: web.Request) -> Any:
+    """The body as JSON, whatever its Content-Type (SDKs and curl users vary); gzip/deflate bodies are
+    decoded, other Content-Encodings are refused (415), and every malformed body is a 400."""
     limit = request.app[CONFIG].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = await request.read()
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send one of "
+                                   f"{', '.join(sorted(ENCODINGS - {''}))}")
+    try:
+        raw = await request.read()
+    except RequestPayloadError:
+        raise BadRequest(f"request body could not be decoded as Content-Encoding {encoding!r}") from None
     if not raw:
         raise BadRequest("request body is empty; send a JSON object")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # rejects lone surrogates such as "\ud800"
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise BadRequest("request body is not valid UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, NaN, integers past Python's 4300 digits
         raise BadRequest(f"malformed JSON: {exc}") from None
     return data
+
+
+def query_params(request: web.Request) -> dict[str, str]:
+    """The query string as a dict; a repeated parameter is ambiguous, so it is refused."""
+    params = dict(request.query)
+    if len(params) != len(request.query):
+        raise ValidationFailed("query string: a parameter is repeated")
+    return params
 
 
 def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
@@ -184,10 +217,7 @@ async def query(request: web.Request) -> web.Response:
 
 async def temporal_query(request: web.Request) -> web.Response:
     """The best matches created within [window_start_ms, window_end_ms]; without text, in time order."""
-    params = dict(request.query)
-    if len(params) != len(request.query):
-        raise ValidationFailed("query string: a parameter is repeated")
-    req = parse(TemporalQuery, params)
+    req = parse(TemporalQuery, query_params(request))
     if req.limit > request.app[CONFIG].max_query_limit:
         raise ValidationFailed(f"limit: must be at most {request.app[CONFIG].max_query_limit}")
     if None not in (req.window_start_ms, req.window_end_ms) and req.window_start_ms > req.window_end_ms:
@@ -233,9 +263,16 @@ async def analytics_query(request: web.Request) -> web.Response:
     req = parse(AnalyticsRequest, await read_json(request))
     if None not in (req.start_timestamp_ms, req.end_timestamp_ms) and req.start_timestamp_ms > req.end_timestamp_ms:
         raise ValidationFailed("start_timestamp_ms: must not be after end_timestamp_ms")
-    result = await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
-                                                  req.end_timestamp_ms, req.bucket)
+    result = finite(await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
+                                                         req.end_timestamp_ms, req.bucket))
+    if "buckets" in result:
+        result["buckets"] = [finite(b) for b in result["buckets"]]
     return web.json_response({"entity_id": req.entity_id, "label": req.label, **result})
+
+
+def finite(summary: dict[str, Any]) -> dict[str, Any]:
+    """An aggregate that overflowed a double is null: `Infinity` is not JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 async def export_entity(request: web.Request) -> web.StreamResponse:
@@ -316,13 +353,21 @@ async def stats(request: web.Request) -> web.Response:
 async def profile(request: web.Request) -> web.Response:
     """GET /profile?entity_id=: the entity's current facts and recent activity. Without an entity
     (the SDK's get_profile() sends none): the engine's totals."""
-    req = parse(ProfileQuery, dict(request.query))
+    req = parse(ProfileQuery, query_params(request))
     if req.entity_id is None:
         return web.json_response({"entity_id": None, **totals(await request.app[CLUSTER].stats(timeout=10))})
     found = await request.app[CLUSTER].profile(req.entity_id, req.recent)
     if not found or not found["memories"]:
         raise NotFound(f"no memories for entity {req.entity_id!r}")
     return web.json_response({"entity_id": req.entity_id, **found})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+async def docs(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.DOCS_HTML, content_type="text/html")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -344,6 +389,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     app[CLUSTER] = cluster
     app[METRICS] = Metrics()
     app[API_KEY] = key
+    app[OPENAPI] = openapi.build(config.max_query_limit, config.max_batch_items)
     r = app.router
     for path in ("/health", "/v1/health"):
         r.add_get(path, health)
@@ -365,4 +411,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_get("/stats", stats)
     r.add_get("/profile", profile)
     r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi_document)
+    r.add_get("/docs", docs)
+    r.add_static(DOCS_ASSETS, swagger_ui_path)
     return app

@@ -16,11 +16,26 @@ import sys
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config
 from router import __version__, datadir, ray_local
 
 log = logging.getLogger("tellodb")
+
+
+class ClientErrorFilter(logging.Filter):
+    """aiohttp logs a request its parser refuses (a line too long, a NUL in a header: a 400 to the
+    client) as an ERROR with a traceback; it is the client's error, so one INFO line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+            reason = (exc.message or "").strip().splitlines()[0][:200] if exc.message else ""
+            record.msg, record.args = f"{record.getMessage()}: {exc.code} {reason}", ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def setup_logging() -> None:
@@ -29,6 +44,7 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)5s %(name)s: %(message)s")
     for noisy in ("chromadb", "httpx", "sentence_transformers", "transformers", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientErrorFilter())
 
 
 def resolve_api_key(config: ClusterConfig) -> ClusterConfig:

@@ -43,7 +43,11 @@ class IngestRequest(_Body):
     @classmethod
     def _finite(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for label, value in (v or {}).items():
-            if isinstance(value, bool) or not math.isfinite(value):
+            try:
+                finite = not isinstance(value, bool) and math.isfinite(value)
+            except OverflowError:  # an integer past float's range
+                finite = False
+            if not finite:
                 raise ValueError(f"metric {label!r} must be a finite number")
         return v
 
