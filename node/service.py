@@ -79,6 +79,7 @@ class Node:
         self.busy = {"commit": 0.0, "index": 0.0, "search": 0.0}  # store-thread seconds per kind of work
         self.queries = 0
         self.query_seconds = 0.0  # wall time of queries inside the node (embed, search and the hand-offs)
+        shutil.rmtree(self._snapshot_folder(), ignore_errors=True)  # copies a crash left behind
         # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
         # are created on their first write.
         for shard in sorted(self.owned):
@@ -587,6 +588,38 @@ class Node:
 
     async def mark_homes_registered(self, shards: list[int]) -> None:
         await self._on_store(lambda: [self._shard(s).set_meta("id_homes", "1") for s in shards])
+
+    # ---- snapshots: a shard's bytes leave through Ray, a chunk per call (never a shared filesystem) ----
+
+    async def snapshot(self, shard: int) -> dict[str, Any]:
+        """Take a consistent copy of `shard` (node.shard_store.ShardStore.snapshot) into this node's
+        snapshot folder, off the store thread (the shard keeps serving); its id, sequence number,
+        size and sha256. Read it with `read_snapshot`, then `drop_snapshot`."""
+        store = await self._on_store(self._shard, shard)  # an empty shard is created: every shard has a copy
+        folder = self._snapshot_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        snapshot_id = f"{shard:04d}-{os.urandom(8).hex()}"
+        info = await asyncio.get_running_loop().run_in_executor(None, store.snapshot, folder / snapshot_id)
+        return {**info, "id": snapshot_id, "node": self.name}
+
+    def _snapshot_folder(self) -> Path:
+        return self.data_dir / "snapshots" / self.name
+
+    def _snapshot_path(self, snapshot_id: str) -> Path:
+        if not snapshot_id.replace("-", "").isalnum():
+            raise ValueError(f"bad snapshot id {snapshot_id!r}")
+        return self._snapshot_folder() / snapshot_id
+
+    async def read_snapshot(self, snapshot_id: str, offset: int, size: int) -> bytes:
+        def read() -> bytes:
+            with open(self._snapshot_path(snapshot_id), "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def drop_snapshot(self, snapshot_id: str) -> None:
+        self._snapshot_path(snapshot_id).unlink(missing_ok=True)
 
     def _candidate_shards(self, shards: list[int] | None) -> list[int]:
         """Shards to look in: the given ones that exist here, or every open one."""

@@ -21,7 +21,7 @@ from swagger_ui_bundle import swagger_ui_path
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.service import STAT_KEYS
-from router import __version__, openapi
+from router import __version__, admin, openapi
 from router.cluster import Cluster
 from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
                            ValidationFailed)
@@ -414,4 +414,5 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_get("/openapi.json", openapi_document)
     r.add_get("/docs", docs)
     r.add_static(DOCS_ASSETS, swagger_ui_path)
+    admin.add_routes(app)
     return app

@@ -18,7 +18,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config
+from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config, model_dimension, resolve_model_path
 from router import __version__, datadir, ray_local
 
 log = logging.getLogger("tellodb")
@@ -101,6 +101,8 @@ def claim_data_dir(config: ClusterConfig) -> None:
     tightened = datadir.tighten(config.data_dir)
     if tightened:
         log.info("Data directory made private (0700 folders, 0600 files) changed=%d", tightened)
+    datadir.check_identity(config.data_dir, datadir.identity(
+        config.shards, config.embedding.model, model_dimension(resolve_model_path(config.embedding.model))))
 
 
 def run_server(config_path: str | None, overrides: dict) -> int:
@@ -122,6 +124,9 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     except datadir.DataDirBusy as exc:
         log.error("%s", exc)
         return 3
+    except datadir.DataDirMismatch as exc:
+        log.error("%s", exc)
+        return 4
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
     if not config.ray_address:
         ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
@@ -147,6 +152,26 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     return code
 
 
+def run_backup_command(args: argparse.Namespace) -> int:
+    from router import backup
+
+    try:
+        if args.command == "backup":
+            if not args.key:
+                raise backup.BackupError("an API key is needed: --key KEY or TELLODB_API_KEY")
+            manifest = backup.backup(args.dest, args.url, args.key, args.force)
+            done = f"backed up {manifest['shards']} shards to {args.dest}"
+        else:
+            manifest = backup.restore(args.src, args.data_dir, args.force)
+            done = (f"restored {manifest['shards']} shards into {args.data_dir}; start it with "
+                    f"tellodb serve --data-dir {args.data_dir}")
+    except backup.BackupError as exc:
+        print(f"tellodb {args.command}: {exc}", file=sys.stderr)
+        return 1
+    print(done, file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tellodb", description="tellodb-cluster memory engine")
     parser.add_argument("--version", action="version", version=f"tellodb-cluster {__version__}")
@@ -156,7 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", help="bind address (overrides TEMPORAL_MEMORY_HOST)")
     s.add_argument("--port", type=int, help="listen port (overrides PORT)")
     s.add_argument("--data-dir", help="data directory (overrides TEMPORAL_MEMORY_DATA_DIR)")
+    b = sub.add_parser("backup", help="back up every shard of a running engine into a folder (online)")
+    b.add_argument("dest", help="folder to write (new or empty)")
+    b.add_argument("--url", default="http://127.0.0.1:3000", help="the engine (default: %(default)s)")
+    b.add_argument("--key", default=os.environ.get("TELLODB_API_KEY"), help="API key (default: $TELLODB_API_KEY)")
+    b.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    r = sub.add_parser("restore", help="verify a backup and lay it out as a data directory")
+    r.add_argument("src", help="the backup folder")
+    r.add_argument("--data-dir", required=True, help="data directory to create (new or empty)")
+    r.add_argument("--force", action="store_true", help="replace the shards of a data directory that is not empty")
     args = parser.parse_args(argv)
+    if args.command in ("backup", "restore"):
+        return run_backup_command(args)
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -330,6 +330,19 @@ class Cluster:
         shard = self.placement.shard_of(entity_id)
         return await self._call(self.placement.node_of_shard(shard), "profile", entity_id, shard, recent)
 
+    async def snapshot(self, shard: int) -> dict[str, Any]:
+        """A consistent copy of `shard` on its node (node.service.Node.snapshot)."""
+        return await self._call(self.placement.node_of_shard(shard), "snapshot", shard)
+
+    async def read_snapshot(self, node: str, snapshot_id: str, offset: int, size: int) -> bytes:
+        return await self._call(node, "read_snapshot", snapshot_id, offset, size)
+
+    async def drop_snapshot(self, node: str, snapshot_id: str) -> None:
+        try:
+            await self._call(node, "drop_snapshot", snapshot_id)
+        except ApiError as exc:  # it goes at the node's next start anyway
+            log.warning("snapshot %s on %s not dropped: %s", snapshot_id, node, exc.message)
+
     def merged_calls(self) -> dict[str, dict[str, int]]:
         """Per node method: Ray calls made and the requests they carried (router.coalesce)."""
         return {f"{node}.{method}": {"calls": c.calls, "requests": c.requests}

@@ -44,6 +44,7 @@ class Route:
     also: tuple[type[BaseModel], ...] = ()  # other 200 shapes (oneOf)
     media: tuple[str, str] | None = None  # (content type, description) of a non-JSON 200
     open: bool = False  # no API key needed
+    params: tuple[dict, ...] = ()  # path parameters, as OpenAPI parameter objects
 
 
 ROUTES = (
@@ -76,6 +77,12 @@ ROUTES = (
           media=("application/json", "OpenAPI 3.1 document")),
     Route("get", ("/docs",), "API documentation page (Swagger UI, served offline)", None, open=True,
           media=("text/html", "HTML page")),
+    Route("get", ("/admin/shards",), "The cluster's shards, model and placement (for backups)", r.ShardsInfo,
+          errors=(401,)),
+    Route("post", ("/admin/shards/{shard}/snapshot",), "A consistent copy of one shard's SQLite file, taken while "
+          "it serves; headers X-Tellodb-Seq and X-Tellodb-Sha256 describe it", None, errors=(401, 404, 503, 507),
+          media=("application/octet-stream", "the shard's SQLite file at sequence X-Tellodb-Seq"),
+          params=({"name": "shard", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},)),
 )
 HIT_ARRAY_ROUTES = {"/query/semantic", "/query", "/temporal/query"}  # 200 is a JSON array of hits
 
@@ -127,6 +134,8 @@ def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
                 "schema": _ref(refs[(route.body, "validation")])}}}
         if route.query:
             op["parameters"] = _query_parameters(route.query, route.query.model_json_schema(mode="validation"))
+        if route.params:
+            op["parameters"] = list(route.params)
         if route.media:
             media, description = route.media
             ok = {"description": description, "content": {media: {"schema": {"type": "string"}}}}

@@ -212,3 +212,11 @@ EXPORT_DESCRIPTION = (
     "exported_at_ms}, then per memory a `memory` line (the memory's fields) followed by its `measurement` "
     "lines {entity_id, memory_id, label, value, unit, timestamp_ms} and `relation` lines {source, edge_type, "
     "target, memory_id, timestamp_ms}, last `summary` {memories, relations, measurements}.")
+
+
+class ShardsInfo(BaseModel):
+    engine_version: str
+    shards: int
+    model: str
+    dimension: int | None
+    nodes: dict[str, str] = Field(description="the node of each shard, by shard number")

@@ -61,3 +61,40 @@ def test_second_engine_on_one_data_dir_exits_at_once(make_server, tmp_path):
     first.proc.wait(timeout=30)
     third = make_server(data_dir=first.data_dir).start()
     assert client_post(third, "/ingest", {"entity_id": "user:x", "textual_content": "still works"})["status"] == "ok"
+
+
+def test_a_start_with_another_shard_count_is_refused(make_server, tmp_path):
+    """The shard count is fixed for the life of the data: another one would strand every entity."""
+    first = make_server(TELLODB_SHARDS="8").start()
+    client_post(first, "/ingest", {"entity_id": "user:kept", "textual_content": "still reachable"})
+    assert first.stop() == 0
+    second = make_server(data_dir=first.data_dir, TELLODB_SHARDS="16")
+    proc = subprocess.run([str(BIN / "tellodb"), "serve"], env=second.env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "holds 8 shards but shards is set to 16" in proc.stderr and "Ray" not in proc.stderr, proc.stderr
+    third = make_server(data_dir=first.data_dir, TELLODB_SHARDS="8").start()  # the right count still starts
+    hits = client_post(third, "/query/semantic", {"textual_query": "reachable", "entity_id": "user:kept"})
+    assert hits[0]["textual_content"] == "still reachable"
+
+
+def test_a_data_dir_records_what_it_was_written_with(tmp_path):
+    from router import datadir
+
+    datadir.check_identity(str(tmp_path), datadir.identity(8, "m", 384))
+    datadir.check_identity(str(tmp_path), datadir.identity(8, "m", 384))  # the same: fine
+    for wanted, says in ((datadir.identity(8, "m", 768), "384-dimensional"), (datadir.identity(4, "m", 384), "8 shards")):
+        try:
+            datadir.check_identity(str(tmp_path), wanted)
+        except datadir.DataDirMismatch as exc:
+            assert says in str(exc)
+        else:
+            raise AssertionError(f"{wanted} was accepted")
+    old = tmp_path / "old"
+    (old / "shards" / "0011").mkdir(parents=True)  # from before engine.json, written with 12+ shards
+    try:
+        datadir.check_identity(str(old), datadir.identity(8, "m", 384))
+    except datadir.DataDirMismatch as exc:
+        assert "shard 11" in str(exc)
+    else:
+        raise AssertionError("a data dir with shard 11 started with 8 shards")

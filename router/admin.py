@@ -1,0 +1,63 @@
+"""Operator routes: what the cluster holds, and shard snapshots for `tellodb backup`.
+
+`GET /admin/shards` describes the cluster (version, shard count, model, dimension, the node of each
+shard). `POST /admin/shards/{shard}/snapshot` takes a consistent copy of one shard while it serves
+and streams its bytes; the headers carry its sequence number and sha256, so the client can verify
+what it wrote. The bytes come from the node through Ray, a chunk per call: nothing needs a
+filesystem shared with the node's machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from router import __version__
+from router.errors import NotFound
+
+CHUNK = 4 << 20  # bytes per Ray call while streaming a snapshot
+
+
+async def shards(request: web.Request) -> web.Response:
+    from router.app import CLUSTER
+
+    cluster = request.app[CLUSTER]
+    info = next(iter(cluster.node_info.values()), {})
+    return web.json_response({
+        "engine_version": __version__,
+        "shards": cluster.config.shards,
+        "model": cluster.config.embedding.model,
+        "dimension": info.get("dimension"),
+        "nodes": {str(s): cluster.placement.node_of_shard(s) for s in range(cluster.config.shards)},
+    })
+
+
+async def snapshot(request: web.Request) -> web.StreamResponse:
+    from router.app import CLUSTER
+
+    cluster = request.app[CLUSTER]
+    raw = request.match_info["shard"]
+    if not raw.isdigit() or int(raw) >= cluster.config.shards:
+        raise NotFound(f"no shard {raw!r} (shards are 0 to {cluster.config.shards - 1})")
+    started = time.monotonic()
+    info = await cluster.snapshot(int(raw))
+    node = info["node"]
+    try:
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(info["bytes"]),
+            "X-Tellodb-Shard": raw, "X-Tellodb-Seq": str(info["seq"]), "X-Tellodb-Sha256": info["sha256"]})
+        await response.prepare(request)
+        for offset in range(0, info["bytes"], CHUNK):
+            await response.write(await cluster.read_snapshot(node, info["id"], offset, CHUNK))
+        await response.write_eof()
+    finally:
+        await cluster.drop_snapshot(node, info["id"])
+    request.app.logger.info("snapshot shard=%s seq=%d bytes=%d seconds=%.2f", raw, info["seq"], info["bytes"],
+                            time.monotonic() - started)
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/shards", shards)
+    app.router.add_post("/admin/shards/{shard}/snapshot", snapshot)
