@@ -39,6 +39,7 @@ class EmbeddingConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: int = 64  # largest batch the embedder builds from concurrent requests
+    batch_chars: int = 8192  # and its most characters (one longer text still gets a pass): bounds one pass's time
     max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
 
 
@@ -66,7 +67,7 @@ class ClusterConfig:
     max_text_chars: int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
     max_relations: int = 64  # per memory
     max_metrics: int = 64  # explicit `metrics` labels per memory
-    max_batch_text_bytes: int = 4 * 1024 * 1024  # UTF-8 bytes of all texts of one request
+    max_batch_text_bytes: int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -241,6 +242,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(device in ("cpu", "cuda", "mps") or device.startswith("cuda:"), "embedding.device",
           f"unknown device {emb.device!r} (cpu, cuda, cuda:N or mps)")
     check(1 <= emb.batch_size <= 4096, "embedding.batch_size", "must be between 1 and 4096")
+    check(256 <= emb.batch_chars <= 10_000_000, "embedding.batch_chars", "must be between 256 and 10000000")
     check(0 <= emb.max_wait_ms <= 1000, "embedding.max_wait_ms", "must be between 0 and 1000")
     h = config.hnsw
     check(2 <= h.connectivity <= 256, "hnsw.connectivity", f"must be between 2 and 256, got {h.connectivity}")

@@ -55,6 +55,7 @@ class Node:
                           config.embedding.device.lower(), threads, config.data_dir),
             max_batch=config.embedding.batch_size,
             max_wait_ms=config.embedding.max_wait_ms,
+            max_chars=config.embedding.batch_chars,
         )
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-store")
         self.shards: dict[int, ShardStore] = {}
