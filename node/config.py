@@ -39,7 +39,7 @@ class EmbeddingConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: int = 64  # largest batch the embedder builds from concurrent requests
-    batch_chars: int = 8192  # and its most characters (one longer text still gets a pass): bounds one pass's time
+    batch_chars: int = 4096  # and its most characters (one longer text still gets a pass): bounds one pass's time
     max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
 
 

@@ -84,7 +84,7 @@ class BatchingEmbedder:
     texts left first."""
 
     def __init__(self, embedder: Embedder, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 max_chars: int = 8192) -> None:
+                 max_chars: int = 4096) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
         self.max_chars = max_chars
@@ -114,23 +114,37 @@ class BatchingEmbedder:
         return await future
 
     def _plan(self) -> list[tuple[_Job, int]]:
-        """The next pass: (job, how many of its next texts), within max_batch texts and max_chars."""
+        """The next pass: (job, how many of its next texts), within max_batch texts and max_chars.
+        One text of the oldest job first (it always progresses); then every job that fits whole,
+        fewest texts first; only a pass that holds no other job is filled up with partial ones, so
+        a query's pass carries at most one text of a large job besides it."""
         self._waiting = [job for job in self._waiting if not job.future.done()]  # cancelled callers drop out
         if not self._waiting:
             return []
         counts: dict[int, int] = {}
         jobs = {id(job): job for job in self._waiting}
-        size = chars = 0
-        oldest = self._waiting[0]
-        for job in [oldest] + sorted(self._waiting, key=lambda j: j.remaining):
-            limit = 1 if job is oldest and not counts else job.remaining
-            while counts.get(id(job), 0) < limit and size < self.max_batch:
+        used = [0, 0]  # texts, characters
+
+        def take(job: _Job, limit: int) -> None:
+            while counts.get(id(job), 0) < limit and used[0] < self.max_batch:
                 text = job.texts[job.done + counts.get(id(job), 0)]
                 n = len(text) if isinstance(text, str) else 1
-                if size and chars + n > self.max_chars:
-                    break
+                if used[0] and used[1] + n > self.max_chars:
+                    return
                 counts[id(job)] = counts.get(id(job), 0) + 1
-                size, chars = size + 1, chars + n
+                used[0], used[1] = used[0] + 1, used[1] + n
+
+        oldest = self._waiting[0]
+        take(oldest, 1)
+        by_size = sorted(self._waiting, key=lambda j: j.remaining)
+        for job in by_size:
+            rest = job.texts[job.done + counts.get(id(job), 0):]
+            if job is not oldest and used[0] + len(rest) <= self.max_batch and \
+                    used[1] + sum(len(t) if isinstance(t, str) else 1 for t in rest) <= self.max_chars:
+                take(job, job.remaining)
+        if len(counts) == 1:
+            for job in by_size:
+                take(job, job.remaining)
         return [(jobs[key], n) for key, n in counts.items()]
 
     async def _run(self) -> None:
