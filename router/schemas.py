@@ -12,10 +12,11 @@ from typing import Annotated, Any, TypeVar
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
                       field_validator)
 
+from node.config import MAX_LIST_CEILING, MAX_TEXT_CHARS_CEILING
 from router.errors import ValidationFailed
 
 MAX_ID = 512
-MAX_TEXT = 1_000_000
+MAX_TEXT = MAX_TEXT_CHARS_CEILING  # a ceiling; the configured limit is checked by router.limits
 MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID, pattern=r"^[^\x00-\x1f]+$")]
@@ -32,11 +33,11 @@ class IngestRequest(_Body):
                                           validation_alias=AliasChoices("textual_content", "text"))]
     memory_id: Id | None = None
     timestamp: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None
-    relations: list[list[Label]] | None = None
+    relations: Annotated[list[list[Label]], Field(max_length=MAX_LIST_CEILING)] | None = None
     kind: Annotated[str, Field(max_length=64)] | None = None
     enable_semantic_dedup: StrictBool | None = None
     enable_consolidation: StrictBool | None = None
-    metrics: Annotated[dict[Label, StrictFloat | StrictInt], Field(max_length=64)] | None = None  # explicit measurements
+    metrics: Annotated[dict[Label, StrictFloat | StrictInt], Field(max_length=MAX_LIST_CEILING)] | None = None  # explicit measurements
     fact_key: Label | None = None  # the slot this memory's fact fills; a newer one supersedes it
 
     @field_validator("metrics")

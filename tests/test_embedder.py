@@ -47,3 +47,36 @@ async def test_a_failing_batch_fails_its_callers_and_the_batcher_survives(embedd
         assert (await batcher.embed(["still works"])).shape == (1, embedder.dimension)
     finally:
         await batcher.close()
+
+
+async def test_a_large_call_is_cut_into_passes_and_a_small_one_rides_the_next(embedder):
+    batcher = BatchingEmbedder(embedder, max_batch=4, max_chars=8192)
+    texts = [f"long text number {i} " * 12 for i in range(40)]  # ten passes of four
+    try:
+        big = asyncio.ensure_future(batcher.embed(texts))
+        while batcher.passes < 1:
+            await asyncio.sleep(0.002)
+        before = batcher.passes
+        small = await batcher.embed(["a short query"])
+        assert not big.done() and batcher.passes - before <= 2  # it waited for at most the pass under way
+        np.testing.assert_allclose(small, embedder.encode(["a short query"]), atol=1e-5)
+        np.testing.assert_allclose(await big, embedder.encode(texts), atol=1e-5)  # in order, all of them
+    finally:
+        await batcher.close()
+
+
+async def test_passes_are_bounded_by_characters_and_cancelled_calls_drop_out(embedder):
+    batcher = BatchingEmbedder(embedder, max_batch=64, max_chars=1000)
+    try:
+        await batcher.embed(["x" * 400] * 6)
+        assert batcher.passes == 3  # two 400-character texts per pass
+        await batcher.embed(["y" * 5000])  # one text over the bound still gets its own pass
+        assert batcher.passes == 4
+        big = asyncio.ensure_future(batcher.embed(["z" * 900] * 50))
+        while batcher.passes < 5:
+            await asyncio.sleep(0.002)
+        big.cancel()
+        assert (await batcher.embed(["after"])).shape == (1, embedder.dimension)
+        assert batcher.passes < 10  # the cancelled call stopped taking passes
+    finally:
+        await batcher.close()

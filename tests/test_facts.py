@@ -161,3 +161,23 @@ async def test_profile_shows_current_facts_and_recent_activity(api):
     r = await api.get("/profile", headers=key)
     totals = await r.json()
     assert r.status == 200 and totals["entity_id"] is None and totals["memories"] >= 4
+
+
+def test_question_cues_grow_linearly_with_the_question():
+    """A cue with a gap (`did ... live`, `where ... work`) must not rescan the question from every word."""
+    import time
+
+    from node.facts import asked_predicates, asks_about_the_past
+
+    def seconds(q: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            asked_predicates(q)
+            asks_about_the_past(q)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    for word in ("did ", "where "):
+        small, large = seconds(word * (2500 // len(word))), seconds(word * (10000 // len(word)))
+        assert large / max(small, 1e-3) < 10, (word, small, large)  # quadratic: about 16

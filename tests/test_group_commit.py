@@ -169,3 +169,16 @@ async def test_a_pause_in_writes_trims_the_change_logs(tmp_path):
         assert [c.seq for c in store.changes_since(0)] == [8, 9, 10]
     finally:
         await n.close()
+
+
+async def test_a_store_turn_takes_a_bounded_group_and_a_large_request_whole(node, monkeypatch):
+    import node.service as service
+
+    monkeypatch.setattr(service, "COMMIT_TEXT_CHARS", 100)
+    e = own_entity(0)
+    big = [item(e, "b" * 150, f"{e}::big::{i}") for i in range(3)]  # over the bound alone: one turn, whole
+    writes = [node.ingest([item(e, "s" * 60, f"{e}::s::{i}")]) for i in range(10)] + [node.ingest(big)]
+    assert await asyncio.gather(*writes) == [[None]] * 10 + [[None] * 3]
+    assert node.grouped_writes == 11
+    assert node.group_commits >= 10  # at most one 60-character write per turn fits within 100 characters
+    assert (await node.stats())["memories"] == 13
