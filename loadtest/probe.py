@@ -1,7 +1,9 @@
 """Side probes against a running engine: does any one request hold a node?
 
 Each probe is one async function `probe(client, **options) -> dict` registered in PROBES; the CLI
-runs the chosen ones (all by default) and prints their dicts as one JSON object:
+runs the chosen ones (all by default) and prints their dicts as one JSON object. `bad_inputs` sends
+hostile raw requests (every one must get a 4xx) and `one_id_races` has many clients write one
+free-form id under different entities at once (exactly one memory may remain):
 
     python -m loadtest.probe --url http://127.0.0.1:3000 --key KEY [--probe heavy_inputs]
 
@@ -173,8 +175,79 @@ async def heavy_inputs(client: Client, limits: dict[str, int] | None = None, bas
     }
 
 
+def bad_requests(key: str) -> list[tuple[str, bytes]]:
+    """(name, raw HTTP/1.1 request) of inputs a careless or hostile client sends; none may get a 5xx."""
+    def req(method: str, path: str, body: bytes = b"", headers: bytes = b"") -> bytes:
+        return (f"{method} {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n".encode() + headers
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    auth = f"x-api-key: {key}\r\n".encode()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return [
+        ("integer_of_5000_digits", req("POST", "/query", b'{"textual_query":"x","limit":1' + b"0" * 5000 + b"}", auth)),
+        ("metric_of_400_digits", req("POST", "/ingest", b'{"entity_id":"p","textual_content":"x","metrics":{"m":1'
+                                     + b"0" * 400 + b"}}", auth)),
+        ("nan_literal", req("POST", "/query", b'{"textual_query":"x","limit":NaN}', auth)),
+        ("nesting_100k_deep", req("POST", "/ingest", deep, auth)),
+        ("lone_surrogate", req("POST", "/ingest", b'{"entity_id":"p","textual_content":"\\ud800"}', auth)),
+        ("not_utf8_body", req("POST", "/ingest", b'{"entity_id":"p","textual_content":"\xff\xfe"}', auth)),
+        ("not_utf8_key", req("POST", "/query", b'{"textual_query":"x"}', b"x-api-key: \xff\xfe\xfd\r\n")),
+        ("not_utf8_bearer", req("POST", "/query", b'{"textual_query":"x"}', b"Authorization: Bearer \xc3\x28\r\n")),
+        ("gzip_that_is_not", req("POST", "/ingest", b"not gzip at all", auth + b"Content-Encoding: gzip\r\n")),
+        ("unknown_encoding", req("POST", "/ingest", b"{}", auth + b"Content-Encoding: snappy\r\n")),
+        ("empty_body", req("POST", "/ingest", b"", auth)),
+        ("array_body", req("POST", "/memory/delete", b"[1,2,3]", auth)),
+        ("bad_percent_encoding", req("GET", "/temporal/query?entity_id=%ZZ%ud800&limit=%FF", b"", auth)),
+        ("repeated_parameter", req("GET", "/profile?entity_id=a&entity_id=b", b"", auth)),
+        ("huge_limit", req("GET", "/temporal/query?limit=" + "9" * 5000, b"", auth)),
+        ("wrong_method", req("DELETE", "/ingest", b"", auth)),
+        ("snapshot_of_no_shard", req("POST", "/admin/shards/99999/snapshot", b"", auth)),
+    ]
+
+
+async def raw_status(url: str, request: bytes, timeout_s: float = 60.0) -> int:
+    """Send raw bytes to the engine (no client library to tidy them up); the answer's status, 0 if none."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+    try:
+        writer.write(request)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout_s)
+        return int(line.split()[1]) if line.startswith(b"HTTP/") else 0
+    finally:
+        writer.close()
+
+
+async def bad_inputs(client: Client, **_: Any) -> dict[str, Any]:
+    """Each hostile request's status: every one must get a 4xx (a 5xx or no answer is a defect)."""
+    statuses = {name: await raw_status(client.url, request) for name, request in bad_requests(client.key)}
+    return {"statuses": statuses, "defects": sorted(n for n, s in statuses.items() if not 400 <= s < 500)}
+
+
+async def one_id_races(client: Client, writers: int = 16, rounds: int = 3, prefix: str = "probe", **_: Any) -> dict:
+    """`writers` clients write one free-form memory id under as many entities at once; afterwards
+    exactly one entity may hold it (an id names one memory), and inspect must agree."""
+    entities = [f"{prefix}-racer-{i}-{uuid.uuid4().hex[:6]}" for i in range(writers)]
+    results = []
+    for _ in range(rounds):
+        memory_id = f"{prefix}-shared-{uuid.uuid4().hex}"
+        answers = await asyncio.gather(*(client.post("/ingest", {
+            "entity_id": e, "memory_id": memory_id, "textual_content": f"the shared note by {e}"}) for e in entities))
+        holders = []
+        for e in entities:
+            status, hits, _ = await client.post("/query", {"textual_query": "the shared note", "entity_id": e,
+                                                          "limit": 50})
+            if status == 200 and any(h["memory_id"] == memory_id for h in hits):
+                holders.append(e)
+        status, found, _ = await client.post("/memory/inspect", {"memory_id": memory_id})
+        results.append({"memory_id": memory_id, "statuses": sorted({a[0] for a in answers}), "holders": len(holders),
+                        "inspect_agrees": status == 200 and [found.get("entity_id")] == holders})
+    return {"rounds": results, "defects": [r for r in results if r["holders"] != 1 or not r["inspect_agrees"]
+                                           or r["statuses"] != [200]]}
+
+
 Probe = Callable[..., Awaitable[dict[str, Any]]]
-PROBES: dict[str, Probe] = {"heavy_inputs": heavy_inputs}
+PROBES: dict[str, Probe] = {"heavy_inputs": heavy_inputs, "bad_inputs": bad_inputs, "one_id_races": one_id_races}
 
 
 async def run(url: str, key: str, names: list[str] | None = None, **options: Any) -> dict[str, Any]:

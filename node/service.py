@@ -214,12 +214,12 @@ class Node:
             self.grouped_writes += len(group)
             await self._index_backlogs(INDEX_BACKLOG)
 
-    def _next_group(self) -> list[tuple[list[dict], list[MemoryRecord], asyncio.Future]]:
+    def _next_group(self) -> list[tuple[list[dict], list[MemoryRecord], float | None, asyncio.Future]]:
         """Take the next store-thread turn's writes, in arrival order: the first request, then more
         while the turn stays within COMMIT_ITEMS items and COMMIT_TEXT_CHARS characters. A request
         is never split (its shards' transactions stay all-or-nothing); the router's limits bound one."""
         items = chars = taken = 0
-        for request, _, _ in self._pending_writes:
+        for request, *_ in self._pending_writes:
             size, text = len(request), sum(len(it["textual_content"]) for it in request)
             if taken and (items + size > COMMIT_ITEMS or chars + text > COMMIT_TEXT_CHARS):
                 break

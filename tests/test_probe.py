@@ -1,5 +1,6 @@
-"""The heavy-input side probe against a real `tellodb serve`: while the heaviest legal requests
-run against one entity, queries for another entity on the same node keep being answered."""
+"""The probe harness (loadtest/probe.py) against a real `tellodb serve`: while the heaviest legal
+requests run against one entity, queries for another entity on the same node keep being answered;
+hostile raw requests all get a 4xx; racing writers of one id leave one memory."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import aiohttp
 
 from conftest import API_KEY
-from loadtest.probe import Client, heavy_inputs
+from loadtest.probe import Client, bad_inputs, heavy_inputs, one_id_races
 
 # README (Limits): the longest a request holds a node thread (one store-thread turn) is about 1.5 s
 # on the 2-core development machine; side queries may wait for one such turn plus an embedding pass.
@@ -23,6 +24,10 @@ async def test_heavy_inputs_do_not_hold_the_node(make_server, tmp_path):
     async with aiohttp.ClientSession() as session:
         client = Client(session, server.base_url, API_KEY, timeout_s=120)
         out = await heavy_inputs(client, limits=LIMITS, baseline_queries=10)
+        bad = await bad_inputs(client)
+        races = await one_id_races(client, writers=16, rounds=2)
+    assert bad["defects"] == [] and len(bad["statuses"]) >= 15, bad  # hostile inputs: a 4xx each, never a 5xx
+    assert races["defects"] == [], races  # one id, one memory, however many writers race
     statuses = {h["name"]: h["status"] for h in out["heavy"]}
     assert statuses == {"text_of_digits": 200, "text_of_1_km": 200, "text_of_words": 200, "batch_of_max_texts": 200,
                         "batch_of_max_items": 200, "batch_of_max_relations": 200, "text_over_limit": 422,
