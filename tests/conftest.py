@@ -52,6 +52,21 @@ def make_store(tmp_path, embedder):
             pass
 
 
+def http_json(base: str, path: str, body: object = None, timeout: float = 60) -> tuple[int, object]:
+    """(status, JSON answer) of a GET (no body) or POST to a real server, errors included."""
+    import json
+    import urllib.error
+
+    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                 method="GET" if body is None else "POST",
+                                 headers={"x-api-key": API_KEY, "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

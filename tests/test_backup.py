@@ -8,12 +8,10 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
-from conftest import API_KEY, BIN
+from conftest import API_KEY, BIN, http_json
 from node.ring import Placement
 
 QUERIES = ["where does the user live", "favourite food", "the dog's name", "locker code", "weekend plans"]
@@ -21,22 +19,11 @@ FACTS = ["I live in {city}", "My favourite food is {food}", "Our dog is called {
          "This weekend I will visit {city} with {dog}"]
 
 
-def call(base: str, path: str, body: dict | None = None) -> tuple[int, object]:
-    req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
-                                 method="GET" if body is None else "POST",
-                                 headers={"x-api-key": API_KEY, "content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def answers(base: str, entities: list[str]) -> list:
     out = []
     for e in entities:
         for q in QUERIES:
-            status, hits = call(base, "/query/semantic", {"textual_query": q, "entity_id": e, "limit": 5})
+            status, hits = http_json(base, "/query/semantic", {"textual_query": q, "entity_id": e, "limit": 5})
             assert status == 200, hits
             out.append([(h["memory_id"], round(h["similarity"], 6)) for h in hits])
     return out
@@ -69,7 +56,7 @@ def backed_up(tmp_path_factory):
               "textual_content": f.format(city=["Lisbon", "Oslo", "Lima"][i % 3], food=["ramen", "tacos"][i % 2],
                                           dog=["Rex", "Bo"][i % 2], n=4000 + i)}
              for i, e in enumerate(fixed) for k, f in enumerate(FACTS)]
-    assert call(base, "/ingest/batch", {"items": items})[0] == 200
+    assert http_json(base, "/ingest/batch", {"items": items})[0] == 200
 
     acked: list[tuple[float, str]] = []  # (time acknowledged, memory id) of the writers' ingests
     stop = threading.Event()
@@ -78,7 +65,7 @@ def backed_up(tmp_path_factory):
         k = 0
         while not stop.is_set():
             mid = f"{entity}::w::{k}"
-            status, _ = call(base, "/ingest", {"entity_id": entity, "memory_id": mid,
+            status, _ = http_json(base, "/ingest", {"entity_id": entity, "memory_id": mid,
                                                "textual_content": f"note {k} written during the backup"})
             assert status == 200
             acked.append((time.monotonic(), mid))
@@ -112,7 +99,7 @@ def test_restore_has_every_write_acknowledged_before_the_backup_and_the_same_ans
     assert done.returncode == 0, done.stderr
     restored = make_server(data_dir=root / "restored").start()
     for memory_id in backed_up["before"] + [f"{backed_up['fixed'][0]}::s::0"]:
-        assert call(restored.base_url, "/memory/inspect", {"memory_id": memory_id})[0] == 200, memory_id
+        assert http_json(restored.base_url, "/memory/inspect", {"memory_id": memory_id})[0] == 200, memory_id
     assert answers(restored.base_url, backed_up["fixed"]) == answers(source.base_url, backed_up["fixed"])
 
 

@@ -4,25 +4,12 @@ on, and writes work again by themselves once space returns. On a real (small tmp
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
-import urllib.error
-import urllib.request
 
 import pytest
 
-from test_api import AUTH
-
-
-def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={**AUTH, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+from conftest import http_json
 
 
 @pytest.fixture
@@ -56,7 +43,7 @@ def fill(path) -> None:
 
 
 def held(base: str, memory_id: str) -> bool:
-    status, _ = _post(base, "/memory/inspect", {"memory_id": memory_id})
+    status, _ = http_json(base, "/memory/inspect", {"memory_id": memory_id})
     assert status in (200, 404)
     return status == 200
 
@@ -68,7 +55,7 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
     base = server.base_url
     placement = Placement(8, ("node-0", "node-1"))
     entities = [f"user-{i}" for i in range(40)]
-    status, _ = _post(base, "/ingest", {"entity_id": entities[0], "memory_id": "user-0::s::0",
+    status, _ = http_json(base, "/ingest", {"entity_id": entities[0], "memory_id": "user-0::s::0",
                                         "textual_content": "written before the disk filled up"})
     assert status == 200
 
@@ -81,7 +68,7 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
     for attempt in range(5):  # WAL space already on disk may take a few writes first
         items = [{"entity_id": e, "memory_id": f"{e}::full::{attempt}", "textual_content": f"{text} {attempt}"}
                  for e in mine]
-        status, body = _post(base, "/ingest/batch", {"items": items})
+        status, body = http_json(base, "/ingest/batch", {"items": items})
         stored = [held(base, it["memory_id"]) for it in items]
         answers.append((status, body, stored))
         assert status in (200, 507), body
@@ -95,21 +82,21 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
     both = entities[12:36]
     for attempt in range(5):
         marker = f"crossing batch number {attempt}"
-        status, body = _post(base, "/ingest/batch", {"items": [{"entity_id": e, "textual_content": f"{text} {marker}"}
+        status, body = http_json(base, "/ingest/batch", {"items": [{"entity_id": e, "textual_content": f"{text} {marker}"}
                                                                 for e in both]})
         assert status in (200, 507), body
         if status == 507:
             break
     assert status == 507
     for e in both:
-        status, hits = _post(base, "/query/semantic", {"textual_query": marker, "entity_id": e, "limit": 50})
+        status, hits = http_json(base, "/query/semantic", {"textual_query": marker, "entity_id": e, "limit": 50})
         assert status == 200 and not [h for h in hits if h["textual_content"].endswith(marker)], (e, hits)
 
-    status, hits = _post(base, "/query/semantic", {"textual_query": "before the disk filled", "entity_id": entities[0]})
+    status, hits = http_json(base, "/query/semantic", {"textual_query": "before the disk filled", "entity_id": entities[0]})
     assert status == 200 and hits[0]["memory_id"] == "user-0::s::0"  # reads go on
 
     os.remove(filler)
     items = [{"entity_id": e, "memory_id": f"{e}::after::0", "textual_content": "space is back"} for e in entities[:12]]
-    status, body = _post(base, "/ingest/batch", {"items": items})
+    status, body = http_json(base, "/ingest/batch", {"items": items})
     assert status == 200, body  # no restart needed
     assert all(held(base, it["memory_id"]) for it in items)

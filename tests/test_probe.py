@@ -4,7 +4,6 @@ hostile raw requests all get a 4xx; racing writers of one id leave one memory.""
 
 from __future__ import annotations
 
-import asyncio
 
 import aiohttp
 

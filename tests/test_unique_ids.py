@@ -4,15 +4,13 @@ writing a free-form id needs only the nodes that hold its home and its memory (n
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
-import urllib.request
 import uuid
 
-from conftest import API_KEY
-from test_api import AUTH, inspect, post, uid
+from conftest import http_json
+from test_api import inspect, post, uid
 
 
 async def copies(api, memory_id: str, entities: list[str]) -> list[str]:
@@ -81,22 +79,6 @@ async def test_erasing_an_entity_forgets_where_its_free_form_ids_lived(api, clus
     assert await node.delete_free.remote(mid) is False  # no record left to find
 
 
-def _get(base: str, path: str) -> dict:
-    req = urllib.request.Request(base + path, headers=AUTH)
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(base: str, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={**AUTH, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
     """Before, every free-form write asked every node to delete old copies: one stalled node
     failed them all. Now an id whose home and memory are on live nodes is written as usual."""
@@ -106,7 +88,7 @@ def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
     config.write_text("request_timeout_s: 8\n")
     server = make_server(TELLODB_CONFIG=str(config), TELLODB_NODES="2").start()
     base = server.base_url
-    nodes = _get(base, "/stats")["nodes"]
+    nodes = http_json(base, "/stats")[1]["nodes"]
     placement = Placement(8, tuple(sorted(nodes)))
     live, stalled = "node-0", "node-1"
     entity = next(e for e in (f"user-{i}" for i in range(1000)) if placement.node_of(e) == live)
@@ -115,19 +97,19 @@ def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
     os.kill(nodes[stalled]["pid"], signal.SIGSTOP)
     try:
         for version in range(2):  # a new id, then an upsert of it
-            status, body = _post(base, "/ingest", {"entity_id": entity, "memory_id": mid,
+            status, body = http_json(base, "/ingest", {"entity_id": entity, "memory_id": mid,
                                                    "textual_content": f"written while a node is stalled {version}"})
             assert status == 200, body
-        status, found = _post(base, "/memory/inspect", {"memory_id": mid})
+        status, found = http_json(base, "/memory/inspect", {"memory_id": mid})
         assert status == 200 and found["textual_content"].endswith("1"), found
         far = next(m for m in (f"far-{i}" for i in range(1000))
                    if placement.node_of_shard(placement.id_home(m)) == stalled)
-        status, body = _post(base, "/ingest", {"entity_id": entity, "memory_id": far, "textual_content": "x"})
+        status, body = http_json(base, "/ingest", {"entity_id": entity, "memory_id": far, "textual_content": "x"})
         assert status == 503, body  # its home is on the stalled node: a clear "retry", never a 500
         # A batch over both nodes times out on the stalled one; the live node's part, with ids the
         # engine made, is taken back, so a retry cannot duplicate it.
         other = next(e for e in (f"user-{i}" for i in range(1000)) if placement.node_of(e) == stalled)
-        status, body = _post(base, "/ingest/batch", {"items": [
+        status, body = http_json(base, "/ingest/batch", {"items": [
             {"entity_id": e, "textual_content": "a batch in doubt"} for e in (entity, other)]})
         assert status == 503, body
     finally:
@@ -135,5 +117,5 @@ def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
     # The stalled node wakes up past the router's deadline: its part is dropped, not committed late.
     time.sleep(2)
     for e in (entity, other):
-        status, hits = _post(base, "/query/semantic", {"textual_query": "a batch in doubt", "entity_id": e})
+        status, hits = http_json(base, "/query/semantic", {"textual_query": "a batch in doubt", "entity_id": e})
         assert status == 200 and all(h["textual_content"] != "a batch in doubt" for h in hits), (e, hits)
