@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from node import id_homes
 from node.ids import parse_memory_id
+from node.records import IngestItem
 
 if TYPE_CHECKING:
     from node.service import Node
@@ -109,18 +110,18 @@ class FreeIds:
 
     # ---- the operations (node.service.Node's API delegates here) --------------------------------
 
-    async def ingest(self, items: list[dict[str, Any]], deadline: float | None = None) -> list[str | None]:
-        ids = [it["memory_id"] for it in items]
-        last = {it["memory_id"]: it for it in items}  # within one request the last write of an id wins
+    async def ingest(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
+        ids = [it.memory_id for it in items]
+        last = {it.memory_id: it for it in items}  # within one request the last write of an id wins
         locks = await self._locked(ids)
         try:
             homes = {m: await self._settle(m, h) for m, h in (await self._homes(list(last))).items()}
-            intents = {m: id_homes.Home(it["shard"], homes[m].shard if m in homes and homes[m].shard != it["shard"]
+            intents = {m: id_homes.Home(it.shard, homes[m].shard if m in homes and homes[m].shard != it.shard
                                         else None) for m, it in last.items()}
             await self._record_homes(intents)
-            groups: dict[str, list[dict[str, Any]]] = {}
+            groups: dict[str, list[IngestItem]] = {}
             for it in last.values():
-                groups.setdefault(self._node_of(it["shard"]), []).append(it)
+                groups.setdefault(self._node_of(it.shard), []).append(it)
             try:
                 parts = await asyncio.gather(*(self.call(node, "ingest", group, deadline)
                                                for node, group in groups.items()))
@@ -128,7 +129,7 @@ class FreeIds:
                 # Nothing of a failed write is stored (a node's write is all-or-nothing): back to before.
                 await self._record_homes({m: homes.get(m) for m in last})
                 raise
-            answer = {it["memory_id"]: dup for group, part in zip(groups.values(), parts) for it, dup in zip(group, part)}
+            answer = {it.memory_id: dup for group, part in zip(groups.values(), parts) for it, dup in zip(group, part)}
             final: dict[str, id_homes.Home | None] = {}
             for m, intent in intents.items():
                 if answer[m] is not None:  # a near-duplicate: not stored, the id stays where it was

@@ -31,6 +31,7 @@ from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.indexer import Indexer
 from node.ranking import RankingConfig
+from node.records import IngestItem
 from node.ring import Placement
 from node.shard_store import MemoryRecord, ShardStore, upsert_together
 from node.snapshots import Snapshots
@@ -150,8 +151,8 @@ class Node:
         if method not in self.MERGEABLE:
             raise ValueError(f"{method} cannot be merged")
         return await asyncio.gather(*(getattr(self, method)(*args) for args in calls), return_exceptions=True)
-    async def ingest(self, items: list[dict[str, Any]], deadline: float | None = None) -> list[str | None]:
-        """Embed and store `items` (validated dicts with a `shard`); answer after the commit.
+    async def ingest(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
+        """Embed and store `items` (validated, each with its `shard`); answer after the commit.
 
         Returns, per item, None when it was stored, or the id of the memory it duplicates when it
         asked for `enable_semantic_dedup` and one of its entity's memories (stored, or earlier in
@@ -161,22 +162,20 @@ class Node:
         """
         self.start()
         self.writer.check_space()
-        vectors = await self.embedder.embed([it["textual_content"] for it in items])
-        records: list[MemoryRecord] = []
-        for it, vec in zip(items, vectors):
-            records.append(MemoryRecord(
-                memory_id=it["memory_id"],
-                entity_id=it["entity_id"],
-                session_id=it["session_id"],
-                turn_index=it["turn_index"],
-                created_at_ms=it["created_at_ms"],
-                kind=it.get("kind"),
-                textual_content=it["textual_content"],
-                relations=tuple(tuple(r) for r in it.get("relations", ())),
-                vector=vec,
-                metrics=tuple((label, float(value)) for label, value in (it.get("metrics") or {}).items()),
-                fact_key=it.get("fact_key"),
-            ))
+        vectors = await self.embedder.embed([it.textual_content for it in items])
+        records = [MemoryRecord(
+            memory_id=it.memory_id,
+            entity_id=it.entity_id,
+            session_id=it.session_id,
+            turn_index=it.turn_index,
+            created_at_ms=it.created_at_ms,
+            kind=it.kind,
+            textual_content=it.textual_content,
+            relations=tuple(tuple(r) for r in it.relations),
+            vector=vec,
+            metrics=tuple((label, float(value)) for label, value in it.metrics),
+            fact_key=it.fact_key,
+        ) for it, vec in zip(items, vectors)]
         return await self.writer.write(items, records, deadline)
 
     def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord]) -> str | None:
@@ -292,7 +291,7 @@ class Node:
 
     # ---- free-form ids (node.free_ids): this node is the home of the ids hashed to its shards ----
 
-    async def ingest_free(self, items: list[dict[str, Any]], deadline: float | None = None) -> list[str | None]:
+    async def ingest_free(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
         """Write items whose free-form ids have their home here: each id ends up in exactly one
         shard, its item's, however many writers race (see node.id_homes). Answers as `ingest`."""
         return await self.free_ids.ingest(items, deadline)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from node.errors import DeadlineExceeded, StorageFull, is_disk_full
 from node.indexer import Indexer
+from node.records import IngestItem
 from node.store_thread import StoreThread
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ COMMIT_ITEMS = 1000  # writes per store-thread turn of the group commit (a large
 COMMIT_TEXT_CHARS = 512 * 1024  # and characters of text, so queued queries get their turn between groups
 
 # (items, records, deadline, answer): a write waiting for the store thread
-Pending = tuple[list[dict], list["MemoryRecord"], "float | None", asyncio.Future]
+Pending = tuple[list[IngestItem], list["MemoryRecord"], "float | None", asyncio.Future]
 
 
 class GroupWriter:
@@ -49,7 +50,7 @@ class GroupWriter:
         self._pending: list[Pending] = []
         self._task: asyncio.Task | None = None
 
-    async def write(self, items: list[dict], records: list[MemoryRecord], deadline: float | None) -> list[str | None]:
+    async def write(self, items: list[IngestItem], records: list[MemoryRecord], deadline: float | None) -> list[str | None]:
         """Queue one request's records; its dedup answers once committed (or its exception)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -99,14 +100,14 @@ class GroupWriter:
         is never split (its shards' transactions stay all-or-nothing); the router's limits bound one."""
         items = chars = taken = 0
         for request, *_ in self._pending:
-            size, text = len(request), sum(len(it["textual_content"]) for it in request)
+            size, text = len(request), sum(len(it.textual_content) for it in request)
             if taken and (items + size > COMMIT_ITEMS or chars + text > COMMIT_TEXT_CHARS):
                 break
             items, chars, taken = items + size, chars + text, taken + 1
         group, self._pending = self._pending[:taken], self._pending[taken:]
         return group
 
-    def _commit_group(self, group: list[tuple[list[dict], list[MemoryRecord], float | None]]) -> list[Any]:
+    def _commit_group(self, group: list[tuple[list[IngestItem], list[MemoryRecord], float | None]]) -> list[Any]:
         """Store every request of `group`, in arrival order (a later write of an id wins). One
         transaction per shard for the whole group; if it fails, each request is retried on its own
         so only the faulty one fails, and a request is all-or-nothing across this node's shards.
@@ -126,11 +127,11 @@ class GroupWriter:
                 continue
             duplicate_of: list[str | None] = []
             for it, record in zip(items, records):
-                dup = self.duplicate(record, it["shard"], accepted) if it.get("enable_semantic_dedup") else None
+                dup = self.duplicate(record, it.shard, accepted) if it.enable_semantic_dedup else None
                 duplicate_of.append(dup)
                 if dup is None:
                     accepted.append(record)
-                    by_shard.setdefault(it["shard"], []).append(record)
+                    by_shard.setdefault(it.shard, []).append(record)
             answers.append(duplicate_of)
         expired = DeadlineExceeded(f"{self.name}: the write reached its commit after the caller's deadline; "
                                    "it was not stored")
@@ -148,7 +149,7 @@ class GroupWriter:
             mine: dict[int, list[MemoryRecord]] = {}
             for it, record, dup in zip(items, records, duplicate_of):
                 if dup is None:
-                    mine.setdefault(it["shard"], []).append(record)
+                    mine.setdefault(it.shard, []).append(record)
             try:
                 self._upsert(mine)
                 outcomes.append(duplicate_of)

@@ -12,6 +12,7 @@ import pytest
 
 from node.config import ClusterConfig, EmbeddingConfig
 from node.ids import parse_memory_id
+from node.records import IngestItem
 from node.ring import Placement
 from node.errors import DeadlineExceeded, StorageFull
 from node.indexer import INDEX_BACKLOG
@@ -20,11 +21,11 @@ from node.service import Node, NotOwnedError, shard_dir
 SHARDS = 4
 
 
-def item(entity: str, text: str, memory_id: str, **extra) -> dict:
+def item(entity: str, text: str, memory_id: str, **extra) -> IngestItem:
     parsed = parse_memory_id(memory_id)
-    return {"memory_id": memory_id, "entity_id": entity, "session_id": parsed.session_id,
-            "turn_index": parsed.turn_index, "created_at_ms": 1_000, "textual_content": text, "relations": [],
-            "shard": Placement(SHARDS, ("node-0",)).shard_of(entity), **extra}
+    return IngestItem(memory_id=memory_id, entity_id=entity, session_id=parsed.session_id,
+                      turn_index=parsed.turn_index, created_at_ms=1_000, textual_content=text,
+                      shard=Placement(SHARDS, ("node-0",)).shard_of(entity), **extra)
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ class Crash(BaseException):
 async def test_a_dead_indexer_is_started_again(node, monkeypatch):
     e = own_entity(0)
     await node.ingest([item(e, f"note {i}", f"{e}::s::{i}") for i in range(3)])
-    store = node.shards[item(e, "", "x")["shard"]]
+    store = node.shards[item(e, "", "x").shard]
     index_pending, calls = store.index_pending, []
 
     def fails_once(limit=None):
@@ -139,7 +140,7 @@ async def test_writes_are_refused_whole_below_the_free_space_reserve(tmp_path):
         with pytest.raises(StorageFull, match="min_free_mb"):
             await n.ingest([item(e, "no room", f"{e}::s::0")])
         assert (await n.stats())["memories"] == 0
-        assert await n.query("no room", e, item(e, "", "x")["shard"], 5) == []  # reads go on
+        assert await n.query("no room", e, item(e, "", "x").shard, 5) == []  # reads go on
     finally:
         await n.close()
 
@@ -183,7 +184,7 @@ async def test_a_pause_in_writes_trims_the_change_logs(tmp_path):
         e = own_entity(0)
         for i in range(10):
             await n.ingest([item(e, f"note {i}", f"{e}::s::{i}")])
-        store = n.shards[item(e, "", "x")["shard"]]
+        store = n.shards[item(e, "", "x").shard]
         assert len(store.changes_since(0)) == 10
         for _ in range(100):
             await asyncio.sleep(0.1)
