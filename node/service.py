@@ -56,6 +56,7 @@ class Node:
         self.placement = Placement(config.shards, tuple(config.node_names))
         self.data_dir = Path(config.data_dir)
         self.ranking = RankingConfig.load(self.data_dir)
+        # With an ONNX backend this exports the model first if this machine has not yet (node.onnx_embedder).
         self.embedder = BatchingEmbedder(
             load_embedder(resolve_model_path(config.embedding.model), normalized_backend(config),
                           config.embedding.device.lower(), threads, config.data_dir),
@@ -63,6 +64,7 @@ class Node:
             max_wait_ms=config.embedding.max_wait_ms,
             max_chars=config.embedding.batch_chars,
         )
+        self.embedder_seconds = time.monotonic() - started
         self.store_thread = StoreThread(name)
         self.shards: dict[int, ShardStore] = {}
         self.vector_cache = VectorCache(config.vector_cache_mb << 20)
@@ -136,6 +138,8 @@ class Node:
             "device": e.device,
             "backend": normalized_backend(self.config),
             "threads": e.threads,
+            "model_file": str(e.onnx_path) if getattr(e, "onnx_path", None) else None,  # an exported ONNX file
+            "embedder_seconds": round(self.embedder_seconds, 3),
             "shards_owned": len(self.owned),
             "shards_open": len(self.shards),
             "reindexed": self.reindexed,

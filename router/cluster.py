@@ -23,8 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from node.actor import NAMESPACE, NodeActor, actor_name
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
 from node.service import Node
-from node.config import ClusterConfig, normalized_backend, resolve_model_path
-from node.onnx_embedder import ONNX_BACKENDS, export_onnx
+from node.config import ClusterConfig
 from node.ids import parse_memory_id
 from node.records import IngestItem
 from node.ring import Placement
@@ -68,11 +67,6 @@ class Cluster:
                 self._owns_ray = True
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
-        backend = normalized_backend(cfg)
-        if backend in ONNX_BACKENDS:  # export once here, so node actors on this machine never race
-            t = time.monotonic()
-            path = export_onnx(resolve_model_path(cfg.embedding.model), cfg.data_dir, backend)
-            log.info("ONNX model ready path=%s seconds=%.1f", path, time.monotonic() - t)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
         threads = max(1, int(cpus))
         log.info("Starting node actors nodes=%d shards=%d cpus_per_node=%.2g threads_per_node=%d",
@@ -96,6 +90,9 @@ class Cluster:
         for info in infos:
             self.node_info[info["node"]] = info
         first = infos[0]
+        if first.get("model_file"):  # each node exports it if needed, one at a time (node.onnx_embedder)
+            log.info("ONNX model ready path=%s seconds=%.1f", first["model_file"],
+                     max(info["embedder_seconds"] for info in infos))
         log.info("Semantic embedder initialized model=%s dims=%d backend=%s device=%s threads=%d",
                  first["model"], first["dimension"], first["backend"], first["device"], first["threads"])
         for info in infos:
