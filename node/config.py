@@ -50,6 +50,9 @@ class HnswConfig:
     ef_construction: int = 128
 
 
+# Crosses the Ray boundary too: every node actor gets a pickled copy (router.cluster.Cluster.start),
+# and nodes compare nothing but its values, so it must stay a frozen, picklable value (also if it
+# moves to pydantic), like node.records.IngestItem.
 @dataclass(frozen=True)
 class ClusterConfig:
     host: str = "127.0.0.1"

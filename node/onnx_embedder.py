@@ -2,14 +2,16 @@
 
 `export_onnx` turns the configured sentence-transformers folder into `model.onnx` (fp32) and,
 for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cached under
-`<data>/models/` and keyed by the model folder, so it is built once per data directory and never
-downloaded. `OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean
-or CLS pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors
-as sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
+`<data>/models/` and keyed by the model folder, so it is built once per data directory (by the
+first node to start, under a file lock) and never downloaded. `OnnxEmbedder` then embeds with
+onnxruntime and the model's own fast tokenizer, mean or CLS pooling as the model's
+`1_Pooling/config.json` says, and L2 normalisation: the same vectors as sentence-transformers
+(cosine 1.000 for fp32, about 0.99 for int8 on this model).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,22 +36,28 @@ def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
 
 
 def export_onnx(model_dir: str, data_dir: str, backend: str) -> Path:
-    """The ONNX file for `backend`, exporting (and quantising) it first if it is not cached yet."""
+    """The ONNX file for `backend`, exporting (and quantising) it first if it is not cached yet.
+
+    Each node calls this as it starts. The export runs under an exclusive lock on `export.lock`
+    next to the file, so node actors starting together on one machine export once: the others
+    wait for the lock, then find the file."""
     out = onnx_cache_dir(model_dir, data_dir)
     fp32 = out / "model.onnx"
     target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
     if target.exists():
         return target
     out.mkdir(parents=True, exist_ok=True)
-    if not fp32.exists():
-        _export_fp32(model_dir, fp32)
-    if backend == "onnx-int8" and not target.exists():
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    with open(out / "export.lock", "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        if not fp32.exists():
+            _export_fp32(model_dir, fp32)
+        if backend == "onnx-int8" and not target.exists():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
-        log.info("Quantising the embedding model to int8 path=%s", target)
-        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-        os.replace(tmp, target)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
+            log.info("Quantising the embedding model to int8 path=%s", target)
+            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            os.replace(tmp, target)
     return target
 
 
@@ -92,6 +100,7 @@ class OnnxEmbedder:
         from tokenizers import Tokenizer
 
         self.model_path = model_dir
+        self.onnx_path = onnx_path
         self.device = device
         self.threads = max(1, threads)
         options = ort.SessionOptions()

@@ -20,6 +20,7 @@ from swagger_ui_bundle import swagger_ui_path
 
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
+from node.records import IngestItem
 from node.service import STAT_KEYS
 from router import __version__, admin, openapi
 from router.cluster import Cluster
@@ -140,27 +141,27 @@ def query_params(request: web.Request) -> dict[str, str]:
     return params
 
 
-def to_item(req: IngestRequest, field: str = "memory_id") -> dict[str, Any]:
+def to_item(req: IngestRequest, field: str = "memory_id") -> IngestItem:
     memory_id = req.memory_id or new_memory_id(req.entity_id)
     parsed = parse_memory_id(memory_id)
     if parsed.entity_prefix is not None and parsed.entity_prefix != req.entity_id:
         raise ValidationFailed(
             f"{field}: {memory_id!r} names entity {parsed.entity_prefix!r} but entity_id is {req.entity_id!r} "
             "(ids of the form <entity>::<session>::<turn> belong to their entity)")
-    return {
-        "memory_id": memory_id,
-        "entity_id": req.entity_id,
-        "session_id": parsed.session_id,
-        "turn_index": parsed.turn_index,
-        "created_at_ms": req.timestamp if req.timestamp is not None else int(time.time() * 1000),
-        "kind": req.kind,
-        "textual_content": req.textual_content,
-        "relations": req.triples(),
-        "metrics": req.metrics or {},
-        "fact_key": req.fact_key,
-        "enable_semantic_dedup": bool(req.enable_semantic_dedup),
-        "generated_id": req.memory_id is None,  # new for sure: a failed batch takes it back (Cluster.ingest)
-    }
+    return IngestItem(
+        memory_id=memory_id,
+        entity_id=req.entity_id,
+        session_id=parsed.session_id,
+        turn_index=parsed.turn_index,
+        created_at_ms=req.timestamp if req.timestamp is not None else int(time.time() * 1000),
+        kind=req.kind,
+        textual_content=req.textual_content,
+        relations=tuple(req.triples()),
+        metrics=tuple((req.metrics or {}).items()),
+        fact_key=req.fact_key,
+        enable_semantic_dedup=bool(req.enable_semantic_dedup),
+        generated_id=req.memory_id is None,  # new for sure: a failed batch takes it back (Cluster.ingest)
+    )
 
 
 def hit_view(hit: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +185,7 @@ async def ingest(request: web.Request) -> web.Response:
     [duplicate_of] = await request.app[CLUSTER].ingest([item])
     if duplicate_of is None:
         request.app[METRICS].ingest_total.inc()
-    return web.json_response({"status": "ok", "memory_id": item["memory_id"], "entity_id": item["entity_id"],
+    return web.json_response({"status": "ok", "memory_id": item.memory_id, "entity_id": item.entity_id,
                               "deduplicated": duplicate_of is not None, "duplicate_of": duplicate_of})
 
 
@@ -196,11 +197,11 @@ async def ingest_batch(request: web.Request) -> web.Response:
     check_ingest(request.app[CONFIG], body.items, "items.")
     items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
     duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
-    duplicates = {it["memory_id"]: dup for it, dup in zip(items, duplicate_of) if dup is not None}
+    duplicates = {it.memory_id: dup for it, dup in zip(items, duplicate_of) if dup is not None}
     stored = len(items) - len(duplicates)
     if stored:
         request.app[METRICS].ingest_total.inc(stored)
-    return web.json_response({"status": "ok", "ingested": stored, "memory_ids": [i["memory_id"] for i in items],
+    return web.json_response({"status": "ok", "ingested": stored, "memory_ids": [i.memory_id for i in items],
                               "duplicates": duplicates})
 
 

@@ -23,9 +23,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from node.actor import NAMESPACE, NodeActor, actor_name
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
 from node.service import Node
-from node.config import ClusterConfig, normalized_backend, resolve_model_path
-from node.onnx_embedder import ONNX_BACKENDS, export_onnx
+from node.config import ClusterConfig
 from node.ids import parse_memory_id
+from node.records import IngestItem
 from node.ring import Placement
 from router import ray_local
 from router.coalesce import Coalescer
@@ -67,11 +67,6 @@ class Cluster:
                 self._owns_ray = True
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
-        backend = normalized_backend(cfg)
-        if backend in ONNX_BACKENDS:  # export once here, so node actors on this machine never race
-            t = time.monotonic()
-            path = export_onnx(resolve_model_path(cfg.embedding.model), cfg.data_dir, backend)
-            log.info("ONNX model ready path=%s seconds=%.1f", path, time.monotonic() - t)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
         threads = max(1, int(cpus))
         log.info("Starting node actors nodes=%d shards=%d cpus_per_node=%.2g threads_per_node=%d",
@@ -95,6 +90,9 @@ class Cluster:
         for info in infos:
             self.node_info[info["node"]] = info
         first = infos[0]
+        if first.get("model_file"):  # each node exports it if needed, one at a time (node.onnx_embedder)
+            log.info("ONNX model ready path=%s seconds=%.1f", first["model_file"],
+                     max(info["embedder_seconds"] for info in infos))
         log.info("Semantic embedder initialized model=%s dims=%d backend=%s device=%s threads=%d",
                  first["model"], first["dimension"], first["backend"], first["device"], first["threads"])
         for info in infos:
@@ -165,8 +163,8 @@ class Cluster:
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
         return await asyncio.gather(*(self._call(n, method, *args) for n in self.actors))
 
-    async def ingest(self, items: list[dict[str, Any]]) -> list[str | None]:
-        """Store validated items; each gets its `shard`. Returns, in the order given, None for each
+    async def ingest(self, items: list[IngestItem]) -> list[str | None]:
+        """Store validated items, each placed on its entity's shard. Returns, in the order given, None for each
         stored item and the matched id for each one dropped as a near-duplicate.
 
         Items with `<entity>::...` ids go to their shard's node. A free-form id may have been
@@ -179,13 +177,13 @@ class Cluster:
         failed batch never duplicates them, and items with the caller's ids are upserts anyway.
         """
         deadline = time.time() + self.config.request_timeout_s - min(DEADLINE_MARGIN_S, self.config.request_timeout_s / 4)
+        items = [it.placed(self.placement.shard_of(it.entity_id)) for it in items]
         groups: dict[tuple[str, str], list[int]] = {}
         for i, it in enumerate(items):
-            it["shard"] = self.placement.shard_of(it["entity_id"])
-            if parse_memory_id(it["memory_id"]).entity_prefix is None:
-                key = (self.placement.node_of_shard(self.placement.id_home(it["memory_id"])), "ingest_free")
+            if parse_memory_id(it.memory_id).entity_prefix is None:
+                key = (self.placement.node_of_shard(self.placement.id_home(it.memory_id)), "ingest_free")
             else:
-                key = (self.placement.node_of_shard(it["shard"]), "ingest")
+                key = (self.placement.node_of_shard(it.shard), "ingest")
             groups.setdefault(key, []).append(i)
         answers = await asyncio.gather(*(self._call(node, method, [items[i] for i in group], deadline)
                                          for (node, method), group in groups.items()), return_exceptions=True)
@@ -296,14 +294,14 @@ class Cluster:
         shard = self.placement.shard_of(prefix)
         return self.placement.node_of_shard(shard), shard
 
-    async def _take_back(self, items: list[dict[str, Any]], stored: list[tuple[list[int], list]]) -> None:
+    async def _take_back(self, items: list[IngestItem], stored: list[tuple[list[int], list]]) -> None:
         """Delete the stored items with engine-made ids of a batch whose other parts failed."""
         by_node: dict[str, list[tuple[str, int]]] = {}
         for group, answer in stored:
             for i, dup in zip(group, answer):
                 it = items[i]
-                if it.get("generated_id") and dup is None:
-                    by_node.setdefault(self.placement.node_of_shard(it["shard"]), []).append((it["memory_id"], it["shard"]))
+                if it.generated_id and dup is None:
+                    by_node.setdefault(self.placement.node_of_shard(it.shard), []).append((it.memory_id, it.shard))
         results = await asyncio.gather(*(self._call(node, "delete_ids", pairs) for node, pairs in by_node.items()),
                                        return_exceptions=True)
         for node, result in zip(by_node, results):

@@ -386,7 +386,7 @@ async def test_stats(api):
     assert_error(resp.status, await resp.json(), 401, "unauthorized")
     ent = uid()
     await ingest(api, ent, "stats probe")
-    # Vectors reach Chroma in batches once writes pause (node/service.py): wait for that.
+    # Vectors reach Chroma in batches once writes pause (node/indexer.py): wait for that.
     for _ in range(300):
         resp = await api.get("/stats", headers=AUTH)
         assert resp.status == 200

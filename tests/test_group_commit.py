@@ -12,18 +12,20 @@ import pytest
 
 from node.config import ClusterConfig, EmbeddingConfig
 from node.ids import parse_memory_id
+from node.records import IngestItem
 from node.ring import Placement
 from node.errors import DeadlineExceeded, StorageFull
-from node.service import INDEX_BACKLOG, Node, NotOwnedError, shard_dir
+from node.indexer import INDEX_BACKLOG
+from node.service import Node, NotOwnedError, shard_dir
 
 SHARDS = 4
 
 
-def item(entity: str, text: str, memory_id: str, **extra) -> dict:
+def item(entity: str, text: str, memory_id: str, **extra) -> IngestItem:
     parsed = parse_memory_id(memory_id)
-    return {"memory_id": memory_id, "entity_id": entity, "session_id": parsed.session_id,
-            "turn_index": parsed.turn_index, "created_at_ms": 1_000, "textual_content": text, "relations": [],
-            "shard": Placement(SHARDS, ("node-0",)).shard_of(entity), **extra}
+    return IngestItem(memory_id=memory_id, entity_id=entity, session_id=parsed.session_id,
+                      turn_index=parsed.turn_index, created_at_ms=1_000, textual_content=text,
+                      shard=Placement(SHARDS, ("node-0",)).shard_of(entity), **extra)
 
 
 @pytest.fixture
@@ -69,10 +71,32 @@ async def test_a_pause_in_writes_indexes_every_backlog(node):
     assert (stats["unindexed"], stats["vectors"]) == (0, 9)
 
 
+
+class Crash(BaseException):
+    """An error none of the indexer's guards expects, as a bug would raise."""
+
+
+async def test_a_dead_indexer_is_started_again(node, monkeypatch):
+    e = own_entity(0)
+    await node.ingest([item(e, f"note {i}", f"{e}::s::{i}") for i in range(3)])
+    store = node.shards[item(e, "", "x").shard]
+    index_pending, calls = store.index_pending, []
+
+    def fails_once(limit=None):
+        calls.append(limit)
+        if len(calls) == 1:
+            raise Crash("the indexer dies here")
+        return index_pending(limit)
+
+    monkeypatch.setattr(store, "index_pending", fails_once)
+    stats = await indexed(node)
+    assert len(calls) >= 2 and node.indexer.restarts == 1
+    assert (stats["unindexed"], stats["vectors"]) == (0, 3)
+
 async def test_a_full_backlog_is_indexed_without_waiting_for_a_pause(node):
     e = own_entity(0)
     await node.ingest([item(e, f"line {i}", f"{e}::s::{i}") for i in range(INDEX_BACKLOG)])
-    await node._writer  # the writer indexes full backlogs right after answering, before any pause
+    await node.writer.flush()  # the writer indexes full backlogs right after answering, before any pause
     stats = await node.stats()
     assert (stats["unindexed"], stats["vectors"]) == (0, INDEX_BACKLOG)
 
@@ -116,7 +140,7 @@ async def test_writes_are_refused_whole_below_the_free_space_reserve(tmp_path):
         with pytest.raises(StorageFull, match="min_free_mb"):
             await n.ingest([item(e, "no room", f"{e}::s::0")])
         assert (await n.stats())["memories"] == 0
-        assert await n.query("no room", e, item(e, "", "x")["shard"], 5) == []  # reads go on
+        assert await n.query("no room", e, item(e, "", "x").shard, 5) == []  # reads go on
     finally:
         await n.close()
 
@@ -160,7 +184,7 @@ async def test_a_pause_in_writes_trims_the_change_logs(tmp_path):
         e = own_entity(0)
         for i in range(10):
             await n.ingest([item(e, f"note {i}", f"{e}::s::{i}")])
-        store = n.shards[item(e, "", "x")["shard"]]
+        store = n.shards[item(e, "", "x").shard]
         assert len(store.changes_since(0)) == 10
         for _ in range(100):
             await asyncio.sleep(0.1)
@@ -172,9 +196,9 @@ async def test_a_pause_in_writes_trims_the_change_logs(tmp_path):
 
 
 async def test_a_store_turn_takes_a_bounded_group_and_a_large_request_whole(node, monkeypatch):
-    import node.service as service
+    import node.writer as writer
 
-    monkeypatch.setattr(service, "COMMIT_TEXT_CHARS", 100)
+    monkeypatch.setattr(writer, "COMMIT_TEXT_CHARS", 100)
     e = own_entity(0)
     big = [item(e, "b" * 150, f"{e}::big::{i}") for i in range(3)]  # over the bound alone: one turn, whole
     writes = [node.ingest([item(e, "s" * 60, f"{e}::s::{i}")]) for i in range(10)] + [node.ingest(big)]

@@ -1,5 +1,8 @@
 """The ONNX Runtime path: exported offline from the local model, cached, and equal to torch's vectors."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -35,3 +38,33 @@ def test_export_is_cached_per_data_dir(data_dir):
     assert path.parent == onnx_cache_dir(model, data_dir)
     assert not list(path.parent.glob("*.tmp.onnx"))
 
+
+
+EXPORT = """
+import logging, sys
+from node.onnx_embedder import export_onnx
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+print(export_onnx(sys.argv[1], sys.argv[2], "onnx"))
+"""
+
+
+def test_nodes_starting_together_export_once(tmp_path):
+    """Node actors on one machine start together on a fresh data directory: one exports, the
+    others wait for its file (a lock next to it) instead of each running the export."""
+    model = resolve_model_path(DEFAULT_MODEL)
+    procs = [subprocess.Popen([sys.executable, "-c", EXPORT, model, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    paths = {out.strip() for out, _ in outputs}
+    assert paths == {str(onnx_cache_dir(model, str(tmp_path)) / "model.onnx")}
+    assert sum(err.count("Exporting the embedding model") for _, err in outputs) == 1, outputs
+
+
+def test_the_router_leaves_the_model_to_the_nodes():
+    """The router process never loads torch nor exports the model: each node does (under a lock)."""
+    check = ("import sys, router.cli, router.cluster, router.app; "
+             "print(sorted(m for m in ('torch', 'transformers', 'node.onnx_embedder') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

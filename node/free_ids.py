@@ -1,0 +1,208 @@
+"""A node's side of free-form ids: it is the home of the ids hashed to its shards (node.id_homes).
+
+`FreeIds` serialises every write and delete of such an id (one lock per id), records where it
+lives, and moves it between shards in one operation, calling the nodes that hold the shards: this
+node directly, another one through its Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from node import id_homes
+from node.ids import parse_memory_id
+from node.records import IngestItem
+
+if TYPE_CHECKING:
+    from node.service import Node
+    from node.shard_store import ShardStore
+
+
+class FreeIds:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.placement = node.placement
+        self._locks: dict[str, asyncio.Lock] = {}  # free-form ids being written or deleted
+        self._peers: dict[str, Any] = {}
+
+    # ---- other nodes ---------------------------------------------------------------------------
+
+    def _peer(self, node: str):
+        """`node` as something to call: this node, or the other node's Ray actor."""
+        if node == self.node.name:
+            return None
+        if node not in self._peers:
+            import ray
+
+            from node.actor import NAMESPACE, actor_name
+
+            self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
+        return self._peers[node]
+
+    async def call(self, node: str, method: str, *args: Any) -> Any:
+        """Call a `Node` method on `node`, which may be this one."""
+        peer = self._peer(node)
+        return await (getattr(self.node, method)(*args) if peer is None else getattr(peer, method).remote(*args))
+
+    def _node_of(self, shard: int) -> str:
+        return self.placement.node_of_shard(shard)
+
+    # ---- locks and records ------------------------------------------------------------------------
+
+    async def _locked(self, ids: list[str]) -> list[asyncio.Lock]:
+        """Hold the locks of `ids` (sorted, so two writers of overlapping ids never deadlock)."""
+        locks = [self._locks.setdefault(m, asyncio.Lock()) for m in sorted(set(ids))]
+        for lock in locks:
+            await lock.acquire()
+        return locks
+
+    def _unlock(self, ids: list[str], locks: list[asyncio.Lock]) -> None:
+        for lock in locks:
+            lock.release()
+        for m in set(ids):
+            lock = self._locks.get(m)
+            if lock is not None and not lock.locked() and not lock._waiters:
+                del self._locks[m]
+
+    def _home_store(self, memory_id: str) -> ShardStore:
+        return self.node._shard(self.placement.id_home(memory_id))
+
+    async def _on_store(self, fn, *args):
+        return await self.node.store_thread.run(fn, *args)
+
+    async def _homes(self, ids: list[str]) -> dict[str, id_homes.Home]:
+        def read() -> dict[str, id_homes.Home]:
+            found: dict[str, id_homes.Home] = {}
+            for m in ids:
+                found.update(id_homes.lookup(self._home_store(m), [m]))
+            return found
+
+        return await self._on_store(read)
+
+    async def _record_homes(self, homes: dict[str, id_homes.Home | None]) -> None:
+        def write() -> None:
+            for m, home in homes.items():
+                if home is None:
+                    id_homes.forget(self._home_store(m), [m])
+                else:
+                    id_homes.record(self._home_store(m), {m: home})
+
+        await self._on_store(write)
+
+    async def _holds(self, memory_id: str, shard: int) -> bool:
+        return await self.call(self._node_of(shard), "inspect", memory_id, [shard], False, 0) is not None
+
+    async def _delete_at(self, memory_id: str, shard: int) -> bool:
+        return await self.call(self._node_of(shard), "delete", memory_id, [shard])
+
+    async def _settle(self, memory_id: str, home: id_homes.Home) -> id_homes.Home:
+        """Finish a move a crash interrupted: keep the new copy if it was written, else the old."""
+        if home.moving_from is None:
+            return home
+        if await self._holds(memory_id, home.shard):
+            await self._delete_at(memory_id, home.moving_from)
+            settled = id_homes.Home(home.shard, None)
+        else:
+            settled = id_homes.Home(home.moving_from, None)
+        await self._record_homes({memory_id: settled})
+        return settled
+
+    # ---- the operations (node.service.Node's API delegates here) --------------------------------
+
+    async def ingest(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
+        ids = [it.memory_id for it in items]
+        last = {it.memory_id: it for it in items}  # within one request the last write of an id wins
+        locks = await self._locked(ids)
+        try:
+            homes = {m: await self._settle(m, h) for m, h in (await self._homes(list(last))).items()}
+            intents = {m: id_homes.Home(it.shard, homes[m].shard if m in homes and homes[m].shard != it.shard
+                                        else None) for m, it in last.items()}
+            await self._record_homes(intents)
+            groups: dict[str, list[IngestItem]] = {}
+            for it in last.values():
+                groups.setdefault(self._node_of(it.shard), []).append(it)
+            try:
+                parts = await asyncio.gather(*(self.call(node, "ingest", group, deadline)
+                                               for node, group in groups.items()))
+            except BaseException:
+                # Nothing of a failed write is stored (a node's write is all-or-nothing): back to before.
+                await self._record_homes({m: homes.get(m) for m in last})
+                raise
+            answer = {it.memory_id: dup for group, part in zip(groups.values(), parts) for it, dup in zip(group, part)}
+            final: dict[str, id_homes.Home | None] = {}
+            for m, intent in intents.items():
+                if answer[m] is not None:  # a near-duplicate: not stored, the id stays where it was
+                    final[m] = homes.get(m)
+                    continue
+                if intent.moving_from is not None:
+                    await self._delete_at(m, intent.moving_from)
+                final[m] = id_homes.Home(intent.shard, None)
+            await self._record_homes(final)
+            return [answer[m] for m in ids]
+        finally:
+            self._unlock(ids, locks)
+
+    async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
+        home = (await self._homes([memory_id])).get(memory_id)
+        if home is None:
+            return None
+        for shard in (home.shard, home.moving_from):
+            if shard is not None:
+                found = await self.call(self._node_of(shard), "inspect", memory_id, [shard], include_window, radius)
+                if found is not None:
+                    return found
+        return None
+
+    async def delete(self, memory_id: str) -> bool:
+        locks = await self._locked([memory_id])
+        try:
+            home = (await self._homes([memory_id])).get(memory_id)
+            if home is None:
+                return False
+            deleted = [await self._delete_at(memory_id, s) for s in (home.shard, home.moving_from) if s is not None]
+            await self._record_homes({memory_id: None})
+            return any(deleted)
+        finally:
+            self._unlock([memory_id], locks)
+
+    async def forget_erased(self, ids: list[str]) -> None:
+        """An erased entity's free-form ids: their home records name its shard, so no trace may stay
+        behind; each home node drops its records (`Node.forget_homes`)."""
+        by_home: dict[str, list[str]] = {}
+        for m in ids:
+            by_home.setdefault(self._node_of(self.placement.id_home(m)), []).append(m)
+        await asyncio.gather(*(self.call(node, "forget_homes", part) for node, part in by_home.items()))
+
+    async def forget(self, ids: list[str]) -> None:
+        """Drop the home records of an erased entity's free-form ids here, and their log entries."""
+        await self._on_store(lambda: [id_homes.forget(self._home_store(m), [m], erased=True) for m in ids])
+
+    async def unregistered(self) -> dict[int, list[str]]:
+        """Per shard here that predates id homes: its free-form ids (to register at their homes)."""
+        node = self.node
+
+        def collect() -> dict[int, list[str]]:
+            found: dict[int, list[str]] = {}
+            for s in sorted(node.owned):
+                if not node._candidate_shards([s]) or node.shards[s].meta("id_homes") is not None:
+                    continue
+                found[s] = [m for (m,) in node.shards[s].db.execute("SELECT memory_id FROM memories")
+                            if parse_memory_id(m).entity_prefix is None]
+            return found
+
+        return await self._on_store(collect)
+
+    async def register(self, pairs: list[tuple[str, int]]) -> None:
+        """Record the shard of free-form ids found in old shards, unless the id already has a home."""
+
+        def write() -> None:
+            for m, shard in pairs:
+                store = self._home_store(m)
+                if not id_homes.lookup(store, [m]):
+                    id_homes.record(store, {m: id_homes.Home(shard, None)})
+
+        await self._on_store(write)
+
+    async def mark_registered(self, shards: list[int]) -> None:
+        await self._on_store(lambda: [self.node._shard(s).set_meta("id_homes", "1") for s in shards])

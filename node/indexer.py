@@ -1,0 +1,108 @@
+"""The node's background indexer: vectors reach Chroma behind the writes (see node.shard_store).
+
+A shard is indexed as soon as INDEX_BACKLOG of its rows wait (the writer asks after each of its
+turns), and every waiting row once writes pause for INDEX_IDLE_S, in store calls of INDEX_CHUNK
+rows, so queries queued meanwhile run between chunks. A pause after writes also trims each shard's
+change log to its newest `changelog_keep` changes (node.changelog).
+
+The pause watcher is a task started by `start()` (it needs the running event loop) and stopped by
+`close()`. If it dies of an error it is started again: otherwise rows would wait unindexed (scored
+exactly, slower) and logs untrimmed until the node's next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Callable
+
+from node.store_thread import StoreThread
+
+if TYPE_CHECKING:
+    from node.shard_store import ShardStore
+
+log = logging.getLogger("tellodb.node")
+
+INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
+INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
+INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
+
+
+class Indexer:
+    def __init__(self, name: str, store_thread: StoreThread, shards: Callable[[], list[ShardStore]],
+                 changelog_keep: int) -> None:
+        self.name = name
+        self.store_thread = store_thread
+        self.shards = shards  # the open shards, read on the event loop
+        self.changelog_keep = changelog_keep
+        self.restarts = 0  # times the pause watcher died of an error and was started again
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self._last_write = 0.0
+        self._untrimmed = False  # commits since the change logs were last trimmed
+
+    def start(self) -> None:
+        """Run the pause watcher, unless it runs already (idempotent; needs the running loop)."""
+        if self._closed or (self._task is not None and not self._task.done()):
+            return
+        self._task = asyncio.get_running_loop().create_task(self._watch_pauses())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if self._closed or task.cancelled():
+            return
+        error = task.exception()
+        log.error("%s: the indexer stopped (%r); starting it again", self.name, error, exc_info=error)
+        self.restarts += 1
+        self.start()
+
+    async def close(self) -> None:
+        """Stop the pause watcher; what is still unindexed is indexed by reconcile() at start-up."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            except BaseException:  # it died of an error already (logged by _ended)
+                pass
+
+    def wrote(self) -> None:
+        """A write was queued: the pause starts over."""
+        self._last_write = time.monotonic()
+
+    async def committed(self) -> None:
+        """After a writer turn: index every full backlog now, before any pause."""
+        self._untrimmed = True
+        await self.index_backlogs(INDEX_BACKLOG)
+
+    async def index_backlogs(self, at_least: int) -> None:
+        """Index all waiting rows of every shard with `at_least` of them, INDEX_CHUNK rows per store
+        call, so a query queued meanwhile waits for one chunk (tens of ms), not a whole backlog."""
+        # list() copies in one step: the store thread may be opening a shard meanwhile.
+        for store in [store for store in self.shards() if store.unindexed >= at_least]:
+            try:
+                while store.unindexed:
+                    if not await self.store_thread.run(store.index_pending, INDEX_CHUNK, busy="index"):
+                        break
+            except Exception:  # the rows stay searchable (scored exactly) and are retried later
+                log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
+
+    async def _watch_pauses(self) -> None:
+        while True:
+            await asyncio.sleep(INDEX_IDLE_S)
+            if time.monotonic() - self._last_write >= INDEX_IDLE_S:
+                await self.index_backlogs(1)
+                if self._untrimmed:
+                    self._untrimmed = False
+                    await self.store_thread.run(self._trim_logs)
+
+    def _trim_logs(self) -> None:
+        """Keep each shard's change log to its newest `changelog_keep` changes (node.changelog)."""
+        for store in self.shards():
+            try:
+                store.trim_log(self.changelog_keep)
+            except Exception:  # a full disk, say: the log is trimmed on a later pause
+                log.exception("%s: trimming the change log of shard %d failed", self.name, store.shard_id)

@@ -1,0 +1,32 @@
+"""Typed records that cross the Ray boundary between router and node.
+
+An `IngestItem` is one validated write: the router builds it from a request (router.app.to_item),
+places it on its shard (router.cluster.Cluster.ingest) and a node stores it. Frozen: the router
+places an item by making a copy (`placed`), so nothing changes an item under a caller's feet.
+Hits and other answers stay plain dicts: they are the HTTP wire format, built by the shard store
+and shaped for the client by router.responses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class IngestItem:
+    memory_id: str
+    entity_id: str
+    session_id: str  # from an `<entity>::<session>::<turn>` id (node.ids), else ""
+    turn_index: int | None
+    created_at_ms: int
+    textual_content: str
+    kind: str | None = None
+    relations: tuple[tuple[str, str, str], ...] = ()  # (subject, predicate, object)
+    metrics: tuple[tuple[str, float], ...] = ()  # (label, value)
+    fact_key: str | None = None
+    enable_semantic_dedup: bool = False
+    generated_id: bool = False  # the engine made the id, so the memory is new for sure (Cluster.ingest)
+    shard: int | None = None  # the entity's shard, set by the router
+
+    def placed(self, shard: int) -> IngestItem:
+        return replace(self, shard=shard)
