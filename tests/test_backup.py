@@ -74,7 +74,9 @@ def backed_up(tmp_path_factory):
     threads = [threading.Thread(target=writer, args=(e,)) for e in busy]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while len(acked) < 16 and time.monotonic() < deadline:  # every writer is under way
+        time.sleep(0.1)
     started = time.monotonic()
     done = cli("backup", str(root / "backup"), "--url", base, "--key", API_KEY)
     time.sleep(0.5)
