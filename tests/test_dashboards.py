@@ -172,8 +172,10 @@ def start_node_exporter(tmp: Path) -> tuple[subprocess.Popen | None, str | None]
     return proc, address
 
 
-QUIET = {"TellodbDown", "TellodbNodeDown", "TellodbErrorRateHigh", "TellodbWritesRefusedDiskFull",
-         "TellodbIndexBacklogGrowing"}  # a healthy engine under a light load with some 4xx: none of these
+# A healthy engine under a light load with some 4xx: none of these. (Not asserted for the others:
+# p99 and disk depend on the machine; on a loaded one a 1 s scrape or the router's 2 s stats call
+# can time out once, which TellodbDown and TellodbNodeDown rightly see but, with `for: 1m`, ignore.)
+QUIET = {"TellodbErrorRateHigh", "TellodbWritesRefusedDiskFull", "TellodbIndexBacklogGrowing"}
 
 
 def test_every_panel_and_alert_query_returns_data_from_a_real_engine(make_server, tmp_path):
@@ -235,6 +237,9 @@ def test_every_panel_and_alert_query_returns_data_from_a_real_engine(make_server
                 labels = set().union(*(s.keys() for s in series))
                 for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers):
                     assert label in labels, f"{name} has no label {label!r} (has {sorted(labels)})"
+                job = re.search(r'\bjob="([^"]*)"', matchers)
+                if job:  # the job a selector names is one Prometheus scrapes
+                    assert prom.query(f'count({name}{{job="{job.group(1)}"}})'), f"no {name} in job {job.group(1)}"
 
         for title, expr in panel_queries(board):
             values = [float(r["value"][1]) for r in prom.query(substitute(expr))]
