@@ -25,6 +25,7 @@ RUN pip install --no-cache-dir . \
 # The engine exports the model to ONNX on its first start unless <data_dir>/models/ already holds
 # the export; the export's folder is keyed by the model folder's path and file sizes, which are the
 # same in the runtime image (same venv path), so the engine finds it and skips the export.
+WORKDIR /
 RUN python -c "from node.config import DEFAULT_MODEL, resolve_model_path; from node.onnx_embedder import export_onnx; export_onnx(resolve_model_path(DEFAULT_MODEL), '/seed', 'onnx')"
 
 FROM ${PYTHON_IMAGE}
