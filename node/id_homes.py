@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from typing import Iterable, NamedTuple
 
-from node import changelog
-from node.shard_store import ShardStore
+from node.store import changelog
+from node.store import ShardStore
 
 
 class Home(NamedTuple):

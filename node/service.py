@@ -29,7 +29,7 @@ from node.errors import DeadlineExceeded, NotOwnedError, StorageFull, is_disk_fu
 from node.ids import parse_memory_id
 from node.ranking import RankingConfig
 from node.ring import Placement
-from node.shard_store import MemoryRecord, ShardStore, upsert_together
+from node.store import MemoryRecord, ShardStore, upsert_together
 from node.vector_cache import VectorCache
 
 log = logging.getLogger("tellodb.node")

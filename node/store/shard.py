@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from node import changelog
+from node.store import changelog
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract

@@ -1,0 +1,10 @@
+"""One shard: a SQLite file (the source of truth) and a Chroma collection (a derived vector index).
+
+The package splits the shard store by job; `ShardStore` is the one object the node uses.
+"""
+
+from __future__ import annotations
+
+from node.store.shard import MemoryRecord, ShardStore, file_sha256, upsert_together
+
+__all__ = ["MemoryRecord", "ShardStore", "file_sha256", "upsert_together"]
