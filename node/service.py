@@ -27,7 +27,7 @@ from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.embedder import BatchingEmbedder, load_embedder
 from node.errors import DeadlineExceeded, NotOwnedError, StorageFull, is_disk_full
 from node.ids import parse_memory_id
-from node.ranking import RankingConfig
+from node.ranking import RankingConfig, best_first, oldest_first
 from node.ring import Placement
 from node.store import MemoryRecord, ShardStore, upsert_together
 from node.vector_cache import VectorCache
@@ -354,9 +354,9 @@ class Node:
                 hits.extend(store.search(vector, text, entity_id, limit, window) if text is not None
                             else store.in_window(entity_id, window, limit))
             if text is None:
-                hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+                hits.sort(key=oldest_first)
             else:
-                hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+                hits.sort(key=best_first)
             return hits[:limit]
 
         try:

@@ -26,6 +26,7 @@ from node.service import Node
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.onnx_embedder import ONNX_BACKENDS, export_onnx
 from node.ids import parse_memory_id
+from node.ranking import best_first, oldest_first
 from node.ring import Placement
 from router import ray_local
 from router.coalesce import Coalescer
@@ -208,9 +209,9 @@ class Cluster:
                                     window)
         hits = [h for part in await self._everywhere("query", text, None, None, limit, window) for h in part]
         if text is None:
-            hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+            hits.sort(key=oldest_first)
         else:
-            hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+            hits.sort(key=best_first)
         return hits[:limit]
 
     async def edges(self, nodes: list[str], direction: str, edge_types: list[str] | None, per_node: int,

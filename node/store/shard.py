@@ -40,7 +40,7 @@ from node.store import changelog
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
-from node.ranking import RankingConfig, decay, fts_match_expression, fuse, lexical_score
+from node.ranking import Candidate, RankingConfig, decay, fts_match_expression, fuse, lexical_score
 from node.vector_cache import EntityVectors, VectorCache
 
 log = logging.getLogger("tellodb.shard")
@@ -795,7 +795,7 @@ class ShardStore:
         When the question asks for a slot's predicate (`node.facts.asked_predicates`), that fact
         ranks first of all.
         """
-        scored: list[list[Any]] = []  # [score, created_at_ms, memory_id, rowid]
+        scored: list[Candidate] = []
         max_turn, max_window = max(turn.values(), default=0.0), max(window.values(), default=0.0)
         q = np.asarray(query_vector, dtype=np.float32)
         now = as_of if as_of is not None else int(time.time() * 1000)
@@ -811,18 +811,17 @@ class ShardStore:
             for (rowid, memory_id, created, kind, _), cos in zip(rows, cosines.tolist()):
                 lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
                 score = fuse(cos, lexical, cfg) * decay(now - created, kind, cfg)
-                scored.append([score, created, memory_id, rowid])
+                scored.append(Candidate(score, created, memory_id, rowid))
         self._apply_validity(scored, as_of, past, asked)
-        # Best first; ties broken by recency, then id, so results are stable.
-        scored.sort(key=lambda k: (-k[0], -k[1], k[2]))
+        scored.sort(key=Candidate.rank_key)
         best = scored[:want]
         full = {r["rowid"]: r for r in self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
-            [k[3] for k in best])}
-        return [dict(_row_to_memory(full[k[3]]), similarity=min(1.0, k[0])) for k in best]
+            [c.rowid for c in best])}
+        return [dict(_row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
 
-    def _apply_validity(self, scored: list[list[Any]], as_of: int | None, past: bool, asked: set[str]) -> None:
-        by_id = {k[2]: k for k in scored}
+    def _apply_validity(self, scored: list[Candidate], as_of: int | None, past: bool, asked: set[str]) -> None:
+        by_id = {c.memory_id: c for c in scored}
         facts: dict[str, list[tuple[str, int, int | None]]] = {}
         ids = list(by_id)
         for i in range(0, len(ids), 900):
@@ -841,10 +840,10 @@ class ShardStore:
         slots: dict[str, list[str]] = {}
         for memory_id, fs in facts.items():
             if stale(memory_id) != past:  # present: stale ones lose; past: current ones lose
-                by_id[memory_id][0] *= factor
+                by_id[memory_id].score *= factor
             for slot, _, _ in fs:
                 slots.setdefault(slot, []).append(memory_id)
-        top = max(k[0] for k in scored)
+        top = max(c.score for c in scored)
         for slot, members in slots.items():
             current = [m for m in members if not stale(m)]
             former = [m for m in members if stale(m)]
@@ -852,15 +851,15 @@ class ShardStore:
             if not pool:
                 continue
             # The preferred fact: the current one, or for the past the latest former value.
-            preferred = max(pool, key=lambda m: by_id[m][1])
+            preferred = max(pool, key=lambda m: by_id[m].created_at_ms)
             if slot.rsplit("|", 1)[-1] in asked:
                 rival = top  # the question asks for exactly this: it answers first
             elif len(members) > 1:
-                rival = max(by_id[m][0] for m in members if m != preferred)
+                rival = max(by_id[m].score for m in members if m != preferred)
             else:
                 continue
-            if by_id[preferred][0] <= rival:
-                by_id[preferred][0] = rival + 1e-6
+            if by_id[preferred].score <= rival:
+                by_id[preferred].score = rival + 1e-6
 
     # ---- the knowledge graph -------------------------------------------------------------------
 
