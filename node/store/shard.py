@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from node.store import changelog
+from node.store.scope import Scope, Window
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
@@ -140,7 +141,6 @@ MEMORY_COLUMNS = (
     "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
 )
 CHROMA_BATCH = 256  # vectors per Chroma upsert
-Window = tuple[int | None, int | None] | None  # (start_ms, end_ms) of created_at_ms, inclusive
 LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
 MMAP_BYTES = 1 << 30  # address space per shard file; only pages read take memory
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
@@ -163,52 +163,6 @@ class MemoryRecord:
     metrics: tuple[tuple[str, float], ...] = ()  # explicit (label, value) pairs from the ingest
     fact_key: str | None = None  # explicit fact slot (see node/facts.py)
     ingested_at_ms: int | None = None  # None: now; a replayed change keeps its original time
-
-
-def _scope_sql(entity_id: str | None, window: Window) -> tuple[str, list[Any]]:
-    """A WHERE clause over `memories m` for an entity and a time window."""
-    clauses, args = ["1"], []
-    if entity_id is not None:
-        clauses.append("m.entity_id = ?")
-        args.append(entity_id)
-    if window is not None:
-        if window[0] is not None:
-            clauses.append("m.created_at_ms >= ?")
-            args.append(window[0])
-        if window[1] is not None:
-            clauses.append("m.created_at_ms <= ?")
-            args.append(window[1])
-    return " AND ".join(clauses), args
-
-
-def _in_window(created_at_ms, window: Window):
-    """Whether `created_at_ms` (a number, or a NumPy array of them) lies within `window`."""
-    inside = np.full(np.shape(created_at_ms), True)
-    if window is not None:
-        if window[0] is not None:
-            inside = inside & (created_at_ms >= window[0])
-        if window[1] is not None:
-            inside = inside & (created_at_ms <= window[1])
-    return inside
-
-
-def _in_scope(entity: str, created_at_ms: int, entity_id: str | None, window: Window) -> bool:
-    """The Python twin of `_scope_sql`, for rows already fetched."""
-    return (entity_id is None or entity == entity_id) and bool(_in_window(created_at_ms, window))
-
-
-def _chroma_where(entity_id: str | None, window: Window) -> dict | None:
-    terms: list[dict] = []
-    if entity_id is not None:
-        terms.append({"entity_id": entity_id})
-    if window is not None:
-        if window[0] is not None:
-            terms.append({"created_at_ms": {"$gte": window[0]}})
-        if window[1] is not None:
-            terms.append({"created_at_ms": {"$lte": window[1]}})
-    if not terms:
-        return None
-    return terms[0] if len(terms) == 1 else {"$and": terms}
 
 
 BUCKETS = {  # bucket key of a measurement's UTC time, in SQLite
@@ -568,10 +522,11 @@ class ShardStore:
         n = min(4, self.entity_count(entity_id))
         if n == 0:
             return None
+        scope = Scope(entity_id)
         ids = self.collection.query(query_embeddings=np.asarray(vector, dtype=np.float32).reshape(1, -1),
-                                    n_results=n + self._stale_slack(), where={"entity_id": entity_id},
+                                    n_results=n + self._stale_slack(), where=scope.chroma_where(),
                                     include=[])["ids"][0]
-        ids += self._unindexed_ids("m.entity_id = ?", [entity_id])
+        ids += self._unindexed_ids(scope)
         ids = [i for i in ids if i != exclude]
         if not ids:
             return None
@@ -648,14 +603,15 @@ class ShardStore:
 
         Returns exactly min(limit, memories in scope) hits, best first.
         """
-        scope, scope_args = _scope_sql(entity_id, window)
-        in_scope = (self.entity_count(entity_id) if window is None else
-                    self.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {scope}", scope_args).fetchone()[0])
+        scope = Scope.of(entity_id, window)
+        where, args = scope.sql()
+        in_scope = (self.entity_count(entity_id) if scope.timeless else
+                    self.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
         want = min(limit, in_scope)
         if want == 0:
             return []
         pool = max(limit, self.ranking.candidate_pool)
-        candidates = self._dense_candidates(query_vector, entity_id, window, in_scope, pool, scope, scope_args)
+        candidates = self._dense_candidates(query_vector, scope, in_scope, pool)
 
         # Lexical candidates from both FTS5 tables: the best `pool` of each. The scores of the
         # best LEXICAL_SCAN matches are kept, so every candidate is scored exactly on both.
@@ -663,25 +619,23 @@ class ShardStore:
         lexical: list[dict[int, float]] = []
         if match is not None:
             for table, column in LEXICAL_SOURCES:
-                scores = self._bm25(table, column, match, entity_id, max(pool, LEXICAL_SCAN), window)
+                scores = self._bm25(table, column, match, scope, max(pool, LEXICAL_SCAN))
                 lexical.append(scores)
                 candidates.update(list(scores)[:pool])
 
         # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
         if len(candidates) < want:
-            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories m WHERE {scope}", scope_args))
+            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
 
         # Facts compete with the other values of their slot: bring those in too.
         if entity_id is not None and candidates:
-            candidates.update(self._slot_mates(entity_id, candidates, scope, scope_args))
+            candidates.update(self._slot_mates(entity_id, candidates, scope))
 
         turn, window_bm25 = lexical if lexical else ({}, {})
-        as_of = window[1] if window is not None else None
-        return self._score(sorted(candidates), query_vector, turn, window_bm25, want, as_of,
+        return self._score(sorted(candidates), query_vector, turn, window_bm25, want, scope.end_ms,
                            asks_about_the_past(query_text), asked_predicates(query_text))
 
-    def _dense_candidates(self, query_vector: np.ndarray, entity_id: str | None, window: Window, in_scope: int,
-                          pool: int, scope: str, scope_args: list[Any]) -> set[int]:
+    def _dense_candidates(self, query_vector: np.ndarray, scope: Scope, in_scope: int, pool: int) -> set[int]:
         """Rowids of the `pool` memories in scope nearest to the query vector.
 
         A scope of at most EXACT_SCAN memories (most entities) is scanned exactly from the vectors
@@ -690,14 +644,15 @@ class ShardStore:
         """
         q = np.asarray(query_vector, dtype=np.float32)
         if in_scope <= self.exact_scan:
-            if entity_id is not None:
-                vectors = self._entity_vectors(entity_id)
+            if scope.entity_id is not None:
+                vectors = self._entity_vectors(scope.entity_id)
                 rowids, matrix = vectors.rowids, vectors.matrix
-                if window is not None:
-                    keep = _in_window(vectors.created_at_ms, window)
+                if not scope.timeless:
+                    keep = scope.mask(vectors.created_at_ms)
                     rowids, matrix = rowids[keep], matrix[keep]
             else:
-                rows = self.db.execute(f"SELECT m.rowid, m.vector FROM memories m WHERE {scope}", scope_args).fetchall()
+                where, args = scope.sql()
+                rows = self.db.execute(f"SELECT m.rowid, m.vector FROM memories m WHERE {where}", args).fetchall()
                 rowids = np.array([r[0] for r in rows], dtype=np.int64)
                 matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
             if len(rowids) == 0:
@@ -708,18 +663,18 @@ class ShardStore:
         ids = self.collection.query(
             query_embeddings=q.reshape(1, -1),
             n_results=min(pool, in_scope) + self._stale_slack(),
-            where=_chroma_where(entity_id, window),
+            where=scope.chroma_where(),
             include=[],
         )["ids"][0]
         # Chroma may still hold an older copy of a row (see index_pending): keep only rows in scope.
         # (Filtered here, not in SQL: with the scope in the WHERE clause SQLite scans the entity.)
-        ids += self._unindexed_ids(scope, scope_args)
+        ids += self._unindexed_ids(scope)
         found: set[int] = set()
         for i in range(0, len(ids), 900):
             chunk = ids[i : i + 900]
             found.update(rowid for rowid, entity, created in self.db.execute(
                 f"SELECT rowid, entity_id, created_at_ms FROM memories WHERE memory_id IN ({','.join('?' * len(chunk))})",
-                chunk) if _in_scope(entity, created, entity_id, window))
+                chunk) if scope.admits(entity, created))
         return found
 
     def _entity_vectors(self, entity_id: str) -> EntityVectors:
@@ -740,46 +695,47 @@ class ShardStore:
         with its stale copy (dropped by the scope check), and there are at most `unindexed` such."""
         return min(self.unindexed, CHROMA_BATCH)
 
-    def _unindexed_ids(self, scope: str, scope_args: list[Any]) -> list[str]:
+    def _unindexed_ids(self, scope: Scope) -> list[str]:
         """Ids of committed rows in scope that Chroma does not have yet: they are scored exactly."""
         if not self.unindexed:
             return []
+        where, args = scope.sql()
         return [r[0] for r in self.db.execute(
-            f"SELECT m.memory_id FROM memories AS m INDEXED BY memories_unindexed WHERE m.indexed = 0 AND {scope}",
-            scope_args)]
+            f"SELECT m.memory_id FROM memories AS m INDEXED BY memories_unindexed WHERE m.indexed = 0 AND {where}",
+            args)]
 
-    def _slot_mates(self, entity_id: str, rowids: set[int], scope: str, scope_args: list[Any]) -> set[int]:
+    def _slot_mates(self, entity_id: str, rowids: set[int], scope: Scope) -> set[int]:
         """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""
+        where, args = scope.sql()
         ids = sorted(rowids)
         mates: set[int] = set()
         for i in range(0, len(ids), 900):
             chunk = ids[i : i + 900]
             mates.update(r[0] for r in self.db.execute(
                 f"SELECT DISTINCT m.rowid FROM facts f JOIN memories m ON m.memory_id = f.memory_id "
-                f"WHERE f.entity_id = ? AND {scope} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
+                f"WHERE f.entity_id = ? AND {where} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
                 f"ON m2.memory_id = f2.memory_id WHERE m2.rowid IN ({','.join('?' * len(chunk))})) LIMIT 1000",
-                (entity_id, *scope_args, *chunk)))
+                (entity_id, *args, *chunk)))
         return mates
 
-    def _bm25(self, table: str, column: str, match: str, entity_id: str | None, limit: int,
-              window: Window = None) -> dict[int, float]:
+    def _bm25(self, table: str, column: str, match: str, scope: Scope, limit: int) -> dict[int, float]:
         """Positive BM25 scores (higher is better) of the best `limit` rows, best first."""
         expr = f"{column} : ({match})"
-        if entity_id is not None:  # the entity filter goes through the full-text index as a token
-            expr = f'entity_token : "{entity_token(entity_id)}" AND {expr}'
-        if window is None:
+        if scope.entity_id is not None:  # the entity filter goes through the full-text index as a token
+            expr = f'entity_token : "{entity_token(scope.entity_id)}" AND {expr}'
+        if scope.timeless:
             sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
                    f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
             return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
-        scope, args = _scope_sql(None, window)
+        where, args = scope.any_entity().sql()
         sql = (f"SELECT f.rowid, -bm25({table}, 0.0, 1.0) FROM {table} f JOIN memories m ON m.rowid = f.rowid "
-               f"WHERE {table} MATCH ? AND {scope} ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+               f"WHERE {table} MATCH ? AND {where} ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
         return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, *args, limit))}
 
     def in_window(self, entity_id: str | None, window: Window, limit: int) -> list[dict[str, Any]]:
         """Memories created within `window`, oldest first (a temporal query without text)."""
-        scope, args = _scope_sql(entity_id, window)
-        rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {scope} "
+        where, args = Scope.of(entity_id, window).sql()
+        rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {where} "
                                "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
         return [dict(_row_to_memory(r), similarity=1.0) for r in rows]
 
@@ -906,13 +862,9 @@ class ShardStore:
                   bucket: str | None) -> dict[str, Any]:
         """count, sum, avg, min, max and population stddev of a label's values, computed in SQLite;
         with `bucket` (hour, day, week, month; UTC) the same per bucket, oldest first."""
-        scope, args = "entity_id = ? AND label = ?", [entity_id, label]
-        if start_ms is not None:
-            scope += " AND timestamp_ms >= ?"
-            args.append(start_ms)
-        if end_ms is not None:
-            scope += " AND timestamp_ms <= ?"
-            args.append(end_ms)
+        where, args = Scope(entity_id, start_ms, end_ms).sql(alias=None, time_column="timestamp_ms")
+        scope = f"{where} AND label = ?"
+        args.append(label)
         overall = f"SELECT 'all' AS b, value FROM measurements WHERE {scope}"
         rows = self._summaries(overall, args)
         result = rows[0] if rows else {"bucket": "all", "count": 0, "sum": 0.0, "avg": None, "min": None,
