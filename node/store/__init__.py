@@ -5,6 +5,8 @@ The package splits the shard store by job; `ShardStore` is the one object the no
 
 from __future__ import annotations
 
-from node.store.shard import MemoryRecord, ShardStore, file_sha256, upsert_together
+from node.store.records import MemoryRecord
+from node.store.shard import ShardStore, file_sha256
+from node.store.transaction import upsert_together
 
 __all__ = ["MemoryRecord", "ShardStore", "file_sha256", "upsert_together"]

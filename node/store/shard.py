@@ -30,14 +30,16 @@ import math
 import shutil
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from node.store import changelog
+from node.store import changelog, records, schema
+from node.store.records import MEMORY_COLUMNS, MemoryRecord
+from node.store.schema import LEXICAL_SOURCES
 from node.store.scope import Scope, Window
+from node.store.transaction import Transaction, upsert_together
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
@@ -46,123 +48,9 @@ from node.vector_cache import EntityVectors, VectorCache
 
 log = logging.getLogger("tellodb.shard")
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS memories (
-    rowid INTEGER PRIMARY KEY,
-    memory_id TEXT NOT NULL UNIQUE,
-    entity_id TEXT NOT NULL,
-    entity_token TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    turn_index INTEGER,
-    created_at_ms INTEGER NOT NULL,
-    ingested_at_ms INTEGER NOT NULL,
-    kind TEXT,
-    textual_content TEXT NOT NULL,
-    relations TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    indexed INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS memories_by_session ON memories(entity_id, session_id, turn_index);
-CREATE INDEX IF NOT EXISTS memories_by_time ON memories(entity_id, created_at_ms);
-CREATE INDEX IF NOT EXISTS memories_unindexed ON memories(indexed) WHERE indexed = 0;
-CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
-    entity_token, textual_content,
-    content='memories', content_rowid='rowid',
-    tokenize='porter unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
-    INSERT INTO memories_fts(rowid, entity_token, textual_content)
-    VALUES (new.rowid, new.entity_token, new.textual_content);
-END;
-CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
-    INSERT INTO memories_fts(memories_fts, rowid, entity_token, textual_content)
-    VALUES ('delete', old.rowid, old.entity_token, old.textual_content);
-END;
-CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF entity_token, textual_content ON memories BEGIN
-    INSERT INTO memories_fts(memories_fts, rowid, entity_token, textual_content)
-    VALUES ('delete', old.rowid, old.entity_token, old.textual_content);
-    INSERT INTO memories_fts(rowid, entity_token, textual_content)
-    VALUES (new.rowid, new.entity_token, new.textual_content);
-END;
-CREATE VIRTUAL TABLE IF NOT EXISTS windows_fts USING fts5(
-    entity_token, window_text,
-    tokenize='porter unicode61 remove_diacritics 2'
-);
-CREATE TRIGGER IF NOT EXISTS memories_window_ad AFTER DELETE ON memories BEGIN
-    DELETE FROM windows_fts WHERE rowid = old.rowid;
-END;
-CREATE TABLE IF NOT EXISTS relations (
-    memory_id TEXT NOT NULL,
-    entity_id TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    predicate TEXT NOT NULL,
-    object TEXT NOT NULL,
-    timestamp_ms INTEGER NOT NULL,
-    valid INTEGER NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS relations_by_memory ON relations(memory_id);
-CREATE INDEX IF NOT EXISTS relations_by_subject ON relations(subject, predicate);
-CREATE INDEX IF NOT EXISTS relations_by_object ON relations(object, predicate);
-CREATE TABLE IF NOT EXISTS entities (entity_id TEXT PRIMARY KEY, memories INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS measurements (
-    memory_id TEXT NOT NULL,
-    entity_id TEXT NOT NULL,
-    label TEXT NOT NULL,
-    value REAL NOT NULL,
-    unit TEXT,
-    timestamp_ms INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS measurements_by_label ON measurements(entity_id, label, timestamp_ms);
-CREATE INDEX IF NOT EXISTS measurements_by_memory ON measurements(memory_id);
-CREATE TABLE IF NOT EXISTS facts (
-    memory_id TEXT NOT NULL,
-    entity_id TEXT NOT NULL,
-    slot TEXT NOT NULL,
-    valid_from_ms INTEGER NOT NULL,
-    valid_to_ms INTEGER,
-    PRIMARY KEY (memory_id, slot)
-);
-CREATE INDEX IF NOT EXISTS facts_by_slot ON facts(entity_id, slot, valid_from_ms);
--- The home of each free-form memory id whose hash falls on this shard (node/id_homes.py).
-CREATE TABLE IF NOT EXISTS id_homes (
-    memory_id TEXT PRIMARY KEY,
-    shard INTEGER NOT NULL,
-    moving_from INTEGER
-) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS memories_measurements_ad AFTER DELETE ON memories BEGIN
-    DELETE FROM measurements WHERE memory_id = old.memory_id;
-    DELETE FROM relations WHERE memory_id = old.memory_id;
-END;
-"""
-
-MEMORY_COLUMNS = (
-    "memory_id, entity_id, session_id, turn_index, created_at_ms, ingested_at_ms, kind, textual_content, relations"
-)
 CHROMA_BATCH = 256  # vectors per Chroma upsert
-LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
-MMAP_BYTES = 1 << 30  # address space per shard file; only pages read take memory
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
-
-
-@dataclass(frozen=True)
-class MemoryRecord:
-    """A validated memory with its embedding, ready to store."""
-
-    memory_id: str
-    entity_id: str
-    session_id: str
-    turn_index: int | None  # None: not a turn of a session (no window neighbours)
-    created_at_ms: int
-    kind: str | None
-    textual_content: str
-    relations: tuple[tuple[str, str, str], ...]  # (subject, predicate, object)
-    vector: np.ndarray
-    metrics: tuple[tuple[str, float], ...] = ()  # explicit (label, value) pairs from the ingest
-    fact_key: str | None = None  # explicit fact slot (see node/facts.py)
-    ingested_at_ms: int | None = None  # None: now; a replayed change keeps its original time
 
 
 BUCKETS = {  # bucket key of a measurement's UTC time, in SQLite
@@ -171,20 +59,6 @@ BUCKETS = {  # bucket key of a measurement's UTC time, in SQLite
     "week": "strftime('%Y-%m-%d', timestamp_ms / 1000, 'unixepoch', 'weekday 0', '-6 days')",  # its Monday
     "month": "strftime('%Y-%m', timestamp_ms / 1000, 'unixepoch')",
 }
-
-
-def _row_to_memory(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "memory_id": row["memory_id"],
-        "entity_id": row["entity_id"],
-        "session_id": row["session_id"],
-        "turn_index": row["turn_index"] if row["turn_index"] is not None else 0,
-        "created_at_ms": row["created_at_ms"],
-        "ingested_at_ms": row["ingested_at_ms"],
-        "kind": row["kind"],
-        "textual_content": row["textual_content"],
-        "relations": json.loads(row["relations"]),
-    }
 
 
 class ShardStore:
@@ -204,19 +78,8 @@ class ShardStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.dimension = dimension
         self.hnsw = hnsw or {"connectivity": 16, "ef_search": 64, "ef_construction": 128}
-        self.db = sqlite3.connect(self.root / "store.sqlite3", isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed: an erase leaves no copy
-        # Reads map the file instead of copying pages into a per-connection cache: a 1,000-memory
-        # entity's vector scan takes 0.7 ms instead of 1.3 ms, and mapped pages are the OS page
-        # cache (shared, reclaimable), not the process's own memory.
-        self.db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
-        self.db.executescript(SCHEMA)
-        self.db.executescript(changelog.SCHEMA)
-        self._check_meta()
+        self.db = schema.connect(self.root / "store.sqlite3")
+        schema.check_meta(self.db, shard_id, dimension, self.root)
         self._open_chroma()
         self._check_windows()
         self.exact_scan = EXACT_SCAN
@@ -225,29 +88,12 @@ class ShardStore:
 
     # ---- set-up -------------------------------------------------------------------------------
 
-    def _check_meta(self) -> None:
-        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if not meta:
-            with self._tx():
-                self.db.executemany(
-                    "INSERT INTO meta(key, value) VALUES (?, ?)",
-                    [("schema_version", str(SCHEMA_VERSION)), ("dimension", str(self.dimension)),
-                     ("shard_id", str(self.shard_id)), ("id_homes", "1")],
-                )
-            return
-        if int(meta.get("dimension", self.dimension)) != self.dimension:
-            raise RuntimeError(
-                f"shard {self.shard_id} at {self.root} holds {meta['dimension']}-dimensional vectors but the "
-                f"configured model makes {self.dimension}; use the model it was written with"
-            )
-
     def meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+        return schema.read_meta(self.db, key)
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            schema.write_meta(self.db, key, value)
 
     def _check_windows(self) -> None:
         """Rebuild every window when the configured radius differs from the one they were built with."""
@@ -327,8 +173,8 @@ class ShardStore:
             }
         }
 
-    def _tx(self):
-        return _Transaction(self.db)
+    def _tx(self) -> Transaction:
+        return Transaction(self.db)
 
     def reconcile(self) -> int:
         """Bring Chroma in line with SQLite; return how many vectors were (re-)indexed."""
@@ -538,28 +384,13 @@ class ShardStore:
     # ---- reads --------------------------------------------------------------------------------
 
     def get(self, memory_id: str) -> dict[str, Any] | None:
-        row = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
-        return _row_to_memory(row) if row else None
+        return records.get(self.db, memory_id)
 
     def turn_window(self, memory_id: str, radius: int) -> list[dict[str, Any]]:
-        """The memory and the turns of its session within `radius` of it, in turn order."""
-        me = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
-        if me is None:
-            return []
-        if me["turn_index"] is None:
-            return [_row_to_memory(me)]
-        rows = self.db.execute(
-            f"SELECT {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND session_id = ? "
-            "AND turn_index BETWEEN ? AND ? ORDER BY turn_index, created_at_ms",
-            (me["entity_id"], me["session_id"], me["turn_index"] - radius, me["turn_index"] + radius),
-        ).fetchall()
-        return [_row_to_memory(r) for r in rows]
+        return records.turn_window(self.db, memory_id, radius)
 
     def entity_count(self, entity_id: str | None) -> int:
-        if entity_id is None:
-            return self.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0]
-        row = self.db.execute("SELECT memories FROM entities WHERE entity_id = ?", (entity_id,)).fetchone()
-        return row[0] if row else 0
+        return records.entity_count(self.db, entity_id)
 
     def stats(self) -> dict[str, int]:
         one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
@@ -576,25 +407,7 @@ class ShardStore:
         }
 
     def profile(self, entity_id: str, recent: int) -> dict[str, Any]:
-        """What the engine holds true about an entity now, and what it heard from it last."""
-        facts = self.db.execute(
-            "SELECT f.slot, f.valid_from_ms, m.memory_id, m.textual_content FROM facts f "
-            "JOIN memories m ON m.memory_id = f.memory_id WHERE f.entity_id = ? AND f.valid_to_ms IS NULL "
-            "ORDER BY f.slot", (entity_id,)).fetchall()
-        span = self.db.execute("SELECT COUNT(*), MIN(created_at_ms), MAX(created_at_ms) FROM memories "
-                               "WHERE entity_id = ?", (entity_id,)).fetchone()
-        latest = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? "
-                                 "ORDER BY created_at_ms DESC, rowid DESC LIMIT ?", (entity_id, recent)).fetchall()
-        labels = self.db.execute("SELECT label, COUNT(*) FROM measurements WHERE entity_id = ? GROUP BY label "
-                                 "ORDER BY label", (entity_id,)).fetchall()
-        return {
-            "memories": span[0], "first_seen_ms": span[1], "last_seen_ms": span[2],
-            "current_facts": [{"slot": f[0], "valid_from_ms": f[1], "memory_id": f[2], "textual_content": f[3]}
-                              for f in facts],
-            "recent": [_row_to_memory(r) for r in latest],
-            "measurements": {label: n for label, n in labels},
-            "edges": self.db.execute("SELECT COUNT(*) FROM relations WHERE entity_id = ?", (entity_id,)).fetchone()[0],
-        }
+        return records.profile(self.db, entity_id, recent)
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
                window: Window = None) -> list[dict[str, Any]]:
@@ -737,7 +550,7 @@ class ShardStore:
         where, args = Scope.of(entity_id, window).sql()
         rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {where} "
                                "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
-        return [dict(_row_to_memory(r), similarity=1.0) for r in rows]
+        return [dict(records.row_to_memory(r), similarity=1.0) for r in rows]
 
     def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
                window: dict[int, float], want: int, as_of: int | None = None,
@@ -774,7 +587,7 @@ class ShardStore:
         full = {r["rowid"]: r for r in self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
             [c.rowid for c in best])}
-        return [dict(_row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
+        return [dict(records.row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
 
     def _apply_validity(self, scored: list[Candidate], as_of: int | None, past: bool, asked: set[str]) -> None:
         by_id = {c.memory_id: c for c in scored}
@@ -887,7 +700,7 @@ class ShardStore:
             measured = self.db.execute(
                 "SELECT label, value, unit, timestamp_ms FROM measurements WHERE memory_id = ? ORDER BY rowid",
                 (r["memory_id"],)).fetchall()
-            page.append(dict(_row_to_memory(r), rowid=r["rowid"],
+            page.append(dict(records.row_to_memory(r), rowid=r["rowid"],
                              measurements=[{"label": m[0], "value": m[1], "unit": m[2], "timestamp_ms": m[3]}
                                            for m in measured]))
         return page
@@ -996,7 +809,7 @@ class ShardStore:
         copy = sqlite3.connect(dest, isolation_level=None)
         try:
             copy.execute("PRAGMA journal_mode=DELETE")
-            with _Transaction(copy):
+            with Transaction(copy):
                 copy.execute("UPDATE memories SET indexed = 0")
                 copy.execute("DELETE FROM log_pins")
             seq = changelog.last_seq(copy)
@@ -1028,56 +841,3 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-class _Transaction:
-    """`BEGIN IMMEDIATE` ... `COMMIT`, or `ROLLBACK` on any error."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type:
-            _rollback(self.db)
-            return
-        try:
-            self.db.execute("COMMIT")
-        except BaseException:
-            _rollback(self.db)  # a failed COMMIT (disk full) leaves the transaction open otherwise
-            raise
-
-
-def _rollback(db: sqlite3.Connection) -> None:
-    """End the open transaction, if any, without raising: the error that led here is the one to report."""
-    if db.in_transaction:
-        try:
-            db.execute("ROLLBACK")
-        except sqlite3.Error:
-            log.exception("rollback failed")
-
-
-def upsert_together(batches: Sequence[tuple[ShardStore, Sequence[MemoryRecord]]]) -> None:
-    """Upsert into several shards as one unit: every shard's transaction is opened and written
-    before any of them commits, so a failure while writing (a bad record, a full disk) changes no
-    shard. A failure during the commits themselves can still leave the shards before it committed;
-    the node's free-space reserve (`min_free_mb`) is what keeps a disk from filling there."""
-    opened: list[ShardStore] = []
-    counts: list[int] = []
-    committed = 0
-    try:
-        for store, records in batches:
-            store.db.execute("BEGIN IMMEDIATE")
-            opened.append(store)
-            counts.append(store.stage(records))
-        for store, count in zip(opened, counts):
-            store.db.execute("COMMIT")
-            committed += 1
-            store.unindexed += count
-    except BaseException:
-        for store in opened[committed:]:
-            _rollback(store.db)
-        raise
