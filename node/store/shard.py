@@ -12,12 +12,6 @@ rows exactly from their stored vectors, so a write is searchable the moment it i
 Rows a crash left unindexed are indexed by `reconcile()` at start-up; if the collection is lost or
 disagrees with SQLite it is rebuilt from the stored vectors.
 
-Lexical search runs over two FTS5 tables: `memories_fts` (each memory's own text) and
-`windows_fts` (each turn with its session neighbours within `window_radius` turns, so a question
-matches the exchange that answers it even when the words are split over several turns). Memories
-without a turn number have a window of their own text. Windows are kept current in the same
-transaction as every write and rebuilt when `window_radius` changes.
-
 Not thread-safe: the owning node calls a shard from one thread at a time.
 """
 
@@ -36,10 +30,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from node.store import changelog, records, schema
+from node.store.fact_chains import apply_validity, drop_facts, rechain
 from node.store.records import MEMORY_COLUMNS, MemoryRecord
 from node.store.schema import LEXICAL_SOURCES
 from node.store.scope import Scope, Window
 from node.store.transaction import Transaction, upsert_together
+from node.store.windows import check_windows, rewrite_windows, window_targets
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
 from node.measurements import extract
@@ -81,7 +77,7 @@ class ShardStore:
         self.db = schema.connect(self.root / "store.sqlite3")
         schema.check_meta(self.db, shard_id, dimension, self.root)
         self._open_chroma()
-        self._check_windows()
+        check_windows(self.db, self.ranking.window_radius)
         self.exact_scan = EXACT_SCAN
         # Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact).
         self.unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
@@ -94,52 +90,6 @@ class ShardStore:
     def set_meta(self, key: str, value: str) -> None:
         with self._tx():
             schema.write_meta(self.db, key, value)
-
-    def _check_windows(self) -> None:
-        """Rebuild every window when the configured radius differs from the one they were built with."""
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'window_radius'").fetchone()
-        if row is not None and int(row[0]) == self.ranking.window_radius:
-            return
-        with self._tx():
-            self.db.execute("DELETE FROM windows_fts")
-            self._rewrite_windows([r[0] for r in self.db.execute("SELECT rowid FROM memories").fetchall()])
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('window_radius', ?)",
-                            (str(self.ranking.window_radius),))
-
-    def _window_targets(self, rowids: Iterable[int]) -> set[int]:
-        """`rowids` and their session neighbours within `window_radius`, at their current places:
-        the windows a change to those rows alters. Take them before a row moves or goes."""
-        r = self.ranking.window_radius
-        targets: set[int] = set()
-        for rowid in rowids:
-            targets.add(rowid)
-            me = self.db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE rowid = ?",
-                                 (rowid,)).fetchone()
-            if r > 0 and me is not None and me["turn_index"] is not None:
-                targets.update(x[0] for x in self.db.execute(
-                    "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
-                    (me["entity_id"], me["session_id"], me["turn_index"] - r, me["turn_index"] + r)))
-        return targets
-
-    def _rewrite_windows(self, rowids: Iterable[int]) -> None:
-        """Rewrite the window documents of `rowids` from the rows as they are now (rows that are gone
-        lose theirs). In a transaction."""
-        r = self.ranking.window_radius
-        for rowid in rowids:
-            me = self.db.execute(
-                "SELECT entity_id, entity_token, session_id, turn_index, textual_content FROM memories WHERE rowid = ?",
-                (rowid,)).fetchone()
-            self.db.execute("DELETE FROM windows_fts WHERE rowid = ?", (rowid,))
-            if me is None:
-                continue
-            text = me["textual_content"]
-            if me["turn_index"] is not None and r > 0:
-                text = "\n".join(x[0] for x in self.db.execute(
-                    "SELECT textual_content FROM memories WHERE entity_id = ? AND session_id = ? "
-                    "AND turn_index BETWEEN ? AND ? ORDER BY turn_index, rowid",
-                    (me["entity_id"], me["session_id"], me["turn_index"] - r, me["turn_index"] + r)))
-            self.db.execute("INSERT INTO windows_fts(rowid, entity_token, window_text) VALUES (?, ?, ?)",
-                            (rowid, me["entity_token"], text))
 
     def _open_chroma(self) -> None:
         import chromadb
@@ -258,9 +208,9 @@ class ShardStore:
                 self._count_entity(old["entity_id"], -1)
                 self.db.execute("DELETE FROM relations WHERE memory_id = ?", (r.memory_id,))
                 self.db.execute("DELETE FROM measurements WHERE memory_id = ?", (r.memory_id,))
-                slots.update(self._drop_facts(r.memory_id))
+                slots.update(drop_facts(self.db, r.memory_id))
                 # Its old neighbours lose it from their windows (it may change session or turn).
-                windows |= self._window_targets([old["rowid"]])
+                windows |= window_targets(self.db, self.ranking.window_radius, [old["rowid"]])
             vector = np.asarray(r.vector, dtype=np.float32)
             if vector.shape != (self.dimension,):
                 raise ValueError(f"vector of shape {vector.shape}, expected ({self.dimension},)")
@@ -301,34 +251,10 @@ class ShardStore:
                                 (r.memory_id, r.entity_id, slot, r.created_at_ms))
                 slots.add((r.entity_id, slot))
             self._count_entity(r.entity_id, +1)
-            windows |= self._window_targets([rowid])
-        self._rewrite_windows(windows)
-        self._rechain(slots)
+            windows |= window_targets(self.db, self.ranking.window_radius, [rowid])
+        rewrite_windows(self.db, self.ranking.window_radius, windows)
+        rechain(self.db, slots)
         return len(unique)
-
-    def _drop_facts(self, memory_id: str) -> set[tuple[str, str]]:
-        """Delete a memory's facts; return their (entity, slot) pairs, whose chains must be redone."""
-        rows = self.db.execute("SELECT entity_id, slot FROM facts WHERE memory_id = ?", (memory_id,)).fetchall()
-        self.db.execute("DELETE FROM facts WHERE memory_id = ?", (memory_id,))
-        return {(r[0], r[1]) for r in rows}
-
-    def _rechain(self, slots: set[tuple[str, str]]) -> None:
-        """Each fact of a slot is valid until the next one's timestamp; the newest has no end.
-        Relations restating a superseded fact are marked invalid. In a transaction."""
-        memories: set[str] = set()
-        for entity_id, slot in slots:
-            chain = self.db.execute(
-                "SELECT rowid, memory_id, valid_from_ms FROM facts WHERE entity_id = ? AND slot = ? "
-                "ORDER BY valid_from_ms, rowid", (entity_id, slot)).fetchall()
-            for i, (rowid, memory_id, _) in enumerate(chain):
-                valid_to = chain[i + 1][2] if i + 1 < len(chain) else None
-                self.db.execute("UPDATE facts SET valid_to_ms = ? WHERE rowid = ?", (valid_to, rowid))
-                memories.add(memory_id)
-        for memory_id in memories:
-            self.db.execute(
-                "UPDATE relations SET valid = NOT EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = relations.memory_id"
-                " AND f.slot = lower(relations.subject) || '|' || lower(relations.predicate)"
-                " AND f.valid_to_ms IS NOT NULL) WHERE memory_id = ?", (memory_id,))
 
     def _count_entity(self, entity_id: str, delta: int) -> None:
         """Every write of an entity's memories passes here: keep its count, drop its cached vectors."""
@@ -353,12 +279,12 @@ class ShardStore:
         row = self.db.execute("SELECT rowid, entity_id FROM memories WHERE memory_id = ?", (memory_id,)).fetchone()
         if row is None:
             return False
-        windows = self._window_targets([row["rowid"]])
-        slots = self._drop_facts(memory_id)
+        windows = window_targets(self.db, self.ranking.window_radius, [row["rowid"]])
+        slots = drop_facts(self.db, memory_id)
         # Triggers take its FTS entry, window, relations and measurements with it.
         self.db.execute("DELETE FROM memories WHERE memory_id = ?", (memory_id,))
-        self._rechain(slots)
-        self._rewrite_windows(windows)
+        rechain(self.db, slots)
+        rewrite_windows(self.db, self.ranking.window_radius, windows)
         self._count_entity(row["entity_id"], -1)
         changelog.record(self.db, changelog.DELETE, memory_id, row["entity_id"], seq=seq)
         return True
@@ -581,54 +507,13 @@ class ShardStore:
                 lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
                 score = fuse(cos, lexical, cfg) * decay(now - created, kind, cfg)
                 scored.append(Candidate(score, created, memory_id, rowid))
-        self._apply_validity(scored, as_of, past, asked)
+        apply_validity(self.db, scored, as_of, past, asked, self.ranking.stale_factor)
         scored.sort(key=Candidate.rank_key)
         best = scored[:want]
         full = {r["rowid"]: r for r in self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
             [c.rowid for c in best])}
         return [dict(records.row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
-
-    def _apply_validity(self, scored: list[Candidate], as_of: int | None, past: bool, asked: set[str]) -> None:
-        by_id = {c.memory_id: c for c in scored}
-        facts: dict[str, list[tuple[str, int, int | None]]] = {}
-        ids = list(by_id)
-        for i in range(0, len(ids), 900):
-            chunk = ids[i : i + 900]
-            for memory_id, slot, valid_from, valid_to in self.db.execute(
-                    f"SELECT memory_id, slot, valid_from_ms, valid_to_ms FROM facts "
-                    f"WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk):
-                facts.setdefault(memory_id, []).append((slot, valid_from, valid_to))
-        if not facts:
-            return
-
-        def stale(memory_id: str) -> bool:
-            return all(to is not None and (as_of is None or to <= as_of) for _, _, to in facts[memory_id])
-
-        factor = self.ranking.stale_factor
-        slots: dict[str, list[str]] = {}
-        for memory_id, fs in facts.items():
-            if stale(memory_id) != past:  # present: stale ones lose; past: current ones lose
-                by_id[memory_id].score *= factor
-            for slot, _, _ in fs:
-                slots.setdefault(slot, []).append(memory_id)
-        top = max(c.score for c in scored)
-        for slot, members in slots.items():
-            current = [m for m in members if not stale(m)]
-            former = [m for m in members if stale(m)]
-            pool = (former or current) if past else current
-            if not pool:
-                continue
-            # The preferred fact: the current one, or for the past the latest former value.
-            preferred = max(pool, key=lambda m: by_id[m].created_at_ms)
-            if slot.rsplit("|", 1)[-1] in asked:
-                rival = top  # the question asks for exactly this: it answers first
-            elif len(members) > 1:
-                rival = max(by_id[m].score for m in members if m != preferred)
-            else:
-                continue
-            if by_id[preferred].score <= rival:
-                by_id[preferred].score = rival + 1e-6
 
     # ---- the knowledge graph -------------------------------------------------------------------
 
