@@ -17,19 +17,16 @@ Not thread-safe: the owning node calls a shard from one thread at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from node.store import changelog, records, schema
+from node.store import analytics, changelog, erasure, graph, records, schema, snapshot
 from node.store.fact_chains import apply_validity, drop_facts, rechain
 from node.store.records import MEMORY_COLUMNS, MemoryRecord
 from node.store.schema import LEXICAL_SOURCES
@@ -47,14 +44,6 @@ log = logging.getLogger("tellodb.shard")
 CHROMA_BATCH = 256  # vectors per Chroma upsert
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
-
-
-BUCKETS = {  # bucket key of a measurement's UTC time, in SQLite
-    "hour": "strftime('%Y-%m-%dT%H:00', timestamp_ms / 1000, 'unixepoch')",
-    "day": "strftime('%Y-%m-%d', timestamp_ms / 1000, 'unixepoch')",
-    "week": "strftime('%Y-%m-%d', timestamp_ms / 1000, 'unixepoch', 'weekday 0', '-6 days')",  # its Monday
-    "month": "strftime('%Y-%m', timestamp_ms / 1000, 'unixepoch')",
-}
 
 
 class ShardStore:
@@ -519,76 +508,18 @@ class ShardStore:
 
     def edges(self, entity_id: str | None, nodes: Sequence[str], direction: str, edge_types: Sequence[str] | None,
               per_node: int) -> list[dict[str, Any]]:
-        """Edges touching each of `nodes` (out: node is the source, in: the target, both), newest first,
-        at most `per_node` per node and direction, optionally of the given types and one entity."""
-        out: list[dict[str, Any]] = []
-        sides = {"out": ("subject",), "in": ("object",), "both": ("subject", "object")}[direction]
-        for node in nodes:
-            for column in sides:
-                sql = (f"SELECT subject, predicate, object, memory_id, timestamp_ms, valid, entity_id FROM relations "
-                       f"WHERE {column} = ?")
-                args: list[Any] = [node]
-                if edge_types:
-                    sql += f" AND predicate IN ({','.join('?' * len(edge_types))})"
-                    args.extend(edge_types)
-                if entity_id is not None:
-                    sql += " AND entity_id = ?"
-                    args.append(entity_id)
-                sql += " ORDER BY timestamp_ms DESC, rowid DESC LIMIT ?"
-                for r in self.db.execute(sql, (*args, per_node)):
-                    out.append({"source": r[0], "edge_type": r[1], "target": r[2], "memory_id": r[3],
-                                "timestamp_ms": r[4], "valid": bool(r[5]), "entity_id": r[6]})
-        return out
+        return graph.edges(self.db, entity_id, nodes, direction, edge_types, per_node)
 
     # ---- analytics ----------------------------------------------------------------------------
 
-    def _summaries(self, source: str, args: list[Any]) -> list[dict[str, Any]]:
-        """Per group `b` of `source` (rows b, value): count, sum, avg, min, max and population
-        stddev, all in SQLite (two passes: the mean, then squared deviations from it)."""
-        sql = f"""
-            WITH src AS ({source}),
-                 agg AS (SELECT b, COUNT(*) AS n, TOTAL(value) AS total, AVG(value) AS mean,
-                                MIN(value) AS low, MAX(value) AS high FROM src GROUP BY b)
-            SELECT agg.b, agg.n, agg.total, agg.mean, agg.low, agg.high,
-                   (SELECT TOTAL((src.value - agg.mean) * (src.value - agg.mean)) FROM src WHERE src.b = agg.b)
-            FROM agg ORDER BY agg.b"""
-        return [{"bucket": b, "count": n, "sum": total, "avg": mean, "min": low, "max": high,
-                 "stddev": math.sqrt(squares / n)} for b, n, total, mean, low, high, squares in
-                self.db.execute(sql, args)]
-
     def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
                   bucket: str | None) -> dict[str, Any]:
-        """count, sum, avg, min, max and population stddev of a label's values, computed in SQLite;
-        with `bucket` (hour, day, week, month; UTC) the same per bucket, oldest first."""
-        where, args = Scope(entity_id, start_ms, end_ms).sql(alias=None, time_column="timestamp_ms")
-        scope = f"{where} AND label = ?"
-        args.append(label)
-        overall = f"SELECT 'all' AS b, value FROM measurements WHERE {scope}"
-        rows = self._summaries(overall, args)
-        result = rows[0] if rows else {"bucket": "all", "count": 0, "sum": 0.0, "avg": None, "min": None,
-                                       "max": None, "stddev": None}
-        result.pop("bucket")
-        if bucket is not None:
-            grouped = f"SELECT {BUCKETS[bucket]} AS b, value FROM measurements WHERE {scope}"
-            result["buckets"] = self._summaries(grouped, args)
-        return result
+        return analytics.analytics(self.db, entity_id, label, start_ms, end_ms, bucket)
 
     # ---- the right to be forgotten ------------------------------------------------------------
 
     def export_page(self, entity_id: str, after_rowid: int, limit: int) -> list[dict[str, Any]]:
-        """One page of an entity's memories, with their relations and measurements, in storage order."""
-        rows = self.db.execute(
-            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE entity_id = ? AND rowid > ? ORDER BY rowid LIMIT ?",
-            (entity_id, after_rowid, limit)).fetchall()
-        page = []
-        for r in rows:
-            measured = self.db.execute(
-                "SELECT label, value, unit, timestamp_ms FROM measurements WHERE memory_id = ? ORDER BY rowid",
-                (r["memory_id"],)).fetchall()
-            page.append(dict(records.row_to_memory(r), rowid=r["rowid"],
-                             measurements=[{"label": m[0], "value": m[1], "unit": m[2], "timestamp_ms": m[3]}
-                                           for m in measured]))
-        return page
+        return erasure.export_page(self.db, entity_id, after_rowid, limit)
 
     def erase(self, entity_id: str) -> dict[str, int]:
         """Remove every trace of an entity: rows, FTS entries, windows, relations, counts, vectors.
@@ -604,28 +535,12 @@ class ShardStore:
         return counts
 
     def _erase_rows(self, entity_id: str, seq: int | None = None) -> dict[str, int]:
-        """Delete an entity's rows and its earlier change-log entries, and log the erase; in a transaction."""
+        """In a transaction: delete an entity's rows and earlier change-log entries, and log the erase."""
         self.vector_cache.drop(self.shard_id, entity_id)
-        memories = self.db.execute("SELECT COUNT(*) FROM memories WHERE entity_id = ?", (entity_id,)).fetchone()[0]
-        relations = self.db.execute("DELETE FROM relations WHERE entity_id = ?", (entity_id,)).rowcount
-        measurements = self.db.execute("DELETE FROM measurements WHERE entity_id = ?", (entity_id,)).rowcount
-        self.db.execute("DELETE FROM facts WHERE entity_id = ?", (entity_id,))
-        if memories:
-            # Neighbours of the entity's own turns are its own: no other entity's window changes.
-            self.db.execute("DELETE FROM memories WHERE entity_id = ?", (entity_id,))
-        self.db.execute("DELETE FROM entities WHERE entity_id = ?", (entity_id,))
-        counts = {"memories": memories, "relations": relations, "measurements": measurements}
-        if any(counts.values()) or seq is not None:
-            changelog.forget_entity(self.db, entity_id)
-            changelog.record(self.db, changelog.ERASE, entity_id, seq=seq)  # no entity: a later erase keeps it
-        return counts
+        return erasure.erase_rows(self.db, entity_id, seq)
 
     def _scrub(self) -> None:
-        """After an erase: merge the FTS indexes, truncate the WAL and rebuild the Chroma index, so no
-        file of the shard keeps a copy of what was erased."""
-        for table, _ in LEXICAL_SOURCES:
-            self.db.execute(f"INSERT INTO {table}({table}) VALUES ('optimize')")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        erasure.scrub(self.db)
         self.rebuild_index()
 
     # ---- the change log: bringing copies of this shard up to date (node.changelog) --------------
@@ -679,28 +594,7 @@ class ShardStore:
             return changelog.trim(self.db, keep)
 
     def snapshot(self, dest: str | Path) -> dict[str, Any]:
-        """A consistent copy of this shard's SQLite file at a known sequence number, with its sha256.
-
-        Safe from any thread while the shard serves: `VACUUM INTO` runs on a connection of its own
-        in one read transaction (WAL: writers go on). The copy marks every row unindexed, so
-        the shard it becomes builds its vector index from the stored vectors, never re-embedding.
-        """
-        dest = Path(dest)
-        source = sqlite3.connect(self.root / "store.sqlite3")
-        try:
-            source.execute("VACUUM INTO ?", (str(dest),))
-        finally:
-            source.close()
-        copy = sqlite3.connect(dest, isolation_level=None)
-        try:
-            copy.execute("PRAGMA journal_mode=DELETE")
-            with Transaction(copy):
-                copy.execute("UPDATE memories SET indexed = 0")
-                copy.execute("DELETE FROM log_pins")
-            seq = changelog.last_seq(copy)
-        finally:
-            copy.close()
-        return {"shard": self.shard_id, "seq": seq, "bytes": dest.stat().st_size, "sha256": file_sha256(dest)}
+        return snapshot.snapshot(self.root / "store.sqlite3", self.shard_id, dest)
 
     def rebuild_index(self) -> int:
         """Drop the Chroma index and build it again from the vectors in SQLite."""
@@ -719,10 +613,3 @@ class ShardStore:
             self.db.close()
             self._chroma.close()
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
