@@ -6,8 +6,8 @@ import sqlite3
 from typing import Any, Sequence
 
 
-def edges(db: sqlite3.Connection, entity_id: str | None, nodes: Sequence[str], direction: str, edge_types: Sequence[str] | None,
-          per_node: int) -> list[dict[str, Any]]:
+def edges(db: sqlite3.Connection, entity_id: str | None, nodes: Sequence[str], direction: str,
+          edge_types: Sequence[str] | None, per_node: int) -> list[dict[str, Any]]:
     """Edges touching each of `nodes` (out: node is the source, in: the target, both), newest first,
     at most `per_node` per node and direction, optionally of the given types and one entity."""
     out: list[dict[str, Any]] = []

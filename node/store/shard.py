@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,6 +31,7 @@ from node.store.records import MEMORY_COLUMNS, MemoryRecord
 from node.store.schema import LEXICAL_SOURCES
 from node.store.scope import Scope, Window
 from node.store.transaction import Transaction, upsert_together
+from node.store.vector_index import VectorIndex
 from node.store.windows import check_windows, rewrite_windows, window_targets
 from node.ids import entity_token
 from node.facts import asked_predicates, asks_about_the_past, slots_of
@@ -41,7 +41,6 @@ from node.vector_cache import EntityVectors, VectorCache
 
 log = logging.getLogger("tellodb.shard")
 
-CHROMA_BATCH = 256  # vectors per Chroma upsert
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
 
@@ -65,11 +64,22 @@ class ShardStore:
         self.hnsw = hnsw or {"connectivity": 16, "ef_search": 64, "ef_construction": 128}
         self.db = schema.connect(self.root / "store.sqlite3")
         schema.check_meta(self.db, shard_id, dimension, self.root)
-        self._open_chroma()
+        self.index = VectorIndex(self.root / "chroma", shard_id, self.db, self.hnsw)
         check_windows(self.db, self.ranking.window_radius)
         self.exact_scan = EXACT_SCAN
-        # Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact).
-        self.unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
+
+    @property
+    def collection(self):
+        return self.index.collection
+
+    @property
+    def unindexed(self) -> int:
+        """Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact)."""
+        return self.index.unindexed
+
+    @unindexed.setter
+    def unindexed(self, value: int) -> None:
+        self.index.unindexed = value
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -80,94 +90,16 @@ class ShardStore:
         with self._tx():
             schema.write_meta(self.db, key, value)
 
-    def _open_chroma(self) -> None:
-        import chromadb
-        from chromadb.config import Settings
-
-        path = self.root / "chroma"
-        self._chroma = None
-        settings = Settings(anonymized_telemetry=False, allow_reset=False)
-        try:
-            self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
-            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._chroma_config())
-        except Exception:
-            # The index is derived data: set a broken one aside and rebuild it from SQLite.
-            aside = path.with_name(f"chroma.broken-{int(time.time())}")
-            log.exception("shard %d: Chroma index unreadable, moving it to %s and rebuilding", self.shard_id, aside)
-            if getattr(self, "_chroma", None) is not None:
-                self._chroma.close()
-            shutil.move(str(path), str(aside))
-            self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
-            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._chroma_config())
-            with self._tx():
-                self.db.execute("UPDATE memories SET indexed = 0")
-
-    def _chroma_config(self) -> dict[str, Any]:
-        return {
-            "hnsw": {
-                "space": "cosine",
-                "max_neighbors": self.hnsw["connectivity"],
-                "ef_search": self.hnsw["ef_search"],
-                "ef_construction": self.hnsw["ef_construction"],
-            }
-        }
-
     def _tx(self) -> Transaction:
         return Transaction(self.db)
 
     def reconcile(self) -> int:
         """Bring Chroma in line with SQLite; return how many vectors were (re-)indexed."""
-        indexed_rows = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 1").fetchone()[0]
-        if self.collection.count() != indexed_rows:
-            # The index lost or kept something it should not have: diff ids and repair both ways.
-            chroma_ids = set(self._all_chroma_ids())
-            sqlite_ids = {r[0] for r in self.db.execute("SELECT memory_id FROM memories")}
-            orphans = list(chroma_ids - sqlite_ids)
-            for i in range(0, len(orphans), CHROMA_BATCH):
-                self.collection.delete(ids=orphans[i : i + CHROMA_BATCH])
-            missing = sqlite_ids - chroma_ids
-            with self._tx():
-                self.db.execute("UPDATE memories SET indexed = 1")
-                self.db.executemany("UPDATE memories SET indexed = 0 WHERE memory_id = ?", [(m,) for m in missing])
-        return self.index_pending()
+        return self.index.reconcile()
 
     def index_pending(self, limit: int | None = None) -> int:
-        """Add committed rows that are not in Chroma yet (all, or at most `limit`), CHROMA_BATCH at
-        a time; return how many."""
-        total = 0
-        while limit is None or total < limit:
-            take = CHROMA_BATCH if limit is None else min(CHROMA_BATCH, limit - total)
-            rows = self.db.execute(
-                "SELECT memory_id, entity_id, created_at_ms, vector FROM memories WHERE indexed = 0 LIMIT ?",
-                (take,),
-            ).fetchall()
-            if not rows:
-                self.unindexed = 0
-                break
-            ids = [r["memory_id"] for r in rows]
-            vectors = np.stack([np.frombuffer(r["vector"], dtype=np.float32) for r in rows])
-            self._index(ids, vectors, [r["entity_id"] for r in rows], [r["created_at_ms"] for r in rows])
-            total += len(rows)
-            self.unindexed = max(0, self.unindexed - len(rows))
-        return total
-
-    def _all_chroma_ids(self) -> Iterable[str]:
-        offset, page = 0, 5000
-        while True:
-            got = self.collection.get(include=[], limit=page, offset=offset)["ids"]
-            yield from got
-            if len(got) < page:
-                return
-            offset += page
-
-    def _index(self, ids: list[str], vectors: np.ndarray, entities: list[str], created: list[int]) -> None:
-        self.collection.upsert(
-            ids=ids,
-            embeddings=vectors,
-            metadatas=[{"entity_id": e, "created_at_ms": int(c)} for e, c in zip(entities, created)],
-        )
-        with self._tx():
-            self.db.executemany("UPDATE memories SET indexed = 1 WHERE memory_id = ?", [(i,) for i in ids])
+        """Add committed rows that are not in Chroma yet (all, or at most `limit`); return how many."""
+        return self.index.index_pending(limit)
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -260,7 +192,7 @@ class ShardStore:
         with self._tx():
             found = self._delete_row(memory_id)
         if found:
-            self.collection.delete(ids=[memory_id])
+            self.index.delete([memory_id])
         return found
 
     def _delete_row(self, memory_id: str, seq: int | None = None) -> bool:
@@ -284,16 +216,12 @@ class ShardStore:
         if n == 0:
             return None
         scope = Scope(entity_id)
-        ids = self.collection.query(query_embeddings=np.asarray(vector, dtype=np.float32).reshape(1, -1),
-                                    n_results=n + self._stale_slack(), where=scope.chroma_where(),
-                                    include=[])["ids"][0]
-        ids += self._unindexed_ids(scope)
-        ids = [i for i in ids if i != exclude]
+        ids = [i for i in self.index.candidates(vector, n, scope) if i != exclude]
         if not ids:
             return None
-        rows = self.db.execute(f"SELECT memory_id, vector, entity_id FROM memories WHERE memory_id IN "
+        rows = self.db.execute(f"SELECT memory_id, vector, entity_id, created_at_ms FROM memories WHERE memory_id IN "
                                f"({','.join('?' * len(ids))})", ids).fetchall()
-        scored = [(r[0], float(np.frombuffer(r[1], dtype=np.float32) @ vector)) for r in rows if r[2] == entity_id]
+        scored = [(r[0], float(np.frombuffer(r[1], dtype=np.float32) @ vector)) for r in rows if scope.admits(r[2], r[3])]
         return max(scored, key=lambda x: x[1], default=None)
 
     # ---- reads --------------------------------------------------------------------------------
@@ -318,7 +246,7 @@ class ShardStore:
             "edges_valid": one("SELECT COUNT(*) FROM relations WHERE valid"),
             "measurements": one("SELECT COUNT(*) FROM measurements"),
             "unindexed": one("SELECT COUNT(*) FROM memories WHERE indexed = 0"),
-            "vectors": self.collection.count(),
+            "vectors": self.index.collection.count(),
         }
 
     def profile(self, entity_id: str, recent: int) -> dict[str, Any]:
@@ -388,15 +316,9 @@ class ShardStore:
             cosines = matrix @ q
             k = min(pool, len(rowids))
             return set(rowids[np.argpartition(-cosines, k - 1)[:k]].tolist())
-        ids = self.collection.query(
-            query_embeddings=q.reshape(1, -1),
-            n_results=min(pool, in_scope) + self._stale_slack(),
-            where=scope.chroma_where(),
-            include=[],
-        )["ids"][0]
+        ids = self.index.candidates(q, min(pool, in_scope), scope)
         # Chroma may still hold an older copy of a row (see index_pending): keep only rows in scope.
         # (Filtered here, not in SQL: with the scope in the WHERE clause SQLite scans the entity.)
-        ids += self._unindexed_ids(scope)
         found: set[int] = set()
         for i in range(0, len(ids), 900):
             chunk = ids[i : i + 900]
@@ -417,20 +339,6 @@ class ShardStore:
             np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension))
         self.vector_cache.put(self.shard_id, entity_id, entry)
         return entry
-
-    def _stale_slack(self) -> int:
-        """Extra results to ask Chroma for: each row re-written since it was indexed may hold a slot
-        with its stale copy (dropped by the scope check), and there are at most `unindexed` such."""
-        return min(self.unindexed, CHROMA_BATCH)
-
-    def _unindexed_ids(self, scope: Scope) -> list[str]:
-        """Ids of committed rows in scope that Chroma does not have yet: they are scored exactly."""
-        if not self.unindexed:
-            return []
-        where, args = scope.sql()
-        return [r[0] for r in self.db.execute(
-            f"SELECT m.memory_id FROM memories AS m INDEXED BY memories_unindexed WHERE m.indexed = 0 AND {where}",
-            args)]
 
     def _slot_mates(self, entity_id: str, rowids: set[int], scope: Scope) -> set[int]:
         """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""
@@ -584,7 +492,7 @@ class ShardStore:
                     raise ValueError(f"change {c.seq}: unknown operation {c.op!r}")
         self.unindexed += written
         if deleted:
-            self.collection.delete(ids=deleted)
+            self.index.delete(deleted)
         if erased:
             self._scrub()
         return len(todo)
@@ -598,12 +506,7 @@ class ShardStore:
 
     def rebuild_index(self) -> int:
         """Drop the Chroma index and build it again from the vectors in SQLite."""
-        self._chroma.close()
-        shutil.rmtree(self.root / "chroma", ignore_errors=True)
-        self._open_chroma()
-        with self._tx():
-            self.db.execute("UPDATE memories SET indexed = 0")
-        return self.reconcile()
+        return self.index.rebuild()
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and release SQLite and Chroma."""
@@ -611,5 +514,5 @@ class ShardStore:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self.db.close()
-            self._chroma.close()
+            self.index.close()
 
