@@ -28,6 +28,12 @@ from node.store.writes import Writes
 from node.vector_cache import VectorCache
 
 
+def _forward(part: str, name: str, doc: str) -> property:
+    """An attribute of the store that lives on one of its parts (read and written there)."""
+    return property(lambda self: getattr(getattr(self, part), name),
+                    lambda self, value: setattr(getattr(self, part), name, value), doc=doc)
+
+
 class ShardStore:
     def __init__(
         self,
@@ -52,27 +58,9 @@ class ShardStore:
         self.writes = Writes(self.db, dimension, self.ranking, self.vector_cache, shard_id)
         self.searcher = Search(self.db, self.index, self.ranking, self.vector_cache, shard_id, dimension)
 
-    @property
-    def exact_scan(self) -> int:
-        """Scopes up to this many memories are searched exactly, without Chroma."""
-        return self.searcher.exact_scan
-
-    @exact_scan.setter
-    def exact_scan(self, value: int) -> None:
-        self.searcher.exact_scan = value
-
-    @property
-    def collection(self):
-        return self.index.collection
-
-    @property
-    def unindexed(self) -> int:
-        """Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact)."""
-        return self.index.unindexed
-
-    @unindexed.setter
-    def unindexed(self, value: int) -> None:
-        self.index.unindexed = value
+    exact_scan = _forward("searcher", "exact_scan", "Scopes up to this many memories are searched exactly.")
+    unindexed = _forward("index", "unindexed", "Committed rows not in Chroma yet (an upper bound).")
+    collection = _forward("index", "collection", "The Chroma collection.")
 
     # ---- set-up and the vector index ----------------------------------------------------------
 
