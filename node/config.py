@@ -74,7 +74,7 @@ class ClusterConfig:
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
     min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
-    changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node.changelog)
+    changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 

@@ -16,7 +16,7 @@ from node.records import IngestItem
 
 if TYPE_CHECKING:
     from node.service import Node
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
 
 class FreeIds:

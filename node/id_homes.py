@@ -14,7 +14,7 @@ A crash between the steps leaves `moving_from` set; the next write or delete of 
 (the new copy exists: drop the old one; it does not: point back to the old one), and a read looks in
 both. Every other node is left out, so a node's restart affects only ids whose home or memory it
 holds. The table lives in the home shard, so it travels with the shard, and its changes are in the
-shard's change log (node.changelog).
+shard's change log (node/store/changelog.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from typing import Iterable, NamedTuple
 
-from node import changelog
-from node.shard_store import ShardStore
+from node.store import changelog
+from node.store import ShardStore
 
 
 class Home(NamedTuple):

@@ -1,9 +1,9 @@
-"""The node's background indexer: vectors reach Chroma behind the writes (see node.shard_store).
+"""The node's background indexer: vectors reach Chroma behind the writes (see node/store/vector_index.py).
 
 A shard is indexed as soon as INDEX_BACKLOG of its rows wait (the writer asks after each of its
 turns), and every waiting row once writes pause for INDEX_IDLE_S, in store calls of INDEX_CHUNK
 rows, so queries queued meanwhile run between chunks. A pause after writes also trims each shard's
-change log to its newest `changelog_keep` changes (node.changelog).
+change log to its newest `changelog_keep` changes (node/store/changelog.py).
 
 The pause watcher is a task started by `start()` (it needs the running event loop) and stopped by
 `close()`. If it dies of an error it is started again: otherwise rows would wait unindexed (scored
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from node.store_thread import StoreThread
 
 if TYPE_CHECKING:
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
 log = logging.getLogger("tellodb.node")
 
@@ -100,7 +100,7 @@ class Indexer:
                     await self.store_thread.run(self._trim_logs)
 
     def _trim_logs(self) -> None:
-        """Keep each shard's change log to its newest `changelog_keep` changes (node.changelog)."""
+        """Keep each shard's change log to its newest `changelog_keep` changes (node/store/changelog.py)."""
         for store in self.shards():
             try:
                 store.trim_log(self.changelog_keep)

@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Mapping
 
 from node.facts import SINGLE_VALUED
 
@@ -130,3 +131,31 @@ def fuse(dense: float, lexical: float, config: RankingConfig) -> float:
     lex = min(1.0, max(0.0, lexical))
     total = config.dense_weight + config.lexical_weight
     return (config.dense_weight * d + config.lexical_weight * lex) / total
+
+
+def rank_key(similarity: float, created_at_ms: int, memory_id: str) -> tuple[float, int, str]:
+    """The order of results: best first; ties broken by recency, then id, so results are stable."""
+    return -similarity, -created_at_ms, memory_id
+
+
+def best_first(hit: Mapping[str, Any]) -> tuple[float, int, str]:
+    """Sort key of a hit (a memory with its `similarity`) in ranking order."""
+    return rank_key(hit["similarity"], hit["created_at_ms"], hit["memory_id"])
+
+
+def oldest_first(hit: Mapping[str, Any]) -> tuple[int, str]:
+    """Sort key of a hit in time order (a query without text): oldest first, then by id."""
+    return hit["created_at_ms"], hit["memory_id"]
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A memory being ranked: its fused score (adjusted by fact validity) and what breaks ties."""
+
+    score: float
+    created_at_ms: int
+    memory_id: str
+    rowid: int
+
+    def rank_key(self) -> tuple[float, int, str]:
+        return rank_key(self.score, self.created_at_ms, self.memory_id)

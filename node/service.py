@@ -30,11 +30,11 @@ from node.errors import NotOwnedError, StorageFull, is_disk_full
 from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.indexer import Indexer
-from node.ranking import RankingConfig
+from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
 from node.ring import Placement
-from node.shard_store import MemoryRecord, ShardStore, upsert_together
 from node.snapshots import Snapshots
+from node.store import MemoryRecord, ShardStore, upsert_together
 from node.store_thread import StoreThread
 from node.vector_cache import VectorCache
 from node.writer import GroupWriter
@@ -210,9 +210,9 @@ class Node:
                 hits.extend(store.search(vector, text, entity_id, limit, window) if text is not None
                             else store.in_window(entity_id, window, limit))
             if text is None:
-                hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+                hits.sort(key=oldest_first)
             else:
-                hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+                hits.sort(key=best_first)
             return hits[:limit]
 
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
 
 class Snapshots:

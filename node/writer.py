@@ -22,7 +22,7 @@ from node.records import IngestItem
 from node.store_thread import StoreThread
 
 if TYPE_CHECKING:
-    from node.shard_store import MemoryRecord
+    from node.store import MemoryRecord
 
 COMMIT_ITEMS = 1000  # writes per store-thread turn of the group commit (a larger single request still goes whole)
 COMMIT_TEXT_CHARS = 512 * 1024  # and characters of text, so queued queries get their turn between groups

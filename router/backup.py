@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from node.shard_store import file_sha256
+from node.store import file_sha256
 from router import __version__, datadir
 
 MANIFEST = "manifest.json"

@@ -25,6 +25,7 @@ from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull,
 from node.service import Node
 from node.config import ClusterConfig
 from node.ids import parse_memory_id
+from node.ranking import best_first, oldest_first
 from node.records import IngestItem
 from node.ring import Placement
 from router import ray_local
@@ -206,9 +207,9 @@ class Cluster:
                                     window)
         hits = [h for part in await self._everywhere("query", text, None, None, limit, window) for h in part]
         if text is None:
-            hits.sort(key=lambda h: (h["created_at_ms"], h["memory_id"]))
+            hits.sort(key=oldest_first)
         else:
-            hits.sort(key=lambda h: (-h["similarity"], -h["created_at_ms"], h["memory_id"]))
+            hits.sort(key=best_first)
         return hits[:limit]
 
     async def edges(self, nodes: list[str], direction: str, edge_types: list[str] | None, per_node: int,

@@ -35,7 +35,7 @@ def embedder():
 @pytest.fixture
 def make_store(tmp_path, embedder):
     """Build ShardStores in a fresh folder: `make_store()` or `make_store(root=..., shard_id=...)`."""
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
     stores = []
 

@@ -7,7 +7,7 @@ import sqlite3
 import threading
 
 from node import id_homes
-from node.shard_store import MemoryRecord, ShardStore, file_sha256
+from node.store import MemoryRecord, ShardStore, file_sha256
 
 
 def rec(embedder, entity, mid, text, created, relations=(), fact_key=None, metrics=()):
@@ -107,7 +107,7 @@ def test_the_log_is_trimmed_but_never_past_a_pin(make_store, embedder):
     for i in range(20):
         store.upsert([rec(embedder, "e", f"e::s1::{i}", f"note {i}", 1_000 + i)])
     with store._tx():
-        from node import changelog
+        from node.store import changelog
 
         changelog.pin(store.db, "follower", 5)
     assert store.trim_log(keep=3) == 5  # only up to the pin

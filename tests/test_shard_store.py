@@ -6,7 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from node.shard_store import MemoryRecord
+from node.store import MemoryRecord
 
 
 def records(embedder, entity, texts, start=0, relations=()):
@@ -203,7 +203,7 @@ def test_sqlite_is_the_durable_source_of_truth(tmp_path, make_store, embedder):
 
 
 def test_dimension_mismatch_is_refused(tmp_path, make_store, embedder):
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
     root = tmp_path / "shard"
     make_store(root=root).close()
@@ -255,7 +255,7 @@ def test_memories_without_turns_have_their_own_text_as_window(make_store, embedd
 
 def test_windows_are_rebuilt_when_the_radius_changes(tmp_path, embedder):
     from node.ranking import RankingConfig
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
 
     root = tmp_path / "shard"
     s = ShardStore(root, 0, embedder.dimension, ranking=RankingConfig(window_radius=1))
@@ -321,7 +321,7 @@ def test_cached_entity_vectors_follow_every_write(make_store, embedder):
 
 
 def test_the_vector_cache_stays_within_its_budget(tmp_path, embedder):
-    from node.shard_store import ShardStore
+    from node.store import ShardStore
     from node.vector_cache import VectorCache
 
     cache = VectorCache(max_bytes=3 * 384 * 4 + 1000)  # room for about three vectors

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from node.store.records import MemoryRecord
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,8 +56,8 @@ def record(db: sqlite3.Connection, op: str, key: str, entity_id: str | None = No
                (seq, op, key, entity_id, None if body is None else json.dumps(body, ensure_ascii=False), vector))
 
 
-def upsert_body(record_: Any, ingested_at_ms: int) -> dict[str, Any]:
-    """What replaying an upsert needs besides the vector (a `MemoryRecord` and its ingest time)."""
+def upsert_body(record_: MemoryRecord, ingested_at_ms: int) -> dict[str, Any]:
+    """What replaying an upsert needs besides the vector (the record and its ingest time)."""
     return {"entity_id": record_.entity_id, "session_id": record_.session_id, "turn_index": record_.turn_index,
             "created_at_ms": record_.created_at_ms, "ingested_at_ms": ingested_at_ms, "kind": record_.kind,
             "textual_content": record_.textual_content, "relations": [list(r) for r in record_.relations],
@@ -106,3 +108,14 @@ def trim(db: sqlite3.Connection, keep: int) -> int:
 
 def vector_of(change: Change) -> np.ndarray:
     return np.frombuffer(change.vector, dtype=np.float32)
+
+
+def record_of(change: Change) -> MemoryRecord:
+    """The record an upsert change wrote (the inverse of `upsert_body`)."""
+    b = json.loads(change.body)
+    return MemoryRecord(
+        memory_id=change.key, entity_id=b["entity_id"], session_id=b["session_id"],
+        turn_index=b["turn_index"], created_at_ms=b["created_at_ms"], kind=b["kind"],
+        textual_content=b["textual_content"], relations=tuple(tuple(r) for r in b["relations"]),
+        vector=vector_of(change), metrics=tuple((m[0], m[1]) for m in b["metrics"]),
+        fact_key=b["fact_key"], ingested_at_ms=b["ingested_at_ms"])

@@ -1,0 +1,215 @@
+"""Search in one shard: hybrid dense + lexical candidates, each scored exactly on every signal.
+
+Dense candidates come from an exact scan of small scopes (an entity's cached vectors) or from the
+vector index; lexical candidates from BM25 over both FTS5 tables (memories and their windows).
+Every candidate is then scored on cosine, both BM25s and recency (node/ranking.py), adjusted by the
+validity of the facts it states (node/store/fact_chains.py), and the best are returned in full.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import numpy as np
+
+from node.facts import asked_predicates, asks_about_the_past
+from node.ids import entity_token
+from node.ranking import Candidate, RankingConfig, decay, fts_match_expression, fuse, lexical_score
+from node.store.fact_chains import apply_validity
+from node.store.records import MEMORY_COLUMNS, entity_count, row_to_memory
+from node.store.schema import LEXICAL_SOURCES
+from node.store.scope import Scope, Window
+from node.store.vector_index import VectorIndex
+from node.vector_cache import EntityVectors, VectorCache
+
+EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
+LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
+
+
+class Search:
+    def __init__(self, db: sqlite3.Connection, index: VectorIndex, ranking: RankingConfig, vector_cache: VectorCache,
+                 shard_id: int, dimension: int) -> None:
+        self.db = db
+        self.index = index
+        self.ranking = ranking
+        self.vector_cache = vector_cache
+        self.shard_id = shard_id
+        self.dimension = dimension
+        self.exact_scan = EXACT_SCAN
+
+    def nearest(self, entity_id: str, vector: np.ndarray, exclude: str) -> tuple[str, float] | None:
+        """The entity's memory closest to `vector` (other than `exclude`) and its exact cosine."""
+        n = min(4, entity_count(self.db, entity_id))
+        if n == 0:
+            return None
+        scope = Scope(entity_id)
+        ids = [i for i in self.index.candidates(vector, n, scope) if i != exclude]
+        if not ids:
+            return None
+        rows = self.db.execute(f"SELECT memory_id, vector, entity_id, created_at_ms FROM memories WHERE memory_id IN "
+                               f"({','.join('?' * len(ids))})", ids).fetchall()
+        scored = [(r[0], float(np.frombuffer(r[1], dtype=np.float32) @ vector))
+                  for r in rows if scope.admits(r[2], r[3])]
+        return max(scored, key=lambda x: x[1], default=None)
+
+    def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
+               window: Window = None) -> list[dict[str, Any]]:
+        """The best `limit` memories (of `entity_id`, or of all entities here) for the query,
+        created within `window` (start_ms, end_ms; either end may be None) when one is given.
+
+        Returns exactly min(limit, memories in scope) hits, best first.
+        """
+        scope = Scope.of(entity_id, window)
+        where, args = scope.sql()
+        in_scope = (entity_count(self.db, entity_id) if scope.timeless else
+                    self.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
+        want = min(limit, in_scope)
+        if want == 0:
+            return []
+        pool = max(limit, self.ranking.candidate_pool)
+        candidates = self._dense_candidates(query_vector, scope, in_scope, pool)
+
+        # Lexical candidates from both FTS5 tables: the best `pool` of each. The scores of the
+        # best LEXICAL_SCAN matches are kept, so every candidate is scored exactly on both.
+        match = fts_match_expression(query_text)
+        lexical: list[dict[int, float]] = []
+        if match is not None:
+            for table, column in LEXICAL_SOURCES:
+                scores = self._bm25(table, column, match, scope, max(pool, LEXICAL_SCAN))
+                lexical.append(scores)
+                candidates.update(list(scores)[:pool])
+
+        # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
+        if len(candidates) < want:
+            candidates.update(r[0] for r in self.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
+
+        # Facts compete with the other values of their slot: bring those in too.
+        if entity_id is not None and candidates:
+            candidates.update(self._slot_mates(entity_id, candidates, scope))
+
+        turn, window_bm25 = lexical if lexical else ({}, {})
+        return self._score(sorted(candidates), query_vector, turn, window_bm25, want, scope.end_ms,
+                           asks_about_the_past(query_text), asked_predicates(query_text))
+
+    def _dense_candidates(self, query_vector: np.ndarray, scope: Scope, in_scope: int, pool: int) -> set[int]:
+        """Rowids of the `pool` memories in scope nearest to the query vector.
+
+        A scope of at most EXACT_SCAN memories (most entities) is scanned exactly from the vectors
+        in SQLite: 1.2 ms for 1,000 here, against 3.5 ms for Chroma's filtered HNSW search, and
+        exact. Larger scopes ask Chroma's HNSW index.
+        """
+        q = np.asarray(query_vector, dtype=np.float32)
+        if in_scope <= self.exact_scan:
+            if scope.entity_id is not None:
+                vectors = self._entity_vectors(scope.entity_id)
+                rowids, matrix = vectors.rowids, vectors.matrix
+                if not scope.timeless:
+                    keep = scope.mask(vectors.created_at_ms)
+                    rowids, matrix = rowids[keep], matrix[keep]
+            else:
+                where, args = scope.sql()
+                rows = self.db.execute(f"SELECT m.rowid, m.vector FROM memories m WHERE {where}", args).fetchall()
+                rowids = np.array([r[0] for r in rows], dtype=np.int64)
+                matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+            if len(rowids) == 0:
+                return set()
+            cosines = matrix @ q
+            k = min(pool, len(rowids))
+            return set(rowids[np.argpartition(-cosines, k - 1)[:k]].tolist())
+        ids = self.index.candidates(q, min(pool, in_scope), scope)
+        # Chroma may still hold an older copy of a row (see index_pending): keep only rows in scope.
+        # (Filtered here, not in SQL: with the scope in the WHERE clause SQLite scans the entity.)
+        found: set[int] = set()
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            found.update(rowid for rowid, entity, created in self.db.execute(
+                f"SELECT rowid, entity_id, created_at_ms FROM memories WHERE memory_id IN ({','.join('?' * len(chunk))})",
+                chunk) if scope.admits(entity, created))
+        return found
+
+    def _entity_vectors(self, entity_id: str) -> EntityVectors:
+        """All of an entity's vectors, from the node's cache or loaded into it."""
+        cached = self.vector_cache.get(self.shard_id, entity_id)
+        if cached is not None:
+            return cached
+        rows = self.db.execute("SELECT rowid, created_at_ms, vector FROM memories WHERE entity_id = ?",
+                               (entity_id,)).fetchall()
+        entry = EntityVectors(
+            np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
+            np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension))
+        self.vector_cache.put(self.shard_id, entity_id, entry)
+        return entry
+
+    def _slot_mates(self, entity_id: str, rowids: set[int], scope: Scope) -> set[int]:
+        """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""
+        where, args = scope.sql()
+        ids = sorted(rowids)
+        mates: set[int] = set()
+        for i in range(0, len(ids), 900):
+            chunk = ids[i : i + 900]
+            mates.update(r[0] for r in self.db.execute(
+                f"SELECT DISTINCT m.rowid FROM facts f JOIN memories m ON m.memory_id = f.memory_id "
+                f"WHERE f.entity_id = ? AND {where} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
+                f"ON m2.memory_id = f2.memory_id WHERE m2.rowid IN ({','.join('?' * len(chunk))})) LIMIT 1000",
+                (entity_id, *args, *chunk)))
+        return mates
+
+    def _bm25(self, table: str, column: str, match: str, scope: Scope, limit: int) -> dict[int, float]:
+        """Positive BM25 scores (higher is better) of the best `limit` rows, best first."""
+        expr = f"{column} : ({match})"
+        if scope.entity_id is not None:  # the entity filter goes through the full-text index as a token
+            expr = f'entity_token : "{entity_token(scope.entity_id)}" AND {expr}'
+        if scope.timeless:
+            sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
+                   f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+            return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
+        where, args = scope.any_entity().sql()
+        sql = (f"SELECT f.rowid, -bm25({table}, 0.0, 1.0) FROM {table} f JOIN memories m ON m.rowid = f.rowid "
+               f"WHERE {table} MATCH ? AND {where} ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
+        return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, *args, limit))}
+
+    def in_window(self, entity_id: str | None, window: Window, limit: int) -> list[dict[str, Any]]:
+        """Memories created within `window`, oldest first (a temporal query without text)."""
+        where, args = Scope.of(entity_id, window).sql()
+        rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {where} "
+                               "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
+        return [dict(row_to_memory(r), similarity=1.0) for r in rows]
+
+    def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
+               window: dict[int, float], want: int, as_of: int | None = None,
+               past: bool = False, asked: set[str] = frozenset()) -> list[dict[str, Any]]:
+        """Score every candidate on all signals, apply fact validity and recency, then load and
+        return the best `want` in full.
+
+        A fact superseded by `as_of` (default: now) is stale. Stale facts score `stale_factor` times
+        their match and the current fact of a slot ranks above every other fact of it; a question
+        about the past (`node.facts.PAST`) turns this round: the latest former value ranks first.
+        When the question asks for a slot's predicate (`node.facts.asked_predicates`), that fact
+        ranks first of all.
+        """
+        scored: list[Candidate] = []
+        max_turn, max_window = max(turn.values(), default=0.0), max(window.values(), default=0.0)
+        q = np.asarray(query_vector, dtype=np.float32)
+        now = as_of if as_of is not None else int(time.time() * 1000)
+        cfg = self.ranking
+        for i in range(0, len(rowids), 900):  # stay under SQLite's bound-parameter limit
+            chunk = rowids[i : i + 900]
+            rows = self.db.execute(
+                f"SELECT rowid, memory_id, created_at_ms, kind, vector FROM memories "
+                f"WHERE rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+            if not rows:
+                continue
+            cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
+            for (rowid, memory_id, created, kind, _), cos in zip(rows, cosines.tolist()):
+                lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
+                score = fuse(cos, lexical, cfg) * decay(now - created, kind, cfg)
+                scored.append(Candidate(score, created, memory_id, rowid))
+        apply_validity(self.db, scored, as_of, past, asked, self.ranking.stale_factor)
+        scored.sort(key=Candidate.rank_key)
+        best = scored[:want]
+        full = {r["rowid"]: r for r in self.db.execute(
+            f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
+            [c.rowid for c in best])}
+        return [dict(row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
