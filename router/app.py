@@ -21,7 +21,8 @@ from swagger_ui_bundle import swagger_ui_path
 from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.service import STAT_KEYS
-from router import __version__, access, admin, openapi
+from router import __version__, access, admin, mcp_tools, openapi
+from router.asgi import AsgiMount
 from router.access import prefixes, require_entity
 from router.audit import Audit
 from router.cluster import Cluster
@@ -476,4 +477,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_get("/docs", docs)
     r.add_static(DOCS_ASSETS, swagger_ui_path)
     admin.add_routes(app)
+    mcp = AsgiMount(mcp_tools.build(app))
+    r.add_route("*", "/mcp", mcp.handle)
+    app.cleanup_ctx.append(mcp.lifespan)
     return app
