@@ -73,6 +73,10 @@ class ClusterConfig:
     max_batch_text_bytes: int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
+    keys_file: str | None = None  # scoped API keys (router/keys.py); None: only api_key
+    rate_limit: float = 0.0  # requests per second per key unless the key sets its own; 0 = no limit
+    rate_burst: int = 0  # bucket size; 0 = one second's worth
+    audit_file: str | None = None  # None: <data_dir>/audit.log
     min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
     changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
@@ -106,6 +110,8 @@ ENV_VARS: list[tuple[str, str]] = [
     ("TELLODB_NODES", "nodes"),
     ("RAY_ADDRESS", "ray_address"),
     ("TELLODB_MAX_BODY_BYTES", "max_body_bytes"),
+    ("TELLODB_KEYS_FILE", "keys_file"),
+    ("TELLODB_RATE_LIMIT", "rate_limit"),
     ("TELLODB_MIN_FREE_MB", "min_free_mb"),
     ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "embedding.backend"),
     ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "embedding.model"),
@@ -238,6 +244,8 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
           f"must be between 1024 and max_body_bytes ({config.max_body_bytes}), got {config.max_batch_text_bytes}")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
+    check(config.rate_limit >= 0, "rate_limit", "must be 0 (no limit) or more")
+    check(config.rate_burst >= 0, "rate_burst", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
     check(config.changelog_keep >= 0, "changelog_keep", "must be 0 or more")
     emb = config.embedding

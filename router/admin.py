@@ -34,7 +34,7 @@ async def shards(request: web.Request) -> web.Response:
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
-    from router.app import CLUSTER
+    from router.app import CLUSTER, audit
 
     cluster = request.app[CLUSTER]
     raw = request.match_info["shard"]
@@ -55,6 +55,7 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
         await cluster.drop_snapshot(node, info["id"])
     request.app.logger.info("snapshot shard=%s seq=%d bytes=%d seconds=%.2f", raw, info["seq"], info["bytes"],
                             time.monotonic() - started)
+    audit(request, "snapshot", 200, shard=int(raw), seq=info["seq"])
     return response
 
 

@@ -6,11 +6,11 @@ holds no data; everything it answers comes from the node actors through `Cluster
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -22,11 +22,15 @@ from node.config import ClusterConfig
 from node.ids import new_memory_id, parse_memory_id
 from node.records import IngestItem
 from node.service import STAT_KEYS
-from router import __version__, admin, openapi
+from router import __version__, access, admin, mcp_tools, openapi
+from router.asgi import AsgiMount
+from router.access import prefixes, require_entity
+from router.audit import Audit
 from router.cluster import Cluster
-from router.errors import (ApiError, BadRequest, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
-                           ValidationFailed)
+from router.errors import (ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, RateLimited,
+                           UnsupportedMediaType, ValidationFailed)
 from router.limits import check_ingest
+from router.keys import KeyRing
 from router.metrics import Metrics
 from router.schemas import (AnalyticsRequest, DeleteRequest, EntityRequest, GraphExportRequest, GraphQueryRequest, GraphWalkRequest,
                             IngestBatchRequest, IngestRequest, InspectRequest, ProfileQuery, QueryRequest, TemporalQuery, parse)
@@ -36,7 +40,7 @@ log = logging.getLogger("tellodb.router")
 CONFIG = web.AppKey("config", ClusterConfig)
 CLUSTER = web.AppKey("cluster", Cluster)
 METRICS = web.AppKey("metrics", Metrics)
-API_KEY = web.AppKey("api_key", str)
+AUDIT = web.AppKey("audit", Audit)
 OPENAPI = web.AppKey("openapi", dict)
 
 OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics", "/openapi.json", "/docs"})
@@ -72,7 +76,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         if exc.status >= 500:
             log.error("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
-        return web.json_response(exc.body(), status=exc.status)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))} if isinstance(exc, RateLimited) else None
+        return web.json_response(exc.body(), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -84,21 +89,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return web.json_response({"error": {"code": "internal", "message": "internal error"}}, status=500)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path not in OPEN_PATHS and not request.path.startswith(DOCS_ASSETS):
-        expected = request.app[API_KEY].encode()
-        offered = [request.headers.get("x-api-key", "")]
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            offered.append(auth[7:].strip())
-        # compare_digest on every candidate (no short-circuit on the first) keeps timing flat. aiohttp
-        # decodes header bytes with surrogateescape, so non-UTF-8 keys encode back to their raw bytes.
-        if not any([hmac.compare_digest(o.encode("utf-8", "surrogateescape"), expected) for o in offered if o]):
-            raise Unauthorized("missing or wrong API key (send x-api-key or Authorization: Bearer)")
-    return await handler(request)
 
 
 # ---- request helpers ------------------------------------------------------------------------
@@ -180,6 +170,7 @@ async def version(request: web.Request) -> web.Response:
 
 async def ingest(request: web.Request) -> web.Response:
     req = parse(IngestRequest, await read_json(request))
+    require_entity(request, req.entity_id)
     check_ingest(request.app[CONFIG], [req])
     item = to_item(req)
     [duplicate_of] = await request.app[CLUSTER].ingest([item])
@@ -195,6 +186,8 @@ async def ingest_batch(request: web.Request) -> web.Response:
     if len(body.items) > limit:
         raise ValidationFailed(f"items: {len(body.items)} items exceed the batch limit of {limit}")
     check_ingest(request.app[CONFIG], body.items, "items.")
+    for i, r in enumerate(body.items):
+        require_entity(request, r.entity_id, f"items.{i}.entity_id")
     items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
     duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
     duplicates = {it.memory_id: dup for it, dup in zip(items, duplicate_of) if dup is not None}
@@ -212,7 +205,7 @@ async def query(request: web.Request) -> web.Response:
     if req.limit > limit:
         raise ValidationFailed(f"limit: must be at most {limit}")
     window = None if req.point_in_time_ms is None else (None, req.point_in_time_ms)
-    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit, window)
+    hits = await scoped_query(request, req.textual_query, req.entity_id, req.limit, window)
     metrics = request.app[METRICS]
     metrics.query_total.inc()
     metrics.query_duration.observe(time.perf_counter() - started)
@@ -226,14 +219,32 @@ async def temporal_query(request: web.Request) -> web.Response:
         raise ValidationFailed(f"limit: must be at most {request.app[CONFIG].max_query_limit}")
     if None not in (req.window_start_ms, req.window_end_ms) and req.window_start_ms > req.window_end_ms:
         raise ValidationFailed("window_start_ms: must not be after window_end_ms")
-    hits = await request.app[CLUSTER].query(req.textual_query, req.entity_id, req.limit,
-                                            (req.window_start_ms, req.window_end_ms))
+    hits = await scoped_query(request, req.textual_query, req.entity_id, req.limit,
+                              (req.window_start_ms, req.window_end_ms))
     return web.json_response([hit_view(h) for h in hits])
+
+
+async def scoped_query(request: web.Request, text: str | None, entity_id: str | None, limit: int,
+                       window: tuple[int | None, int | None] | None) -> list[dict[str, Any]]:
+    """A query within what the key may see: its entity, or without one every entity of its prefixes."""
+    if entity_id is not None:
+        require_entity(request, entity_id)
+    return await request.app[CLUSTER].query(text, entity_id, limit, window, prefixes(request))
+
+
+def require_user(request: web.Request, user_id: str | None) -> None:
+    """Graph routes: a key with prefixes must name the entity (`user_id`) whose edges it reads."""
+    if user_id is not None:
+        require_entity(request, user_id, "user_id")
+    elif prefixes(request):
+        raise Forbidden("user_id: a key limited to entity prefixes must name the entity (user_id) whose graph "
+                        "it reads")
 
 
 async def graph_query(request: web.Request) -> web.Response:
     """Edges of one node: out (it is the source), in (the target) or both; newest first."""
     req = parse(GraphQueryRequest, await read_json(request))
+    require_user(request, req.user_id)
     edges = await request.app[CLUSTER].edges([req.subject], req.direction,
                                              [req.edge_type] if req.edge_type else None, req.limit, req.user_id)
     edges = edges[: req.limit]
@@ -244,6 +255,7 @@ async def graph_query(request: web.Request) -> web.Response:
 async def graph_walk(request: web.Request) -> web.Response:
     """A breadth-first walk that honours direction, edge types, depth, breadth and limit."""
     req = parse(GraphWalkRequest, await read_json(request))
+    require_user(request, req.user_id)
     result = await request.app[CLUSTER].walk(req.node, req.direction, req.edge_types, req.depth, req.breadth,
                                              req.limit, 10 * req.limit + 1, req.user_id)
     return web.json_response(result)
@@ -252,6 +264,7 @@ async def graph_walk(request: web.Request) -> web.Response:
 async def graph_export(request: web.Request) -> web.Response:
     """The neighbourhood of `seed` as `{nodes, edges}` for a graph visualiser."""
     req = parse(GraphExportRequest, await read_json(request))
+    require_user(request, req.user_id)
     walk = await request.app[CLUSTER].walk(req.seed, req.direction, req.edge_types, req.depth, req.breadth,
                                            10 * req.max_nodes, req.max_nodes, req.user_id)
     nodes = [{"id": n["id"], "label": n["id"], "depth": n["depth"]} for n in walk["nodes"]]
@@ -265,6 +278,7 @@ async def graph_export(request: web.Request) -> web.Response:
 async def analytics_query(request: web.Request) -> web.Response:
     """Exact aggregates of one measurement label of one entity, optionally per time bucket."""
     req = parse(AnalyticsRequest, await read_json(request))
+    require_entity(request, req.entity_id)
     if None not in (req.start_timestamp_ms, req.end_timestamp_ms) and req.start_timestamp_ms > req.end_timestamp_ms:
         raise ValidationFailed("start_timestamp_ms: must not be after end_timestamp_ms")
     result = finite(await request.app[CLUSTER].analytics(req.entity_id, req.label, req.start_timestamp_ms,
@@ -282,6 +296,8 @@ def finite(summary: dict[str, Any]) -> dict[str, Any]:
 async def export_entity(request: web.Request) -> web.StreamResponse:
     """Everything held about an entity as JSON lines: a header, its memories, their relations, a summary."""
     req = parse(EntityRequest, await read_json(request))
+    require_entity(request, req.entity_id)
+    audit(request, "export", 200, entity_id=req.entity_id)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
 
@@ -309,7 +325,13 @@ async def export_entity(request: web.Request) -> web.StreamResponse:
 
 async def erase_entity(request: web.Request) -> web.Response:
     req = parse(EntityRequest, await read_json(request))
-    removed = await request.app[CLUSTER].erase_entity(req.entity_id)
+    require_entity(request, req.entity_id)
+    try:
+        removed = await request.app[CLUSTER].erase_entity(req.entity_id)
+    except ApiError as exc:
+        audit(request, "erase", exc.status, entity_id=req.entity_id)
+        raise
+    audit(request, "erase", 200, entity_id=req.entity_id)
     log.info("entity erased entity_id=%s shards=%s", req.entity_id, sorted(removed))
     return web.json_response({
         "entity_id": req.entity_id,
@@ -321,9 +343,24 @@ async def erase_entity(request: web.Request) -> web.Response:
     })
 
 
+def require_memory_scope(request: web.Request, memory_id: str) -> bool:
+    """For an `<entity>::...` id: 403 outside the key's prefixes. Returns whether the id is free-form,
+    whose entity is only known once found (and a memory outside the scope then reads as absent)."""
+    entity = parse_memory_id(memory_id).entity_prefix
+    if entity is not None:
+        require_entity(request, entity, "memory_id")
+    return entity is None
+
+
+def visible(request: web.Request, memory: dict | None) -> dict | None:
+    return memory if memory is not None and access.current_key(request).covers(memory["entity_id"]) else None
+
+
 async def inspect(request: web.Request) -> web.Response:
     req = parse(InspectRequest, await read_json(request))
-    found = await request.app[CLUSTER].inspect(req.memory_id, req.include_turn_window, req.turn_window_radius)
+    require_memory_scope(request, req.memory_id)
+    found = visible(request, await request.app[CLUSTER].inspect(req.memory_id, req.include_turn_window,
+                                                                req.turn_window_radius))
     if found is None:
         raise NotFound(f"no memory with id {req.memory_id!r}")
     return web.json_response(found)
@@ -331,10 +368,21 @@ async def inspect(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     req = parse(DeleteRequest, await read_json(request))
-    deleted = await request.app[CLUSTER].delete(req.memory_id)
+    cluster = request.app[CLUSTER]
+    if require_memory_scope(request, req.memory_id) and prefixes(request) and \
+            visible(request, await cluster.inspect(req.memory_id, False, 0)) is None:
+        deleted = False  # not there, or another tenant's: the same answer, so nothing leaks
+    else:
+        deleted = await cluster.delete(req.memory_id)
+    audit(request, "delete", 200, memory_id=req.memory_id, deleted=deleted)
     if deleted:
         log.info("memory deleted memory_id=%s reason=%s", req.memory_id, req.reason or "-")
     return web.json_response({"deleted": deleted, "memory_id": req.memory_id})
+
+
+def audit(request: web.Request, action: str, outcome: int, **subject: Any) -> None:
+    request.app[AUDIT].record(access.current_key(request).name, action, outcome, **subject)
+    request.app[METRICS].audit_events.labels(action).inc()
 
 
 def totals(per_node: dict[str, dict | None]) -> dict[str, int]:
@@ -359,7 +407,10 @@ async def profile(request: web.Request) -> web.Response:
     (the SDK's get_profile() sends none): the engine's totals."""
     req = parse(ProfileQuery, query_params(request))
     if req.entity_id is None:
+        if prefixes(request):
+            raise Forbidden("entity_id: the engine's totals are for keys without entity prefixes")
         return web.json_response({"entity_id": None, **totals(await request.app[CLUSTER].stats(timeout=10))})
+    require_entity(request, req.entity_id)
     found = await request.app[CLUSTER].profile(req.entity_id, req.recent)
     if not found or not found["memories"]:
         raise NotFound(f"no memories for entity {req.entity_id!r}")
@@ -386,13 +437,21 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     if not key:
         raise ValueError("create_app needs an API key")
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware,
+                     access.make_middleware(OPEN_PATHS, DOCS_ASSETS, lambda a: a[METRICS])],
         client_max_size=config.max_body_bytes,
     )
     app[CONFIG] = config
     app[CLUSTER] = cluster
     app[METRICS] = Metrics()
-    app[API_KEY] = key
+    app[access.KEYRING] = KeyRing(key, config.keys_file)
+    app[access.LIMITER] = access.RateLimiter(config.rate_limit, config.rate_burst)
+    app[AUDIT] = Audit(config.audit_file or str(Path(config.data_dir) / "audit.log"))
+
+    async def close_audit(app: web.Application) -> None:
+        app[AUDIT].close()
+
+    app.on_cleanup.append(close_audit)
     app[OPENAPI] = openapi.build(config.max_query_limit, config.max_batch_items)
     r = app.router
     for path in ("/health", "/v1/health"):
@@ -419,4 +478,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r.add_get("/docs", docs)
     r.add_static(DOCS_ASSETS, swagger_ui_path)
     admin.add_routes(app)
+    mcp = AsgiMount(mcp_tools.build(app))
+    r.add_route("*", "/mcp", mcp.handle)
+    app.cleanup_ctx.append(mcp.lifespan)
     return app

@@ -60,6 +60,18 @@ def resolve_api_key(config: ClusterConfig) -> ClusterConfig:
     return dataclasses.replace(config, api_key=DEV_API_KEY)
 
 
+def reload_keys(app: web.Application) -> None:
+    """SIGHUP: read the keys file again (it is also re-read when it changes)."""
+    from router.access import KEYRING
+    from router.keys import KeysError
+
+    try:
+        app[KEYRING].reload()
+        log.info("Keys reloaded path=%s", app[KEYRING].path)
+    except KeysError as exc:
+        log.error("Keys not reloaded, the previous ones stay: %s", exc)
+
+
 async def serve(config: ClusterConfig, cluster) -> None:
     from router.app import create_app
 
@@ -84,6 +96,7 @@ async def serve(config: ClusterConfig, cluster) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_keys, app)
     await stop.wait()
     log.info("Shutting down: draining requests, flushing shards, stopping Ray")
     started = time.monotonic()
@@ -152,6 +165,37 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     return code
 
 
+def run_keys_command(args: argparse.Namespace) -> int:
+    from router import keys
+    from router.audit import Audit
+
+    try:
+        config = load_config(args.config)
+        path = args.file or config.keys_file
+        if not path:
+            raise keys.KeysError("no keys file: set keys_file in cluster.yaml (or TELLODB_KEYS_FILE), or pass --file")
+        if args.keys_command == "list":
+            for key, _ in keys.read_file(path).values():
+                rate = f" rate={key.rate:g}/s burst={key.burst or '-'}" if key.rate else ""
+                print(f"{key.name}\t{key.role}\t{','.join(key.prefixes) or '*'}{rate}")
+            return 0
+        if args.keys_command == "add":
+            secret = keys.add(path, keys.Key(args.name, args.role, tuple(args.prefix), args.rate, args.burst))
+            print(secret)  # the only time the key is shown
+            print(f"key {args.name!r} added to {path}; store it now, it is not kept", file=sys.stderr)
+        else:
+            keys.revoke(path, args.name)
+            print(f"key {args.name!r} revoked", file=sys.stderr)
+    except (keys.KeysError, ConfigError) as exc:
+        print(f"tellodb keys: {exc}", file=sys.stderr)
+        return 1
+    if os.path.isdir(config.data_dir):  # key changes go to the engine's audit trail too
+        trail = Audit(config.audit_file or os.path.join(config.data_dir, "audit.log"))
+        trail.record("cli", f"key_{args.keys_command}", "ok", key_name=args.name)
+        trail.close()
+    return 0
+
+
 def run_backup_command(args: argparse.Namespace) -> int:
     from router import backup
 
@@ -190,7 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("src", help="the backup folder")
     r.add_argument("--data-dir", required=True, help="data directory to create (new or empty)")
     r.add_argument("--force", action="store_true", help="replace the shards of a data directory that is not empty")
+    k = sub.add_parser("keys", help="manage scoped API keys (the keys file)")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ka = ksub.add_parser("add", help="create a key; prints it once, stores only its hash")
+    ka.add_argument("name")
+    ka.add_argument("--role", choices=("read", "write", "admin"), required=True)
+    ka.add_argument("--prefix", action="append", default=[], help="entity-id prefix it may touch (repeatable; "
+                    "none: every entity)")
+    ka.add_argument("--rate", type=float, help="requests per second (default: rate_limit)")
+    ka.add_argument("--burst", type=int, help="requests at once (default: rate_burst)")
+    ksub.add_parser("list", help="names, roles and prefixes (never keys)")
+    kr = ksub.add_parser("revoke", help="remove a key; a running engine refuses it within a second")
+    kr.add_argument("name")
+    for p in (k,):
+        p.add_argument("--config", help="cluster.yaml naming keys_file (default: $TELLODB_CONFIG)")
+        p.add_argument("--file", help="the keys file itself (overrides keys_file)")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return run_keys_command(args)
     if args.command in ("backup", "restore"):
         return run_backup_command(args)
     if args.command != "serve":

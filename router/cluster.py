@@ -199,13 +199,15 @@ class Cluster:
         return duplicate_of
 
     async def query(self, text: str | None, entity_id: str | None, limit: int,
-                    window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:
+                    window: tuple[int | None, int | None] | None = None,
+                    prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Best hits for `text` (within `window`), or without text the window's memories in time order."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
             return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit,
                                     window)
-        hits = [h for part in await self._everywhere("query", text, None, None, limit, window) for h in part]
+        scope = (prefixes,) if prefixes else ()  # only a scoped key's query names its prefixes
+        hits = [h for part in await self._everywhere("query", text, None, None, limit, window, *scope) for h in part]
         if text is None:
             hits.sort(key=oldest_first)
         else:

@@ -37,6 +37,10 @@ class Metrics:
         self.node_measurements = Gauge("tellodb_node_measurements", "Numeric measurements per node.", ["node"],
                                        registry=r)
         self.node_up = Gauge("tellodb_node_up", "1 when the node answered the last scrape.", ["node"], registry=r)
+        self.key_requests = Counter("tellodb_key_requests", "Requests by API key name (never the key) and outcome "
+                                    "(ok, forbidden, rate_limited).", ["key", "outcome"], registry=r)
+        self.auth_failures = Counter("tellodb_auth_failures", "Requests with a missing or wrong key.", registry=r)
+        self.audit_events = Counter("tellodb_audit_events", "Audit-trail entries by action.", ["action"], registry=r)
 
     def observe_nodes(self, stats: dict[str, dict | None]) -> None:
         for node, s in stats.items():

@@ -21,15 +21,18 @@ REF = "#/components/schemas/{model}"
 ERRORS = {
     400: "malformed request: bad JSON, bad Content-Encoding data, empty body",
     401: "missing or wrong API key",
+    403: "the key's role or entity prefixes do not allow this request",
     404: "not found",
     413: "request body larger than max_body_bytes",
     415: "unsupported Content-Encoding",
     422: "well-formed but invalid: the message names the field",
+    429: "the key is over its rate limit; see Retry-After",
     503: "a node did not answer in time",
     507: "insufficient storage: a node's disk is full",
 }
-BODY_ERRORS = (400, 401, 413, 415, 422, 503, 507)
-QUERY_ERRORS = (400, 401, 422, 503)
+KEYED = (401, 403, 429)  # every route that needs a key
+BODY_ERRORS = (400, *KEYED, 413, 415, 422, 503, 507)
+QUERY_ERRORS = (400, *KEYED, 422, 503)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Route:
 
 ROUTES = (
     Route("get", ("/health", "/v1/health"), "Liveness", r.Health, open=True),
-    Route("get", ("/version", "/v1/version"), "Engine and API version", r.Version, errors=(401,)),
+    Route("get", ("/version", "/v1/version"), "Engine and API version", r.Version, errors=KEYED),
     Route("post", ("/ingest",), "Store one memory", r.IngestResult, q.IngestRequest, errors=BODY_ERRORS),
     Route("post", ("/ingest/batch",), "Store many memories", r.BatchResult, q.IngestBatchRequest, errors=BODY_ERRORS),
     Route("post", ("/query/semantic", "/query"), "Best memories for a text (hybrid ranking)", None, q.QueryRequest,
@@ -68,7 +71,7 @@ ROUTES = (
     Route("post", ("/memory/inspect",), "One memory, optionally with its session's turns", r.InspectResult,
           q.InspectRequest, errors=(*BODY_ERRORS, 404)),
     Route("post", ("/memory/delete",), "Delete one memory", r.DeleteResult, q.DeleteRequest, errors=BODY_ERRORS),
-    Route("get", ("/stats",), "Engine counts, per node and shard", r.Stats, errors=(401, 503)),
+    Route("get", ("/stats",), "Engine counts, per node and shard", r.Stats, errors=(*KEYED, 503)),
     Route("get", ("/profile",), "An entity's current facts and recent memories; without entity_id, the totals",
           r.EntityProfile, query=q.ProfileQuery, errors=(*QUERY_ERRORS, 404), also=(r.EngineProfile,)),
     Route("get", ("/metrics",), "Prometheus metrics", None, open=True,
@@ -78,9 +81,9 @@ ROUTES = (
     Route("get", ("/docs",), "API documentation page (Swagger UI, served offline)", None, open=True,
           media=("text/html", "HTML page")),
     Route("get", ("/admin/shards",), "The cluster's shards, model and placement (for backups)", r.ShardsInfo,
-          errors=(401,)),
+          errors=KEYED),
     Route("post", ("/admin/shards/{shard}/snapshot",), "A consistent copy of one shard's SQLite file, taken while "
-          "it serves; headers X-Tellodb-Seq and X-Tellodb-Sha256 describe it", None, errors=(401, 404, 503, 507),
+          "it serves; headers X-Tellodb-Seq and X-Tellodb-Sha256 describe it", None, errors=(*KEYED, 404, 503, 507),
           media=("application/octet-stream", "the shard's SQLite file at sequence X-Tellodb-Seq"),
           params=({"name": "shard", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},)),
 )
