@@ -197,9 +197,11 @@ class Node:
         return None
 
     async def query(self, text: str | None, entity_id: str | None, shard: int | None, limit: int,
-                    window: tuple[int | None, int | None] | None = None) -> list[dict[str, Any]]:
-        """Hits from one shard (an entity's) or from every shard here (`shard=None`), best first,
-        created within `window` if given. Without `text`: the window's memories, oldest first."""
+                    window: tuple[int | None, int | None] | None = None,
+                    prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Hits from one shard (an entity's) or from every shard here (`shard=None`, only entities
+        starting with one of `prefixes` if given), best first, created within `window` if given.
+        Without `text`: the window's memories, oldest first."""
         started = time.perf_counter()
         vector = (await self.embedder.embed([text]))[0] if text is not None else None
 
@@ -207,8 +209,8 @@ class Node:
             hits: list[dict[str, Any]] = []
             for s in self._candidate_shards([shard] if shard is not None else None):
                 store = self.shards[s]
-                hits.extend(store.search(vector, text, entity_id, limit, window) if text is not None
-                            else store.in_window(entity_id, window, limit))
+                hits.extend(store.search(vector, text, entity_id, limit, window, prefixes) if text is not None
+                            else store.in_window(entity_id, window, limit, prefixes))
             if text is None:
                 hits.sort(key=oldest_first)
             else:

@@ -206,8 +206,8 @@ class Cluster:
             shard = self.placement.shard_of(entity_id)
             return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit,
                                     window)
-        scope = (prefixes,) if prefixes else ()  # only a scoped key's query names its prefixes
-        hits = [h for part in await self._everywhere("query", text, None, None, limit, window, *scope) for h in part]
+        hits = [h for part in await self._everywhere("query", text, None, None, limit, window, prefixes)
+                for h in part]
         if text is None:
             hits.sort(key=oldest_first)
         else:

@@ -72,7 +72,7 @@ def build(http: web.Application):
             raise ToolError(f"{exc.code}: {exc.message}") from None
         item = routes.to_item(req)
         [duplicate_of] = await run(cluster.ingest([item]))
-        return {"memory_id": item["memory_id"], "stored": duplicate_of is None, "duplicate_of": duplicate_of}
+        return {"memory_id": item.memory_id, "stored": duplicate_of is None, "duplicate_of": duplicate_of}
 
     @server.tool(description="The memories that best answer a question, best first; optionally only those created "
                              "between window_start_ms and window_end_ms (ms since the epoch).")

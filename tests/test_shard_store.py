@@ -335,3 +335,24 @@ def test_the_vector_cache_stays_within_its_budget(tmp_path, embedder):
         assert search(s, embedder, "two", "a")[0]["textual_content"] == "a two"  # reloaded on demand
     finally:
         s.close()
+
+
+def test_a_search_limited_to_entity_prefixes_sees_only_them(make_store, embedder, dense_path):
+    s = dense_path(make_store())
+    for entity in ("acme:ann", "acme:bob", "globex:cy", "acmeX:dan"):
+        s.upsert(records(embedder, entity, [f"the quarterly roadmap of {entity}", f"lunch plans of {entity}"]))
+    s.index_pending()
+    hits = s.search(embedder.encode(["quarterly roadmap"])[0], "quarterly roadmap", None, 10, None, ("acme:",))
+    assert sorted({h["entity_id"] for h in hits}) == ["acme:ann", "acme:bob"] and len(hits) == 4
+    both = s.search(embedder.encode(["roadmap"])[0], "roadmap", None, 10, None, ("acme:", "globex:"))
+    assert {h["entity_id"] for h in both} == {"acme:ann", "acme:bob", "globex:cy"}
+    timed = s.in_window(None, (None, None), 10, ("globex:",))
+    assert {h["entity_id"] for h in timed} == {"globex:cy"} and len(timed) == 2
+
+
+def test_prefix_ranges_are_exact_at_the_edges():
+    from node.store.scope import Scope, _successor
+
+    assert _successor("acme:") == "acme;" and _successor("a\U0010ffff") == "b" and _successor("\U0010ffff") is None
+    scope = Scope.of(None, None, ("acme:",))
+    assert scope.admits("acme:x", 0) and not scope.admits("acme", 0) and not scope.admits("globex:acme:", 0)

@@ -18,18 +18,24 @@ Window = tuple[int | None, int | None] | None  # (start_ms, end_ms) of created_a
 
 @dataclass(frozen=True)
 class Scope:
-    entity_id: str | None = None  # None: every entity of the shard
+    entity_id: str | None = None  # None: every entity of the shard (of `prefixes`, if any)
     start_ms: int | None = None  # inclusive; None: no lower bound
     end_ms: int | None = None  # inclusive; None: no upper bound
+    prefixes: tuple[str, ...] = ()  # entity-id prefixes a scoped key may see; (): every entity
 
     @classmethod
-    def of(cls, entity_id: str | None, window: Window = None) -> Scope:
+    def of(cls, entity_id: str | None, window: Window = None, prefixes: tuple[str, ...] | None = None) -> Scope:
         start, end = window if window is not None else (None, None)
-        return cls(entity_id, start, end)
+        return cls(entity_id, start, end, tuple(prefixes or ()))
 
     @property
     def timeless(self) -> bool:
         return self.start_ms is None and self.end_ms is None
+
+    @property
+    def every_row(self) -> bool:
+        """No filter but (maybe) the entity: counts and indexes of the entity answer for it."""
+        return self.timeless and not self.prefixes
 
     def any_entity(self) -> Scope:
         """The same window over every entity (for the FTS tables, which filter the entity themselves)."""
@@ -48,6 +54,13 @@ class Scope:
         for op, bound in self._bounds():
             clauses.append(f"{prefix}{time_column} {op} ?")
             args.append(bound)
+        if self.prefixes:  # ranges over the (entity_id, ...) index, not a scan of every row
+            ranges = []
+            for p in self.prefixes:
+                upper = _successor(p)
+                ranges.append(f"({prefix}entity_id >= ?" + (f" AND {prefix}entity_id < ?)" if upper else ")"))
+                args += [p, upper] if upper else [p]
+            clauses.append("(" + " OR ".join(ranges) + ")")
         return " AND ".join(clauses), args
 
     def chroma_where(self) -> dict | None:
@@ -69,4 +82,12 @@ class Scope:
 
     def admits(self, entity_id: str, created_at_ms: int) -> bool:
         """The check of `sql` for a row already fetched."""
-        return (self.entity_id is None or entity_id == self.entity_id) and bool(self.mask(created_at_ms))
+        return ((self.entity_id is None or entity_id == self.entity_id) and bool(self.mask(created_at_ms))
+                and (not self.prefixes or any(entity_id.startswith(p) for p in self.prefixes)))
+
+
+def _successor(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix` (None: there is none)."""
+    while prefix and prefix[-1] == "\U0010ffff":
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None

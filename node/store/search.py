@@ -55,15 +55,15 @@ class Search:
         return max(scored, key=lambda x: x[1], default=None)
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
-               window: Window = None) -> list[dict[str, Any]]:
+               window: Window = None, prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """The best `limit` memories (of `entity_id`, or of all entities here) for the query,
         created within `window` (start_ms, end_ms; either end may be None) when one is given.
 
         Returns exactly min(limit, memories in scope) hits, best first.
         """
-        scope = Scope.of(entity_id, window)
+        scope = Scope.of(entity_id, window, prefixes)
         where, args = scope.sql()
-        in_scope = (entity_count(self.db, entity_id) if scope.timeless else
+        in_scope = (entity_count(self.db, entity_id) if scope.every_row else
                     self.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
         want = min(limit, in_scope)
         if want == 0:
@@ -161,7 +161,7 @@ class Search:
         expr = f"{column} : ({match})"
         if scope.entity_id is not None:  # the entity filter goes through the full-text index as a token
             expr = f'entity_token : "{entity_token(scope.entity_id)}" AND {expr}'
-        if scope.timeless:
+        if scope.every_row:
             sql = (f"SELECT rowid, -bm25({table}, 0.0, 1.0) FROM {table} WHERE {table} MATCH ? "
                    f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
             return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, limit))}
@@ -170,9 +170,10 @@ class Search:
                f"WHERE {table} MATCH ? AND {where} ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?")
         return {r: max(0.0, float(v)) for r, v in self.db.execute(sql, (expr, *args, limit))}
 
-    def in_window(self, entity_id: str | None, window: Window, limit: int) -> list[dict[str, Any]]:
+    def in_window(self, entity_id: str | None, window: Window, limit: int,
+                  prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Memories created within `window`, oldest first (a temporal query without text)."""
-        where, args = Scope.of(entity_id, window).sql()
+        where, args = Scope.of(entity_id, window, prefixes).sql()
         rows = self.db.execute(f"SELECT {MEMORY_COLUMNS} FROM memories m WHERE {where} "
                                "ORDER BY created_at_ms, memory_id LIMIT ?", (*args, limit)).fetchall()
         return [dict(row_to_memory(r), similarity=1.0) for r in rows]

@@ -137,14 +137,16 @@ class ShardStore:
         return records.profile(self.db, entity_id, recent)
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
-               window: Window = None) -> list[dict[str, Any]]:
-        """The best `limit` memories (of `entity_id`, or of all entities here) for the query, created
-        within `window` when one is given: exactly min(limit, memories in scope) hits, best first."""
-        return self.searcher.search(query_vector, query_text, entity_id, limit, window)
+               window: Window = None, prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """The best `limit` memories (of `entity_id`, or of all entities here, or of those whose ids
+        start with one of `prefixes`) for the query, created within `window` when one is given:
+        exactly min(limit, memories in scope) hits, best first."""
+        return self.searcher.search(query_vector, query_text, entity_id, limit, window, prefixes)
 
-    def in_window(self, entity_id: str | None, window: Window, limit: int) -> list[dict[str, Any]]:
+    def in_window(self, entity_id: str | None, window: Window, limit: int,
+                  prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Memories created within `window`, oldest first (a temporal query without text)."""
-        return self.searcher.in_window(entity_id, window, limit)
+        return self.searcher.in_window(entity_id, window, limit, prefixes)
 
     # ---- the knowledge graph -------------------------------------------------------------------
 
