@@ -1,0 +1,29 @@
+"""Failures a node reports reach the client as the API error they mean, never as a 500."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from node.errors import DeadlineExceeded, NotOwnedError, StorageFull
+from node.records import IngestItem
+from router.cluster import api_error
+from router.errors import InsufficientStorage, Unavailable
+
+
+async def test_a_write_for_a_shard_the_node_does_not_own_is_a_503(cluster):
+    """A stale placement sends a write to a node that does not own the shard: retry, not a 500."""
+    shard = next(s for s in range(cluster.config.shards) if cluster.placement.node_of_shard(s) == "node-1")
+    item = IngestItem(memory_id=f"x::s::{uuid.uuid4().hex[:6]}", entity_id="x", session_id="s", turn_index=None,
+                      created_at_ms=0, textual_content="misrouted", shard=shard)
+    with pytest.raises(Unavailable) as raised:
+        await cluster._call("node-0", "ingest", [item], time.time() + 30)
+    assert raised.value.status == 503 and "retry" in raised.value.message
+
+
+def test_each_node_error_has_its_status():
+    assert api_error(StorageFull("full")).status == 507 and isinstance(api_error(StorageFull("x")), InsufficientStorage)
+    assert api_error(DeadlineExceeded("late")).status == 503
+    assert api_error(NotOwnedError("moved")).status == 503
