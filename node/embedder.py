@@ -60,6 +60,9 @@ def load_embedder(model_path: str, backend: str, device: str, threads: int, data
     return OnnxEmbedder(model_path, export_onnx(model_path, data_dir, backend), threads, device)
 
 
+SMALL_JOB = 8  # texts: a job this small (a query, single ingests) joins any pass whole
+
+
 class _Job:
     """One `embed` call: its texts, how many are done, and the vectors so far."""
 
@@ -115,9 +118,12 @@ class BatchingEmbedder:
 
     def _plan(self) -> list[tuple[_Job, int]]:
         """The next pass: (job, how many of its next texts), within max_batch texts and max_chars.
-        One text of the oldest job first (it always progresses); then every job that fits whole,
-        fewest texts first; only a pass that holds no other job is filled up with partial ones, so
-        a query's pass carries at most one text of a large job besides it."""
+
+        One text of the oldest job first (it always progresses); then every small job (a query,
+        a single ingest: at most SMALL_JOB texts) that fits whole, in arrival order. A pass that
+        holds no other job is then filled up in arrival order, so large jobs finish one after
+        another and none starves; a small job's pass carries at most one text of a large job
+        besides it, so queries are not held behind bulk imports."""
         self._waiting = [job for job in self._waiting if not job.future.done()]  # cancelled callers drop out
         if not self._waiting:
             return []
@@ -136,14 +142,13 @@ class BatchingEmbedder:
 
         oldest = self._waiting[0]
         take(oldest, 1)
-        by_size = sorted(self._waiting, key=lambda j: j.remaining)
-        for job in by_size:
+        for job in self._waiting:
             rest = job.texts[job.done + counts.get(id(job), 0):]
-            if job is not oldest and used[0] + len(rest) <= self.max_batch and \
+            if job.remaining <= SMALL_JOB and used[0] + len(rest) <= self.max_batch and \
                     used[1] + sum(len(t) if isinstance(t, str) else 1 for t in rest) <= self.max_chars:
                 take(job, job.remaining)
         if len(counts) == 1:
-            for job in by_size:
+            for job in self._waiting:
                 take(job, job.remaining)
         return [(jobs[key], n) for key, n in counts.items()]
 

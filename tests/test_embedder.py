@@ -80,3 +80,24 @@ async def test_passes_are_bounded_by_characters_and_cancelled_calls_drop_out(emb
         assert batcher.passes < 10  # the cancelled call stopped taking passes
     finally:
         await batcher.close()
+
+
+async def test_no_bulk_call_starves_while_others_keep_coming(embedder):
+    """Four clients each send bulk calls (a node's share of an /ingest/batch) one after another.
+    First come, first served: a call waits for at most the calls ahead of it, counted in model
+    passes. The planner used to give the oldest call one text per pass while younger calls that fit
+    whole went first, so under load the oldest crawled (bulk-import p99 8-11 s, median 0.5 s)."""
+    batcher = BatchingEmbedder(embedder, max_batch=64, max_chars=4096)
+    waits: list[int] = []
+
+    async def client(c: int) -> None:
+        for k in range(8):
+            before = batcher.passes
+            await batcher.embed([f"client {c} call {k} note {i}: the garden" for i in range(24)])
+            waits.append(batcher.passes - before)
+
+    await asyncio.gather(*(client(c) for c in range(4)))
+    # Four calls of 24 texts are 96 texts: two passes hold them all, so no call should need more than
+    # a few; a call that gets one text per pass needs about 24.
+    assert max(waits) <= 6, sorted(waits)
+    await batcher.close()
