@@ -41,6 +41,7 @@ class Indexer:
         self._closed = False
         self._last_write = 0.0
         self._untrimmed = False  # commits since the change logs were last trimmed
+        self._backlogs: asyncio.Task | None = None  # indexing full backlogs beside the writes
 
     def start(self) -> None:
         """Run the pause watcher, unless it runs already (idempotent; needs the running loop)."""
@@ -60,6 +61,12 @@ class Indexer:
     async def close(self) -> None:
         """Stop the pause watcher; what is still unindexed is indexed by reconcile() at start-up."""
         self._closed = True
+        if self._backlogs is not None:
+            self._backlogs.cancel()
+            try:
+                await self._backlogs
+            except BaseException:  # cancelled, or failed (logged): what is left waits for reconcile()
+                pass
         if self._task is not None:
             self._task.cancel()
             try:
@@ -73,22 +80,33 @@ class Indexer:
         """A write was queued: the pause starts over."""
         self._last_write = time.monotonic()
 
-    async def committed(self) -> None:
-        """After a writer turn: index every full backlog now, before any pause."""
+    def committed(self) -> None:
+        """After a writer turn: index every full backlog now, before any pause, in a task of its
+        own. The writer's next turn does not wait for it: commit turns and index chunks take the
+        store thread in turns, so a write waits for one chunk, not for every shard's backlog."""
         self._untrimmed = True
-        await self.index_backlogs(INDEX_BACKLOG)
+        if self._backlogs is None or self._backlogs.done():
+            self._backlogs = asyncio.get_running_loop().create_task(self.index_backlogs(INDEX_BACKLOG))
+
+    async def settled(self) -> None:
+        """Wait until the full backlogs found after the last writer turn are indexed."""
+        while self._backlogs is not None and not self._backlogs.done():
+            await asyncio.shield(self._backlogs)
 
     async def index_backlogs(self, at_least: int) -> None:
         """Index all waiting rows of every shard with `at_least` of them, INDEX_CHUNK rows per store
         call, so a query queued meanwhile waits for one chunk (tens of ms), not a whole backlog."""
-        # list() copies in one step: the store thread may be opening a shard meanwhile.
-        for store in [store for store in self.shards() if store.unindexed >= at_least]:
-            try:
-                while store.unindexed:
-                    if not await self.store_thread.run(store.index_pending, INDEX_CHUNK, busy="index"):
-                        break
-            except Exception:  # the rows stay searchable (scored exactly) and are retried later
-                log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
+        # Writes go on meanwhile: look again until no shard has `at_least` waiting. (shards() copies
+        # the list in one step: the store thread may be opening a shard meanwhile.)
+        while full := [store for store in self.shards() if store.unindexed >= at_least]:
+            for store in full:
+                try:
+                    while store.unindexed:
+                        if not await self.store_thread.run(store.index_pending, INDEX_CHUNK, busy="index"):
+                            break
+                except Exception:  # the rows stay searchable (scored exactly) and are retried later
+                    log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
+                    return
 
     async def _watch_pauses(self) -> None:
         while True:

@@ -64,6 +64,7 @@ class GroupWriter:
         """Wait until every queued write is committed (and full backlogs indexed)."""
         if self._task is not None:
             await self._task
+        await self.indexer.settled()
 
     def check_space(self) -> None:
         """Refuse writes while the data volume has less than `min_free_mb` free: a write that
@@ -92,7 +93,7 @@ class GroupWriter:
                     future.set_result(outcome)
             self.group_commits += 1
             self.grouped_writes += len(group)
-            await self.indexer.committed()
+            self.indexer.committed()
 
     def _next_group(self) -> list[Pending]:
         """Take the next store-thread turn's writes, in arrival order: the first request, then more

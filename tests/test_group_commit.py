@@ -206,3 +206,21 @@ async def test_a_store_turn_takes_a_bounded_group_and_a_large_request_whole(node
     assert node.grouped_writes == 11
     assert node.group_commits >= 10  # at most one 60-character write per turn fits within 100 characters
     assert (await node.stats())["memories"] == 13
+
+
+async def test_a_write_does_not_wait_for_every_full_backlog_to_be_indexed(node):
+    """After a large commit every shard's backlog is full. Indexing it takes the store thread in
+    chunks, and a write that arrives meanwhile takes its turn between two chunks: it used to wait
+    until the writer had indexed every backlog (seconds, after a bulk import)."""
+    entities = [next(own_entity(k) for k in range(100) if item(own_entity(k), "", "x").shard == s) for s in (0, 1, 2)]
+    big = [item(e, f"bulk line {i} about the garden", f"{e}::bulk::{i}") for e in entities
+           for i in range(4 * INDEX_BACKLOG)]
+    await node.ingest(big)  # answered after its commit; the backlogs (24 chunks) are indexed now
+    index_before = node.store_thread.busy["index"]
+    await node.ingest([item(entities[0], "a small write", f"{entities[0]}::small::0")])
+    index_during = node.store_thread.busy["index"] - index_before
+    await node.writer.flush()
+    index_total = node.store_thread.busy["index"]  # the full backlogs, all indexed by now
+    stats = await indexed(node)  # and the small write's row once writes pause
+    assert stats["unindexed"] == 0 and stats["vectors"] == len(big) + 1
+    assert index_during < 0.7 * index_total, (index_during, index_total)  # about 0.25 here; 1.0 before
