@@ -61,20 +61,13 @@ class Indexer:
     async def close(self) -> None:
         """Stop the pause watcher; what is still unindexed is indexed by reconcile() at start-up."""
         self._closed = True
-        if self._backlogs is not None:
-            self._backlogs.cancel()
-            try:
-                await self._backlogs
-            except BaseException:  # cancelled, or failed (logged): what is left waits for reconcile()
-                pass
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except BaseException:  # it died of an error already (logged by _ended)
-                pass
+        for task in (self._backlogs, self._task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # cancelled, or it died of an error already (logged)
+                    pass
 
     def wrote(self) -> None:
         """A write was queued: the pause starts over."""

@@ -109,7 +109,7 @@ class Cluster:
         pairs = [(m, shard) for per_shard in found.values() for shard, ids in per_shard.items() for m in ids]
         by_home: dict[str, list[tuple[str, int]]] = {}
         for m, shard in pairs:
-            by_home.setdefault(self.placement.node_of_shard(self.placement.id_home(m)), []).append((m, shard))
+            by_home.setdefault(self._id_home_node(m), []).append((m, shard))
         ray.get([self.actors[node].register_homes.remote(p) for node, p in by_home.items()])
         ray.get([self.actors[node].mark_homes_registered.remote(list(per_shard))
                  for node, per_shard in found.items() if per_shard])
@@ -182,7 +182,7 @@ class Cluster:
         groups: dict[tuple[str, str], list[int]] = {}
         for i, it in enumerate(items):
             if parse_memory_id(it.memory_id).entity_prefix is None:
-                key = (self.placement.node_of_shard(self.placement.id_home(it.memory_id)), "ingest_free")
+                key = (self._id_home_node(it.memory_id), "ingest_free")
             else:
                 key = (self.placement.node_of_shard(it.shard), "ingest")
             groups.setdefault(key, []).append(i)

@@ -9,7 +9,6 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import API_KEY
 from router import keys
 
 
