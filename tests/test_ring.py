@@ -45,3 +45,19 @@ def test_adding_a_node_moves_about_one_nth_of_the_shards():
     moved = [s for s in range(256) if before.owner[s] != after.owner[s]]
     assert all(after.owner[s] == "node-3" for s in moved)  # only onto the new node, never between old ones
     assert 0.15 < len(moved) / 256 < 0.35  # about 1/4
+
+
+def test_a_placement_changes_one_shard_at_a_time_at_a_new_epoch():
+    p = Placement(16, ("node-0", "node-1"))
+    grown = p.with_nodes(("node-0", "node-1", "node-2"))
+    assert grown.owner == p.owner and grown.epoch == p.epoch + 1  # members first, shards after
+    moves = grown.moves()
+    assert moves and all(to == "node-2" for _, _, to in moves)
+    shard, _, to = moves[0]
+    moved = grown.with_owner(shard, to)
+    assert moved.node_of_shard(shard) == "node-2" and moved.epoch == grown.epoch + 1
+    assert len(moved.moves()) == len(moves) - 1
+    assert Placement.from_json(moved.to_json()) == moved
+    shrunk = moved.with_nodes(("node-0", "node-2"))
+    assert all(frm == "node-1" or to != "node-1" for _, frm, to in shrunk.moves())
+    assert {frm for _, frm, _ in shrunk.moves()} >= {"node-1"}
