@@ -1,15 +1,74 @@
-"""`Node` as a Ray actor: one per machine slot, named so any router (or another node) can find it."""
+"""`Node` as a Ray actor: one per node name, named so any router (or another node) can find it.
+
+`start_node_actor` creates it the same way for `tellodb serve` (every node in one tree) and for
+`tellodb node` (one per machine slot, pinned there by a node label, so it runs with its data and
+nowhere else). The actor asks the placement authority for its shards when it starts, so a node
+Ray restarts after a crash opens the shards it owns now, not the ones it owned when created.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import ray
 
+from node.authority import AUTHORITY_NAME, PlacementAuthority
+from node.config import ClusterConfig
+from node.ring import Placement
 from node.service import Node
 
 NAMESPACE = "tellodb"
-NodeActor = ray.remote(Node)
+log = logging.getLogger("tellodb")
 
 
 def actor_name(node: str) -> str:
     """The Ray actor name of node `node` in NAMESPACE."""
     return f"{NAMESPACE}-{node}"
+
+
+def authority():
+    """The placement authority's actor handle, or None when there is none (yet)."""
+    try:
+        return ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class PlacedNode(Node):
+    """A node whose shards are the ones the placement authority gives it at each (re)start."""
+
+    def __init__(self, name: str, config: ClusterConfig, placement: Placement, threads: int = 1) -> None:
+        found = authority()
+        if found is not None:
+            placement = max(placement, ray.get(found.placement.remote(), timeout=60), key=lambda p: p.epoch)
+        super().__init__(name, config, placement.shards_of(name), threads, placement)
+
+
+NodeActor = ray.remote(PlacedNode)
+AuthorityActor = ray.remote(PlacementAuthority)
+
+
+def start_node_actor(name: str, config: ClusterConfig, placement: Placement, cpus: float, threads: int,
+                     label_selector: dict[str, str] | None = None) -> Any:
+    """Create (or find) node `name`'s actor. `max_restarts=-1`: Ray restarts it after a crash,
+    on the same Ray node when `label_selector` pins it there."""
+    options: dict[str, Any] = dict(
+        name=actor_name(name), namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024, max_restarts=-1,
+        get_if_exists=True,
+        # Hundreds of calls a second would each leave a task event in Ray's GCS (for the
+        # dashboard's task list): its memory grew 34% in a one-minute load test.
+        enable_task_events=False)
+    if label_selector:
+        options["label_selector"] = label_selector
+    return NodeActor.options(**options).remote(name, config, placement, threads)
+
+
+def start_authority(data_dir: str, shards: int, nodes: list[str], movable: bool,
+                    label_selector: dict[str, str] | None = None) -> Any:
+    """Create (or find) the placement authority (node.authority), on the head when pinned there."""
+    options: dict[str, Any] = dict(name=AUTHORITY_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1,
+                                   max_concurrency=64, get_if_exists=True, enable_task_events=False)
+    if label_selector:
+        options["label_selector"] = label_selector
+    return AuthorityActor.options(**options).remote(data_dir, shards, nodes, movable)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,6 +62,7 @@ class ClusterConfig:
     api_key: str | None = None
     shards: int = 64
     nodes: int = 2
+    node_list: tuple[str, ...] = ()  # `nodes:` given as names in cluster.yaml; empty: node-0 .. node-(nodes-1)
     ray_address: str | None = None  # None: start a private local Ray instance
     cpus_per_node: float | None = None  # None: the machine's cores shared evenly by the nodes
     max_body_bytes: int = 10 * 1024 * 1024
@@ -84,7 +86,8 @@ class ClusterConfig:
 
     @property
     def node_names(self) -> list[str]:
-        return [f"node-{i}" for i in range(self.nodes)]
+        """The initial nodes: the names `nodes:` lists, or node-0 .. node-N-1 for a count."""
+        return list(self.node_list) or [f"node-{i}" for i in range(self.nodes)]
 
     @property
     def is_loopback(self) -> bool:
@@ -175,6 +178,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> ClusterConfig:
     """Read `path` (or `$TELLODB_CONFIG`, or nothing), then the environment; validate; return."""
     env = os.environ if env is None else env
@@ -191,6 +197,11 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         tree = dict(loaded or {})
+        if isinstance(tree.get("nodes"), list):  # `nodes: [a, b, c]`: names instead of a count
+            names = tree["nodes"]
+            if not all(isinstance(n, str) and NODE_NAME.fullmatch(n) for n in names) or len(set(names)) != len(names):
+                raise ConfigError(f"nodes: names must be distinct and match {NODE_NAME.pattern}, got {names}")
+            tree["nodes"], tree["node_list"] = len(names), tuple(names)
     seen: set[str] = set()
     source: dict[str, str] = {}
     for var, key in ENV_VARS:

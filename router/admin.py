@@ -1,4 +1,5 @@
-"""Operator routes: what the cluster holds, and shard snapshots for `tellodb backup`.
+"""Operator routes: the cluster's shape and its changes (`tellodb cluster`), what it holds, and
+shard snapshots for `tellodb backup`.
 
 `GET /admin/shards` describes the cluster (version, shard count, model, dimension, the node of each
 shard). `POST /admin/shards/{shard}/snapshot` takes a consistent copy of one shard while it serves
@@ -15,8 +16,36 @@ from aiohttp import web
 
 from router import __version__
 from router.errors import NotFound
+from router.schemas import NodeRequest, parse
 
 CHUNK = 4 << 20  # bytes per Ray call while streaming a snapshot
+
+
+async def cluster_status(request: web.Request) -> web.Response:
+    """GET /admin/cluster: nodes, their shards and sizes, moves in progress, the placement epoch."""
+    from router.app import CLUSTER
+
+    return web.json_response(await request.app[CLUSTER].cluster_status())
+
+
+async def add_node(request: web.Request) -> web.Response:
+    """POST /admin/nodes {"name"}: a joined node becomes a member; its share of shards moves to it."""
+    from router.app import CLUSTER, audit, read_json
+
+    req = parse(NodeRequest, await read_json(request))
+    started = await request.app[CLUSTER].add_node(req.name)
+    audit(request, "add_node", 202, node=req.name, epoch=started["epoch"])
+    return web.json_response(started, status=202)
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    """DELETE /admin/nodes/{name}: every shard of the node moves to the others."""
+    from router.app import CLUSTER, audit
+
+    name = request.match_info["name"]
+    started = await request.app[CLUSTER].remove_node(name)
+    audit(request, "remove_node", 202, node=name, epoch=started["epoch"])
+    return web.json_response(started, status=202)
 
 
 async def shards(request: web.Request) -> web.Response:
@@ -60,5 +89,8 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/cluster", cluster_status)
+    app.router.add_post("/admin/nodes", add_node)
+    app.router.add_delete("/admin/nodes/{name}", remove_node)
     app.router.add_get("/admin/shards", shards)
     app.router.add_post("/admin/shards/{shard}/snapshot", snapshot)

@@ -16,66 +16,25 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
 from node.store import file_sha256
 from router import __version__, datadir
+from router.client import ClientError, Progress, request
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 BLOCK = 1 << 20
 
 
-class BackupError(Exception):
+class BackupError(ClientError):
     """The backup or restore cannot go on; the message says why."""
 
 
 def shard_file(shard: int) -> str:
     return f"shards/{shard:04d}/store.sqlite3"
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, every tenth of the way otherwise."""
-
-    def __init__(self, label: str, total: int, stream=sys.stderr) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.started = time.monotonic()
-        self.tty = stream.isatty()
-        self.shown = -1
-
-    def update(self, done: int, nbytes: int) -> None:
-        tenth = done * 10 // max(1, self.total)
-        if not self.tty and tenth == self.shown and done != self.total:
-            return
-        self.shown = tenth
-        seconds = max(1e-6, time.monotonic() - self.started)
-        width = 30
-        bar = "#" * (done * width // max(1, self.total))
-        line = (f"{self.label} [{bar:<{width}}] {done}/{self.total} shards  {nbytes / 2**20:.1f} MiB  "
-                f"{nbytes / 2**20 / seconds:.1f} MiB/s")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
-def _request(url: str, key: str, method: str = "GET"):
-    req = urllib.request.Request(url, method=method, headers={"x-api-key": key})
-    try:
-        return urllib.request.urlopen(req, timeout=600)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise BackupError(f"{method} {url}: {exc.code} {message}") from None
-    except urllib.error.URLError as exc:
-        raise BackupError(f"cannot reach {url}: {exc.reason}") from None
 
 
 def _empty_or_absent(path: Path) -> bool:
@@ -89,7 +48,7 @@ def backup(dest: str, url: str, key: str, force: bool = False,
     if not _empty_or_absent(out) and not force:
         raise BackupError(f"{out} is not empty: back up into a new folder (or pass --force to overwrite)")
     url = url.rstrip("/")
-    with _request(f"{url}/admin/shards", key) as r:
+    with request(f"{url}/admin/shards", key) as r:
         cluster = json.loads(r.read())
     shards = int(cluster["shards"])
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +61,7 @@ def backup(dest: str, url: str, key: str, force: bool = False,
         target = out / shard_file(shard)
         target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        with _request(f"{url}/admin/shards/{shard}/snapshot", key, "POST") as r, open(f"{target}.part", "wb") as f:
+        with request(f"{url}/admin/shards/{shard}/snapshot", key, "POST") as r, open(f"{target}.part", "wb") as f:
             expected, seq = r.headers["X-Tellodb-Sha256"], int(r.headers["X-Tellodb-Seq"])
             while block := r.read(BLOCK):
                 f.write(block)

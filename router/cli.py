@@ -1,4 +1,6 @@
-"""`tellodb serve` and `temporal_memory`: start the engine (Ray, node actors, router) in one tree.
+"""The `tellodb` command: `serve` (and `temporal_memory`) starts the engine (Ray, node actors,
+router) in one tree; `head`, `node` and `router` are the roles of a multi-machine cluster
+(router.roles), `cluster` changes one (router.cluster_cli); `backup`, `restore` and `keys`.
 
 Shutdown on SIGTERM or SIGINT: stop accepting, let in-flight requests finish, have every node
 checkpoint its shards, stop the Ray processes this engine started, exit 0.
@@ -19,7 +21,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config, model_dimension, resolve_model_path
-from router import __version__, datadir, ray_local
+from router import __version__, cluster_cli, datadir, ray_local, roles
 
 log = logging.getLogger("tellodb")
 
@@ -249,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in (k,):
         p.add_argument("--config", help="cluster.yaml naming keys_file (default: $TELLODB_CONFIG)")
         p.add_argument("--file", help="the keys file itself (overrides keys_file)")
+    roles.add_parsers(sub)
+    cluster_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command in ("head", "node", "router"):
+        return roles.run_role(args)
+    if args.command == "cluster":
+        return cluster_cli.run(args)
     if args.command == "keys":
         return run_keys_command(args)
     if args.command in ("backup", "restore"):

@@ -1,12 +1,15 @@
 """The router's view of the cluster: Ray, the node actors and the placement of shards on them.
 
-`Cluster.start()` joins the configured Ray cluster (or starts a private local one), creates one
-named node actor per configured node and waits until each has opened its shards. The request
-methods route by entity (entity -> shard -> node) and fan out to every node when a request spans
-entities, merging by score.
+`Cluster.start()` is `tellodb serve`: it joins the configured Ray cluster (or starts a private
+local one), the placement authority (node.authority) and one named node actor per configured node,
+and waits until each has opened its shards. `Cluster.join()` is `tellodb router`: the authority and
+the nodes already run elsewhere in the cluster; it finds them by name.
 
-Placement is computed from cluster.yaml (shard count and node names) with consistent hashing, the
-same in every router; a named placement actor for live resharding is future work (README).
+The request methods route by entity (entity -> shard -> node, by the authority's placement) and
+fan out to every node when a request spans entities, merging by score. A node that does not own
+a shard it is asked about (it moved, or is being handed over) says so; the router reads the
+placement again and sends the request where it now belongs (`_routed`), so a move is invisible
+to clients (Redis Cluster's MOVED, without a client-side redirect).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from node.actor import NAMESPACE, NodeActor, actor_name
+from node.authority import PlacementError, UnknownNode
+from node.actor import NAMESPACE, actor_name, authority, start_authority, start_node_actor
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig
@@ -30,10 +34,22 @@ from node.records import IngestItem
 from node.ring import Placement
 from router import ray_local
 from router.coalesce import Coalescer
-from router.errors import ApiError, InsufficientStorage, Unavailable
+from router.errors import ApiError, Conflict, InsufficientStorage, NotFound, Unavailable
 
 log = logging.getLogger("tellodb")
 DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
+
+
+class Moved(Exception):
+    """A node does not own (or is handing over) a shard this router sent it: read the placement again."""
+
+
+def set_node_environment() -> None:
+    """Settings node actors inherit from the process that starts them (see Cluster.start)."""
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("MALLOC_ARENA_MAX", "2")):
+        os.environ.setdefault(var, value)
 
 
 class Cluster:
@@ -43,19 +59,21 @@ class Cluster:
         self.actors: dict[str, Any] = {}
         self.node_info: dict[str, dict] = {}
         self.coalescers: dict[tuple[str, str], Coalescer] = {}  # (node, method) -> merged Ray calls
+        self.authority: Any = None  # the placement authority (node.authority)
+        self.moved_retries = 0  # requests sent again after a node said a shard moved
+        self._refresh_lock = asyncio.Lock()
         self._owns_ray = False
+        self._owns_nodes = False  # `tellodb serve` started its nodes; a router only uses them
 
     # ---- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """`tellodb serve`: start (or join) Ray, the placement authority and every node actor here."""
         cfg = self.config
         # Node actors inherit these: no hub access, no tokenizer threads, no progress bars in logs.
         # MALLOC_ARENA_MAX: glibc gives each of a node's many threads (Chroma's runtimes, SQLite,
         # ONNX, Ray) its own heap arena by default, and the node's memory kept growing with them.
-        for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-                           ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                           ("MALLOC_ARENA_MAX", "2")):
-            os.environ.setdefault(var, value)
+        set_node_environment()
         if not ray.is_initialized():
             started = time.monotonic()
             if cfg.ray_address:
@@ -68,24 +86,55 @@ class Cluster:
                 self._owns_ray = True
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
+        self._owns_nodes = True
+        self.authority = start_authority(cfg.data_dir, cfg.shards, cfg.node_names, movable=False)
+        self.placement = ray.get(self.authority.placement.remote(), timeout=60)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
         threads = max(1, int(cpus))
         log.info("Starting node actors nodes=%d shards=%d cpus_per_node=%.2g threads_per_node=%d",
                  cfg.nodes, cfg.shards, cpus, threads)
         started = time.monotonic()
-        table = self.placement.by_node()
-        for name in cfg.node_names:
-            self.actors[name] = NodeActor.options(
-                name=actor_name(name), namespace=NAMESPACE, num_cpus=cpus, max_concurrency=1024,
-                max_restarts=-1, get_if_exists=True,
-                # Hundreds of calls a second would each leave a task event in Ray's GCS (for the
-                # dashboard's task list): its memory grew 34% in a one-minute load test.
-                enable_task_events=False,
-            ).remote(name, cfg, table.get(name, []), threads)
-        for name, actor in self.actors.items():
-            for method in Node.MERGEABLE:
-                self.coalescers[name, method] = Coalescer(
-                    lambda calls, actor=actor, method=method: actor.many.remote(method, calls))
+        for name in self.placement.nodes:
+            self._add_actor(name, start_node_actor(name, cfg, self.placement, cpus, threads))
+        infos = self._wait_for_nodes()
+        ray.get([self.authority.join.remote(i["node"], {"pid": i["pid"]}) for i in infos])
+        log.info("Shards placed shards=%d nodes=%d epoch=%d seconds=%.1f", cfg.shards, len(infos),
+                 self.placement.epoch, time.monotonic() - started)
+        self._register_old_free_ids()
+
+    def join(self, wait_s: float = 600) -> None:
+        """`tellodb router`: use the nodes of a running cluster (this process is already a Ray driver)."""
+        deadline = time.monotonic() + wait_s
+        self.authority = None
+        while self.authority is None:
+            self.authority = authority()
+            if self.authority is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no placement authority in the cluster: is `tellodb head` running?")
+                time.sleep(0.5)
+        self.placement = ray.get(self.authority.placement.remote(), timeout=60)
+        while True:
+            status = ray.get(self.authority.status.remote(), timeout=60)
+            missing = [n for n in set(self.placement.owner) if not status["members"].get(n, {}).get("joined")]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nodes {missing} have not joined within {wait_s:g} s")
+            log.info("Waiting for nodes to join: %s", ", ".join(sorted(missing)))
+            time.sleep(2)
+        for name in sorted(set(self.placement.owner)):
+            self._add_actor(name, ray.get_actor(actor_name(name), namespace=NAMESPACE))
+        self._wait_for_nodes()
+        log.info("Router joined the cluster nodes=%d shards=%d epoch=%d", len(self.actors), self.placement.shards,
+                 self.placement.epoch)
+
+    def _add_actor(self, name: str, actor: Any) -> None:
+        self.actors[name] = actor
+        for method in Node.MERGEABLE:
+            self.coalescers[name, method] = Coalescer(
+                lambda calls, actor=actor, method=method: actor.many.remote(method, calls))
+
+    def _wait_for_nodes(self) -> list[dict]:
         names = list(self.actors)
         infos = ray.get([self.actors[n].info.remote() for n in names], timeout=600)
         for info in infos:
@@ -100,8 +149,34 @@ class Cluster:
             log.info("Node ready node=%s pid=%s shards=%d open=%d reindexed=%d startup=%.1fs", info["node"],
                      info["pid"], info["shards_owned"], info["shards_open"], info["reindexed"],
                      info["startup_seconds"])
-        log.info("Shards placed shards=%d nodes=%d seconds=%.1f", cfg.shards, cfg.nodes, time.monotonic() - started)
-        self._register_old_free_ids()
+        return infos
+
+    async def refresh_placement(self) -> Placement:
+        """Read the placement again (a node said it does not own a shard); one read at a time."""
+        async with self._refresh_lock:
+            p = await self.authority.placement.remote()
+            if p.epoch > self.placement.epoch:
+                for name in set(p.owner) - set(self.actors):
+                    self._add_actor(name, ray.get_actor(actor_name(name), namespace=NAMESPACE))
+                log.info("Placement refreshed epoch=%d (was %d)", p.epoch, self.placement.epoch)
+                self.placement = p
+            return self.placement
+
+    async def _routed(self, attempt):
+        """Run `attempt()` (which routes by the current placement), again after a refresh each time
+        a node answers that a shard moved, until it succeeds or the request's time is up."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        delay = 0.01
+        while True:
+            try:
+                return await attempt()
+            except Moved as exc:
+                if time.monotonic() + delay > deadline or self.authority is None:
+                    raise Unavailable(f"{exc}; the placement changed, retry the request") from None
+                self.moved_retries += 1
+                await asyncio.sleep(delay)
+                await self.refresh_placement()
+                delay = min(delay * 2, 0.25)
 
     def _register_old_free_ids(self) -> None:
         """Shards written before free-form ids had homes (node.id_homes): record where their ids live."""
@@ -117,8 +192,8 @@ class Cluster:
             log.info("Registered the homes of free-form ids ids=%d", len(pairs))
 
     async def close(self) -> None:
-        """Let every node finish in-flight work and checkpoint its shards."""
-        if not self.actors:
+        """Let every node this process started finish in-flight work and checkpoint its shards."""
+        if not self.actors or not self._owns_nodes:
             return
         t = time.monotonic()
         try:
@@ -154,6 +229,8 @@ class Cluster:
             cause = exc
             while isinstance(cause, RayTaskError) and cause.cause is not None:  # a node's error, via other nodes
                 cause = cause.cause
+            if isinstance(cause, NotOwnedError):
+                raise Moved(str(cause)) from None
             if isinstance(cause, NodeError):
                 raise api_error(cause) from None
             if is_disk_full(cause):
@@ -162,7 +239,11 @@ class Cluster:
             raise ApiError(f"{node} could not complete {method}") from None
 
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
-        return await asyncio.gather(*(self._call(n, method, *args) for n in self.actors))
+        """Call `method(args[0], shards, *args[1:])` on every node that owns shards, naming the shards
+        it owns by this router's placement: during a move each shard is asked of one node only."""
+        first, *rest = args
+        return await asyncio.gather(*(self._call(n, method, first, shards, *rest)
+                                      for n, shards in self.placement.by_node().items()))
 
     async def ingest(self, items: list[IngestItem]) -> list[str | None]:
         """Store validated items, each placed on its entity's shard. Returns, in the order given, None for each
@@ -179,6 +260,9 @@ class Cluster:
         """
         deadline = time.time() + self.config.request_timeout_s - min(DEADLINE_MARGIN_S, self.config.request_timeout_s / 4)
         items = [it.placed(self.placement.shard_of(it.entity_id)) for it in items]
+        return await self._routed(lambda: self._ingest(items, deadline))
+
+    async def _ingest(self, items: list[IngestItem], deadline: float) -> list[str | None]:
         groups: dict[tuple[str, str], list[int]] = {}
         for i, it in enumerate(items):
             if parse_memory_id(it.memory_id).entity_prefix is None:
@@ -204,10 +288,10 @@ class Cluster:
         """Best hits for `text` (within `window`), or without text the window's memories in time order."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
-            return await self._call(self.placement.node_of_shard(shard), "query", text, entity_id, shard, limit,
-                                    window)
-        hits = [h for part in await self._everywhere("query", text, None, None, limit, window, prefixes)
-                for h in part]
+            return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "query", text,
+                                                         entity_id, shard, limit, window))
+        parts = await self._routed(lambda: self._everywhere("query", text, None, limit, window, prefixes))
+        hits = [h for part in parts for h in part]
         if text is None:
             hits.sort(key=oldest_first)
         else:
@@ -219,10 +303,10 @@ class Cluster:
         """Edges touching `nodes`: from the entity's shard, or from every node (merged, newest first)."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
-            return await self._call(self.placement.node_of_shard(shard), "edges", entity_id, shard, nodes, direction,
-                                    edge_types, per_node)
-        found = [e for part in await self._everywhere("edges", None, None, nodes, direction, edge_types, per_node)
-                 for e in part]
+            return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "edges", entity_id,
+                                                         shard, nodes, direction, edge_types, per_node))
+        parts = await self._routed(lambda: self._everywhere("edges", None, nodes, direction, edge_types, per_node))
+        found = [e for part in parts for e in part]
         found.sort(key=lambda e: -e["timestamp_ms"])
         return found
 
@@ -267,16 +351,16 @@ class Cluster:
     async def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
                         bucket: str | None) -> dict[str, Any]:
         shard = self.placement.shard_of(entity_id)
-        return await self._call(self.placement.node_of_shard(shard), "analytics", entity_id, shard, label, start_ms,
-                                end_ms, bucket)
+        return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "analytics", entity_id,
+                                                     shard, label, start_ms, end_ms, bucket))
 
     async def export_entity(self, entity_id: str, page: int = 500):
         """Yield an entity's memories page by page (its shard holds them all)."""
         shard = self.placement.shard_of(entity_id)
-        node = self.placement.node_of_shard(shard)
         after = 0
         while True:
-            rows = await self._call(node, "export_page", entity_id, shard, after, page)
+            rows = await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "export_page",
+                                                         entity_id, shard, after, page))
             if not rows:
                 return
             after = rows[-1]["rowid"]
@@ -285,7 +369,7 @@ class Cluster:
     async def erase_entity(self, entity_id: str) -> dict[str, Any]:
         """Erase an entity on every node and shard; what was removed, per shard."""
         removed: dict[str, Any] = {}
-        for part in await self._everywhere("erase", entity_id):
+        for part in await self._routed(lambda: self._everywhere("erase", entity_id)):
             removed.update({str(s): counts for s, counts in part.items()})
         return removed
 
@@ -312,16 +396,22 @@ class Cluster:
                 log.error("a failed batch's items on %s could not be taken back: %s", node, result)
 
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
-        home = self._home(memory_id)
-        if home is not None:
-            return await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
-        return await self._call(self._id_home_node(memory_id), "inspect_free", memory_id, include_window, radius)
+        async def attempt() -> dict | None:
+            home = self._home(memory_id)
+            if home is not None:
+                return await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
+            return await self._call(self._id_home_node(memory_id), "inspect_free", memory_id, include_window, radius)
+
+        return await self._routed(attempt)
 
     async def delete(self, memory_id: str) -> bool:
-        home = self._home(memory_id)
-        if home is not None:
-            return await self._call(home[0], "delete", memory_id, [home[1]])
-        return await self._call(self._id_home_node(memory_id), "delete_free", memory_id)
+        async def attempt() -> bool:
+            home = self._home(memory_id)
+            if home is not None:
+                return await self._call(home[0], "delete", memory_id, [home[1]])
+            return await self._call(self._id_home_node(memory_id), "delete_free", memory_id)
+
+        return await self._routed(attempt)
 
     def _id_home_node(self, memory_id: str) -> str:
         """The node that records where a free-form id lives (node.id_homes)."""
@@ -329,11 +419,12 @@ class Cluster:
 
     async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
         shard = self.placement.shard_of(entity_id)
-        return await self._call(self.placement.node_of_shard(shard), "profile", entity_id, shard, recent)
+        return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "profile", entity_id,
+                                                     shard, recent))
 
     async def snapshot(self, shard: int) -> dict[str, Any]:
         """A consistent copy of `shard` on its node (node.service.Node.snapshot)."""
-        return await self._call(self.placement.node_of_shard(shard), "snapshot", shard)
+        return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "snapshot", shard))
 
     async def read_snapshot(self, node: str, snapshot_id: str, offset: int, size: int) -> bytes:
         return await self._call(node, "read_snapshot", snapshot_id, offset, size)
@@ -343,6 +434,45 @@ class Cluster:
             await self._call(node, "drop_snapshot", snapshot_id)
         except ApiError as exc:  # it goes at the node's next start anyway
             log.warning("snapshot %s on %s not dropped: %s", snapshot_id, node, exc.message)
+
+    # ---- the cluster's shape (node.authority) ------------------------------------------------------
+
+    async def _ask_authority(self, method: str, *args: Any) -> Any:
+        try:
+            return await asyncio.wait_for(getattr(self.authority, method).remote(*args), self.config.request_timeout_s)
+        except (asyncio.TimeoutError, GetTimeoutError, RayActorError):
+            raise Unavailable("the placement authority did not answer (is `tellodb head` running?)") from None
+        except RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, UnknownNode):
+                raise NotFound(str(cause)) from None
+            if isinstance(cause, PlacementError):
+                raise Conflict(str(cause)) from None
+            raise ApiError(f"the placement authority could not complete {method}") from None
+
+    async def cluster_status(self) -> dict[str, Any]:
+        """The authority's view (members, owners, moves) with each node's memories and bytes."""
+        status = await self._ask_authority("status")
+        per_node = await self.stats(timeout=10)
+        for name, member in status["members"].items():
+            stats = per_node.get(name)
+            if stats is None and name not in self.actors and member["joined"]:
+                try:
+                    self._add_actor(name, ray.get_actor(actor_name(name), namespace=NAMESPACE))
+                except ValueError:
+                    pass
+            if stats is not None:
+                member.update(memories=stats["memories"], answered=True,
+                              bytes=sum(s.get("bytes", 0) for s in stats["per_shard"].values()))
+            else:
+                member["answered"] = False
+        return status
+
+    async def add_node(self, name: str) -> dict[str, Any]:
+        return await self._ask_authority("add_node", name)
+
+    async def remove_node(self, name: str) -> dict[str, Any]:
+        return await self._ask_authority("remove_node", name)
 
     def merged_calls(self) -> dict[str, dict[str, int]]:
         """Per node method: Ray calls made and the requests they carried (router.coalesce)."""

@@ -23,6 +23,7 @@ ERRORS = {
     401: "missing or wrong API key",
     403: "the key's role or entity prefixes do not allow this request",
     404: "not found",
+    409: "the cluster cannot change as asked (the message says why)",
     413: "request body larger than max_body_bytes",
     415: "unsupported Content-Encoding",
     422: "well-formed but invalid: the message names the field",
@@ -48,6 +49,7 @@ class Route:
     media: tuple[str, str] | None = None  # (content type, description) of a non-JSON 200
     open: bool = False  # no API key needed
     params: tuple[dict, ...] = ()  # path parameters, as OpenAPI parameter objects
+    ok: int = 200  # the success status
 
 
 ROUTES = (
@@ -80,6 +82,13 @@ ROUTES = (
           media=("application/json", "OpenAPI 3.1 document")),
     Route("get", ("/docs",), "API documentation page (Swagger UI, served offline)", None, open=True,
           media=("text/html", "HTML page")),
+    Route("get", ("/admin/cluster",), "Nodes, their shards and sizes, moves in progress, the placement epoch",
+          r.ClusterStatus, errors=(*KEYED, 503)),
+    Route("post", ("/admin/nodes",), "Make a joined node a member: its share of shards moves to it (follow with "
+          "GET /admin/cluster)", r.ClusterChange, q.NodeRequest, errors=(*BODY_ERRORS, 404, 409, 503), ok=202),
+    Route("delete", ("/admin/nodes/{name}",), "Move every shard of a node to the others", r.ClusterChange,
+          errors=(*KEYED, 404, 409, 503), ok=202,
+          params=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},)),
     Route("get", ("/admin/shards",), "The cluster's shards, model and placement (for backups)", r.ShardsInfo,
           errors=KEYED),
     Route("post", ("/admin/shards/{shard}/snapshot",), "A consistent copy of one shard's SQLite file, taken while "
@@ -150,7 +159,7 @@ def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
                 shapes = [{"type": "array", "items": _ref(refs[(r.Hit, "serialization")])}]
             schema = shapes[0] if len(shapes) == 1 else {"oneOf": shapes}
             ok = {"description": "OK", "content": {"application/json": {"schema": schema}}}
-        op["responses"]["200"] = ok
+        op["responses"][str(route.ok)] = ok
         for status in sorted(route.errors):
             op["responses"][str(status)] = {**error, "description": ERRORS[status]}
         if route.query:  # a request line past 8190 bytes is refused by aiohttp's parser, in plain text

@@ -220,3 +220,21 @@ class ShardsInfo(BaseModel):
     model: str
     dimension: int | None
     nodes: dict[str, str] = Field(description="the node of each shard, by shard number")
+
+
+class ClusterChange(BaseModel):
+    epoch: int = Field(description="the placement's epoch: it grows with every change")
+    nodes: list[str] = Field(description="the members: nodes that own shards or are to receive some")
+    pending_moves: int = Field(description="shards not on their ring node yet")
+    moving: list[dict[str, Any]] = Field(description="the move in progress: shard, from, to, state, bytes")
+    error: str | None = Field(description="why the last rebalance stopped, if it did")
+    rebalancing: bool
+    moved_shards: int = Field(description="shards moved since the placement authority started")
+    moved_bytes: int
+
+
+class ClusterStatus(ClusterChange):
+    shards: int
+    owner: list[str] = Field(description="the node of each shard, by shard number")
+    members: dict[str, dict[str, Any]] = Field(description="per node: member, joined, shards, memories, bytes")
+    history: list[dict[str, Any]] = Field(description="recent moves with their timings (fence_ms, seconds)")

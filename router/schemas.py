@@ -185,3 +185,8 @@ def parse(model: type[M], data: Any) -> M:
             where = ".".join(str(p) for p in err["loc"]) or "body"
             problems.append(f"{where}: {err['msg']}")
         raise ValidationFailed("; ".join(problems)) from None
+
+
+class NodeRequest(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                               description="the name its `tellodb node --name` process joined with")]

@@ -88,3 +88,15 @@ def test_bad_yaml_names_the_key(tmp_path, yaml_text, named):
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml", env={})
+
+
+def test_nodes_may_be_a_count_or_a_list_of_names(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("nodes: [alpha, beta-2, gamma.3]\n")
+    config = load_config(cfg, env={})
+    assert config.nodes == 3 and config.node_names == ["alpha", "beta-2", "gamma.3"]
+    assert load_config(None, env={"TELLODB_NODES": "3"}).node_names == ["node-0", "node-1", "node-2"]
+    for bad in ("nodes: [a, a]\n", "nodes: ['a b']\n", "nodes: [1]\n"):
+        cfg.write_text(bad)
+        with pytest.raises(ConfigError, match="nodes: names must be distinct"):
+            load_config(cfg, env={})

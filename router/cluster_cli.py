@@ -1,0 +1,103 @@
+"""`tellodb cluster status | add-node NAME | remove-node NAME`, against any router's admin endpoints.
+
+`add-node` and `remove-node` return as soon as the placement authority has the new member list;
+the shards then move one at a time in the background. Without `--no-wait` the command follows
+the moves with a progress line (shards and bytes moved) until none is left, and fails if one does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.parse
+
+from router.client import ClientError, Progress, request
+
+POLL_S = 0.5
+
+
+def _get(url: str, key: str) -> dict:
+    with request(f"{url}/admin/cluster", key) as r:
+        return json.loads(r.read())
+
+
+def format_status(status: dict) -> str:
+    """A short human-readable view of `GET /admin/cluster`."""
+    lines = [f"epoch {status['epoch']}  shards {status['shards']}  pending moves {status['pending_moves']}"
+             + (f"  ERROR: {status['error']}" if status.get("error") else "")]
+    lines.append(f"{'NODE':<16} {'MEMBER':<7} {'JOINED':<7} {'SHARDS':>6} {'MEMORIES':>9} {'MiB':>8}")
+    for name, n in sorted(status["members"].items()):
+        mib = n.get("bytes", 0) / 2**20
+        lines.append(f"{name:<16} {'yes' if n['member'] else 'no':<7} {'yes' if n['joined'] else 'no':<7} "
+                     f"{len(n['shards']):>6} {n.get('memories', 0):>9} {mib:>8.1f}")
+    for m in status.get("moving", []):
+        lines.append(f"moving shard {m['shard']}: {m['from']} -> {m['to']} ({m['state']})")
+    return "\n".join(lines)
+
+
+def follow(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
+    """Show the moves until none is pending; raise ClientError if the rebalance stopped on an error."""
+    total = started["pending_moves"]
+    base_shards, base_bytes = started["moved_shards"], started["moved_bytes"]
+    bar = Progress("moving", total, stream)
+    bar.update(0, 0)
+    while True:
+        status = _get(url, key)
+        done = min(total, status["moved_shards"] - base_shards)
+        bar.update(done, status["moved_bytes"] - base_bytes)
+        if status["pending_moves"] == 0 and not status["moving"]:
+            if done < total:
+                bar.update(total, status["moved_bytes"] - base_bytes)
+            return status
+        if status.get("error") and not status["rebalancing"]:
+            raise ClientError(status["error"])
+        time.sleep(POLL_S)
+
+
+def run(args: argparse.Namespace) -> int:
+    url, key = args.url.rstrip("/"), args.key
+    try:
+        if not key:
+            raise ClientError("an admin key is needed: --key KEY or TELLODB_API_KEY")
+        if args.cluster_command == "status":
+            status = _get(url, key)
+            print(json.dumps(status, indent=2) if args.json else format_status(status))
+            return 0
+        name = urllib.parse.quote(args.name, safe="")
+        if args.cluster_command == "add-node":
+            with request(f"{url}/admin/nodes", key, "POST", {"name": args.name}) as r:
+                started = json.loads(r.read())
+        else:
+            with request(f"{url}/admin/nodes/{name}", key, "DELETE") as r:
+                started = json.loads(r.read())
+        verb = "added" if args.cluster_command == "add-node" else "removed"
+        print(f"node {args.name!r} {verb} at epoch {started['epoch']}; {started['pending_moves']} shard moves",
+              file=sys.stderr)
+        if args.no_wait or started["pending_moves"] == 0:
+            return 0
+        status = follow(url, key, started)
+        print(f"done: epoch {status['epoch']}", file=sys.stderr)
+        return 0
+    except ClientError as exc:
+        print(f"tellodb cluster {args.cluster_command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("cluster", help="see and change a running cluster (nodes, shards, moves)")
+    csub = c.add_subparsers(dest="cluster_command", required=True)
+    s = csub.add_parser("status", help="nodes, their shards and sizes, moves in progress, the placement epoch")
+    s.add_argument("--json", action="store_true", help="the whole status as JSON")
+    a = csub.add_parser("add-node", help="give a joined node its share of shards (about 1/N of them move)")
+    a.add_argument("name")
+    r = csub.add_parser("remove-node", help="move every shard of a node to the others")
+    r.add_argument("name")
+    for p in (a, r):
+        p.add_argument("--no-wait", action="store_true", help="return once the moves are planned")
+    for p in (s, a, r):
+        p.add_argument("--url", default="http://127.0.0.1:3000", help="any router (default: %(default)s)")
+        p.add_argument("--key", default=os.environ.get("TELLODB_API_KEY"),
+                       help="an admin key (default: $TELLODB_API_KEY)")

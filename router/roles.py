@@ -1,0 +1,212 @@
+"""`tellodb head`, `tellodb node` and `tellodb router`: one engine over many machines, on Ray.
+
+- head: the Ray head (GCS) of the cluster and the placement authority (node.authority), which
+  keeps the placement in the head's data directory.
+- node: this machine slot joins as the home of node NAME; its node actor is pinned here by the
+  Ray node label `tellodb-node=NAME` and keeps its shards under the node's data directory, so a
+  restart with the same NAME and directory resumes with its data.
+- router: a stateless HTTP router on a raylet of its own (no CPUs), serving the same API as
+  `tellodb serve`; run any number.
+
+Each role blocks until SIGTERM or SIGINT, then stops what it started, by PID (router.ray_node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+
+from node.config import ClusterConfig, ConfigError, load_config
+from router import datadir
+from router.ray_node import NODE_LABEL, ROLE_LABEL, RayNode, RayTokenMissing, temp_dir, use_address, use_token
+
+log = logging.getLogger("tellodb")
+NAMESPACE = "tellodb"  # node.actor.NAMESPACE, without importing Ray before its settings are made
+
+
+def _config(args: argparse.Namespace, **overrides: object) -> ClusterConfig:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    return load_config(args.config, env)
+
+
+def _wait_for_stop(ray_node: RayNode) -> None:
+    """Block until SIGTERM/SIGINT, or until this slot's Ray processes die (then exit non-zero)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(2):
+        dead = [p for procs in ray_node._node.all_processes.values() for p in procs if p.process.poll() is not None]
+        if dead:
+            raise RuntimeError(f"Ray process {dead[0].process.pid} exited; stopping")
+
+
+def _stop_on_signal() -> None:
+    """Until a role is up, SIGTERM ends it through the normal `finally` clean-up."""
+    def raise_exit(*_):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, raise_exit)
+
+
+def run_head(args: argparse.Namespace) -> int:
+    import ray
+
+    from node.actor import start_authority
+
+    config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
+    claim(config)
+    use_address(args.node_ip)
+    use_token(None, head_data_dir=config.data_dir)
+    _stop_on_signal()
+    ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True, port=args.port,
+                       cpus=0, labels={ROLE_LABEL: "head"})
+    try:
+        address = ray_node.start()
+        ray_node.connect(NAMESPACE)
+        authority = start_authority(os.path.abspath(config.data_dir), config.shards, config.node_names, movable=True,
+                                    label_selector={ROLE_LABEL: "head"})
+        placement = ray.get(authority.placement.remote(), timeout=120)
+        log.info("Head ready address=%s shards=%d nodes=%s epoch=%d token_file=%s", address, placement.shards,
+                 ",".join(placement.nodes), placement.epoch, os.environ["RAY_AUTH_TOKEN_PATH"])
+        _wait_for_stop(ray_node)
+        log.info("Head stopping")
+    finally:
+        ray_node.stop()
+    return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    import ray
+
+    from node.actor import authority, start_node_actor
+    from router.cluster import set_node_environment
+
+    config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
+    config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
+    claim(config)
+    use_address(args.node_ip)
+    use_token(args.ray_token_file)
+    set_node_environment()
+    _stop_on_signal()
+    cpus = float(args.cpus or os.cpu_count() or 1)
+    ray_node = RayNode(args.node_ip, temp_dir(f"node:{config.data_dir}"), address=args.address, cpus=cpus,
+                       labels={ROLE_LABEL: "node", NODE_LABEL: args.name})
+    actor = None
+    try:
+        ray_node.start()
+        ray_node.connect(NAMESPACE)
+        found = _wait_for(authority, "the placement authority (is `tellodb head` running?)")
+        placement = ray.get(found.placement.remote(), timeout=120)
+        if placement.shards != config.shards:
+            raise ConfigError(f"shards: the cluster has {placement.shards} shards, this node's config says "
+                              f"{config.shards}")
+        actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
+        info = ray.get(actor.info.remote(), timeout=900)
+        ray.get(found.join.remote(args.name, {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir}))
+        log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s", args.name, info["shards_owned"],
+                 info["reindexed"], args.name in placement.nodes, config.data_dir)
+        _wait_for_stop(ray_node)
+        log.info("Node stopping name=%s", args.name)
+        try:
+            ray.get(found.leave.remote(args.name), timeout=10)
+        except Exception:
+            pass
+        ray.get(actor.close.remote(), timeout=60)  # in-flight writes finish, shards checkpoint
+    finally:
+        ray_node.stop()
+    return 0
+
+
+def run_router(args: argparse.Namespace) -> int:
+    from router.cli import resolve_api_key, serve
+    from router.cluster import Cluster
+
+    config = _config(args, TEMPORAL_MEMORY_HOST=args.host, PORT=args.port)
+    config = resolve_api_key(config)
+    audit = config.audit_file or os.path.join(config.data_dir, f"audit-router-{config.port}.log")
+    config = dataclasses.replace(config, audit_file=audit)
+    datadir.make_private(os.path.dirname(os.path.abspath(audit)))
+    use_address(args.node_ip)
+    use_token(args.ray_token_file)
+    _stop_on_signal()
+    ray_node = RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
+                       address=args.address, cpus=0, labels={ROLE_LABEL: "router"})
+    try:
+        ray_node.start()
+        ray_node.connect(NAMESPACE)
+        cluster = Cluster(config)
+        cluster.join()
+        asyncio.run(serve(config, cluster))
+    finally:
+        ray_node.stop()
+    return 0
+
+
+def _wait_for(find, what: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while (found := find()) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} within {timeout_s:g} s")
+        time.sleep(0.5)
+    return found
+
+
+def claim(config: ClusterConfig) -> None:
+    from router.cli import claim_data_dir
+
+    claim_data_dir(config)
+
+
+def run_role(args: argparse.Namespace) -> int:
+    """Run one role with the exit codes of `tellodb serve` (2 configuration, 3 data directory busy,
+    4 data directory of another engine), and 1 when the cluster cannot be reached."""
+    from router.cli import setup_logging
+
+    setup_logging()
+    runner = {"head": run_head, "node": run_node, "router": run_router}[args.command]
+    try:
+        return runner(args)
+    except (ConfigError, RayTokenMissing) as exc:
+        log.error("%s", exc)
+        return 2
+    except datadir.DataDirBusy as exc:
+        log.error("%s", exc)
+        return 3
+    except datadir.DataDirMismatch as exc:
+        log.error("%s", exc)
+        return 4
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def add_parsers(sub) -> None:
+    h = sub.add_parser("head", help="start the Ray head of a multi-machine cluster and its placement authority")
+    h.add_argument("--port", type=int, default=6380, help="Ray's GCS port that nodes and routers join (default: %(default)s)")
+    h.add_argument("--data-dir", required=True, help="where the placement and the cluster's Ray token are kept")
+    n = sub.add_parser("node", help="join this machine to a cluster as the home of one node")
+    n.add_argument("--address", required=True, help="the head, HOST:PORT")
+    n.add_argument("--name", required=True, help="the node's name (a restart with the same name and data resumes)")
+    n.add_argument("--data-dir", required=True, help="this node's shards")
+    n.add_argument("--cpus", type=float, help="CPUs this node uses (default: all of this machine's)")
+    r = sub.add_parser("router", help="a stateless HTTP router of a cluster (run any number)")
+    r.add_argument("--address", required=True, help="the head, HOST:PORT")
+    r.add_argument("--port", type=int, help="HTTP port (default: port in cluster.yaml, 3000)")
+    r.add_argument("--host", help="bind address (default: host in cluster.yaml, 127.0.0.1)")
+    for p in (h, n, r):
+        p.add_argument("--config", help="cluster.yaml (default: $TELLODB_CONFIG, else built-in defaults)")
+        p.add_argument("--node-ip", default=os.environ.get("TELLODB_NODE_IP", "127.0.0.1"),
+                       help="this machine's address in the cluster (default: $TELLODB_NODE_IP or 127.0.0.1, "
+                            "which keeps every Ray port on loopback: one machine only)")
+    for p in (n, r):
+        p.add_argument("--ray-token-file", default=os.environ.get("TELLODB_RAY_TOKEN_FILE"),
+                       help="a copy of the head's <data-dir>/ray_auth_token (default: $TELLODB_RAY_TOKEN_FILE)")

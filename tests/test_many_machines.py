@@ -1,0 +1,115 @@
+"""One engine over many machines, simulated on this one: a `tellodb head`, `tellodb node`s with their
+own data directories and `tellodb router`s, each a separate process tree with its own Ray node.
+A node is added and another removed while mixed load runs through two routers, one of which is
+killed half-way; clients of the other see no error, and every acknowledged write is still there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from tellodb import TellodbClient
+
+from conftest import API_KEY
+from loadtest.local_cluster import LocalCluster
+from loadtest.mixed_load import MixedLoad
+from node.ring import Placement
+
+FIXED = [f"fixed:user-{i}" for i in range(12)]
+FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", "moved to Lisbon last spring",
+               "is allergic to peanuts", "works night shifts at the hospital", "reads science fiction"]
+
+
+@pytest.fixture(scope="module")
+def model_seed(tmp_path_factory):
+    """A data directory holding the exported ONNX model, copied into each node's (one export, not four)."""
+    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.onnx_embedder import export_onnx
+
+    seed = tmp_path_factory.mktemp("model-seed")
+    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
+    return seed
+
+
+@pytest.fixture
+def local_cluster(tmp_path, model_seed):
+    c = LocalCluster(tmp_path / "cluster", API_KEY, shards=16, nodes=("n1", "n2", "n3"), model_seed=model_seed)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def status(c: LocalCluster, url: str) -> dict:
+    done = c.cli("cluster", "status", "--json", "--url", url, "--key", API_KEY)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def answers(client: TellodbClient) -> dict[str, list[str]]:
+    return {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
+
+
+def shard_files(c: LocalCluster, node: str) -> set[int]:
+    folder = c.root / node / "shards"
+    return {int(p.name) for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
+
+
+def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
+    c = local_cluster
+    c.start_head()
+    c.start_nodes(["n1", "n2", "n3"])
+    r1, r2 = c.start_routers(2)
+    client = TellodbClient.from_cloud(base_url=r1.url, api_key=API_KEY)
+    for i, e in enumerate(FIXED):
+        for j, text in enumerate(FIXED_TEXTS):
+            client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
+    before = answers(client)
+    first = status(c, r1.url)
+    assert first["epoch"] >= 1 and sorted(first["nodes"]) == ["n1", "n2", "n3"]
+    assert all(m["joined"] for m in first["members"].values())
+
+    load = MixedLoad([r1.url, r2.url], API_KEY, entities=16).start()
+    time.sleep(3)
+
+    # a fourth node joins, then gets its share: about 1/N of the shards, all of them onto it
+    c.start_nodes(["n4"])
+    added = c.cli("cluster", "add-node", "n4", "--url", r1.url, "--key", API_KEY)
+    assert added.returncode == 0, added.stderr
+    after_add = status(c, r1.url)
+    moved = [s for s in range(16) if after_add["owner"][s] != first["owner"][s]]
+    assert moved and all(after_add["owner"][s] == "n4" for s in moved)
+    expected = Placement(16, ("n1", "n2", "n3", "n4")).owner
+    assert tuple(after_add["owner"]) == expected  # the ring's choice: only what must move moved
+    assert 1 <= len(moved) <= 8  # about 1/4 of 16
+    for s in moved:
+        assert (c.root / "n4" / "shards" / f"{s:04d}" / "store.sqlite3").exists()
+        assert s not in shard_files(c, first["owner"][s])
+
+    # one router dies mid-load; the other's clients go on undisturbed
+    load.stop_router(r2.url)
+    c.kill(r2.name)
+
+    removed = c.cli("cluster", "remove-node", "n2", "--url", r1.url, "--key", API_KEY)
+    assert removed.returncode == 0, removed.stderr
+    time.sleep(2)
+    load.stop()
+
+    final = status(c, r1.url)
+    assert "n2" not in final["nodes"] and "n2" not in final["owner"] and not final["moving"]
+    assert final["epoch"] > after_add["epoch"] > first["epoch"]
+    assert shard_files(c, "n2") == set()  # drained: its shard folders are gone
+    for node in ("n1", "n3", "n4"):
+        assert shard_files(c, node) <= set(final["members"][node]["shards"])
+
+    assert load.errors == [], load.errors[:5]
+    assert load.count("write") > 50 and load.count("read") > 50
+    for memory_id, (entity, text) in load.acked.items():
+        found = client.inspect_memory(memory_id)
+        assert found["entity_id"] == entity and found["textual_content"] == text
+    assert answers(client) == before
+    moves = [m for m in final["history"] if m["state"] == "done"]
+    assert len(moves) == len(moved) + len(after_add["members"]["n2"]["shards"])
+    assert all(m["fence_ms"] >= 0 for m in moves)

@@ -1,0 +1,50 @@
+"""The placement authority's record: it survives a restart, and changes only as the operator may ask."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.authority import PlacementAuthority, PlacementError, UnknownNode
+from node.ring import Placement
+
+
+def test_the_placement_survives_a_restart_of_the_head(tmp_path):
+    first = PlacementAuthority(str(tmp_path), 16, ["a", "b"])
+    moved = first._placement.with_nodes(("a", "b", "c"))
+    first._set(moved.with_owner(moved.moves()[0][0], "c"))
+    again = PlacementAuthority(str(tmp_path), 16, ["a", "b"])  # cluster.yaml's initial nodes no longer decide
+    assert again._placement == first._placement and again._placement.epoch == 3
+    with pytest.raises(PlacementError, match="shard count cannot change"):
+        PlacementAuthority(str(tmp_path), 32, ["a", "b"])
+
+
+def test_serve_takes_its_nodes_from_cluster_yaml_at_each_start(tmp_path):
+    PlacementAuthority(str(tmp_path), 8, ["node-0", "node-1"], movable=False)
+    again = PlacementAuthority(str(tmp_path), 8, ["node-0", "node-1", "node-2"], movable=False)
+    assert again._placement == Placement(8, ("node-0", "node-1", "node-2"))
+
+
+async def test_members_change_only_as_the_operator_may_ask(tmp_path):
+    authority = PlacementAuthority(str(tmp_path), 8, ["a"])
+    with pytest.raises(UnknownNode, match="has not joined"):
+        await authority.add_node("b")
+    with pytest.raises(UnknownNode, match="not a member"):
+        await authority.remove_node("zz")
+    with pytest.raises(PlacementError, match="last member"):
+        await authority.remove_node("a")
+    serve = PlacementAuthority(str(tmp_path / "serve"), 8, ["a"], movable=False)
+    await serve.join("b", {})
+    with pytest.raises(PlacementError, match="one data directory"):
+        await serve.add_node("b")
+
+
+async def test_a_rebalance_waits_for_both_ends_of_a_move_to_have_joined(tmp_path):
+    authority = PlacementAuthority(str(tmp_path), 8, ["a"])
+    await authority.join("b", {"pid": 1})
+    started = await authority.add_node("b")
+    assert started["nodes"] == ["a", "b"] and started["pending_moves"] > 0
+    await authority._rebalance  # "a" never joined: nothing can move, and the status says why
+    status = await authority.status()
+    assert "waiting for node 'a' to join" in status["error"] and not status["rebalancing"]
+    assert status["owner"] == list(Placement(8, ("a",)).owner) and status["epoch"] == 2
+    assert status["members"]["b"] == {"member": True, "joined": True, "shards": [], "pid": 1}
