@@ -202,6 +202,7 @@ async def test_a_shard_moves_while_it_is_written(pair):
                  a.inspect.remote(seeded[0], [shard], False, 0),
                  a.ingest.remote([item(pair.placement, writer_entity, f"{writer_entity}::x::1", "too late")]),
                  a.delete.remote(seeded[0], [shard]),
+                 a.erase.remote(seeded_entities[0], [shard]),
                  a.changes_since.remote(shard, 0, 10)):
         with pytest.raises(NotOwnedError):
             await call
@@ -321,3 +322,67 @@ async def test_a_free_form_id_whose_home_shard_moves_stays_one_memory(pair):
         hits = await actor.query.remote("a note that wanders", None, pair.placement.shards_of(name), 1000)
         held += sum(h["memory_id"] == mid for h in hits)
     assert held == 1
+
+
+# ---- without Ray: the write gate, and a node's start ----------------------------------------------
+
+
+async def test_a_fence_refuses_new_writes_and_waits_for_those_in_flight():
+    from node.moves import Gate
+
+    gate = Gate()
+    go_on = asyncio.Event()
+
+    async def write() -> None:
+        with gate.writing([3, 4]):
+            await go_on.wait()
+
+    writing = asyncio.create_task(write())
+    await asyncio.sleep(0)
+    fencing = asyncio.create_task(gate.fence(3))
+    await asyncio.sleep(0.05)
+    assert not fencing.done()  # the write that passed its entry is waited for
+    with pytest.raises(NotOwnedError, match="moving"):
+        with gate.writing([2, 3]):
+            pass
+    with gate.writing([4]):  # other shards are not fenced
+        pass
+    go_on.set()
+    await writing
+    await fencing
+    gate.unfence(3)
+    with gate.writing([3]):
+        pass
+
+
+@pytest.fixture
+async def plain_node(tmp_path):
+    from node.config import ClusterConfig, EmbeddingConfig
+    from node.service import Node
+
+    (tmp_path / "shards" / "0001.incoming").mkdir(parents=True)  # a copy a crash interrupted
+    (tmp_path / "shards" / "0001.incoming" / "store.sqlite3").write_bytes(b"half a copy")
+    config = ClusterConfig(data_dir=str(tmp_path), shards=4, nodes=1, embedding=EmbeddingConfig(backend="torch"))
+    n = Node("node-0", config, [0, 1, 2, 3])
+    yield n
+    await n.close()
+
+
+async def test_a_node_removes_unfinished_copies_at_start_and_its_fence_waits_for_a_commit(plain_node, tmp_path):
+    node = plain_node
+    assert not list((tmp_path / "shards").glob("*.incoming"))
+    placement = Placement(4, ("node-0",))
+    entity = entities_on(placement, 2, "fence", 1)[0]
+    items = [item(placement, entity, f"{entity}::s1::{k}", f"note {k} about the harbour") for k in range(50)]
+    writing = asyncio.create_task(node.ingest(items))
+    while not node.moves.gate._inflight.get(2):  # embedded, queued for its commit
+        await asyncio.sleep(0.001)
+    seq = await node.fence(2)
+    assert writing.done() and writing.result() == [None] * 50  # it finished before the fence did
+    assert seq == (await node.shard_seq(2)) >= 50
+    assert len(await node.changes_since(2, seq - 50, 1000)) == 50
+    with pytest.raises(NotOwnedError):
+        await node.ingest([item(placement, entity, f"{entity}::s1::99", "refused")])
+    assert len(await node.query("the harbour", entity, 2, 100)) == 50  # reads go on
+    await node.unfence(2)
+    assert await node.ingest([item(placement, entity, f"{entity}::s1::99", "accepted")]) == [None]
