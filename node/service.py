@@ -42,7 +42,7 @@ from node.vector_cache import VectorCache
 from node.writer import GroupWriter
 
 STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
-             "unindexed", "vectors", "bytes")
+             "unindexed", "vectors")
 
 
 def shard_dir(data_dir: str | Path, shard: int) -> Path:
@@ -484,7 +484,7 @@ class Node:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
-                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
+                    **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
                     "query_seconds": round(self.query_seconds, 3),
