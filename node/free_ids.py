@@ -177,8 +177,8 @@ class FreeIds:
             groups: dict[str, list[IngestItem]] = {}
             for it in items:
                 groups.setdefault(self._node_of(it.shard), []).append(it)
-            parts = await asyncio.gather(*(self.call(node, "ingest", group, deadline) for node, group in groups.items()),
-                                         return_exceptions=True)
+            parts = await asyncio.gather(
+                *(self.call(node, "ingest", group, deadline) for node, group in groups.items()), return_exceptions=True)
             items = []
             for group, part in zip(groups.values(), parts):
                 if isinstance(part, NotOwnedError) and attempt < RETRIES - 1:

@@ -5,9 +5,9 @@ as a Ray actor. It owns the shard set and delegates each job to one part: embedd
 embedder on its own thread (node.embedder); all SQLite and Chroma work to one store thread
 (node.store_thread); writes to the group-commit writer (node.writer); vectors reach Chroma behind
 the writes through the background indexer (node.indexer); free-form ids whose home is here to
-node.free_ids; shard copies to node.snapshots; moving a shard to another node to node.moves (each
-write holds its shards open through `moves.gate`, so a move can fence them). The event loop only coordinates, so concurrent
-requests batch instead of queueing behind each other.
+node.free_ids; shard copies to node.snapshots; moving a shard to or from another node to
+node.moves (each write holds its shards open through `moves.gate`, so a move can fence them). The
+event loop only coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Start: a Ray actor's `__init__` runs before its event loop, so the background indexer starts in
 `start()`, which `info()` calls (the router calls it once every node is created) and every write
@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.embedder import BatchingEmbedder, load_embedder
-from node.errors import NodeError, NotOwnedError, StorageFull, is_disk_full
+from node.errors import NotOwnedError, StorageFull, is_disk_full
 from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.indexer import Indexer
@@ -484,7 +484,8 @@ class Node:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
-                    **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
+                    **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard,
+                    "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
                     "query_seconds": round(self.query_seconds, 3),
