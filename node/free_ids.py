@@ -2,15 +2,20 @@
 
 `FreeIds` serialises every write and delete of such an id (one lock per id), records where it
 lives, and moves it between shards in one operation, calling the nodes that hold the shards: this
-node directly, another one through its Ray actor.
+node directly, another one through its Ray actor. Those are found by this node's view of the
+placement; a node that answers NotOwnedError (the view is stale, or the shard is fenced for a move)
+is asked again after a short backoff, with the view refreshed from the placement authority if one
+runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from node import id_homes
+from node.errors import NotOwnedError
 from node.ids import parse_memory_id
 from node.records import IngestItem
 
@@ -18,32 +23,57 @@ if TYPE_CHECKING:
     from node.service import Node
     from node.store import ShardStore
 
+log = logging.getLogger("tellodb.node")
+
+AUTHORITY = "tellodb-placement"  # the placement authority's Ray actor name (in node.actor.NAMESPACE)
+RETRIES = 5  # calls to a shard's node that answered NotOwnedError, in all
+BACKOFF_S = 0.05  # before the first retry; doubled each time (0.05 + 0.1 + 0.2 + 0.4 s)
+
 
 class FreeIds:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.placement = node.placement
         self._locks: dict[str, asyncio.Lock] = {}  # free-form ids being written or deleted
-        self._peers: dict[str, Any] = {}
+
+    @property
+    def placement(self):
+        return self.node.placement  # this node's current view (Node.set_placement)
 
     # ---- other nodes ---------------------------------------------------------------------------
 
-    def _peer(self, node: str):
-        """`node` as something to call: this node, or the other node's Ray actor."""
-        if node == self.node.name:
-            return None
-        if node not in self._peers:
-            import ray
-
-            from node.actor import NAMESPACE, actor_name
-
-            self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
-        return self._peers[node]
-
     async def call(self, node: str, method: str, *args: Any) -> Any:
         """Call a `Node` method on `node`, which may be this one."""
-        peer = self._peer(node)
+        peer = self.node.peer(node)
         return await (getattr(self.node, method)(*args) if peer is None else getattr(peer, method).remote(*args))
+
+    async def call_shard(self, shard: int, method: str, *args: Any) -> Any:
+        """Call a `Node` method on the node of `shard`; if it does not own the shard (any more, or
+        not yet, or it is fenced for a move), look again after a short backoff."""
+        for attempt in range(RETRIES):
+            try:
+                return await self.call(self._node_of(shard), method, *args)
+            except NotOwnedError:
+                if attempt == RETRIES - 1:
+                    raise
+                await self._backoff(attempt)
+
+    async def _backoff(self, attempt: int) -> None:
+        """Wait before a retry, then refresh the placement from the authority if it runs."""
+        await asyncio.sleep(BACKOFF_S * 2**attempt)
+        try:
+            import ray
+
+            from node.actor import NAMESPACE
+
+            if not ray.is_initialized():
+                return
+            authority = ray.get_actor(AUTHORITY, namespace=NAMESPACE)
+        except (ImportError, ValueError):  # no authority: the retry alone may find the move done
+            return
+        try:
+            await self.node.set_placement(await authority.placement.remote())
+        except Exception as exc:  # it may be restarting: the retry goes on with the view we have
+            log.warning("%s: refreshing the placement failed: %r", self.node.name, exc)
 
     def _node_of(self, shard: int) -> str:
         return self.placement.node_of_shard(shard)
@@ -91,10 +121,10 @@ class FreeIds:
         await self._on_store(write)
 
     async def _holds(self, memory_id: str, shard: int) -> bool:
-        return await self.call(self._node_of(shard), "inspect", memory_id, [shard], False, 0) is not None
+        return await self.call_shard(shard, "inspect", memory_id, [shard], False, 0) is not None
 
     async def _delete_at(self, memory_id: str, shard: int) -> bool:
-        return await self.call(self._node_of(shard), "delete", memory_id, [shard])
+        return await self.call_shard(shard, "delete", memory_id, [shard])
 
     async def _settle(self, memory_id: str, home: id_homes.Home) -> id_homes.Home:
         """Finish a move a crash interrupted: keep the new copy if it was written, else the old."""
@@ -119,17 +149,12 @@ class FreeIds:
             intents = {m: id_homes.Home(it.shard, homes[m].shard if m in homes and homes[m].shard != it.shard
                                         else None) for m, it in last.items()}
             await self._record_homes(intents)
-            groups: dict[str, list[IngestItem]] = {}
-            for it in last.values():
-                groups.setdefault(self._node_of(it.shard), []).append(it)
             try:
-                parts = await asyncio.gather(*(self.call(node, "ingest", group, deadline)
-                                               for node, group in groups.items()))
+                answer = await self._write_items(list(last.values()), deadline)
             except BaseException:
                 # Nothing of a failed write is stored (a node's write is all-or-nothing): back to before.
                 await self._record_homes({m: homes.get(m) for m in last})
                 raise
-            answer = {it.memory_id: dup for group, part in zip(groups.values(), parts) for it, dup in zip(group, part)}
             final: dict[str, id_homes.Home | None] = {}
             for m, intent in intents.items():
                 if answer[m] is not None:  # a near-duplicate: not stored, the id stays where it was
@@ -143,13 +168,37 @@ class FreeIds:
         finally:
             self._unlock(ids, locks)
 
+    async def _write_items(self, items: list[IngestItem], deadline: float | None) -> dict[str, str | None]:
+        """Ingest `items` at their shards' nodes, one call per node; the items of a node that
+        answers NotOwnedError are sent again (to wherever the refreshed placement says) after a
+        backoff. Per memory id, its dedup answer."""
+        answer: dict[str, str | None] = {}
+        for attempt in range(RETRIES):
+            groups: dict[str, list[IngestItem]] = {}
+            for it in items:
+                groups.setdefault(self._node_of(it.shard), []).append(it)
+            parts = await asyncio.gather(
+                *(self.call(node, "ingest", group, deadline) for node, group in groups.items()), return_exceptions=True)
+            items = []
+            for group, part in zip(groups.values(), parts):
+                if isinstance(part, NotOwnedError) and attempt < RETRIES - 1:
+                    items += group
+                elif isinstance(part, BaseException):
+                    raise part
+                else:
+                    answer.update((it.memory_id, dup) for it, dup in zip(group, part))
+            if not items:
+                return answer
+            await self._backoff(attempt)
+        raise AssertionError("unreachable")
+
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
         home = (await self._homes([memory_id])).get(memory_id)
         if home is None:
             return None
         for shard in (home.shard, home.moving_from):
             if shard is not None:
-                found = await self.call(self._node_of(shard), "inspect", memory_id, [shard], include_window, radius)
+                found = await self.call_shard(shard, "inspect", memory_id, [shard], include_window, radius)
                 if found is not None:
                     return found
         return None
@@ -169,10 +218,10 @@ class FreeIds:
     async def forget_erased(self, ids: list[str]) -> None:
         """An erased entity's free-form ids: their home records name its shard, so no trace may stay
         behind; each home node drops its records (`Node.forget_homes`)."""
-        by_home: dict[str, list[str]] = {}
+        by_home: dict[int, list[str]] = {}
         for m in ids:
-            by_home.setdefault(self._node_of(self.placement.id_home(m)), []).append(m)
-        await asyncio.gather(*(self.call(node, "forget_homes", part) for node, part in by_home.items()))
+            by_home.setdefault(self.placement.id_home(m), []).append(m)
+        await asyncio.gather(*(self.call_shard(home, "forget_homes", part) for home, part in by_home.items()))
 
     async def forget(self, ids: list[str]) -> None:
         """Drop the home records of an erased entity's free-form ids here, and their log entries."""

@@ -5,8 +5,9 @@ as a Ray actor. It owns the shard set and delegates each job to one part: embedd
 embedder on its own thread (node.embedder); all SQLite and Chroma work to one store thread
 (node.store_thread); writes to the group-commit writer (node.writer); vectors reach Chroma behind
 the writes through the background indexer (node.indexer); free-form ids whose home is here to
-node.free_ids; shard copies to node.snapshots. The event loop only coordinates, so concurrent
-requests batch instead of queueing behind each other.
+node.free_ids; shard copies to node.snapshots; moving a shard to or from another node to
+node.moves (each write holds its shards open through `moves.gate`, so a move can fence them). The
+event loop only coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Start: a Ray actor's `__init__` runs before its event loop, so the background indexer starts in
 `start()`, which `info()` calls (the router calls it once every node is created) and every write
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.embedder import BatchingEmbedder, load_embedder
@@ -30,6 +31,7 @@ from node.errors import NotOwnedError, StorageFull, is_disk_full
 from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.indexer import Indexer
+from node.moves import Moves
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
 from node.ring import Placement
@@ -48,12 +50,13 @@ def shard_dir(data_dir: str | Path, shard: int) -> Path:
 
 
 class Node:
-    def __init__(self, name: str, config: ClusterConfig, shards: list[int], threads: int = 1) -> None:
+    def __init__(self, name: str, config: ClusterConfig, shards: list[int], threads: int = 1,
+                 placement: Placement | None = None) -> None:
         started = time.monotonic()
         self.name = name
         self.config = config
-        self.owned = set(shards)
-        self.placement = Placement(config.shards, tuple(config.node_names))
+        self.owned = set(shards)  # changed on the store thread only (moves), which reads it too
+        self.placement = placement or Placement(config.shards, tuple(config.node_names))
         self.data_dir = Path(config.data_dir)
         self.ranking = RankingConfig.load(self.data_dir)
         # With an ONNX backend this exports the model first if this machine has not yet (node.onnx_embedder).
@@ -75,6 +78,8 @@ class Node:
             commit=lambda by_shard: upsert_together([(self._shard(s), batch) for s, batch in by_shard.items()]),
             duplicate=self._duplicate)
         self.free_ids = FreeIds(self)
+        self.moves = Moves(self)
+        self._peers: dict[str, Any] = {}
         self.snapshots = Snapshots(self.data_dir, name)
         self.queries = 0
         self.query_seconds = 0.0  # wall time of queries inside the node (embed, search and the hand-offs)
@@ -104,23 +109,61 @@ class Node:
             raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
         store = self.shards.get(shard)
         if store is None:
-            h = self.config.hnsw
-            root = shard_dir(self.data_dir, shard)
-            new = not root.exists()
-            try:
-                store = ShardStore(
-                    root, shard, self.embedder.dimension,
-                    {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
-                    self.ranking, self.vector_cache,
-                )
-            except Exception as exc:
-                if new:  # a shard created half-way (a full disk) must not look like one that exists
-                    shutil.rmtree(root, ignore_errors=True)
-                if is_disk_full(exc):
-                    raise StorageFull(f"{self.name}: the data volume is full; shard {shard} cannot be created") from None
-                raise
-            self.shards[shard] = store
+            store = self.shards[shard] = self._open_store(shard)
         return store
+
+    def shard_root(self, shard: int) -> Path:
+        return shard_dir(self.data_dir, shard)
+
+    def _open_store(self, shard: int) -> ShardStore:
+        """Open (or create) the shard's folder here, owned or not (on the store thread)."""
+        h = self.config.hnsw
+        root = shard_dir(self.data_dir, shard)
+        new = not root.exists()
+        try:
+            return ShardStore(
+                root, shard, self.embedder.dimension,
+                {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
+                self.ranking, self.vector_cache,
+            )
+        except Exception as exc:
+            if new:  # a shard created half-way (a full disk) must not look like one that exists
+                shutil.rmtree(root, ignore_errors=True)
+            if is_disk_full(exc):
+                raise StorageFull(f"{self.name}: the data volume is full; shard {shard} cannot be created") from None
+            raise
+
+    def peer(self, node: str):
+        """Another node's Ray actor (None for this node)."""
+        if node == self.name:
+            return None
+        if node not in self._peers:
+            import ray
+
+            from node.actor import NAMESPACE, actor_name
+
+            self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
+        return self._peers[node]
+
+    def _check_writable(self, shards: Iterable[int]) -> set[int]:
+        """NotOwnedError unless every shard is owned here and not fenced by a move."""
+        shards = set(shards)
+        for s in shards:
+            if s not in self.owned:
+                raise NotOwnedError(f"shard {s} is not owned by {self.name}")
+        self.moves.gate.check(shards)
+        return shards
+
+    def _writing(self, shards: Iterable[int]):
+        """Hold `shards` open for one write (a move's fence waits for it), or NotOwnedError."""
+        return self.moves.gate.writing(self._check_writable(shards))
+
+    @staticmethod
+    def _shard_list(shard: int | list[int] | tuple[int, ...] | None) -> list[int] | None:
+        """A request's shards: one, several, or None (every shard owned here)."""
+        if shard is None:
+            return None
+        return [int(shard)] if isinstance(shard, int) else [int(s) for s in shard]
 
     async def _on_store(self, fn, *args, busy: str | None = None):
         return await self.store_thread.run(fn, *args, busy=busy)
@@ -165,6 +208,7 @@ class Node:
         and it must not land later. A volume below the free-space reserve: StorageFull.
         """
         self.start()
+        shards = self._check_writable(it.shard for it in items)
         self.writer.check_space()
         vectors = await self.embedder.embed([it.textual_content for it in items])
         records = [MemoryRecord(
@@ -180,7 +224,9 @@ class Node:
             metrics=tuple((label, float(value)) for label, value in it.metrics),
             fact_key=it.fact_key,
         ) for it, vec in zip(items, vectors)]
-        return await self.writer.write(items, records, deadline)
+        # In flight from here (not from entry): a fence waits for commits, not for embedding passes.
+        with self._writing(shards):
+            return await self.writer.write(items, records, deadline)
 
     def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord]) -> str | None:
         """The id of a memory of the same entity that `record` nearly repeats, if any: one stored,
@@ -196,18 +242,20 @@ class Node:
                 return near[0]
         return None
 
-    async def query(self, text: str | None, entity_id: str | None, shard: int | None, limit: int,
+    async def query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
                     window: tuple[int | None, int | None] | None = None,
                     prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-        """Hits from one shard (an entity's) or from every shard here (`shard=None`, only entities
-        starting with one of `prefixes` if given), best first, created within `window` if given.
-        Without `text`: the window's memories, oldest first."""
+        """Hits from one shard (an entity's), from a list of shards, or from every shard here
+        (`shard=None`), only entities starting with one of `prefixes` if given, best first, created
+        within `window` if given. Without `text`: the window's memories, oldest first. A named
+        shard that is not owned here: NotOwnedError."""
         started = time.perf_counter()
+        shards = self._shard_list(shard)
         vector = (await self.embedder.embed([text]))[0] if text is not None else None
 
         def search() -> list[dict[str, Any]]:
             hits: list[dict[str, Any]] = []
-            for s in self._candidate_shards([shard] if shard is not None else None):
+            for s in self._candidate_shards(shards):
                 store = self.shards[s]
                 hits.extend(store.search(vector, text, entity_id, limit, window, prefixes) if text is not None
                             else store.in_window(entity_id, window, limit, prefixes))
@@ -223,11 +271,13 @@ class Node:
             self.queries += 1
             self.query_seconds += time.perf_counter() - started
 
-    async def edges(self, entity_id: str | None, shard: int | None, nodes: list[str], direction: str,
+    async def edges(self, entity_id: str | None, shard: int | list[int] | None, nodes: list[str], direction: str,
                     edge_types: list[str] | None, per_node: int) -> list[dict[str, Any]]:
+        shards = self._shard_list(shard)
+
         def collect() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
-            for s in self._candidate_shards([shard] if shard is not None else None):
+            for s in self._candidate_shards(shards):
                 found.extend(self.shards[s].edges(entity_id, nodes, direction, edge_types, per_node))
             return found
 
@@ -254,12 +304,16 @@ class Node:
 
         return await self._on_store(page)
 
-    async def erase(self, entity_id: str) -> dict[str, Any]:
-        """Erase an entity from every shard here; per-shard counts of what was removed."""
+    async def erase(self, entity_id: str, shard: int | list[int] | None = None) -> dict[str, Any]:
+        """Erase an entity from the given shards, or every shard here; per-shard counts of what was removed."""
+        shards = self._shard_list(shard)
+        with self._writing(self.owned if shards is None else shards):
+            return await self._erase(entity_id, shards)
 
+    async def _erase(self, entity_id: str, shards: list[int] | None) -> dict[str, Any]:
         def erase_all() -> tuple[dict[str, Any], list[str]]:
             removed, free = {}, []
-            for s in sorted(self.shards):
+            for s in self._candidate_shards(shards):
                 free += [m for (m,) in self.shards[s].db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
                                                                  (entity_id,)) if parse_memory_id(m).entity_prefix is None]
                 counts = self.shards[s].erase(entity_id)
@@ -287,30 +341,38 @@ class Node:
 
     async def delete_ids(self, pairs: list[tuple[str, int]]) -> int:
         """Delete each (memory_id, shard) in one store call; return how many were there."""
-        return await self._on_store(lambda: sum(self._shard(s).delete(m) for m, s in pairs))
+        with self._writing(s for _, s in pairs):
+            return await self._on_store(lambda: sum(self._shard(s).delete(m) for m, s in pairs))
 
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
         def remove() -> bool:
             return any([self.shards[s].delete(memory_id) for s in self._candidate_shards(shards)])
 
-        return await self._on_store(remove)
+        with self._writing(self.owned if shards is None else shards):
+            return await self._on_store(remove)
 
     # ---- free-form ids (node.free_ids): this node is the home of the ids hashed to its shards ----
 
     async def ingest_free(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
         """Write items whose free-form ids have their home here: each id ends up in exactly one
         shard, its item's, however many writers race (see node.id_homes). Answers as `ingest`."""
-        return await self.free_ids.ingest(items, deadline)
+        with self._writing(self._homes(it.memory_id for it in items)):
+            return await self.free_ids.ingest(items, deadline)
 
     async def inspect_free(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
         return await self.free_ids.inspect(memory_id, include_window, radius)
 
     async def delete_free(self, memory_id: str) -> bool:
-        return await self.free_ids.delete(memory_id)
+        with self._writing(self._homes([memory_id])):
+            return await self.free_ids.delete(memory_id)
 
     async def forget_homes(self, ids: list[str]) -> None:
         """Drop the home records of an erased entity's free-form ids, and their log entries."""
-        await self.free_ids.forget(ids)
+        with self._writing(self._homes(ids)):
+            await self.free_ids.forget(ids)
+
+    def _homes(self, ids: Iterable[str]) -> set[int]:
+        return {self.placement.id_home(m) for m in ids}
 
     async def unregistered_free_ids(self) -> dict[int, list[str]]:
         """Per shard here that predates id homes: its free-form ids (to register at their homes)."""
@@ -318,17 +380,28 @@ class Node:
 
     async def register_homes(self, pairs: list[tuple[str, int]]) -> None:
         """Record the shard of free-form ids found in old shards, unless the id already has a home."""
-        await self.free_ids.register(pairs)
+        with self._writing(self._homes(m for m, _ in pairs)):
+            await self.free_ids.register(pairs)
 
     async def mark_homes_registered(self, shards: list[int]) -> None:
-        await self.free_ids.mark_registered(shards)
+        with self._writing(shards):
+            await self.free_ids.mark_registered(shards)
 
     # ---- snapshots (node.snapshots) ----------------------------------------------------------------
 
-    async def snapshot(self, shard: int) -> dict[str, Any]:
+    async def snapshot(self, shard: int, pin: str | None = None) -> dict[str, Any]:
         """Take a consistent copy of `shard` into this node's snapshot folder; its id, sequence
-        number, size and sha256. Read it with `read_snapshot`, then `drop_snapshot`."""
-        store = await self._on_store(self._shard, shard)  # an empty shard is created: every shard has a copy
+        number, size and sha256. Read it with `read_snapshot`, then `drop_snapshot`. With `pin`,
+        the changes after the copy stay in the log (beyond `changelog_keep`) until that pin is
+        released: it is set before the copy is taken, so at or below the copy's sequence number."""
+
+        def open_and_pin() -> ShardStore:
+            store = self._shard(shard)  # an empty shard is created: every shard has a copy
+            if pin is not None:
+                store.pin_log(pin, store.last_seq())
+            return store
+
+        store = await self._on_store(open_and_pin)
         return await self.snapshots.take(store, shard)
 
     async def read_snapshot(self, snapshot_id: str, offset: int, size: int) -> bytes:
@@ -337,12 +410,68 @@ class Node:
     async def drop_snapshot(self, snapshot_id: str) -> None:
         self.snapshots.drop(snapshot_id)
 
+    # ---- the change log and shard moves (node.moves) -------------------------------------------
+
+    async def changes_since(self, shard: int, after: int, limit: int = 1000) -> list:
+        """`shard`'s changes after sequence number `after`, oldest first (changelog.Change); if the
+        log was trimmed past `after`, moves.LogTrimmed."""
+        return await self.moves.changes_since(shard, after, limit)
+
+    async def shard_seq(self, shard: int) -> int:
+        """The sequence number of `shard`'s newest change."""
+        return await self._on_store(lambda: self._shard(shard).last_seq())
+
+    async def receive_shard(self, shard: int, source: str) -> dict[str, Any]:
+        """Copy `shard` from node `source` (a snapshot, its index, the log after it) without
+        owning it yet: {"shard", "seq", "bytes", "memories", "seconds", "copy_seconds", "index_seconds"}."""
+        self.start()
+        return await self.moves.receive(shard, source)
+
+    async def fence(self, shard: int) -> int:
+        """Refuse new writes to `shard` (NotOwnedError, retry), wait for those in flight; its last seq."""
+        return await self.moves.fence(shard)
+
+    async def catch_up(self, shard: int, source: str) -> int:
+        """Apply what `source` wrote to `shard` since the copy (final once it is fenced); the seq reached."""
+        return await self.moves.catch_up(shard, source)
+
+    async def adopt(self, shard: int) -> None:
+        """Own the received copy of `shard`: it is served here from now on."""
+        await self.moves.adopt(shard)
+
+    async def release(self, shard: int) -> None:
+        """Drop `shard`, now owned elsewhere: requests for it raise NotOwnedError, its folder goes."""
+        await self.moves.release(shard)
+
+    async def abort_incoming(self, shard: int) -> None:
+        """Undo `receive_shard`: delete the copy of `shard` received here (idempotent)."""
+        await self.moves.abort(shard)
+
+    async def unfence(self, shard: int) -> None:
+        """Undo `fence`: writes to `shard` resume here, its move's log pin is released (idempotent)."""
+        await self.moves.unfence(shard)
+
+    async def set_placement(self, placement: Placement) -> int:
+        """Take a newer placement (a higher epoch; an older one is ignored) as this node's view of
+        where shards live. It never changes which shards this node owns. Returns the epoch in use."""
+        if placement.epoch > self.placement.epoch:
+            self.placement = placement
+        return self.placement.epoch
+
+    async def get_placement(self) -> Placement:
+        return self.placement
+
 
     def _candidate_shards(self, shards: list[int] | None) -> list[int]:
-        """Shards to look in: the given ones that exist here, or every open one."""
+        """Shards to look in: the given ones that exist here, or every open one owned here. A given
+        shard not owned here (the caller's placement is stale, or it moved) is NotOwnedError, never
+        an empty answer."""
         if shards is None:
-            return sorted(self.shards)
-        return [s for s in shards if s in self.owned and (s in self.shards or self._exists(s))]
+            return sorted(s for s in self.shards if s in self.owned)
+        for s in shards:
+            if s not in self.owned:
+                raise NotOwnedError(f"shard {s} is not owned by {self.name}")
+        return [s for s in shards if s in self.shards or self._exists(s)]
 
     def _exists(self, shard: int) -> bool:
         if (shard_dir(self.data_dir, shard) / "store.sqlite3").exists():
@@ -355,13 +484,15 @@ class Node:
             per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
             totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
             return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
-                    **totals, "per_shard": per_shard, "embedder_passes": self.embedder.passes, "queries": self.queries,
+                    **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard,
+                    "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
                     "query_seconds": round(self.query_seconds, 3),
                     "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
-                    "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes}
+                    "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
+                    "placement_epoch": self.placement.epoch, "moves": self.moves.state()}
 
         return await self._on_store(collect)
 
@@ -378,7 +509,7 @@ class Node:
         await self.embedder.close()
 
         def close_all() -> None:
-            for store in self.shards.values():
+            for store in [*self.shards.values(), *(i.store for i in self.moves.incoming.values() if i.store)]:
                 store.close()
             self.shards.clear()
 

@@ -56,3 +56,8 @@ class VectorCache:
         entry = self._entries.pop((shard, entity_id), None)
         if entry is not None:
             self.bytes -= entry.nbytes
+
+    def drop_shard(self, shard: int) -> None:
+        """Forget a shard's entries: it left this node, or came back with writes made elsewhere."""
+        for key in [k for k in self._entries if k[0] == shard]:
+            self.bytes -= self._entries.pop(key).nbytes

@@ -119,6 +119,31 @@ def test_the_log_is_trimmed_but_never_past_a_pin(make_store, embedder):
     assert store.last_seq() == 20
 
 
+def test_the_log_remembers_how_far_it_was_trimmed_not_an_erase_s_gaps(make_store, embedder):
+    store = make_store()
+    store.upsert([rec(embedder, "gone", "gone::s1::0", "a note", 1_000)])
+    store.upsert([rec(embedder, "kept", "kept::s1::0", "another note", 1_000)])
+    store.erase("gone")  # removes change 1 from the log: a gap, not a trim
+    assert store.trimmed_to() == 0 and [c.seq for c in store.changes_since(0)] == [2, 3]
+    for i in range(5):
+        store.upsert([rec(embedder, "kept", f"kept::s1::{i + 1}", f"note {i}", 2_000 + i)])
+    assert store.trim_log(keep=2) == 5  # changes 2..6 of 1..8 go (1 was gone already)
+    assert store.trimmed_to() == 6 and store.trim_log(keep=4) == 0 and store.trimmed_to() == 6
+
+
+def test_a_copy_numbers_its_changes_after_the_seq_it_was_brought_up_to(tmp_path, make_store, embedder):
+    store = make_store()
+    store.upsert([rec(embedder, "e", "e::s1::0", "a note", 1_000)])
+    store.advance_seq(10)
+    store.advance_seq(4)  # never backwards
+    assert store.last_seq() == 10
+    store.upsert([rec(embedder, "e", "e::s1::1", "a later note", 2_000)])
+    assert [c.seq for c in store.changes_since(0)] == [1, 11]
+    fresh = make_store(root=tmp_path / "fresh", shard_id=1)  # no change logged yet
+    fresh.advance_seq(7)
+    assert fresh.last_seq() == 7
+
+
 def test_a_snapshot_is_consistent_while_writes_go_on(tmp_path, make_store, embedder):
     store = make_store(root=tmp_path / "live")
     vectors = embedder.encode([f"busy note {i}" for i in range(200)])

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS changes_by_entity ON changes(entity_id);
 CREATE TABLE IF NOT EXISTS log_pins (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS log_trimmed (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
 """
 
 UPSERT, DELETE, ERASE, HOME, UNHOME = "upsert", "delete", "erase", "home", "unhome"
@@ -76,6 +77,21 @@ def since(db: sqlite3.Connection, after: int, limit: int = 1000) -> list[Change]
         "SELECT seq, op, key, entity_id, body, vector FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
 
 
+def advance(db: sqlite3.Connection, seq: int) -> None:
+    """Make `last_seq` at least `seq` (inside the caller's transaction): a copy brought up to another
+    copy's `seq`, whose newest changes may have left the log (an erase), numbers its own after it."""
+    if seq > last_seq(db):
+        if not db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'changes'", (seq,)).rowcount:
+            db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('changes', ?)", (seq,))
+
+
+def trimmed_to(db: sqlite3.Connection) -> int:
+    """The newest sequence number `trim` has dropped (0: never trimmed). A copy at S can be brought
+    up to date from this log only if S >= this; an erase's gaps in the log do not count."""
+    row = db.execute("SELECT seq FROM log_trimmed WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
 def first_seq(db: sqlite3.Connection) -> int:
     """The oldest change still in the log (last_seq + 1 when it is empty): replay needs a copy at or after it - 1."""
     row = db.execute("SELECT MIN(seq) FROM changes").fetchone()
@@ -101,8 +117,9 @@ def trim(db: sqlite3.Connection, keep: int) -> int:
     pinned = db.execute("SELECT MIN(seq) FROM log_pins").fetchone()[0]
     if pinned is not None:
         floor = min(floor, int(pinned))
-    if floor <= 0:
+    if floor <= trimmed_to(db):
         return 0
+    db.execute("INSERT OR REPLACE INTO log_trimmed(id, seq) VALUES (1, ?)", (floor,))
     return db.execute("DELETE FROM changes WHERE seq <= ?", (floor,)).rowcount
 
 

@@ -131,7 +131,19 @@ class ShardStore:
             "measurements": one("SELECT COUNT(*) FROM measurements"),
             "unindexed": one("SELECT COUNT(*) FROM memories WHERE indexed = 0"),
             "vectors": self.index.collection.count(),
+            "bytes": self.size_bytes(),
+            "seq": self.last_seq(),
         }
+
+    def size_bytes(self) -> int:
+        """The shard's size on disk: SQLite file, WAL and the Chroma folder."""
+        total = 0
+        for path in self.root.rglob("*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except OSError:  # Chroma replaced a file meanwhile
+                pass
+        return total
 
     def profile(self, entity_id: str, recent: int) -> dict[str, Any]:
         return records.profile(self.db, entity_id, recent)
@@ -219,6 +231,20 @@ class ShardStore:
         if erased:
             self._scrub()
         return len(todo)
+
+    def trimmed_to(self) -> int:
+        """The newest sequence number trimming dropped: replay from before it is impossible."""
+        return changelog.trimmed_to(self.db)
+
+    def advance_seq(self, seq: int) -> None:
+        """Number this copy's next changes after `seq` (that of the copy it was brought up to)."""
+        with self._tx():
+            changelog.advance(self.db, seq)
+
+    def pin_log(self, name: str, seq: int | None) -> None:
+        """Keep the changes after `seq` for reader `name` (None: release its pin)."""
+        with self._tx():
+            changelog.pin(self.db, name, seq)
 
     def trim_log(self, keep: int) -> int:
         with self._tx():
