@@ -187,7 +187,8 @@ class PlacementAuthority:
         try:
             copied = await dst.receive_shard.remote(shard, source)
             move.update(state="fenced", bytes=copied.get("bytes", 0), memories=copied.get("memories", 0),
-                        copy_seconds=round(time.perf_counter() - started, 3))
+                        copy_seconds=round(time.perf_counter() - started, 3),
+                        index_seconds=copied.get("index_seconds"))
             fenced = time.perf_counter()
             await src.fence.remote(shard)
             seq = await dst.catch_up.remote(shard, source)
@@ -245,6 +246,9 @@ class PlacementAuthority:
                 "moving": list(self.moving.values()), "error": self.error,
                 "rebalancing": self._rebalance is not None and not self._rebalance.done(),
                 "moved_shards": self.moved_shards, "moved_bytes": self.moved_bytes}
+
+    async def summary(self) -> dict[str, Any]:
+        return self._summary()
 
     async def status(self) -> dict[str, Any]:
         p = self._placement

@@ -426,7 +426,9 @@ async def docs(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request.app[METRICS].observe_nodes(await request.app[CLUSTER].stats(timeout=2))
+    cluster = request.app[CLUSTER]
+    request.app[METRICS].observe_nodes(await cluster.stats(timeout=2))
+    request.app[METRICS].observe_placement(await cluster.placement_summary(timeout=2), cluster.moved_retries)
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

@@ -40,6 +40,9 @@ log = logging.getLogger("tellodb")
 DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
 
 
+SHARDS = object()  # in a fan-out's arguments: the shards the called node owns (Cluster._everywhere)
+
+
 class Moved(Exception):
     """A node does not own (or is handing over) a shard this router sent it: read the placement again."""
 
@@ -239,10 +242,9 @@ class Cluster:
             raise ApiError(f"{node} could not complete {method}") from None
 
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
-        """Call `method(args[0], shards, *args[1:])` on every node that owns shards, naming the shards
-        it owns by this router's placement: during a move each shard is asked of one node only."""
-        first, *rest = args
-        return await asyncio.gather(*(self._call(n, method, first, shards, *rest)
+        """Call `method(*args)` on every node that owns shards, with SHARDS in `args` replaced by the
+        shards it owns by this router's placement: during a move each shard is asked of one node only."""
+        return await asyncio.gather(*(self._call(n, method, *(shards if a is SHARDS else a for a in args))
                                       for n, shards in self.placement.by_node().items()))
 
     async def ingest(self, items: list[IngestItem]) -> list[str | None]:
@@ -290,7 +292,7 @@ class Cluster:
             shard = self.placement.shard_of(entity_id)
             return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "query", text,
                                                          entity_id, shard, limit, window))
-        parts = await self._routed(lambda: self._everywhere("query", text, None, limit, window, prefixes))
+        parts = await self._routed(lambda: self._everywhere("query", text, None, SHARDS, limit, window, prefixes))
         hits = [h for part in parts for h in part]
         if text is None:
             hits.sort(key=oldest_first)
@@ -305,7 +307,8 @@ class Cluster:
             shard = self.placement.shard_of(entity_id)
             return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "edges", entity_id,
                                                          shard, nodes, direction, edge_types, per_node))
-        parts = await self._routed(lambda: self._everywhere("edges", None, nodes, direction, edge_types, per_node))
+        parts = await self._routed(lambda: self._everywhere("edges", None, SHARDS, nodes, direction, edge_types,
+                                                                     per_node))
         found = [e for part in parts for e in part]
         found.sort(key=lambda e: -e["timestamp_ms"])
         return found
@@ -369,7 +372,7 @@ class Cluster:
     async def erase_entity(self, entity_id: str) -> dict[str, Any]:
         """Erase an entity on every node and shard; what was removed, per shard."""
         removed: dict[str, Any] = {}
-        for part in await self._routed(lambda: self._everywhere("erase", entity_id)):
+        for part in await self._routed(lambda: self._everywhere("erase", entity_id, SHARDS)):
             removed.update({str(s): counts for s, counts in part.items()})
         return removed
 
@@ -467,6 +470,13 @@ class Cluster:
             else:
                 member["answered"] = False
         return status
+
+    async def placement_summary(self, timeout: float) -> dict[str, Any] | None:
+        """Epoch, pending moves and the last error (for /metrics); None when the authority does not answer."""
+        try:
+            return await asyncio.wait_for(self.authority.summary.remote(), timeout)
+        except Exception:
+            return None
 
     async def add_node(self, name: str) -> dict[str, Any]:
         return await self._ask_authority("add_node", name)

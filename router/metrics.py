@@ -37,6 +37,16 @@ class Metrics:
         self.node_measurements = Gauge("tellodb_node_measurements", "Numeric measurements per node.", ["node"],
                                        registry=r)
         self.node_up = Gauge("tellodb_node_up", "1 when the node answered the last scrape.", ["node"], registry=r)
+        self.node_bytes = Gauge("tellodb_node_bytes", "Bytes on disk of a node's shards.", ["node"], registry=r)
+        self.placement_epoch = Gauge("tellodb_placement_epoch", "The placement's epoch (it grows with every "
+                                     "member change and shard move).", registry=r)
+        self.pending_moves = Gauge("tellodb_shard_moves_pending", "Shards not on their ring node yet.", registry=r)
+        self.moved_shards = Gauge("tellodb_shards_moved", "Shards moved since the placement authority started.",
+                                  registry=r)
+        self.move_failed = Gauge("tellodb_shard_move_failed", "1 while the last rebalance stopped on an error.",
+                                 registry=r)
+        self.moved_retries = Gauge("tellodb_moved_retries", "Requests this router sent again because a node said "
+                                   "the shard moved.", registry=r)
         self.key_requests = Counter("tellodb_key_requests", "Requests by API key name (never the key) and outcome "
                                     "(ok, forbidden, rate_limited).", ["key", "outcome"], registry=r)
         self.auth_failures = Counter("tellodb_auth_failures", "Requests with a missing or wrong key.", registry=r)
@@ -54,8 +64,17 @@ class Metrics:
                 self.node_facts.labels(node, "stale").set(s["facts_stale"])
                 self.node_edges.labels(node).set(s["edges"])
                 self.node_measurements.labels(node).set(s["measurements"])
+                self.node_bytes.labels(node).set(s.get("bytes", 0))
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
+
+    def observe_placement(self, summary: dict | None, moved_retries: int) -> None:
+        self.moved_retries.set(moved_retries)
+        if summary is not None:
+            self.placement_epoch.set(summary["epoch"])
+            self.pending_moves.set(summary["pending_moves"])
+            self.moved_shards.set(summary["moved_shards"])
+            self.move_failed.set(1 if summary["error"] and not summary["rebalancing"] else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

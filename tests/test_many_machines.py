@@ -49,7 +49,10 @@ def status(c: LocalCluster, url: str) -> dict:
 
 
 def answers(client: TellodbClient) -> dict[str, list[str]]:
-    return {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
+    """Each fixed entity's top answers, and one query over every entity (a fan-out to every node)."""
+    found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
+    found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(FIXED)))
+    return found
 
 
 def shard_files(c: LocalCluster, node: str) -> set[int]:
@@ -67,6 +70,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
         for j, text in enumerate(FIXED_TEXTS):
             client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
     before = answers(client)
+    assert len(before["*"]) == len(FIXED) and all("::fixed::1" in m for m in before["*"])
     first = status(c, r1.url)
     assert first["epoch"] >= 1 and sorted(first["nodes"]) == ["n1", "n2", "n3"]
     assert all(m["joined"] for m in first["members"].values())
@@ -113,3 +117,19 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     moves = [m for m in final["history"] if m["state"] == "done"]
     assert len(moves) == len(moved) + len(after_add["members"]["n2"]["shards"])
     assert all(m["fence_ms"] >= 0 for m in moves)
+
+
+def test_a_role_without_the_clusters_ray_token_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "RAY_"))}
+    tellodb = str(Path(sys.executable).parent / "tellodb")
+    for args in (["router", "--address", "127.0.0.1:1", "--port", "0"],
+                 ["node", "--address", "127.0.0.1:1", "--name", "n1", "--data-dir", str(tmp_path / "n1")]):
+        done = subprocess.run([tellodb, *args], env={**env, "TELLODB_API_KEY": API_KEY}, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "the cluster's Ray token is needed" in done.stderr
