@@ -63,7 +63,8 @@ def run_head(args: argparse.Namespace) -> int:
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     claim(config)
     use_address(args.node_ip)
-    use_token(None, head_data_dir=config.data_dir)
+    # The head makes the cluster's token unless it is given one (a Kubernetes Secret, for example).
+    use_token(args.ray_token_file, head_data_dir=None if args.ray_token_file else config.data_dir)
     _stop_on_signal()
     ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True, port=args.port,
                        cpus=0, labels={ROLE_LABEL: "head"})
@@ -210,3 +211,4 @@ def add_parsers(sub) -> None:
     for p in (n, r):
         p.add_argument("--ray-token-file", default=os.environ.get("TELLODB_RAY_TOKEN_FILE"),
                        help="a copy of the head's <data-dir>/ray_auth_token (default: $TELLODB_RAY_TOKEN_FILE)")
+    h.add_argument("--ray-token-file", help="use this token file instead of making <data-dir>/ray_auth_token")
