@@ -39,7 +39,8 @@ class PlacedNode(Node):
     """A node whose shards are the ones the placement authority gives it at each (re)start."""
 
     def __init__(self, name: str, config: ClusterConfig, placement: Placement, threads: int = 1) -> None:
-        found = authority()
+        # Only a restart needs to ask (and a blocking call in an async actor is worth avoiding otherwise).
+        found = authority() if ray.get_runtime_context().was_current_actor_reconstructed else None
         if found is not None:
             placement = max(placement, ray.get(found.placement.remote(), timeout=60), key=lambda p: p.epoch)
         super().__init__(name, config, placement.shards_of(name), threads, placement)
