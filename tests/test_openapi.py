@@ -30,7 +30,7 @@ async def test_openapi_document_is_open_and_describes_every_route(api):
     schemas = spec["components"]["schemas"]
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
-            assert "200" in op["responses"], (method, path)
+            assert any(s.startswith("2") for s in op["responses"]), (method, path)  # 200, or 202 for admin changes
             for status, response in op["responses"].items():
                 for media in response.get("content", {}).values():
                     ref = media["schema"].get("$ref") or media["schema"].get("items", {}).get("$ref")

@@ -53,7 +53,7 @@ class Pair:
             config = dataclasses.replace(cluster.config, data_dir=str(self.dirs[name]), changelog_keep=KEEP)
             self.actors[name] = NodeActor.options(
                 name=actor_name(name), namespace=NAMESPACE, num_cpus=0, max_concurrency=1024,
-            ).remote(name, config, self.placement.shards_of(name), 1, self.placement)
+            ).remote(name, config, self.placement, 1)
         ray.get([a.info.remote() for a in self.actors.values()], timeout=600)
 
     def node(self, shard: int):
