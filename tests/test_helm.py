@@ -6,8 +6,9 @@ every rendered manifest is checked against the Kubernetes API's schema (kubernet
 Prometheus Operator's kinds have no schema there and are checked by hand). Then the chart's own
 commands run: the head, node and router containers (and the nodes' init container, and the backup
 CronJob) as local processes, with their command, args and env taken from the rendered YAML, the
-downward API and Service names mapped to this machine, volumes to temporary folders, the Secrets
-and the ConfigMap to files; the official SDK and `tellodb cluster status` then use the cluster.
+downward API mapped to this machine (the pod IP to 127.0.0.1), Service names to `localhost` (a
+name to resolve, as in a cluster), volumes to temporary folders, the Secrets and the ConfigMap to
+files; the official SDK, `tellodb cluster status` and the backup job then use the cluster.
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ class Pods:
         mount_ref = re.compile(rf"(?<![\w./-])({mounts})(?=/|$|[\s\"';])")
 
         def local(text: str) -> str:  # one pass, so a folder put in is never rewritten again
-            text = SERVICE_HOST.sub("127.0.0.1", text).replace("0.0.0.0", "127.0.0.1")
+            text = SERVICE_HOST.sub("localhost", text).replace("0.0.0.0", "127.0.0.1")
             return mount_ref.sub(lambda m: paths[m.group(1)], text)
 
         env: dict[str, str] = {}
