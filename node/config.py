@@ -81,6 +81,12 @@ class ClusterConfig:
     audit_file: str | None = None  # None: <data_dir>/audit.log
     min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
     changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
+    replication: int = 1  # copies of each shard, on distinct nodes (node.replication)
+    min_live_replicas: int = 1  # a write is refused (503) when fewer copies than this are live
+    replica_timeout_s: float = 2.0  # a follower that does not apply a write within this is marked down
+    failover_after_s: float = 3.0  # a node not answering this long loses its primaries to followers
+    rebuild_after_s: float = 600.0  # a node away this long has its copies rebuilt on other nodes
+    read_failover_s: float = 2.0  # a read the primary has not answered within this goes to a follower
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
@@ -243,6 +249,11 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.api_key is None or len(config.api_key) >= 8, "api_key", "must be at least 8 characters")
     check(1 <= config.shards <= 4096, "shards", f"must be between 1 and 4096, got {config.shards}")
     check(1 <= config.nodes <= 256, "nodes", f"must be between 1 and 256, got {config.nodes}")
+    check(1 <= config.replication <= 5, "replication", f"must be between 1 and 5, got {config.replication}")
+    check(1 <= config.min_live_replicas <= config.replication, "min_live_replicas",
+          f"must be between 1 and replication ({config.replication}), got {config.min_live_replicas}")
+    for key in ("replica_timeout_s", "failover_after_s", "rebuild_after_s", "read_failover_s"):
+        check(getattr(config, key) > 0, key, "must be positive")
     check(config.cpus_per_node is None or config.cpus_per_node > 0, "cpus_per_node", "must be positive")
     check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
     check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")

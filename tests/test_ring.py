@@ -61,3 +61,22 @@ def test_a_placement_changes_one_shard_at_a_time_at_a_new_epoch():
     shrunk = moved.with_nodes(("node-0", "node-2"))
     assert all(frm == "node-1" or to != "node-1" for _, frm, to in shrunk.moves())
     assert {frm for _, frm, _ in shrunk.moves()} >= {"node-1"}
+
+
+def test_replicas_sit_on_distinct_nodes_and_a_moved_primary_hands_over():
+    p = Placement(32, ("a", "b", "c"), replication=2)
+    assert all(len(set(r)) == 2 for r in p.replicas)
+    assert p.owner == Placement(32, ("a", "b", "c")).owner  # the primary is where a single copy would be
+    assert sorted(s for n in "abc" for s in p.shards_of(n)) == sorted(list(range(32)) * 2)
+    assert sorted(s for n in "abc" for s in p.by_node().get(n, [])) == list(range(32))  # requests: primaries
+    shard = 0
+    primary, follower = p.replicas[shard]
+    moved = p.with_copy_moved(shard, primary, "d")
+    assert moved.replicas[shard] == (follower, "d") and moved.owner[shard] == follower
+    promoted = p.with_primary(shard, follower)
+    assert promoted.replicas[shard] == (follower, primary) and promoted.epoch == p.epoch + 1
+    grown = Placement(32, ("a", "b", "c"), replication=3, replicas=p.replicas)
+    assert {(frm, to is not None) for _, frm, to in grown.moves()} == {(None, True)}  # a third copy each
+    assert Placement.from_json(moved.to_json()) == moved
+    old = {"shards": 2, "nodes": ["a"], "epoch": 4, "owner": ["a", "a"]}  # a placement.json before replicas
+    assert Placement.from_json(old).replicas == (("a",), ("a",))
