@@ -34,6 +34,7 @@ class Proc:
     popen: subprocess.Popen
     log: Path
     port: int | None = None  # a router's HTTP port
+    log_start: int = 0  # where this run's lines begin in the log
 
     @property
     def url(self) -> str:
@@ -72,18 +73,20 @@ class LocalCluster:
 
     def _spawn(self, name: str, args: list[str], port: int | None = None, taskset: str | None = None) -> Proc:
         log = self.root / f"{name}.log"
+        start = len(log.read_text(errors="replace")) if log.exists() else 0
         cmd = [str(BIN / "tellodb"), *args]
         if taskset:
             cmd = ["taskset", "-c", taskset, *cmd]
         popen = subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                  start_new_session=True, cwd=str(self.root))
-        proc = self.procs[name] = Proc(name, popen, log, port)
+        proc = self.procs[name] = Proc(name, popen, log, port, start)
         return proc
 
     def _wait_for_line(self, proc: Proc, marker: str, timeout: float) -> None:
+        """Wait for `marker` in what the process logged since it started (a restart appends)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if marker in proc.log_text():
+            if marker in proc.log_text()[proc.log_start:]:
                 return
             if proc.popen.poll() is not None:
                 raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.log_text()[-4000:]}")

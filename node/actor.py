@@ -65,11 +65,13 @@ def start_node_actor(name: str, config: ClusterConfig, placement: Placement, cpu
     return NodeActor.options(**options).remote(name, config, placement, threads)
 
 
-def start_authority(data_dir: str, shards: int, nodes: list[str], movable: bool,
+def start_authority(data_dir: str, config: ClusterConfig, movable: bool,
                     label_selector: dict[str, str] | None = None) -> Any:
     """Create (or find) the placement authority (node.authority), on the head when pinned there."""
     options: dict[str, Any] = dict(name=AUTHORITY_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1,
                                    max_concurrency=64, get_if_exists=True, enable_task_events=False)
     if label_selector:
         options["label_selector"] = label_selector
-    return AuthorityActor.options(**options).remote(data_dir, shards, nodes, movable)
+    return AuthorityActor.options(**options).remote(data_dir, config.shards, config.node_names, movable,
+                                                    config.replication, config.failover_after_s,
+                                                    config.rebuild_after_s)

@@ -48,8 +48,11 @@ class UnknownNode(PlacementError):
 
 
 class PlacementAuthority:
-    def __init__(self, data_dir: str, shards: int, nodes: list[str], movable: bool = True) -> None:
+    def __init__(self, data_dir: str, shards: int, nodes: list[str], movable: bool = True, replication: int = 1,
+                 failover_after_s: float = 3.0, rebuild_after_s: float = 600.0) -> None:
         self.path = Path(data_dir) / "placement.json"
+        self.failover_after_s = failover_after_s
+        self.rebuild_after_s = rebuild_after_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.movable = movable  # False in `tellodb serve`: its nodes share one data directory
         if self.path.exists() and movable:
@@ -58,8 +61,11 @@ class PlacementAuthority:
                 raise PlacementError(f"shards: the cluster was created with {self._placement.shards} shards, "
                                      f"cluster.yaml says {shards}; the shard count cannot change")
         else:  # a new cluster; or `tellodb serve`, whose nodes share one data directory: cluster.yaml decides
-            self._placement = Placement(shards, tuple(nodes))
+            self._placement = Placement(shards, tuple(nodes), replication=replication)
             self._save()
+        if self._placement.replication != replication:  # cluster.yaml changed it: copies are added or dropped
+            p = self._placement
+            self._set(Placement(p.shards, p.nodes, p.epoch + 1, replication=replication, replicas=p.replicas))
         self.joined: dict[str, dict[str, Any]] = {}  # node name -> what its process said at join
         self.moving: dict[int, dict[str, Any]] = {}  # shard -> the move in progress
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -68,6 +74,10 @@ class PlacementAuthority:
         self.moved_bytes = 0
         self._rebalance: asyncio.Task | None = None
         self._actors: dict[str, Any] = {}
+        self.down_since: dict[str, float] = {}  # joined nodes not answering pings, since (monotonic)
+        self.failovers: list[dict[str, Any]] = []  # primaries handed to followers, newest last (HISTORY kept)
+        self.failover_count = 0
+        self._watcher: asyncio.Task | None = None
 
     # ---- the record ---------------------------------------------------------------------------
 
@@ -91,6 +101,9 @@ class PlacementAuthority:
         """A `tellodb node` process is up as the home of `name`; it opens the shards the placement gives it."""
         self.joined[name] = {**info, "joined_at": time.time()}
         self._actors.pop(name, None)
+        self.down_since.pop(name, None)
+        if self.movable and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         log.info("Node joined name=%s member=%s", name, name in self._placement.nodes)
         if self._placement.moves() and (self._rebalance is None or self._rebalance.done()) and not self.error:
             self._start_rebalance()  # a move interrupted by a restart goes on
@@ -116,7 +129,7 @@ class PlacementAuthority:
         """Drain every shard of a member to the others, then forget it."""
         self._check_movable()
         p = self._placement
-        if name not in p.nodes and name not in p.owner:
+        if name not in p.nodes and name not in p.holders():
             raise UnknownNode(f"node {name!r} is not a member of the cluster")
         if name in p.nodes:
             if len(p.nodes) == 1:
@@ -146,9 +159,10 @@ class PlacementAuthority:
             if not moves:
                 return
             shard, source, target = moves[0]
-            missing = [n for n in (source, target) if n not in self.joined]
+            primary = self._placement.owner[shard]
+            missing = [n for n in (primary, target) if n is not None and (n not in self.joined or n in self.down_since)]
             if missing:
-                self.error = f"waiting for node {missing[0]!r} to join before moving shard {shard}"
+                self.error = f"waiting for node {missing[0]!r} to join (or answer) before moving shard {shard}"
                 log.warning("Rebalance paused: %s", self.error)
                 return
             try:
@@ -160,10 +174,11 @@ class PlacementAuthority:
 
     async def _unfence_all(self) -> None:
         """Undo fences a stopped authority may have left behind (unfence is idempotent)."""
-        for shard, source, _ in self._placement.moves():
-            if source in self.joined:
+        for shard, _, _ in self._placement.moves():
+            primary = self._placement.owner[shard]
+            if primary in self.joined:
                 try:
-                    await self._actor(source).unfence.remote(shard)
+                    await self._actor(primary).unfence.remote(shard)
                 except Exception:  # the node may be gone; it has no fence then
                     pass
 
@@ -178,36 +193,52 @@ class PlacementAuthority:
             self._actors[name] = ray.get_actor(actor_name(name), namespace=NAMESPACE)
         return self._actors[name]
 
-    async def _move(self, shard: int, source: str, target: str) -> None:
-        src, dst = self._actor(source), self._actor(target)
+    async def _move(self, shard: int, source: str | None, target: str | None) -> None:
+        """Move the copy of `shard` on `source` to `target` (None: add a copy on `target`, or drop the
+        one on `source`). The data always comes from the primary, the one copy that is surely current.
+        Writes pause (a fence on the primary) only when the primary itself leaves; a new follower
+        needs none, since the primary pushes it every change after its own sequence number."""
+        primary_name = self._placement.owner[shard]
+        primary = self._actor(primary_name)
         move = {"shard": shard, "from": source, "to": target, "state": "copying", "started_at": time.time()}
         self.moving[shard] = move
         started = time.perf_counter()
-        flipped = False
+        flipped = fenced_primary = False
+        if target is None:  # a copy to drop: the placement first, then the files
+            self._set(self._placement.with_copy_dropped(shard, source))
+            await self._push()
+            await self._release(shard, source, move)
+            move.update(state="done", seconds=round(time.perf_counter() - started, 3), bytes=0, memories=0,
+                        fence_ms=0.0)
+            self._finish(move)
+            return
+        dst = self._actor(target)
         try:
-            copied = await dst.receive_shard.remote(shard, source)
-            move.update(state="fenced", bytes=copied.get("bytes", 0), memories=copied.get("memories", 0),
+            copied = await dst.receive_shard.remote(shard, primary_name)
+            move.update(state="catching up", bytes=copied.get("bytes", 0), memories=copied.get("memories", 0),
                         copy_seconds=round(time.perf_counter() - started, 3),
                         index_seconds=copied.get("index_seconds"))
             fenced = time.perf_counter()
-            await src.fence.remote(shard)
-            seq = await dst.catch_up.remote(shard, source)
-            self._set(self._placement.with_owner(shard, target))
+            if source == primary_name:
+                move["state"] = "fenced"
+                await primary.fence.remote(shard)
+                fenced_primary = True
+            seq = await dst.catch_up.remote(shard, primary_name)
+            placement = (self._placement.with_copy_added(shard, target) if source is None
+                         else self._placement.with_copy_moved(shard, source, target))
+            self._set(placement)
             flipped = True
             await dst.adopt.remote(shard)
-            move["fence_ms"] = round((time.perf_counter() - fenced) * 1000, 1)
+            move["fence_ms"] = round((time.perf_counter() - fenced) * 1000, 1) if fenced_primary else 0.0
             move["seq"] = seq
         except BaseException as exc:
             move.update(state="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
-            await self._roll_back(shard, source, target, flipped)
+            await self._roll_back(shard, primary_name, source, target, flipped)
             self._finish(move)
             raise
         await self._push()
-        try:
-            await src.release.remote(shard)
-        except Exception as exc:  # the placement is right; a leftover copy on the source is only disk
-            log.warning("shard %d: the old copy on %s was not deleted: %s", shard, source, exc)
-            move["warning"] = f"old copy on {source} not deleted"
+        if source is not None:
+            await self._release(shard, source, move)
         move.update(state="done", seconds=round(time.perf_counter() - started, 3))
         self.moved_shards += 1
         self.moved_bytes += move.get("bytes", 0)
@@ -215,10 +246,21 @@ class PlacementAuthority:
                  target, move.get("bytes"), move.get("fence_ms"), move["seconds"], self._placement.epoch)
         self._finish(move)
 
-    async def _roll_back(self, shard: int, source: str, target: str, flipped: bool) -> None:
-        if flipped:  # the target took over on paper but not in fact: the source stays the owner
-            self._set(self._placement.with_owner(shard, source))
-        for name, method in ((target, "abort_incoming"), (source, "unfence")):
+    async def _release(self, shard: int, source: str, move: dict[str, Any]) -> None:
+        try:
+            await asyncio.wait_for(self._actor(source).release.remote(shard), 60)
+        except Exception as exc:  # the placement is right; a leftover copy on the source is only disk
+            log.warning("shard %d: the old copy on %s was not deleted: %s", shard, source, exc)
+            move["warning"] = f"old copy on {source} not deleted"
+
+    async def _roll_back(self, shard: int, primary: str, source: str | None, target: str, flipped: bool) -> None:
+        if flipped:  # the target took over on paper but not in fact: the copies stay where they were
+            p = self._placement
+            copies = tuple(n for n in p.replicas[shard] if n != target)
+            if source is not None and source not in copies:
+                copies = (source, *copies) if source == primary else (*copies, source)
+            self._set(p._with_replicas(shard, copies))
+        for name, method in ((target, "abort_incoming"), (primary, "unfence")):
             try:
                 await getattr(self._actor(name), method).remote(shard)
             except Exception as exc:
@@ -233,10 +275,84 @@ class PlacementAuthority:
     async def _push(self) -> None:
         """Give every joined node the new placement (for the free-form ids they look up elsewhere)."""
         placement = self._placement
-        calls = [self._actor(n).set_placement.remote(placement) for n in list(self.joined)]
-        for name, result in zip(list(self.joined), await asyncio.gather(*calls, return_exceptions=True)):
+        names = [n for n in self.joined if n not in self.down_since]
+
+        async def push(name: str) -> Any:
+            return await asyncio.wait_for(self._actor(name).set_placement.remote(placement), 10)
+
+        for name, result in zip(names, await asyncio.gather(*(push(n) for n in names), return_exceptions=True)):
             if isinstance(result, BaseException):
                 log.warning("placement epoch %d not pushed to %s: %s", placement.epoch, name, result)
+
+    # ---- health and failover --------------------------------------------------------------------
+
+    PING_EVERY_S = 0.5
+
+    async def _watch(self) -> None:
+        """Ping every joined node; one silent for `failover_after_s` loses its primaries to followers,
+        one silent for `rebuild_after_s` stops being a member (its copies are rebuilt elsewhere)."""
+        while True:
+            await asyncio.sleep(self.PING_EVERY_S)
+            names = list(self.joined)
+            results = await asyncio.gather(*(self._ping(n) for n in names))
+            now = time.monotonic()
+            for name, ok in zip(names, results):
+                if ok:
+                    if self.down_since.pop(name, None) is not None:
+                        log.info("Node answers again name=%s", name)
+                    continue
+                since = self.down_since.setdefault(name, now)
+                if since == now:
+                    log.warning("Node not answering name=%s", name)
+                if now - since >= self.failover_after_s and name in self._placement.owner:
+                    try:
+                        await self._fail_over(name)
+                    except Exception as exc:
+                        log.error("failover from %s failed: %s", name, exc)
+                if (now - since >= self.rebuild_after_s and name in self._placement.nodes
+                        and len(self._placement.nodes) > 1):
+                    log.warning("Node away for %.0f s, its copies are rebuilt elsewhere name=%s", now - since, name)
+                    self._set(self._placement.with_nodes(tuple(n for n in self._placement.nodes if n != name)))
+                    self.error = None
+                    self._start_rebalance()
+
+    async def _ping(self, name: str) -> bool:
+        try:
+            await asyncio.wait_for(self._actor(name).ping.remote(), 1.0)
+            return True
+        except Exception:
+            self._actors.pop(name, None)  # a restarted node is a new actor
+            return False
+
+    async def _fail_over(self, name: str) -> None:
+        """Give each shard whose primary is `name` to its live follower with the highest sequence
+        number (with synchronous replication it holds every acknowledged write)."""
+        p = self._placement
+        changed = []
+        for shard in p.primaries_of(name):
+            candidates = [n for n in p.followers(shard) if n in self.joined and n not in self.down_since]
+            states = await asyncio.gather(*(self._copy_seq(n, shard) for n in candidates))
+            live = [(seq, n) for n, seq in zip(candidates, states) if seq is not None]
+            if not live:
+                continue  # no copy answers: the shard waits for its primary
+            seq, best = max(live)
+            p = p.with_primary(shard, best)
+            changed.append({"shard": shard, "from": name, "to": best, "seq": seq, "at": time.time(),
+                            "epoch": p.epoch})
+        if not changed:
+            return
+        self._set(p)
+        self.failover_count += len(changed)
+        self.failovers = (self.failovers + changed)[-HISTORY:]
+        log.warning("Failover from=%s shards=%s epoch=%d", name, [c["shard"] for c in changed], p.epoch)
+        await self._push()
+
+    async def _copy_seq(self, name: str, shard: int) -> int | None:
+        try:
+            state = await asyncio.wait_for(self._actor(name).copy_state.remote(shard), 2.0)
+            return int(state[0])
+        except Exception:
+            return None
 
     # ---- what the operator sees ---------------------------------------------------------------
 
@@ -245,7 +361,8 @@ class PlacementAuthority:
         return {"epoch": p.epoch, "nodes": list(p.nodes), "pending_moves": len(p.moves()),
                 "moving": list(self.moving.values()), "error": self.error,
                 "rebalancing": self._rebalance is not None and not self._rebalance.done(),
-                "moved_shards": self.moved_shards, "moved_bytes": self.moved_bytes}
+                "moved_shards": self.moved_shards, "moved_bytes": self.moved_bytes,
+                "replication": p.replication, "down": sorted(self.down_since), "failovers": self.failover_count}
 
     async def summary(self) -> dict[str, Any]:
         return self._summary()
@@ -253,9 +370,11 @@ class PlacementAuthority:
     async def status(self) -> dict[str, Any]:
         p = self._placement
         owners = p.by_node()
-        nodes = sorted(set(p.nodes) | set(owners) | set(self.joined))
+        nodes = sorted(set(p.nodes) | p.holders() | set(self.joined))
         return {**self._summary(), "shards": p.shards, "owner": list(p.owner),
+                "replicas": [list(r) for r in p.replicas], "recent_failovers": self.failovers[-10:],
                 "members": {n: {"member": n in p.nodes, "joined": n in self.joined, "shards": owners.get(n, []),
+                                "copies": p.shards_of(n), "up": n in self.joined and n not in self.down_since,
                                 **{k: v for k, v in self.joined.get(n, {}).items() if k in ("host", "pid", "data_dir")}}
                             for n in nodes},
                 "history": list(self.history)}

@@ -41,6 +41,15 @@ DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the ro
 
 
 SHARDS = object()  # in a fan-out's arguments: the shards the called node owns (Cluster._everywhere)
+READS = frozenset({"query", "edges"})  # fan-out methods a follower copy may answer
+
+
+class NodeDown(Unavailable):
+    """A node's actor is gone (its machine, or a restart): the request may go elsewhere."""
+
+
+class NodeSlow(Unavailable):
+    """A node did not answer within the time given to it."""
 
 
 class Moved(Exception):
@@ -64,6 +73,8 @@ class Cluster:
         self.coalescers: dict[tuple[str, str], Coalescer] = {}  # (node, method) -> merged Ray calls
         self.authority: Any = None  # the placement authority (node.authority)
         self.moved_retries = 0  # requests sent again after a node said a shard moved
+        self.read_failovers = 0  # reads answered by (or tried on) a follower copy
+        self._summary_cache: tuple[float, dict | None] = (0.0, None)
         self._refresh_lock = asyncio.Lock()
         self._owns_ray = False
         self._owns_nodes = False  # `tellodb serve` started its nodes; a router only uses them
@@ -90,7 +101,7 @@ class Cluster:
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
         self._owns_nodes = True
-        self.authority = start_authority(cfg.data_dir, cfg.shards, cfg.node_names, movable=False)
+        self.authority = start_authority(cfg.data_dir, cfg, movable=False)
         self.placement = ray.get(self.authority.placement.remote(), timeout=60)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
         threads = max(1, int(cpus))
@@ -166,20 +177,41 @@ class Cluster:
             return self.placement
 
     async def _routed(self, attempt):
-        """Run `attempt()` (which routes by the current placement), again after a refresh each time
-        a node answers that a shard moved, until it succeeds or the request's time is up."""
+        """Run `attempt()` (which routes by the current placement) until it succeeds or the request's
+        time is up: again after reading the placement each time a node answers that a shard moved
+        or is down; and, while an attempt waits on a node that stopped answering, give it up as soon
+        as the authority has handed that node's shards to followers (a failover)."""
         deadline = time.monotonic() + self.config.request_timeout_s
         delay = 0.01
         while True:
             try:
-                return await attempt()
-            except Moved as exc:
+                return await self._watched(attempt(), deadline)
+            except (Moved, NodeDown) as exc:
                 if time.monotonic() + delay > deadline or self.authority is None:
                     raise Unavailable(f"{exc}; the placement changed, retry the request") from None
                 self.moved_retries += 1
                 await asyncio.sleep(delay)
                 await self.refresh_placement()
                 delay = min(delay * 2, 0.25)
+
+    async def _watched(self, work, deadline: float):
+        """Await `work`; every second it takes, ask the authority whether a node is down and the
+        placement moved on, and if so drop the attempt (NodeDown) so it is made again elsewhere."""
+        task = asyncio.ensure_future(work)
+        epoch = self.placement.epoch
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+                if done:
+                    return task.result()
+                if time.monotonic() >= deadline or self.authority is None:
+                    return await task
+                summary = await self.placement_summary(timeout=1)
+                if summary and summary["down"] and summary["epoch"] > epoch:
+                    raise NodeDown(f"node {', '.join(summary['down'])} is down")
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _register_old_free_ids(self) -> None:
         """Shards written before free-form ids had homes (node.id_homes): record where their ids live."""
@@ -219,15 +251,16 @@ class Cluster:
 
     # ---- calls --------------------------------------------------------------------------------
 
-    async def _call(self, node: str, method: str, *args: Any) -> Any:
+    async def _call(self, node: str, method: str, *args: Any, timeout: float | None = None) -> Any:
         coalescer = self.coalescers.get((node, method))
         call = coalescer.call(args) if coalescer else getattr(self.actors[node], method).remote(*args)
+        timeout = timeout or self.config.request_timeout_s
         try:
-            return await asyncio.wait_for(call, self.config.request_timeout_s)
+            return await asyncio.wait_for(call, timeout)
         except (asyncio.TimeoutError, GetTimeoutError):
-            raise Unavailable(f"{node} did not answer within {self.config.request_timeout_s:g} s") from None
+            raise NodeSlow(f"{node} did not answer within {timeout:g} s") from None
         except RayActorError:
-            raise Unavailable(f"{node} is restarting; retry the request") from None
+            raise NodeDown(f"{node} is down or restarting; retry the request") from None
         except (RayError, Exception) as exc:  # a Ray task error, or one a merged request got alone
             cause = exc
             while isinstance(cause, RayTaskError) and cause.cause is not None:  # a node's error, via other nodes
@@ -242,10 +275,51 @@ class Cluster:
             raise ApiError(f"{node} could not complete {method}") from None
 
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
-        """Call `method(*args)` on every node that owns shards, with SHARDS in `args` replaced by the
-        shards it owns by this router's placement: during a move each shard is asked of one node only."""
-        return await asyncio.gather(*(self._call(n, method, *(shards if a is SHARDS else a for a in args))
-                                      for n, shards in self.placement.by_node().items()))
+        """Call `method(*args)` on every node that is the primary of shards, with SHARDS in `args`
+        replaced by those shards (by this router's placement: during a move each shard is asked of
+        one node only). For a read (`method` in READS), the shards of a node that does not answer
+        within `read_failover_s` are asked of their followers instead."""
+        read = method in READS
+
+        async def one(node: str, shards: list[int]) -> list[Any]:
+            bound = [shards if a is SHARDS else a for a in args]
+            if not read or not any(self.placement.followers(s) for s in shards):
+                return [await self._call(node, method, *bound)]
+            try:
+                return [await self._call(node, method, *bound, timeout=self.config.read_failover_s)]
+            except (NodeSlow, NodeDown):
+                self.read_failovers += 1
+                by_follower: dict[str, list[int]] = {}
+                for s in shards:
+                    if not self.placement.followers(s):
+                        raise
+                    by_follower.setdefault(self.placement.followers(s)[0], []).append(s)
+                return await asyncio.gather(*(self._call(f, method, *(part if a is SHARDS else a for a in args))
+                                              for f, part in by_follower.items()))
+
+        parts = await asyncio.gather(*(one(n, shards) for n, shards in self.placement.by_node().items()))
+        return [answer for part in parts for answer in part]
+
+    async def _read(self, shard: int, method: str, *args: Any) -> Any:
+        """A read of one shard: from its primary, or from a follower when the primary does not
+        answer within `read_failover_s` (reads of moved shards follow the placement, as writes do)."""
+        async def attempt() -> Any:
+            first, *others = self.placement.replicas[shard]
+            if not others:
+                return await self._call(first, method, *args)
+            try:
+                return await self._call(first, method, *args, timeout=self.config.read_failover_s)
+            except (NodeSlow, NodeDown) as exc:
+                failure: ApiError = exc
+            for node in others:
+                self.read_failovers += 1
+                try:
+                    return await self._call(node, method, *args, timeout=self.config.read_failover_s)
+                except (NodeSlow, NodeDown) as exc:
+                    failure = exc
+            raise failure
+
+        return await self._routed(attempt)
 
     async def ingest(self, items: list[IngestItem]) -> list[str | None]:
         """Store validated items, each placed on its entity's shard. Returns, in the order given, None for each
@@ -290,8 +364,7 @@ class Cluster:
         """Best hits for `text` (within `window`), or without text the window's memories in time order."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
-            return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "query", text,
-                                                         entity_id, shard, limit, window))
+            return await self._read(shard, "query", text, entity_id, shard, limit, window)
         parts = await self._routed(lambda: self._everywhere("query", text, None, SHARDS, limit, window, prefixes))
         hits = [h for part in parts for h in part]
         if text is None:
@@ -305,8 +378,7 @@ class Cluster:
         """Edges touching `nodes`: from the entity's shard, or from every node (merged, newest first)."""
         if entity_id is not None:
             shard = self.placement.shard_of(entity_id)
-            return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "edges", entity_id,
-                                                         shard, nodes, direction, edge_types, per_node))
+            return await self._read(shard, "edges", entity_id, shard, nodes, direction, edge_types, per_node)
         parts = await self._routed(lambda: self._everywhere("edges", None, SHARDS, nodes, direction, edge_types,
                                                                      per_node))
         found = [e for part in parts for e in part]
@@ -354,16 +426,14 @@ class Cluster:
     async def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
                         bucket: str | None) -> dict[str, Any]:
         shard = self.placement.shard_of(entity_id)
-        return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "analytics", entity_id,
-                                                     shard, label, start_ms, end_ms, bucket))
+        return await self._read(shard, "analytics", entity_id, shard, label, start_ms, end_ms, bucket)
 
     async def export_entity(self, entity_id: str, page: int = 500):
         """Yield an entity's memories page by page (its shard holds them all)."""
         shard = self.placement.shard_of(entity_id)
         after = 0
         while True:
-            rows = await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "export_page",
-                                                         entity_id, shard, after, page))
+            rows = await self._read(shard, "export_page", entity_id, shard, after, page)
             if not rows:
                 return
             after = rows[-1]["rowid"]
@@ -399,13 +469,11 @@ class Cluster:
                 log.error("a failed batch's items on %s could not be taken back: %s", node, result)
 
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
-        async def attempt() -> dict | None:
-            home = self._home(memory_id)
-            if home is not None:
-                return await self._call(home[0], "inspect", memory_id, [home[1]], include_window, radius)
-            return await self._call(self._id_home_node(memory_id), "inspect_free", memory_id, include_window, radius)
-
-        return await self._routed(attempt)
+        home = self._home(memory_id)
+        if home is not None:
+            return await self._read(home[1], "inspect", memory_id, [home[1]], include_window, radius)
+        return await self._routed(lambda: self._call(self._id_home_node(memory_id), "inspect_free", memory_id,
+                                                     include_window, radius))
 
     async def delete(self, memory_id: str) -> bool:
         async def attempt() -> bool:
@@ -422,8 +490,7 @@ class Cluster:
 
     async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
         shard = self.placement.shard_of(entity_id)
-        return await self._routed(lambda: self._call(self.placement.node_of_shard(shard), "profile", entity_id,
-                                                     shard, recent))
+        return await self._read(shard, "profile", entity_id, shard, recent)
 
     async def snapshot(self, shard: int) -> dict[str, Any]:
         """A consistent copy of `shard` on its node (node.service.Node.snapshot)."""
@@ -471,12 +538,18 @@ class Cluster:
                 member["answered"] = False
         return status
 
-    async def placement_summary(self, timeout: float) -> dict[str, Any] | None:
-        """Epoch, pending moves and the last error (for /metrics); None when the authority does not answer."""
+    async def placement_summary(self, timeout: float, max_age_s: float = 0.5) -> dict[str, Any] | None:
+        """Epoch, pending moves, nodes down, the last error (read at most every `max_age_s`, since
+        every slow request asks); None when the authority does not answer."""
+        cached_at, cached = self._summary_cache
+        if cached is not None and time.monotonic() - cached_at < max_age_s:
+            return cached
         try:
-            return await asyncio.wait_for(self.authority.summary.remote(), timeout)
+            summary = await asyncio.wait_for(self.authority.summary.remote(), timeout)
         except Exception:
             return None
+        self._summary_cache = (time.monotonic(), summary)
+        return summary
 
     async def add_node(self, name: str) -> dict[str, Any]:
         return await self._ask_authority("add_node", name)

@@ -71,7 +71,7 @@ def run_head(args: argparse.Namespace) -> int:
     try:
         address = ray_node.start()
         ray_node.connect(NAMESPACE)
-        authority = start_authority(os.path.abspath(config.data_dir), config.shards, config.node_names, movable=True,
+        authority = start_authority(os.path.abspath(config.data_dir), config, movable=True,
                                     label_selector={ROLE_LABEL: "head"})
         placement = ray.get(authority.placement.remote(), timeout=120)
         log.info("Head ready address=%s shards=%d nodes=%s epoch=%d token_file=%s", address, placement.shards,

@@ -47,4 +47,4 @@ async def test_a_rebalance_waits_for_both_ends_of_a_move_to_have_joined(tmp_path
     status = await authority.status()
     assert "waiting for node 'a' to join" in status["error"] and not status["rebalancing"]
     assert status["owner"] == list(Placement(8, ("a",)).owner) and status["epoch"] == 2
-    assert status["members"]["b"] == {"member": True, "joined": True, "shards": [], "pid": 1}
+    assert status["members"]["b"] == {"member": True, "joined": True, "shards": [], "copies": [], "up": True, "pid": 1}
