@@ -102,7 +102,7 @@ class PlacementAuthority:
         self.joined[name] = {**info, "joined_at": time.time()}
         self._actors.pop(name, None)
         self.down_since.pop(name, None)
-        if self.movable and (self._watcher is None or self._watcher.done()):
+        if (self.movable or self._placement.replication > 1) and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
         log.info("Node joined name=%s member=%s", name, name in self._placement.nodes)
         if self._placement.moves() and (self._rebalance is None or self._rebalance.done()) and not self.error:

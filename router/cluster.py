@@ -15,6 +15,7 @@ to clients (Redis Cluster's MOVED, without a client-side redirect).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from node.authority import PlacementError, UnknownNode
 from node.actor import NAMESPACE, actor_name, authority, start_authority, start_node_actor
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
 from node.service import Node
-from node.config import ClusterConfig
+from node.config import ClusterConfig, ConfigError
 from node.ids import parse_memory_id
 from node.ranking import best_first, oldest_first
 from node.records import IngestItem
@@ -62,6 +63,28 @@ def set_node_environment() -> None:
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                        ("MALLOC_ARENA_MAX", "2")):
         os.environ.setdefault(var, value)
+
+
+def serve_node_config(config: ClusterConfig, node: str) -> ClusterConfig:
+    """A node's settings in `tellodb serve`. With one copy per shard every node keeps its shards in
+    `<data_dir>/shards/` (so `nodes` can change between starts); with replicas each node needs a
+    folder of its own, `<data_dir>/nodes/<node>/` (a shard has a copy in two of them)."""
+    if config.replication == 1:
+        return config
+    return dataclasses.replace(config, data_dir=os.path.join(config.data_dir, "nodes", node))
+
+
+def check_serve_layout(config: ClusterConfig) -> None:
+    """Refuse to start `tellodb serve` on shards laid out for the other replication setting."""
+    shared = os.path.join(config.data_dir, "shards")
+    per_node = os.path.join(config.data_dir, "nodes")
+    has = lambda path: os.path.isdir(path) and any(os.scandir(path))  # noqa: E731
+    if config.replication > 1 and has(shared):
+        raise ConfigError(f"replication: {config.data_dir} holds single-copy shards; replication > 1 on one machine "
+                          "needs a new data directory (back it up and restore it into a cluster, README: Backups)")
+    if config.replication == 1 and has(per_node):
+        raise ConfigError(f"replication: {config.data_dir} holds replicated shards (nodes/); set replication back "
+                          "to the value it was created with")
 
 
 class Cluster:
@@ -101,6 +124,7 @@ class Cluster:
             log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
                      ray.cluster_resources().get("CPU"), time.monotonic() - started)
         self._owns_nodes = True
+        check_serve_layout(cfg)
         self.authority = start_authority(cfg.data_dir, cfg, movable=False)
         self.placement = ray.get(self.authority.placement.remote(), timeout=60)
         cpus = cfg.cpus_per_node or max(0.25, (ray.cluster_resources().get("CPU", 1.0)) / cfg.nodes)
@@ -109,7 +133,7 @@ class Cluster:
                  cfg.nodes, cfg.shards, cpus, threads)
         started = time.monotonic()
         for name in self.placement.nodes:
-            self._add_actor(name, start_node_actor(name, cfg, self.placement, cpus, threads))
+            self._add_actor(name, start_node_actor(name, serve_node_config(cfg, name), self.placement, cpus, threads))
         infos = self._wait_for_nodes()
         ray.get([self.authority.join.remote(i["node"], {"pid": i["pid"]}) for i in infos])
         log.info("Shards placed shards=%d nodes=%d epoch=%d seconds=%.1f", cfg.shards, len(infos),
@@ -521,9 +545,11 @@ class Cluster:
             raise ApiError(f"the placement authority could not complete {method}") from None
 
     async def cluster_status(self) -> dict[str, Any]:
-        """The authority's view (members, owners, moves) with each node's memories and bytes."""
+        """The authority's view (members, owners, moves) with each node's memories and bytes, and
+        each shard's copies with their sequence numbers and lag (`shards_detail`, `under_replicated`)."""
         status = await self._ask_authority("status")
         per_node = await self.stats(timeout=10)
+        await self._add_replication(status)
         for name, member in status["members"].items():
             stats = per_node.get(name)
             if stats is None and name not in self.actors and member["joined"]:
@@ -550,6 +576,36 @@ class Cluster:
             return None
         self._summary_cache = (time.monotonic(), summary)
         return summary
+
+    async def _add_replication(self, status: dict[str, Any]) -> None:
+        names = sorted({n for copies in status["replicas"] for n in copies if n in self.actors})
+
+        async def one(name: str) -> dict | None:
+            try:
+                return await asyncio.wait_for(self.actors[name].replication_status.remote(), 5)
+            except Exception:
+                return None
+
+        found = dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+        detail, under = [], []
+        for shard, copies in enumerate(status["replicas"]):
+            primary = (found.get(copies[0]) or {}).get("shards", {}).get(shard)
+            seq = primary["seq"] if primary else None
+            rows = [{"node": copies[0], "role": "primary", "seq": seq, "live": primary is not None, "lag": 0}]
+            for f in copies[1:]:
+                link = (primary or {}).get("followers", {}).get(f) or {}
+                mine = (found.get(f) or {}).get("shards", {}).get(shard)
+                their = mine["seq"] if mine else None
+                in_step = mine is not None and (their or 0) == (seq or 0)
+                rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"),
+                             "live": bool(link.get("live")) or in_step,
+                             "lag": 0 if in_step else link.get("lag")})
+            lags = [r["lag"] for r in rows[1:]]
+            lag = None if any(x is None for x in lags) else max(lags, default=0)
+            if len(copies) < status["replication"] or not all(r["live"] for r in rows) or lag:
+                under.append(shard)
+            detail.append({"shard": shard, "primary": copies[0], "seq": seq, "lag": lag, "copies": rows})
+        status["shards_detail"], status["under_replicated"] = detail, under
 
     async def add_node(self, name: str) -> dict[str, Any]:
         return await self._ask_authority("add_node", name)

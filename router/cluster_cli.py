@@ -26,13 +26,22 @@ def _get(url: str, key: str) -> dict:
 
 def format_status(status: dict) -> str:
     """A short human-readable view of `GET /admin/cluster`."""
-    lines = [f"epoch {status['epoch']}  shards {status['shards']}  pending moves {status['pending_moves']}"
+    under = status.get("under_replicated", [])
+    lines = [f"epoch {status['epoch']}  shards {status['shards']}  replication {status.get('replication', 1)}  "
+             f"pending moves {status['pending_moves']}  failovers {status.get('failovers', 0)}"
+             + (f"  under-replicated shards {under}" if under else "")
              + (f"  ERROR: {status['error']}" if status.get("error") else "")]
-    lines.append(f"{'NODE':<16} {'MEMBER':<7} {'JOINED':<7} {'SHARDS':>6} {'MEMORIES':>9} {'MiB':>8}")
+    lines.append(f"{'NODE':<16} {'MEMBER':<7} {'UP':<4} {'PRIMARY':>7} {'COPIES':>6} {'MEMORIES':>9} {'MiB':>8}")
     for name, n in sorted(status["members"].items()):
         mib = n.get("bytes", 0) / 2**20
-        lines.append(f"{name:<16} {'yes' if n['member'] else 'no':<7} {'yes' if n['joined'] else 'no':<7} "
-                     f"{len(n['shards']):>6} {n.get('memories', 0):>9} {mib:>8.1f}")
+        lines.append(f"{name:<16} {'yes' if n['member'] else 'no':<7} {'yes' if n.get('up') else 'no':<4} "
+                     f"{len(n['shards']):>7} {len(n.get('copies', n['shards'])):>6} {n.get('memories', 0):>9} "
+                     f"{mib:>8.1f}")
+    for d in status.get("shards_detail", []):
+        if d["shard"] in under:
+            copies = ", ".join(f"{c['node']}({c['role'][0]} seq={c['seq']} {'live' if c['live'] else 'DOWN'})"
+                               for c in d["copies"])
+            lines.append(f"shard {d['shard']}: lag {d['lag']}  {copies}")
     for m in status.get("moving", []):
         lines.append(f"moving shard {m['shard']}: {m['from']} -> {m['to']} ({m['state']})")
     return "\n".join(lines)

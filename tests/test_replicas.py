@@ -1,0 +1,103 @@
+"""Losing a machine with `replication: 2`: a head, three `tellodb node`s and two routers on this machine;
+one node is killed with everything it started while mixed load runs through both routers, then
+started again with the same name and data directory. No acknowledged write is lost, reads and
+writes keep being answered, and the node catches up until every shard has both copies again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from tellodb import TellodbClient
+
+from conftest import API_KEY
+from loadtest.local_cluster import LocalCluster
+from loadtest.mixed_load import MixedLoad
+
+FIXED = [f"fixed:user-{i}" for i in range(10)]
+FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", "moved to Lisbon last spring",
+               "is allergic to peanuts", "works night shifts at the hospital"]
+
+
+@pytest.fixture(scope="module")
+def model_seed(tmp_path_factory):
+    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.onnx_embedder import export_onnx
+
+    seed = tmp_path_factory.mktemp("model-seed")
+    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
+    return seed
+
+
+@pytest.fixture
+def replicated(tmp_path, model_seed):
+    c = LocalCluster(tmp_path / "cluster", API_KEY, shards=8, nodes=("n1", "n2", "n3"), model_seed=model_seed,
+                     extra_config={"replication": 2, "failover_after_s": 2})
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def status(c: LocalCluster, url: str) -> dict:
+    done = c.cli("cluster", "status", "--json", "--url", url, "--key", API_KEY)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def answers(client: TellodbClient) -> dict[str, list[str]]:
+    found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
+    found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(FIXED)))
+    return found
+
+
+def wait_fully_replicated(c: LocalCluster, url: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(c, url)
+        if not s["under_replicated"] and not s["down"]:
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still under-replicated: {s['under_replicated']}, down: {s['down']}")
+        time.sleep(1)
+
+
+def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
+    c = replicated
+    c.start_head()
+    c.start_nodes(["n1", "n2", "n3"])
+    r1, r2 = c.start_routers(2)
+    client = TellodbClient.from_cloud(base_url=r1.url, api_key=API_KEY)
+    for e in FIXED:
+        for j, text in enumerate(FIXED_TEXTS):
+            client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
+    before = answers(client)
+    first = wait_fully_replicated(c, r1.url)
+    assert first["replication"] == 2 and all(len(copies) == 2 for copies in first["replicas"])
+    assert "n2" in first["owner"]  # n2 is the primary of some shards: its loss needs a failover
+
+    load = MixedLoad([r1.url, r2.url], API_KEY, entities=12).start()
+    time.sleep(3)
+    killed_at = time.monotonic()
+    c.kill("n2")  # the node process, its raylet and its node actor, with SIGKILL
+    time.sleep(8)  # the failover (failover_after_s: 2) and some load on one copy per shard
+    during = status(c, r1.url)
+    assert "n2" in during["down"] and during["failovers"] >= 1 and "n2" not in during["owner"]
+    c.start_nodes(["n2"])  # the same name and data directory
+    after = wait_fully_replicated(c, r1.url)
+    time.sleep(2)
+    load.stop()
+
+    assert load.errors == [], load.errors[:5]
+    writes_in_outage = [t for (url, kind), samples in load.latencies.items() if kind == "write"
+                        for t, _ in samples if killed_at + 3 < t < killed_at + 8]
+    assert writes_in_outage, "writes were not acknowledged while a node was down"
+    for memory_id, (entity, text) in load.acked.items():
+        found = client.inspect_memory(memory_id)
+        assert found["entity_id"] == entity and found["textual_content"] == text
+    assert answers(client) == before
+    assert all(len(copies) == 2 for copies in after["replicas"]) and after["epoch"] > first["epoch"]
+    for shard in after["shards_detail"]:
+        assert shard["lag"] == 0 and len(shard["copies"]) == 2, shard
