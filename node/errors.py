@@ -35,6 +35,13 @@ class DeadlineExceeded(NodeError):
     code = "deadline_exceeded"
 
 
+class TooFewReplicas(NodeError):
+    """A write committed on the shard's primary while fewer copies than `min_live_replicas` are
+    live: it is not acknowledged (503). Retrying it is safe: the router assigns ids, so it upserts."""
+
+    code = "too_few_replicas"
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` is SQLite's SQLITE_FULL or the OS's ENOSPC/EDQUOT (Chroma writes files too)."""
     if isinstance(exc, sqlite3.Error):

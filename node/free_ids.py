@@ -233,7 +233,7 @@ class FreeIds:
 
         def collect() -> dict[int, list[str]]:
             found: dict[int, list[str]] = {}
-            for s in sorted(node.owned):
+            for s in sorted(node._primaries()):
                 if not node._candidate_shards([s]) or node.shards[s].meta("id_homes") is not None:
                     continue
                 found[s] = [m for (m,) in node.shards[s].db.execute("SELECT memory_id FROM memories")

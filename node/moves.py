@@ -15,6 +15,11 @@ The placement authority runs, per shard, on the target B and the source A:
 
 Rollback of 1-4: `B.abort_incoming(s)` and `A.unfence(s)`, both idempotent. `Gate` is the
 write fence; `Moves` the rest.
+
+With replicas the same steps move one copy: a node that receives and adopts a follower copy is
+sent the primary's writes from its own seq once the primary's placement names it
+(node.replication), and `reseed` replaces a follower copy its primary cannot bring up to date from
+its log with a new one received the same way.
 """
 
 from __future__ import annotations
@@ -140,12 +145,17 @@ class Moves:
 
         await node._on_store(unpin)
 
-    async def release(self, shard: int) -> None:
-        """Drop `shard` (its new owner has it and the placement says so); idempotent."""
+    def _listed(self, shard: int) -> bool:
+        """Whether this node's placement lists it among `shard`'s copies (primary or follower)."""
         node = self.node
-        if shard in node.owned and node.placement.node_of_shard(shard) == node.name:
+        return shard < node.placement.shards and node.name in node.placement.replicas[shard]
+
+    async def release(self, shard: int) -> None:
+        """Drop `shard` (its new holder has it and the placement says so); idempotent."""
+        node = self.node
+        if shard in node.owned and self._listed(shard):
             raise NodeError(f"{node.name} will not release shard {shard}: its placement (epoch "
-                            f"{node.placement.epoch}) still names it the owner")
+                            f"{node.placement.epoch}) still names it the owner or a copy")
         await self._disown(shard)
         self.gate.unfence(shard)
 
@@ -176,7 +186,7 @@ class Moves:
 
     # ---- the target ------------------------------------------------------------------------
 
-    async def receive(self, shard: int, source: str) -> dict[str, Any]:
+    async def receive(self, shard: int, source: str, pin: str = MOVE_PIN) -> dict[str, Any]:
         node = self.node
         if shard in node.owned:
             raise NodeError(f"{node.name} owns shard {shard} already")
@@ -185,7 +195,7 @@ class Moves:
         peer = node.peer(source)
         started = time.monotonic()
         try:
-            size = await self._copy(inc, peer)
+            size = await self._copy(inc, peer, pin)
             copied = time.monotonic()
             while await node._on_store(inc.store.index_pending, INDEX_BATCH, busy="index"):
                 self._alive(inc)
@@ -203,10 +213,10 @@ class Moves:
                 "seconds": round(time.monotonic() - started, 3), "copy_seconds": round(copied - started, 3),
                 "index_seconds": round(indexed - copied, 3)}
 
-    async def _copy(self, inc: Incoming, peer: Any) -> int:
+    async def _copy(self, inc: Incoming, peer: Any, pin: str) -> int:
         """Copy the source's snapshot of the shard into place and open it; its size in bytes."""
         node, shard = self.node, inc.shard
-        snap = await peer.snapshot.remote(shard, MOVE_PIN)
+        snap = await peer.snapshot.remote(shard, pin)
         staging = staging_dir(node.data_dir, shard)
         try:
             await _in_thread(_fresh_folder, staging)
@@ -272,6 +282,22 @@ class Moves:
         await node._on_store(own)
         del self.incoming[shard]
 
+    async def reseed(self, shard: int, source: str) -> int:
+        """Drop the follower copy of `shard` here and receive a new one from its primary `source`
+        (which holds the log pin `reseed-<this node>` meanwhile and releases it); its seq."""
+        from node.replication import reseed_pin
+
+        node = self.node
+        if shard < node.placement.shards and node.placement.owner[shard] == node.name:
+            raise NodeError(f"{node.name} will not re-seed shard {shard}: its placement (epoch "
+                            f"{node.placement.epoch}) names it the primary")
+        if shard in self.incoming:
+            raise NodeError(f"{node.name} is receiving shard {shard} already")
+        await self._disown(shard)
+        info = await self.receive(shard, source, reseed_pin(node.name))
+        await self.adopt(shard)
+        return info["seq"]
+
     async def abort(self, shard: int) -> None:
         """Forget a copy being received (or received, or adopted while the placement still names
         another node) and delete it; idempotent."""
@@ -281,9 +307,9 @@ class Moves:
             inc.aborted = True
             await self._discard(inc)
         if shard in node.owned:
-            if node.placement.node_of_shard(shard) == node.name:
+            if self._listed(shard):
                 raise NodeError(f"{node.name} will not drop shard {shard}: its placement (epoch "
-                                f"{node.placement.epoch}) names it the owner")
+                                f"{node.placement.epoch}) names it the owner or a copy")
             await self._disown(shard)
         await _in_thread(shutil.rmtree, staging_dir(node.data_dir, shard), True)
         await _in_thread(shutil.rmtree, node.shard_root(shard), True)

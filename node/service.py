@@ -21,6 +21,7 @@ import asyncio
 import os
 import shutil
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +35,7 @@ from node.indexer import Indexer
 from node.moves import Moves
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
+from node.replication import Replication
 from node.ring import Placement
 from node.snapshots import Snapshots
 from node.store import MemoryRecord, ShardStore, upsert_together
@@ -79,6 +81,7 @@ class Node:
             duplicate=self._duplicate)
         self.free_ids = FreeIds(self)
         self.moves = Moves(self)
+        self.replication = Replication(self)
         self._peers: dict[str, Any] = {}
         self.snapshots = Snapshots(self.data_dir, name)
         self.queries = 0
@@ -101,6 +104,7 @@ class Node:
     def start(self) -> None:
         """Start the background work (needs the running event loop); idempotent."""
         self.indexer.start()
+        self.replication.sync()
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -145,18 +149,33 @@ class Node:
             self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
         return self._peers[node]
 
+    def is_primary(self, shard: int) -> bool:
+        """Whether this node holds `shard`'s primary copy, by its placement view."""
+        return shard in self.owned and self.placement.owner[shard] == self.name
+
+    def _primaries(self) -> set[int]:
+        return {s for s in self.owned if self.is_primary(s)}
+
     def _check_writable(self, shards: Iterable[int]) -> set[int]:
-        """NotOwnedError unless every shard is owned here and not fenced by a move."""
+        """NotOwnedError unless this node holds the primary copy of every shard and none is fenced
+        by a move: a follower copy takes writes only from its primary (`apply_changes`)."""
         shards = set(shards)
         for s in shards:
             if s not in self.owned:
                 raise NotOwnedError(f"shard {s} is not owned by {self.name}")
+            if self.placement.owner[s] != self.name:
+                raise NotOwnedError(f"shard {s}: this node holds a follower copy; writes go to the primary")
         self.moves.gate.check(shards)
         return shards
 
-    def _writing(self, shards: Iterable[int]):
-        """Hold `shards` open for one write (a move's fence waits for it), or NotOwnedError."""
-        return self.moves.gate.writing(self._check_writable(shards))
+    @asynccontextmanager
+    async def _writing(self, shards: Iterable[int]):
+        """Hold `shards` open for one write (a move's fence waits for it), or NotOwnedError; once
+        the write has committed, wait until the shards' live followers hold it (node.replication)."""
+        shards = self._check_writable(shards)
+        with self.moves.gate.writing(shards):
+            yield
+            await self.replication.wait(shards)
 
     @staticmethod
     def _shard_list(shard: int | list[int] | tuple[int, ...] | None) -> list[int] | None:
@@ -229,7 +248,7 @@ class Node:
             fact_key=it.fact_key,
         ) for it, vec in zip(items, vectors)]
         # In flight from here (not from entry): a fence waits for commits, not for embedding passes.
-        with self._writing(shards):
+        async with self._writing(shards):
             return await self.writer.write(items, records, deadline)
 
     def _duplicate(self, record: MemoryRecord, shard: int, earlier: list[MemoryRecord]) -> str | None:
@@ -311,7 +330,7 @@ class Node:
     async def erase(self, entity_id: str, shard: int | list[int] | None = None) -> dict[str, Any]:
         """Erase an entity from the given shards, or every shard here; per-shard counts of what was removed."""
         shards = self._shard_list(shard)
-        with self._writing(self.owned if shards is None else shards):
+        async with self._writing(self._primaries() if shards is None else shards):
             return await self._erase(entity_id, shards)
 
     async def _erase(self, entity_id: str, shards: list[int] | None) -> dict[str, Any]:
@@ -345,14 +364,14 @@ class Node:
 
     async def delete_ids(self, pairs: list[tuple[str, int]]) -> int:
         """Delete each (memory_id, shard) in one store call; return how many were there."""
-        with self._writing(s for _, s in pairs):
+        async with self._writing(s for _, s in pairs):
             return await self._on_store(lambda: sum(self._shard(s).delete(m) for m, s in pairs))
 
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
         def remove() -> bool:
             return any([self.shards[s].delete(memory_id) for s in self._candidate_shards(shards)])
 
-        with self._writing(self.owned if shards is None else shards):
+        async with self._writing(self._primaries() if shards is None else shards):
             return await self._on_store(remove)
 
     # ---- free-form ids (node.free_ids): this node is the home of the ids hashed to its shards ----
@@ -360,19 +379,19 @@ class Node:
     async def ingest_free(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
         """Write items whose free-form ids have their home here: each id ends up in exactly one
         shard, its item's, however many writers race (see node.id_homes). Answers as `ingest`."""
-        with self._writing(self._homes(it.memory_id for it in items)):
+        async with self._writing(self._homes(it.memory_id for it in items)):
             return await self.free_ids.ingest(items, deadline)
 
     async def inspect_free(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
         return await self.free_ids.inspect(memory_id, include_window, radius)
 
     async def delete_free(self, memory_id: str) -> bool:
-        with self._writing(self._homes([memory_id])):
+        async with self._writing(self._homes([memory_id])):
             return await self.free_ids.delete(memory_id)
 
     async def forget_homes(self, ids: list[str]) -> None:
         """Drop the home records of an erased entity's free-form ids, and their log entries."""
-        with self._writing(self._homes(ids)):
+        async with self._writing(self._homes(ids)):
             await self.free_ids.forget(ids)
 
     def _homes(self, ids: Iterable[str]) -> set[int]:
@@ -384,11 +403,11 @@ class Node:
 
     async def register_homes(self, pairs: list[tuple[str, int]]) -> None:
         """Record the shard of free-form ids found in old shards, unless the id already has a home."""
-        with self._writing(self._homes(m for m, _ in pairs)):
+        async with self._writing(self._homes(m for m, _ in pairs)):
             await self.free_ids.register(pairs)
 
     async def mark_homes_registered(self, shards: list[int]) -> None:
-        with self._writing(shards):
+        async with self._writing(shards):
             await self.free_ids.mark_registered(shards)
 
     # ---- snapshots (node.snapshots) ----------------------------------------------------------------
@@ -440,8 +459,10 @@ class Node:
         return await self.moves.catch_up(shard, source)
 
     async def adopt(self, shard: int) -> None:
-        """Own the received copy of `shard`: it is served here from now on."""
+        """Own the received copy of `shard`: it is served here from now on (as the primary or a
+        follower copy, as the placement says)."""
         await self.moves.adopt(shard)
+        self.replication.sync(force=True)
 
     async def release(self, shard: int) -> None:
         """Drop `shard`, now owned elsewhere: requests for it raise NotOwnedError, its folder goes."""
@@ -457,21 +478,87 @@ class Node:
 
     async def set_placement(self, placement: Placement) -> int:
         """Take a newer placement (a higher epoch; an older one is ignored) as this node's view of
-        where shards live. It never changes which shards this node owns. Returns the epoch in use."""
+        where shards live, and of which copies here are primaries (they replicate to the followers
+        it names). It never changes which shards this node holds. Returns the epoch in use."""
         if placement.epoch > self.placement.epoch:
             self.placement = placement
+            self.replication.sync()
         return self.placement.epoch
 
     async def get_placement(self) -> Placement:
         return self.placement
 
+    # ---- replicas (node.replication): the follower's side, health and status ----------------------
+
+    async def apply_changes(self, shard: int, changes: list, from_node: str, after: int | None = None) -> int:
+        """Apply the primary `from_node`'s changes to this follower copy of `shard`; its seq after.
+        `after`: the seq the changes follow (default: the first one's - 1). A copy behind it (a
+        gap) applies nothing and answers its own seq, so the primary sends again from there.
+        NotOwnedError if there is no copy here or this node is the shard's primary in its view."""
+        self.start()
+        start = after if after is not None else (changes[0].seq - 1 if changes else 0)
+
+        def apply() -> int:
+            if shard not in self.owned:
+                raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
+            if self.placement.owner[shard] == self.name:
+                raise NotOwnedError(f"shard {shard}: {self.name} is its primary (placement epoch "
+                                    f"{self.placement.epoch}), not a follower of {from_node}")
+            store = self._shard(shard)
+            if store.last_seq() < start:
+                return store.last_seq()
+            store.apply(changes)
+            return store.last_seq()
+
+        self.indexer.wrote()
+        seq = await self._on_store(apply, busy="commit")
+        self.indexer.committed()
+        return seq
+
+    async def copy_state(self, shard: int) -> tuple[int, str | None]:
+        """(seq, digest of the change at seq or None) of the copy of `shard` here, for its primary
+        to decide between sending it the changes it misses and re-seeding it; NotOwnedError if none."""
+
+        def state() -> tuple[int, str | None]:
+            if shard not in self.owned:
+                raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
+            return self._shard(shard).copy_state()
+
+        return await self._on_store(state)
+
+    async def reseed(self, shard: int, source: str) -> int:
+        """Replace the copy of `shard` here with one of the primary `source`'s (a snapshot and the
+        log after it, as `receive_shard`) and keep it as a follower copy; its seq."""
+        self.start()
+        return await self.moves.reseed(shard, source)
+
+    async def ping(self) -> dict[str, Any]:
+        """A cheap answer for health checks (on the event loop, no store thread, no model)."""
+        return {"node": self.name, "epoch": self.placement.epoch}
+
+    async def replication_status(self) -> dict[str, Any]:
+        """Per shard here: its role, seq, and for a primary each follower's acked seq, live flag and
+        lag; and the node's counters (writes that waited for followers, followers marked down, re-seeds)."""
+
+        def seqs() -> dict[int, int | None]:
+            return {s: self.shards[s].last_seq() if s in self.shards else None for s in sorted(self.owned)}
+
+        shards: dict[int, Any] = {}
+        for s, seq in (await self._on_store(seqs)).items():
+            entry: dict[str, Any] = {"role": "primary" if self.is_primary(s) else "follower", "seq": seq}
+            if entry["role"] == "primary":
+                entry["followers"] = {f: link.status(seq) for f, link in self.replication.links.get(s, {}).items()}
+            shards[s] = entry
+        return {"node": self.name, "placement_epoch": self.placement.epoch, "shards": shards,
+                **self.replication.counters()}
+
 
     def _candidate_shards(self, shards: list[int] | None) -> list[int]:
-        """Shards to look in: the given ones that exist here, or every open one owned here. A given
-        shard not owned here (the caller's placement is stale, or it moved) is NotOwnedError, never
-        an empty answer."""
+        """Shards to look in: the given ones that exist here (primary or follower copies), or every
+        open one this node is the primary of. A given shard not owned here (the caller's placement
+        is stale, or it moved) is NotOwnedError, never an empty answer."""
         if shards is None:
-            return sorted(s for s in self.shards if s in self.owned)
+            return sorted(s for s in self.shards if self.is_primary(s))
         for s in shards:
             if s not in self.owned:
                 raise NotOwnedError(f"shard {s} is not owned by {self.name}")
@@ -485,8 +572,10 @@ class Node:
 
     async def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
-            per_shard = {s: store.stats() for s, store in sorted(self.shards.items())}
-            totals = {k: sum(v[k] for v in per_shard.values()) for k in STAT_KEYS}
+            per_shard = {s: {**store.stats(), "role": "primary" if self.is_primary(s) else "follower"}
+                         for s, store in sorted(self.shards.items())}
+            # Totals count primary copies only, so a cluster's sum over nodes counts each memory once.
+            totals = {k: sum(v[k] for v in per_shard.values() if v["role"] == "primary") for k in STAT_KEYS}
             return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
                     **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard,
                     "embedder_passes": self.embedder.passes, "queries": self.queries,
@@ -496,7 +585,8 @@ class Node:
                     "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
                     "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
-                    "placement_epoch": self.placement.epoch, "moves": self.moves.state()}
+                    "placement_epoch": self.placement.epoch, "moves": self.moves.state(),
+                    "replication": self.replication.summary()}
 
         return await self._on_store(collect)
 
@@ -508,6 +598,7 @@ class Node:
 
     async def close(self) -> None:
         """Finish in-flight writes, checkpoint every shard's WAL, release files."""
+        self.replication.close()
         await self.writer.flush()
         await self.indexer.close()  # what is still unindexed is indexed by reconcile() at start-up
         await self.embedder.close()

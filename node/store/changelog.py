@@ -16,6 +16,7 @@ survives there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from typing import Any, NamedTuple
@@ -75,6 +76,21 @@ def since(db: sqlite3.Connection, after: int, limit: int = 1000) -> list[Change]
     """Changes with a sequence number above `after`, oldest first, at most `limit`."""
     return [Change(*r) for r in db.execute(
         "SELECT seq, op, key, entity_id, body, vector FROM changes WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
+
+
+def change_at(db: sqlite3.Connection, seq: int) -> Change | None:
+    """The change numbered `seq`, if the log still has it."""
+    row = db.execute("SELECT seq, op, key, entity_id, body, vector FROM changes WHERE seq = ?", (seq,)).fetchone()
+    return Change(*row) if row else None
+
+
+def digest(change: Change) -> str:
+    """sha256 of a change row: two copies whose changes at one seq have the same digest hold the
+    same change there (a follower that diverged, an ex-primary's writes never replicated, does not)."""
+    h = hashlib.sha256(json.dumps([change.seq, change.op, change.key, change.entity_id, change.body],
+                                  ensure_ascii=False).encode())
+    h.update(change.vector or b"")
+    return h.hexdigest()
 
 
 def advance(db: sqlite3.Connection, seq: int) -> None:

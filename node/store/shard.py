@@ -232,6 +232,16 @@ class ShardStore:
             self._scrub()
         return len(todo)
 
+    def copy_state(self) -> tuple[int, str | None]:
+        """(last seq, digest of the change at it or None when the log no longer has it): what a
+        primary compares with its own log before it brings this copy up to date."""
+        seq = self.last_seq()
+        return seq, self.digest_at(seq)
+
+    def digest_at(self, seq: int) -> str | None:
+        change = changelog.change_at(self.db, seq)
+        return None if change is None else changelog.digest(change)
+
     def trimmed_to(self) -> int:
         """The newest sequence number trimming dropped: replay from before it is impossible."""
         return changelog.trimmed_to(self.db)

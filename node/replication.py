@@ -1,0 +1,334 @@
+"""A primary's side of shard replicas: synchronous, on the change log (node/store/changelog.py).
+
+Per shard this node is the primary of (by its placement view), one `Link` per follower. A write
+that committed here waits, before it is answered, until every live follower of each shard it
+touched has applied the shard's log as far as it reached after that commit (`Replication.wait`).
+Each link has one pusher at a time: it reads `changes_since(acked)` on the store thread and calls
+the follower's `apply_changes`; writers that arrive meanwhile wait for its next read, so one push
+carries every write queued behind it. Rounds, not seq numbers, say when a writer is served: a
+read that started after the writer's commit and reached the end of the log, applied by the
+follower, holds its changes (erases leave gaps in the log, so a seq target could be unreachable).
+
+A follower that fails or does not answer within `replica_timeout_s` is marked down: writes stop
+waiting for it, and fail with TooFewReplicas (after their local commit) when fewer than
+`min_live_replicas` copies stay live. A catch-up task then retries about every second with a fresh
+actor handle (a restarted node is a new actor): it compares the follower's `copy_state` with this
+log; a copy ahead of it, diverged (an ex-primary's writes never replicated) or older than the log
+reaches is re-seeded (`Node.reseed`: a snapshot of this copy and the log after it), any other is
+sent the changes it misses. Caught up, it is live again.
+
+With one copy per shard there are no links and a write does not wait at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from node.errors import NodeError, NotOwnedError, TooFewReplicas
+
+if TYPE_CHECKING:
+    from node.service import Node
+
+log = logging.getLogger("tellodb.node")
+
+PAGE = 1000  # changes per push
+RETRY_S = 1.0  # between a down follower's catch-up attempts
+
+
+def _actor_gone(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
+
+
+def reseed_pin(follower: str) -> str:
+    """The log pin a primary holds while `follower` is re-seeded from it (Node.reseed takes it)."""
+    return f"reseed-{follower}"
+
+
+class Diverged(NodeError):
+    """The follower's copy cannot be brought up to date from this log: it must be re-seeded."""
+
+
+class Link:
+    """One follower of one shard, seen from its primary."""
+
+    def __init__(self, repl: Replication, shard: int, follower: str) -> None:
+        self.repl = repl
+        self.shard = shard
+        self.follower = follower
+        self.live = True  # writes wait for it (a new link is live until it fails to answer)
+        self.acked: int | None = None  # the follower's seq as it last answered; None: ask it
+        self.started = 0  # reads of the log begun by pushes
+        self.synced = 0  # the newest such read, up to the log's end, the follower has applied
+        self.wanted = 0  # the newest read some writer waits for
+        self.error: str | None = None  # why it is down
+        self.down_since: float | None = None
+        self.handle: Any = None
+        self.closed = False
+        self._moved = asyncio.Event()
+        self._pusher: asyncio.Task | None = None
+        self._catcher: asyncio.Task | None = None
+
+    # ---- writers --------------------------------------------------------------------------
+
+    def want(self) -> int:
+        """Ask for a push that reads the log after now; the round to wait for."""
+        need = self.started + 1
+        self.wanted = max(self.wanted, need)
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.get_running_loop().create_task(self._push())
+        return need
+
+    async def reached(self, need: int) -> None:
+        """Wait until round `need` is applied on the follower, or the follower is down."""
+        while self.live and not self.closed and self.synced < need:
+            await self._moved.wait()
+
+    def _changed(self) -> None:
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    # ---- pushing --------------------------------------------------------------------------
+
+    async def _push(self) -> None:
+        retried = False
+        while self.live and not self.closed and self.synced < self.wanted:
+            try:
+                if self.acked is None:
+                    await self._handshake()
+                self.started += 1
+                round_ = self.started
+                changes = await self._send_after(self.acked)
+                if changes is not None and len(changes) < PAGE:
+                    self.synced = max(self.synced, round_)
+                self._changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not retried and _actor_gone(exc):
+                    # A restarted node is a new actor: look it up again (and ask its seq) once.
+                    retried, self.handle, self.acked = True, None, None
+                    self.repl.node._peers.pop(self.follower, None)
+                    continue
+                self.down(exc)
+                return
+
+    async def _send_after(self, after: int) -> list | None:
+        """Send the follower the changes after `after` (one page); the page, or None when the
+        follower answered with a gap (it is behind `after`: `acked` is its seq now)."""
+        changes = await self.repl.read(self.shard, after)
+        if not changes:
+            return changes
+        seq = await self._call("apply_changes", self.shard, changes, self.repl.node.name, after)
+        if seq > changes[-1].seq:
+            raise Diverged(f"shard {self.shard}: {self.follower} answered seq {seq}, past {changes[-1].seq}")
+        self.acked = seq
+        return changes if seq == changes[-1].seq else None
+
+    async def _handshake(self) -> None:
+        """Learn the follower's seq; Diverged if its copy cannot be brought up to date from here."""
+        try:
+            state = await self._call("copy_state", self.shard)
+        except NotOwnedError:
+            state = None
+        if await self.repl.needs_reseed(self.shard, state):
+            raise Diverged(f"shard {self.shard}: the copy on {self.follower} ({state}) is not a prefix of this log")
+        self.acked = state[0]
+
+    async def _call(self, method: str, *args: Any, timeout: float | None = -1) -> Any:
+        if self.handle is None:
+            self.handle = self.repl.handle(self.follower)
+        ref = getattr(self.handle, method).remote(*args)
+        if timeout == -1:
+            timeout = self.repl.node.config.replica_timeout_s
+
+        async def answer():
+            return await ref
+
+        return await asyncio.wait_for(answer(), timeout)
+
+    # ---- down and back ----------------------------------------------------------------------
+
+    def down(self, why: BaseException) -> None:
+        """Stop waiting for the follower; catch it up in the background."""
+        if self.closed:
+            return
+        if self.live:
+            self.repl.marked_down += 1
+            self.down_since = time.time()
+            log.warning("%s: follower %s of shard %d is down: %r", self.repl.node.name, self.follower,
+                        self.shard, why)
+        self.live = False
+        self.error = repr(why)
+        self.acked = None
+        self.handle = None
+        self.repl.node._peers.pop(self.follower, None)
+        self._changed()
+        if self._catcher is None or self._catcher.done():
+            self._catcher = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(RETRY_S)
+            reseeded = False
+            try:
+                self.handle = self.repl.handle(self.follower, fresh=True)
+                try:
+                    state = await self._call("copy_state", self.shard)
+                except NotOwnedError:  # no copy there (a re-seed that failed half-way)
+                    state = None
+                if await self.repl.needs_reseed(self.shard, state):
+                    reseeded = True
+                    self.acked = await self._call("reseed", self.shard, self.repl.node.name, timeout=None)
+                    self.repl.reseeds += 1
+                else:
+                    self.acked = state[0]
+                while True:
+                    changes = await self._send_after(self.acked)
+                    if changes is not None and len(changes) < PAGE:
+                        break
+                self.live, self.error, self.down_since = True, None, None
+                log.info("%s: follower %s of shard %d is live again at seq %d", self.repl.node.name,
+                         self.follower, self.shard, self.acked)
+                self.want()  # what was written since the last read
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # not there yet, not answering, refusing: try again
+                self.error = repr(exc)
+                self.acked = None
+                self.handle = None
+            finally:
+                if reseeded:
+                    await self.repl.unpin(self.shard, reseed_pin(self.follower))
+
+    def close(self) -> None:
+        self.closed = True
+        self.live = False
+        for task in (self._pusher, self._catcher):
+            if task is not None:
+                task.cancel()
+        self._changed()
+
+    def status(self, seq: int | None) -> dict[str, Any]:
+        return {"acked": self.acked, "live": self.live, "lag": None if seq is None or self.acked is None
+                else seq - self.acked, "error": self.error, "down_since": self.down_since}
+
+
+class Replication:
+    """The node's links to the followers of the shards it is primary of."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.links: dict[int, dict[str, Link]] = {}  # shard -> follower -> link
+        self.synced_epoch: int | None = None  # the placement epoch the links follow
+        self.waited = 0  # writes that waited for followers
+        self.marked_down = 0  # followers marked down
+        self.reseeds = 0  # followers re-seeded from here
+
+    def sync(self, force: bool = False) -> None:
+        """Make the links follow the node's placement view (needs the running loop): a link for
+        each follower of each shard owned here and primary here, none for any other."""
+        node = self.node
+        placement = node.placement
+        if placement.epoch == self.synced_epoch and not force:
+            return
+        self.synced_epoch = placement.epoch
+        want = {s: set(placement.followers(s)) for s in node.owned
+                if s < placement.shards and placement.owner[s] == node.name and placement.followers(s)}
+        for s, links in list(self.links.items()):
+            for f in [f for f in links if f not in want.get(s, ())]:
+                links.pop(f).close()
+            if not links:
+                del self.links[s]
+        for s, followers in want.items():
+            links = self.links.setdefault(s, {})
+            for f in followers - set(links):
+                link = links[f] = Link(self, s, f)
+                link.want()  # a new follower (or this node is new as its primary): bring it up to date now
+
+    async def wait(self, shards: set[int]) -> None:
+        """After a write to `shards` committed here: wait until their live followers hold it;
+        TooFewReplicas if fewer than `min_live_replicas` copies of one of them are live."""
+        minimum = self.node.config.min_live_replicas
+        if not self.links and minimum <= 1:
+            return
+        links = [link for s in shards for link in self.links.get(s, {}).values() if link.live]
+        if links:
+            self.waited += 1
+            await asyncio.gather(*(link.reached(link.want()) for link in links))
+        if minimum > 1:
+            for s in shards:
+                live = 1 + sum(link.live for link in self.links.get(s, {}).values())
+                if live < minimum:
+                    raise TooFewReplicas(
+                        f"shard {s}: {live} live cop{'y' if live == 1 else 'ies'}, fewer than min_live_replicas "
+                        f"({minimum}); the write is stored on {self.node.name} but not acknowledged")
+
+    # ---- the store thread and other nodes ---------------------------------------------------------
+
+    async def read(self, shard: int, after: int) -> list:
+        """This copy's changes after `after` (one page); Diverged if the log was trimmed past it."""
+
+        def read() -> list:
+            store = self.node._shard(shard)
+            if store.trimmed_to() > after:
+                raise Diverged(f"shard {shard}: the log of {self.node.name} was trimmed past seq {after}")
+            return store.changes_since(after, PAGE)
+
+        return await self.node._on_store(read)
+
+    async def needs_reseed(self, shard: int, state: tuple[int, str | None] | None) -> bool:
+        """Whether a copy at `state` (its `copy_state`, None: no copy) cannot be brought up to date
+        from this log: it is ahead of it, its change at its seq differs from ours (it diverged), or
+        this log no longer has that change (trimmed, erased)."""
+        if state is None:
+            return True
+        seq, digest = state
+
+        def compare() -> bool:
+            store = self.node._shard(shard)
+            if seq > store.last_seq():
+                return True
+            if seq == 0:
+                return store.trimmed_to() > 0
+            mine = store.digest_at(seq)
+            return mine is None or digest != mine
+
+        return await self.node._on_store(compare)
+
+    async def unpin(self, shard: int, pin: str) -> None:
+        def release() -> None:
+            if shard in self.node.owned:
+                self.node._shard(shard).pin_log(pin, None)
+
+        try:
+            await self.node._on_store(release)
+        except Exception:
+            log.exception("%s: releasing log pin %s of shard %d failed", self.node.name, pin, shard)
+
+    def handle(self, node: str, fresh: bool = False) -> Any:
+        """Node `node`'s actor; `fresh`: looked up again (a restarted node is a new actor).
+        ValueError when it does not exist."""
+        if fresh:
+            self.node._peers.pop(node, None)
+        return self.node.peer(node)
+
+    # ---- status -----------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return {"writes_waited": self.waited, "followers_marked_down": self.marked_down, "reseeds": self.reseeds}
+
+    def summary(self) -> dict[str, Any]:
+        links = [link for links in self.links.values() for link in links.values()]
+        return {**self.counters(), "followers": len(links), "followers_down": sum(not link.live for link in links)}
+
+    def close(self) -> None:
+        for links in self.links.values():
+            for link in links.values():
+                link.close()
+        self.links.clear()
