@@ -189,10 +189,6 @@ class Node:
 
     # ---- API ----------------------------------------------------------------------------------
 
-    async def ping(self) -> str:
-        """The authority's health check: answered on the event loop, no store or model work."""
-        return self.name
-
     async def info(self) -> dict[str, Any]:
         self.start()
         e = self.embedder.embedder

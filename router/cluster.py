@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from node.authority import PlacementError, UnknownNode
 from node.actor import NAMESPACE, actor_name, authority, start_authority, start_node_actor
-from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, is_disk_full
+from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, TooFewReplicas, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig, ConfigError
 from node.ids import parse_memory_id
@@ -639,4 +639,6 @@ def api_error(exc: NodeError) -> ApiError:
         return Unavailable(f"{exc} (retry; with a memory_id a retry is an upsert)")
     if isinstance(exc, NotOwnedError):
         return Unavailable(f"{exc}; the placement changed, retry the request")
+    if isinstance(exc, TooFewReplicas):
+        return Unavailable(f"{exc} (retry; with a memory_id a retry is an upsert)")
     return ApiError(str(exc))

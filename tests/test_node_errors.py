@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from node.errors import DeadlineExceeded, NotOwnedError, StorageFull
+from node.errors import DeadlineExceeded, NotOwnedError, StorageFull, TooFewReplicas
 from node.records import IngestItem
 from router.cluster import api_error
 from router.errors import InsufficientStorage, Unavailable
@@ -34,3 +34,4 @@ def test_each_node_error_has_its_status():
     assert api_error(StorageFull("full")).status == 507 and isinstance(api_error(StorageFull("x")), InsufficientStorage)
     assert api_error(DeadlineExceeded("late")).status == 503
     assert api_error(NotOwnedError("moved")).status == 503
+    assert api_error(TooFewReplicas("one copy live")).status == 503
