@@ -582,7 +582,9 @@ class Node:
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
                     "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
                     "placement_epoch": self.placement.epoch, "moves": self.moves.state(),
-                    "replication": self.replication.summary()}
+                    "replication": {**self.replication.summary(), "lag_max": max(
+                        (self.shards[s].last_seq() - link.acked for s, links in self.replication.links.items()
+                         if s in self.shards for link in links.values() if link.acked is not None), default=0)}}
 
         return await self._on_store(collect)
 

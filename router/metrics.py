@@ -47,6 +47,14 @@ class Metrics:
                                  registry=r)
         self.moved_retries = Gauge("tellodb_moved_retries", "Requests this router sent again because a node said "
                                    "the shard moved.", registry=r)
+        self.copies_down = Gauge("tellodb_replica_copies_down", "Follower copies a node (their primary) is not "
+                                 "replicating to: their shards are under-replicated.", ["node"], registry=r)
+        self.replication_lag = Gauge("tellodb_replication_lag_max", "Changes the furthest-behind follower of a "
+                                     "node's primaries has not applied yet.", ["node"], registry=r)
+        self.failovers = Gauge("tellodb_failovers", "Shards whose primary was handed to a follower since the "
+                               "placement authority started.", registry=r)
+        self.nodes_down = Gauge("tellodb_nodes_down", "Joined nodes not answering the authority's pings.",
+                                registry=r)
         self.key_requests = Counter("tellodb_key_requests", "Requests by API key name (never the key) and outcome "
                                     "(ok, forbidden, rate_limited).", ["key", "outcome"], registry=r)
         self.auth_failures = Counter("tellodb_auth_failures", "Requests with a missing or wrong key.", registry=r)
@@ -65,6 +73,9 @@ class Metrics:
                 self.node_edges.labels(node).set(s["edges"])
                 self.node_measurements.labels(node).set(s["measurements"])
                 self.node_bytes.labels(node).set(s.get("bytes", 0))
+                replication = s.get("replication") or {}
+                self.copies_down.labels(node).set(replication.get("followers_down", 0))
+                self.replication_lag.labels(node).set(replication.get("lag_max", 0))
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
 
@@ -75,6 +86,8 @@ class Metrics:
             self.pending_moves.set(summary["pending_moves"])
             self.moved_shards.set(summary["moved_shards"])
             self.move_failed.set(1 if summary["error"] and not summary["rebalancing"] else 0)
+            self.failovers.set(summary.get("failovers", 0))
+            self.nodes_down.set(len(summary.get("down", ())))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
