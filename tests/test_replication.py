@@ -305,3 +305,23 @@ async def test_a_follower_copy_added_by_a_move_gets_every_write(trio):
     await trio.write(entity, f"{entity}::s1::3", "two copies again: A and C")
     assert await c.inspect.remote(f"{entity}::s1::3", [shard], False, 0) is not None
     assert set((await a.replication_status.remote())["shards"][shard]["followers"]) == {C}
+
+
+async def test_an_erased_entitys_free_form_id_records_go_from_every_copy(trio):
+    await trio.all_caught_up()
+    home = 0  # the id's home shard: A primary, B and C followers
+    entity = entities_on(trio.placement, home, "free-erased", 1)[0]
+    mid = next(m for m in (f"free-secret-{i}" for i in range(10_000)) if trio.placement.id_home(m) == home)
+    since = (await trio.actors[A].copy_state.remote(home))[0]  # the logs keep the changes after it (< KEEP)
+    await trio.actors[A].ingest_free.remote([item(trio.placement, entity, mid, "a note with a free-form id")])
+    assert await trio.actors[B].inspect.remote(mid, [home], False, 0) is not None
+
+    def about(changes: list) -> list:
+        return [c for c in changes if c.key == mid and c.op in ("home", "unhome")]
+
+    assert about(await trio.actors[B].changes_since.remote(home, since, 10_000))
+    await trio.actors[A].erase.remote(entity, [home])
+    for name in (A, B, C):  # no copy keeps a record of where the erased id lived
+        assert not about(await trio.actors[name].changes_since.remote(home, since, 10_000)), name
+        assert await trio.actors[name].inspect.remote(mid, [home], False, 0) is None
+    assert await trio.actors[B].copy_state.remote(home) == await trio.actors[A].copy_state.remote(home)
