@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 
 import pytest
@@ -204,6 +206,28 @@ async def test_a_killed_follower_does_not_block_writes_and_catches_up_from_the_l
     assert await trio.memories(B, two) == await trio.memories(A, two)
     await trio.write(e2, f"{e2}::s1::2", "B is back: acknowledged again")
     assert (await b.inspect.remote(f"{e2}::s1::2", [two], False, 0)) is not None
+
+
+async def test_a_follower_that_stops_answering_is_marked_down_after_the_timeout(trio):
+    await trio.all_caught_up()
+    a, shard = trio.actors[A], 0  # A, B, C: A wants two live copies, so B may be down
+    entity = entities_on(trio.placement, shard, "stalled", 1)[0]
+    await trio.write(entity, f"{entity}::s1::0", "before B stalls")
+    pid = (await trio.actors[B].info.remote())["pid"]
+    before = await counters(a)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # Acknowledged once replica_timeout_s marks B down; the next one does not wait for B.
+        await trio.write(entity, f"{entity}::s1::1", "B does not answer")
+        assert not (await trio.follower_state(shard, B))["live"]
+        assert "Timeout" in (await trio.follower_state(shard, B))["error"]
+        await trio.write(entity, f"{entity}::s1::2", "B is still stalled")
+        assert (await counters(a))["followers_marked_down"] == before["followers_marked_down"] + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    state = await trio.caught_up(shard, B)  # it answers again: caught up from the log
+    assert state["live"] and state["lag"] == 0, state
+    assert await trio.memories(B, shard) == await trio.memories(A, shard)
 
 
 async def test_a_follower_behind_the_trimmed_log_is_reseeded(trio):
