@@ -50,16 +50,23 @@ def record(store: ShardStore, homes: dict[str, Home]) -> None:
 
 
 def forget(store: ShardStore, ids: Iterable[str], erased: bool = False) -> None:
-    """Drop ids' records. For an erased entity's ids, their earlier log entries go too, unlogged:
-    a stale record left in an older copy points to a memory that is gone, which reads as absent."""
+    """Drop ids' records. For an erased entity's ids, their earlier log entries go too, and a
+    `forget` change takes the same away from every follower copy (a stale record left in an older
+    copy points to a memory that is gone, which reads as absent)."""
     with store._tx():
         for memory_id in ids:
             if erased:
-                store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
-                store.db.execute("DELETE FROM changes WHERE key = ? AND op IN (?, ?)",
-                                 (memory_id, changelog.HOME, changelog.UNHOME))
+                forget_row(store, memory_id)
             else:
                 drop_row(store, memory_id)
+
+
+def forget_row(store: ShardStore, memory_id: str, seq: int | None = None) -> None:
+    """In a transaction: drop an erased entity's id's record and its log entries, and log that."""
+    store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
+    store.db.execute("DELETE FROM changes WHERE key = ? AND op IN (?, ?)",
+                     (memory_id, changelog.HOME, changelog.UNHOME))
+    changelog.record(store.db, changelog.FORGET, memory_id, seq=seq)
 
 
 def set_row(store: ShardStore, memory_id: str, home: Home, seq: int | None = None) -> None:

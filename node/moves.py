@@ -294,6 +294,7 @@ class Moves:
         if shard in self.incoming:
             raise NodeError(f"{node.name} is receiving shard {shard} already")
         await self._disown(shard)
+        node._peers.pop(source, None)  # the primary may be a new actor since this node last called it
         info = await self.receive(shard, source, reseed_pin(node.name))
         await self.adopt(shard)
         return info["seq"]

@@ -6,8 +6,10 @@ embedder on its own thread (node.embedder); all SQLite and Chroma work to one st
 (node.store_thread); writes to the group-commit writer (node.writer); vectors reach Chroma behind
 the writes through the background indexer (node.indexer); free-form ids whose home is here to
 node.free_ids; shard copies to node.snapshots; moving a shard to or from another node to
-node.moves (each write holds its shards open through `moves.gate`, so a move can fence them). The
-event loop only coordinates, so concurrent requests batch instead of queueing behind each other.
+node.moves (each write holds its shards open through `moves.gate`, so a move can fence them); a
+shard's copies to node.replication (writes only on the primary, answered once every live follower
+applied them; followers take the primary's changes through `apply_changes`). The event loop only
+coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Start: a Ray actor's `__init__` runs before its event loop, so the background indexer starts in
 `start()`, which `info()` calls (the router calls it once every node is created) and every write

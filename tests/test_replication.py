@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import signal
 import time
 
 import pytest
@@ -206,6 +208,28 @@ async def test_a_killed_follower_does_not_block_writes_and_catches_up_from_the_l
     assert (await b.inspect.remote(f"{e2}::s1::2", [two], False, 0)) is not None
 
 
+async def test_a_follower_that_stops_answering_is_marked_down_after_the_timeout(trio):
+    await trio.all_caught_up()
+    a, shard = trio.actors[A], 0  # A, B, C: A wants two live copies, so B may be down
+    entity = entities_on(trio.placement, shard, "stalled", 1)[0]
+    await trio.write(entity, f"{entity}::s1::0", "before B stalls")
+    pid = (await trio.actors[B].info.remote())["pid"]
+    before = await counters(a)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # Acknowledged once replica_timeout_s marks B down; the next one does not wait for B.
+        await trio.write(entity, f"{entity}::s1::1", "B does not answer")
+        assert not (await trio.follower_state(shard, B))["live"]
+        assert "Timeout" in (await trio.follower_state(shard, B))["error"]
+        await trio.write(entity, f"{entity}::s1::2", "B is still stalled")
+        assert (await counters(a))["followers_marked_down"] == before["followers_marked_down"] + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    state = await trio.caught_up(shard, B)  # it answers again: caught up from the log
+    assert state["live"] and state["lag"] == 0, state
+    assert await trio.memories(B, shard) == await trio.memories(A, shard)
+
+
 async def test_a_follower_behind_the_trimmed_log_is_reseeded(trio):
     await trio.all_caught_up()
     a, shard = trio.actors[A], 0
@@ -305,3 +329,23 @@ async def test_a_follower_copy_added_by_a_move_gets_every_write(trio):
     await trio.write(entity, f"{entity}::s1::3", "two copies again: A and C")
     assert await c.inspect.remote(f"{entity}::s1::3", [shard], False, 0) is not None
     assert set((await a.replication_status.remote())["shards"][shard]["followers"]) == {C}
+
+
+async def test_an_erased_entitys_free_form_id_records_go_from_every_copy(trio):
+    await trio.all_caught_up()
+    home = 0  # the id's home shard: A primary, B and C followers
+    entity = entities_on(trio.placement, home, "free-erased", 1)[0]
+    mid = next(m for m in (f"free-secret-{i}" for i in range(10_000)) if trio.placement.id_home(m) == home)
+    since = (await trio.actors[A].copy_state.remote(home))[0]  # the logs keep the changes after it (< KEEP)
+    await trio.actors[A].ingest_free.remote([item(trio.placement, entity, mid, "a note with a free-form id")])
+    assert await trio.actors[B].inspect.remote(mid, [home], False, 0) is not None
+
+    def about(changes: list) -> list:
+        return [c for c in changes if c.key == mid and c.op in ("home", "unhome")]
+
+    assert about(await trio.actors[B].changes_since.remote(home, since, 10_000))
+    await trio.actors[A].erase.remote(entity, [home])
+    for name in (A, B, C):  # no copy keeps a record of where the erased id lived
+        assert not about(await trio.actors[name].changes_since.remote(home, since, 10_000)), name
+        assert await trio.actors[name].inspect.remote(mid, [home], False, 0) is None
+    assert await trio.actors[B].copy_state.remote(home) == await trio.actors[A].copy_state.remote(home)

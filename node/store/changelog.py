@@ -1,7 +1,7 @@
 """Every shard's change log: what changed, in order, so a copy of the shard can be brought up to date.
 
 Each logical change (an upsert of a memory, a delete, the erase of an entity, a free-form id's home
-record set or dropped) is one row of `changes`, written in the same SQLite transaction as the change,
+record set, dropped, or forgotten with its erased entity) is one row of `changes`, written in the same SQLite transaction as the change,
 with a sequence number that only grows. Derived state (FTS entries, lexical windows, fact chains,
 edges, measurements, entity counts) is not logged: applying a change recomputes it the way the
 original write did, so replaying the log after sequence S onto a snapshot taken at S yields the same
@@ -40,12 +40,13 @@ CREATE TABLE IF NOT EXISTS log_trimmed (id INTEGER PRIMARY KEY CHECK (id = 1), s
 """
 
 UPSERT, DELETE, ERASE, HOME, UNHOME = "upsert", "delete", "erase", "home", "unhome"
+FORGET = "forget"  # an erased entity's free-form id: its home record and log entries go (node.id_homes)
 
 
 class Change(NamedTuple):
     seq: int
     op: str
-    key: str  # memory id (upsert, delete, home, unhome) or entity id (erase)
+    key: str  # memory id (upsert, delete, home, unhome, forget) or entity id (erase)
     entity_id: str | None
     body: str | None  # JSON: an upsert's fields, a home's shard
     vector: bytes | None

@@ -223,6 +223,8 @@ class ShardStore:
                     id_homes.set_row(self, c.key, id_homes.home_of(c), c.seq)
                 elif c.op == changelog.UNHOME:
                     id_homes.drop_row(self, c.key, c.seq)
+                elif c.op == changelog.FORGET:
+                    id_homes.forget_row(self, c.key, c.seq)
                 else:
                     raise ValueError(f"change {c.seq}: unknown operation {c.op!r}")
         self.unindexed += written
