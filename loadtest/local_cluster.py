@@ -162,11 +162,32 @@ class LocalCluster:
         self.stop("head", timeout=30)
 
 
+def _session(sid: int) -> list[int]:
+    """Every process of session `sid` (Ray puts its workers in process groups of their own, but in
+    the session of the role that started their raylet)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                found.append(int(entry))
+    return found
+
+
 def _killpg(popen: subprocess.Popen) -> None:
+    """SIGKILL the role's process group and every other process of its session (a lost machine)."""
     try:
         os.killpg(popen.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in _session(popen.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     try:
         popen.wait(timeout=10)
     except subprocess.TimeoutExpired:

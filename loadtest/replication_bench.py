@@ -5,10 +5,11 @@ Two multi-machine-shaped clusters on this machine, one after the other in one ru
 
 1. replication 1, then 2: `--clients` clients ingest single memories for `--seconds`; items/s and
    latency percentiles, side by side.
-2. (replication 2) failover: one writer per shard whose primary is on the node about to die; the
-   node is killed with SIGKILL; per such shard, the failover time is the time from the kill to the
-   first write to that shard acknowledged after it (its last error to first success, had any
-   client seen an error; they retry inside the router, so none do), and errors are counted.
+2. (replication 2) failover: one writer per shard whose primary is on the node about to die; every
+   process of that node is killed with SIGKILL; per such shard, the failover time is the longest
+   wait between two acknowledged writes around the kill (the router retries, so clients see a
+   slow write rather than an error: this is their last error to first success), and errors are
+   counted.
 3. (replication 2) catch-up: the node stays down while writes go on, then starts again; the
    catch-up rate is the changes its copies were missing over the time until `tellodb cluster
    status` shows every shard fully replicated.
@@ -143,10 +144,13 @@ def run(args: argparse.Namespace) -> dict:
             after = status(c, url)
         finally:
             c.close()
+    # Clients see no error (the router retries), so a shard's failover time is the longest wait for an
+    # acknowledgement around the kill: the widest gap between successive acknowledged writes to it.
     failover = {}
     for shard in shards:
-        firsts = [t + s for t, s, ok, sh in writers.samples if sh == shard and ok and t >= killed]
-        failover[shard] = round(min(firsts) - killed, 2) if firsts else None
+        done = sorted(t + s for t, s, ok, sh in writers.samples if sh == shard and ok and killed - 1 <= t + s)
+        gaps = [b - a for a, b in zip(done, done[1:]) if a <= killed + args.outage_s]
+        failover[shard] = round(max(gaps), 2) if gaps else None
     # Changes the victim's copies missed: each shard's seq just before the restart (on its primary then)
     # less that copy's seq just before the kill.
     seq_then = {d["shard"]: d["seq"] or 0 for d in during["shards_detail"]}
@@ -179,8 +183,9 @@ def write(report: dict) -> list[Path]:
              f"| 2 | {t2['writes_per_second']} | {t2['p50_ms']} | {t2['p99_ms']} | {t2['errors']} |", "",
              f"Replication 2 / 1: throughput x{t2['writes_per_second'] / t1['writes_per_second']:.2f}, "
              f"p50 x{t2['p50_ms'] / t1['p50_ms']:.2f}.", "",
-             f"Failover (SIGKILL of {f['victim']}, primary of shards {f['shards']}): seconds from the kill to the "
-             f"first acknowledged write per shard {f['seconds_to_first_ack']}, max {f['max_s']} s; client errors "
+             f"Failover (SIGKILL of every process of {f['victim']}, primary of shards {f['shards']}): per shard, the "
+             f"longest wait between acknowledged writes around the kill (clients saw no error: the router retries) "
+             f"{f['seconds_to_first_ack']}, max {f['max_s']} s, with failover_after_s 3; client errors "
              f"{f['client_errors']}; writes acknowledged during the outage {f['writes_during_outage']}.", "",
              f"Catch-up: after {cu['outage_s']} s away, {cu['seconds']} s until every shard was fully replicated "
              f"again: {cu['changes_behind']} changes behind, {cu['changes_per_second']} changes/s.", ""]

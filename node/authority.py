@@ -277,8 +277,10 @@ class PlacementAuthority:
         placement = self._placement
         names = [n for n in self.joined if n not in self.down_since]
 
+        down = tuple(sorted(self.down_since))
+
         async def push(name: str) -> Any:
-            return await asyncio.wait_for(self._actor(name).set_placement.remote(placement), 10)
+            return await asyncio.wait_for(self._actor(name).set_placement.remote(placement, down), 10)
 
         for name, result in zip(names, await asyncio.gather(*(push(n) for n in names), return_exceptions=True)):
             if isinstance(result, BaseException):

@@ -251,6 +251,13 @@ class Replication:
                 link = links[f] = Link(self, s, f)
                 link.want()  # a new follower (or this node is new as its primary): bring it up to date now
 
+    def mark_down(self, nodes: tuple[str, ...]) -> None:
+        """Followers on `nodes` (silent, says the placement authority) are down now."""
+        for links in self.links.values():
+            for follower, link in links.items():
+                if follower in nodes and link.live:
+                    link.down(NodeError(f"the placement authority finds {follower} silent"))
+
     async def wait(self, shards: set[int]) -> None:
         """After a write to `shards` committed here: wait until their live followers hold it;
         TooFewReplicas if fewer than `min_live_replicas` copies of one of them are live."""

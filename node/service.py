@@ -474,13 +474,16 @@ class Node:
         """Undo `fence`: writes to `shard` resume here, its move's log pin is released (idempotent)."""
         await self.moves.unfence(shard)
 
-    async def set_placement(self, placement: Placement) -> int:
+    async def set_placement(self, placement: Placement, down: tuple[str, ...] = ()) -> int:
         """Take a newer placement (a higher epoch; an older one is ignored) as this node's view of
         where shards live, and of which copies here are primaries (they replicate to the followers
-        it names). It never changes which shards this node holds. Returns the epoch in use."""
+        it names). It never changes which shards this node holds. `down`: nodes the authority
+        finds silent; writes stop waiting for follower copies there at once (after a failover the
+        old primary is such a follower) instead of after `replica_timeout_s`. Returns the epoch in use."""
         if placement.epoch > self.placement.epoch:
             self.placement = placement
             self.replication.sync()
+        self.replication.mark_down(down)
         return self.placement.epoch
 
     async def get_placement(self) -> Placement:

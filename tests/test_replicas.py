@@ -101,3 +101,43 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     assert all(len(copies) == 2 for copies in after["replicas"]) and after["epoch"] > first["epoch"]
     for shard in after["shards_detail"]:
         assert shard["lag"] == 0 and len(shard["copies"]) == 2, shard
+
+
+def test_serve_with_two_copies_survives_a_crashed_node_actor(make_server, tmp_path):
+    """One machine, `replication: 2` over two node actors: SIGKILL one actor's process mid-load;
+    Ray restarts it, writes go on meanwhile, it catches up, and every acknowledged write is there."""
+    import os
+    import signal
+
+    from conftest import http_json
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("nodes: 2\nreplication: 2\nfailover_after_s: 2\n")
+    server = make_server(TELLODB_CONFIG=str(config)).start()
+    assert (server.data_dir / "nodes" / "node-0").is_dir() and not (server.data_dir / "shards").exists()
+    load = MixedLoad([server.base_url], API_KEY, entities=8).start()
+    time.sleep(3)
+    _, stats = http_json(server.base_url, "/stats")
+    old_pid = stats["nodes"]["node-1"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:  # Ray restarts the actor: a new process answers for node-1
+        _, stats = http_json(server.base_url, "/stats")
+        if (stats["nodes"].get("node-1") or {}).get("pid", old_pid) != old_pid:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.5)
+    while True:  # and its copies catch up
+        code, cluster = http_json(server.base_url, "/admin/cluster")
+        assert code == 200, cluster
+        if not cluster["under_replicated"] and not cluster["down"]:
+            break
+        assert time.monotonic() < deadline, cluster
+        time.sleep(1)
+    time.sleep(1)
+    load.stop()
+    assert load.errors == [], load.errors[:5]
+    client = TellodbClient.from_cloud(base_url=server.base_url, api_key=API_KEY)
+    for memory_id, (entity, text) in load.acked.items():
+        assert client.inspect_memory(memory_id)["textual_content"] == text
+    assert server.stop() == 0
