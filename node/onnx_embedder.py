@@ -5,11 +5,11 @@ for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cach
 `<data>/models/` and keyed by the model folder, so it is built once per data directory (by the
 first node to start, under a file lock) and never downloaded. Exporting needs the `torch` extra
 (torch, transformers, onnx); running does not: the export folder also gets the model's small
-files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without torch
-nor the model package finds and runs it (`find_export`; README: Lean install). `OnnxEmbedder` then embeds with
-onnxruntime and the model's own fast tokenizer, mean or CLS pooling as the model's
-`1_Pooling/config.json` says, and L2 normalisation: the same vectors as sentence-transformers
-(cosine 1.000 for fp32, about 0.99 for int8 on this model).
+files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without
+torch nor the model package finds and runs it (`find_export`; README: Lean install).
+`OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
+pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
+sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def find_export(model: str, data_dir: str) -> Path | None:
                 found.append(source.parent)
         except (OSError, ValueError):
             continue
-    return max(found, key=lambda p: (p / SOURCE).stat().st_mtime, default=None)
+    return max(found, key=lambda p: ((p / "model.onnx").exists(), (p / SOURCE).stat().st_mtime), default=None)
 
 
 def is_export(folder: str | Path) -> bool:
@@ -115,8 +115,6 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "export.lock", "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-        if out != Path(model_dir):
-            _copy_model_files(model_dir, out, model)
         if not fp32.exists():
             _export_fp32(model_dir, fp32)
         if backend == "onnx-int8" and not target.exists():
@@ -126,12 +124,14 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
             log.info("Quantising the embedding model to int8 path=%s", target)
             quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
             os.replace(tmp, target)
+        if out != Path(model_dir):
+            _copy_model_files(model_dir, out, model)
     return target
 
 
 def _copy_model_files(model_dir: str, out: Path, model: str) -> None:
     """Make `out` runnable without `model_dir`: the model's files but its weights (tokenizer,
-    configs, 1_Pooling/), then `source.json` last, which marks the folder complete."""
+    configs, 1_Pooling/), then `source.json`, which marks the folder complete (after the export)."""
     src = Path(model_dir)
     for path in src.rglob("*"):
         if path.is_file() and not path.name.endswith(WEIGHTS) and path.name != "README.md":
