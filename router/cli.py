@@ -125,8 +125,11 @@ def check_embedder(config: ClusterConfig) -> None:
     here), before Ray starts and the failure turns into a node actor's traceback."""
     from node.embedder import check_embedder as check
 
-    if config.replication == 1:  # replicas each keep a models/ of their own (router.cluster.serve_node_config)
-        check(config.embedding.model, normalized_backend(config), config.data_dir)
+    # With replicas each node has a folder of its own, models/ included (router.cluster.serve_node_config).
+    dirs = [config.data_dir] if config.replication == 1 else \
+        [os.path.join(config.data_dir, "nodes", name) for name in config.node_names]
+    for data_dir in dirs:
+        check(config.embedding.model, normalized_backend(config), data_dir)
 
 
 def run_export_model(args: argparse.Namespace) -> int:

@@ -85,15 +85,34 @@ def test_without_an_export_it_refuses_to_start_and_says_how(lean, tmp_path):
     assert torch_backend.returncode == 2 and "Traceback" not in torch_backend.stderr, torch_backend.stderr
 
 
-def test_an_export_made_elsewhere_serves_the_sdk(lean, tmp_path, monkeypatch):
-    """The export made where torch is (this suite's venv), its models/ copied to a new data
-    directory; `tellodb serve` of the lean venv (router, Ray, node actors: all without torch)
-    serves the official SDK from it, and never exports."""
-    made = run([BIN / "tellodb", "export-model", "--data-dir", tmp_path / "build"], timeout=600,
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """models/ as `tellodb export-model` makes it where torch is (this suite's venv)."""
+    build = tmp_path_factory.mktemp("build")
+    made = run([BIN / "tellodb", "export-model", "--data-dir", build], timeout=600,
                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert made.returncode == 0, made.stderr
+    return build / "models"
+
+
+def test_with_replicas_every_node_folder_needs_the_export(lean, exported, tmp_path):
+    """replication > 1: each node of `tellodb serve` has its own folder (nodes/<node>/), so an
+    export at the top only is refused at start, naming the node's folder."""
     data = tmp_path / "data"
-    shutil.copytree(tmp_path / "build" / "models", data / "models")
+    shutil.copytree(exported, data / "models")
+    config = tmp_path / "cluster.yaml"
+    config.write_text("nodes: 2\nshards: 4\nreplication: 2\n")
+    done = run([lean / "tellodb", "serve", "--config", config, "--data-dir", data, "--port", free_port()],
+               cwd=tmp_path, env=lean_env(), timeout=300)
+    assert done.returncode == 2 and f"{data}/nodes/node-0/models/" in done.stderr, done.stderr
+
+
+def test_an_export_made_elsewhere_serves_the_sdk(lean, exported, tmp_path, monkeypatch):
+    """The export made where torch is, its models/ copied to a new data directory; `tellodb serve`
+    of the lean venv (router, Ray, node actors: all without torch) serves the official SDK from
+    it, and never exports."""
+    data = tmp_path / "data"
+    shutil.copytree(exported, data / "models")
     port = free_port()
     env = lean_env(TEMPORAL_MEMORY_DATA_DIR=str(data), TEMPORAL_MEMORY_PORT=str(port), TELLODB_API_KEY=API_KEY,
                    TELLODB_NODES="1", TELLODB_SHARDS="4")
