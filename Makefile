@@ -7,14 +7,16 @@ export TOKENIZERS_PARALLELISM := false
 
 LOCOMO ?= ../shared/data/locomo/locomo-dev.json
 
-.PHONY: install test-install ops-deps run test bench recall loadtest-install loadtest scale clean
+.PHONY: install test-install ops-deps run test lean-test bench recall loadtest-install loadtest scale clean
 
 install: $(VENV)/.installed
 
+# With the `torch` extra, so the first `make run` can export the model to ONNX; the engine itself runs
+# without it (`pip install .` alone: README, Lean install).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[torch]'
 	touch $@
 
 test-install: $(VENV)/.test-installed
@@ -45,6 +47,10 @@ run: install
 
 test: test-install ops-deps
 	$(PY) -m pytest -q -ra
+
+# Only the lean-install check (part of `make test` too): a fresh venv without torch serves the SDK.
+lean-test: test-install
+	$(PY) -m pytest -q -ra tests/test_lean_install.py
 
 bench: test-install
 	$(PY) loadtest/bench.py --spawn

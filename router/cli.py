@@ -20,7 +20,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from node.config import DEV_API_KEY, ClusterConfig, ConfigError, load_config, model_dimension, resolve_model_path
+from node.config import DEV_API_KEY, ClusterConfig, ConfigError, configured_dimension, load_config, normalized_backend
 from router import __version__, cluster_cli, datadir, ray_local, roles
 
 log = logging.getLogger("tellodb")
@@ -117,7 +117,40 @@ def claim_data_dir(config: ClusterConfig) -> None:
     if tightened:
         log.info("Data directory made private (0700 folders, 0600 files) changed=%d", tightened)
     datadir.check_identity(config.data_dir, datadir.identity(
-        config.shards, config.embedding.model, model_dimension(resolve_model_path(config.embedding.model))))
+        config.shards, config.embedding.model, configured_dimension(config.embedding.model, config.data_dir)))
+
+
+def check_embedder(config: ClusterConfig) -> None:
+    """Refuse to start, with the fix, when the nodes could not embed (no torch and no ONNX export
+    here), before Ray starts and the failure turns into a node actor's traceback."""
+    from node.embedder import check_embedder as check
+
+    # With replicas each node has a folder of its own, models/ included (router.cluster.serve_node_config).
+    dirs = [config.data_dir] if config.replication == 1 else \
+        [os.path.join(config.data_dir, "nodes", name) for name in config.node_names]
+    for data_dir in dirs:
+        check(config.embedding.model, normalized_backend(config), data_dir)
+
+
+def run_export_model(args: argparse.Namespace) -> int:
+    """`tellodb export-model`: the ONNX export into <data_dir>/models/, made where torch is
+    installed, so an install without it (an image's runtime stage, a Kubernetes pod) only copies it."""
+    setup_logging()
+    from node.config import resolve_model_path
+    from node.onnx_embedder import export_onnx
+
+    env = dict(os.environ)
+    env.update({k: v for k, v in (("TEMPORAL_MEMORY_DATA_DIR", args.data_dir),
+                                  ("TEMPORAL_MEMORY_EMBEDDING_MODEL", args.model)) if v})  # validated as in serve
+    try:
+        config = load_config(args.config, env)
+        model, data_dir = config.embedding.model, config.data_dir
+        path = export_onnx(resolve_model_path(model, data_dir), data_dir, args.backend, model)
+    except ConfigError as exc:
+        print(f"tellodb export-model: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def run_server(config_path: str | None, overrides: dict) -> int:
@@ -133,6 +166,7 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         return 2
     try:
         claim_data_dir(config)
+        check_embedder(config)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
@@ -251,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     for p in (k,):
         p.add_argument("--config", help="cluster.yaml naming keys_file (default: $TELLODB_CONFIG)")
         p.add_argument("--file", help="the keys file itself (overrides keys_file)")
+    e = sub.add_parser("export-model", help="export the embedding model to ONNX into <data_dir>/models/ "
+                       "(needs the torch extra; the engine then runs without it)")
+    e.add_argument("--config", help="cluster.yaml to read (default: $TELLODB_CONFIG)")
+    e.add_argument("--data-dir", help="data directory (default: the configuration's data_dir)")
+    e.add_argument("--backend", choices=("onnx", "onnx-int8"), default="onnx",
+                   help="onnx (fp32), or onnx-int8 (also the quantised file); default: %(default)s")
+    e.add_argument("--model", help="embedding model (default: the configuration's embedding.model)")
     roles.add_parsers(sub)
     cluster_cli.add_parser(sub)
     args = parser.parse_args(argv)
@@ -260,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return cluster_cli.run(args)
     if args.command == "keys":
         return run_keys_command(args)
+    if args.command == "export-model":
+        return run_export_model(args)
     if args.command in ("backup", "restore"):
         return run_backup_command(args)
     if args.command != "serve":

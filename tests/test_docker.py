@@ -123,6 +123,20 @@ def test_dockerfile_essentials():
     assert torch and "download.pytorch.org/whl/cpu" in DOCKERFILE.read_text(), "torch from PyTorch's CPU index"
 
 
+def test_runtime_stage_gets_the_venv_without_torch():
+    """The runtime stage copies the lean venv (the project without extras, torch checked absent)
+    and the export, never the export venv that has torch (README: Lean install)."""
+    steps = instructions(DOCKERFILE)
+    copies = [rest for word, rest in final_stage(DOCKERFILE) if word == "COPY"]
+    sources = {shlex.split(rest)[-2] for rest in copies}
+    assert "/opt/tellodb" in sources and not any("export" in s for s in sources), copies
+    [lean] = [rest for word, rest in steps if word == "RUN" and "venv /opt/tellodb" in rest]
+    assert "pip install --no-cache-dir . " in lean + " " and "[torch]" not in lean and "import torch" in lean
+    [full] = [rest for word, rest in steps if word == "RUN" and "venv /opt/export" in rest]
+    assert ".[torch]" in full and "torch==2.13.0" in full
+    assert "ENV PATH=/opt/tellodb/bin:$PATH" in " ".join(f"{w} {r}" for w, r in final_stage(DOCKERFILE))
+
+
 # ---- the Compose file -------------------------------------------------------------------------
 
 def test_compose_essentials(compose):
@@ -197,12 +211,15 @@ def test_compose_command_and_environment_serve_the_sdk(compose, tmp_path):
               for k, v in container_env.items()}
     assert mapped["TEMPORAL_MEMORY_API_KEY"] == API_KEY and mapped["TEMPORAL_MEMORY_PORT"] == str(port)
 
-    # What the image's build did: the Dockerfile's own export command, into the volume's folder.
-    [export] = [rest for word, rest in instructions(DOCKERFILE) if word == "RUN" and "export_onnx" in rest]
-    code = shlex.split(export)[2]
-    seed = re.search(r"'(/[^']+)', 'onnx'\)", code).group(1)
-    subprocess.run([sys.executable, "-c", code.replace(f"'{seed}'", repr(str(volume)))], check=True, timeout=300,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    # What the image's build did: the Dockerfile's own export command (the export venv's `tellodb`,
+    # here BIN's), into the volume's folder, which the runtime stage then gets as /data.
+    [export] = [rest for word, rest in instructions(DOCKERFILE) if word == "RUN" and "export-model" in rest]
+    argv = shlex.split(export)
+    assert Path(argv[0]).name == "tellodb" and argv[1] == "export-model", argv
+    seed = argv[argv.index("--data-dir") + 1]
+    assert f"--from=build --chown=tellodb:tellodb {seed} /data" in " ".join(r for w, r in final_stage(DOCKERFILE))
+    argv = [str(BIN / "tellodb"), *(str(volume) if a == seed else a for a in argv[1:])]
+    subprocess.run(argv, check=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
     assert list((volume / "models").glob("*/model.onnx"))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "TEMPORAL_MEMORY_", "RAY_"))}

@@ -1,14 +1,19 @@
-"""The ONNX Runtime path: exported offline from the local model, cached, and equal to torch's vectors."""
+"""The ONNX Runtime path: exported offline from the local model, cached, and equal to torch's vectors;
+the export folder runs on its own (tests/test_lean_install.py runs it where torch is absent)."""
 
+import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import BIN
 
-from node.config import DEFAULT_MODEL, resolve_model_path
+from node.config import DEFAULT_MODEL, model_dimension, resolve_model_path
 from node.embedder import load_embedder
-from node.onnx_embedder import export_onnx, onnx_cache_dir
+from node.onnx_embedder import export_onnx, find_export, is_export, onnx_cache_dir
 
 TEXTS = ["User prefers dark mode and uses a screen reader", "Caroline: I went to the LGBTQ support group",
          "短い文", "a much longer sentence " * 40]
@@ -68,3 +73,34 @@ def test_the_router_leaves_the_model_to_the_nodes():
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_an_export_runs_without_the_model_folder(embedder, tmp_path):
+    """`tellodb export-model` on one machine, its models/ copied to another data directory: the
+    copy alone (model.onnx beside the tokenizer and configs, source.json naming the model) embeds
+    like the model itself, which is how an install without torch nor the model package runs."""
+    exported = tmp_path / "exported"
+    done = subprocess.run([str(BIN / "tellodb"), "export-model", "--data-dir", str(exported), "--backend", "onnx-int8"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    int8 = Path(done.stdout.strip())
+    assert int8.name == "model-int8.onnx" and (int8.parent / "model.onnx").exists()
+    assert json.loads((int8.parent / "source.json").read_text())["model"] == DEFAULT_MODEL
+    assert not list(int8.parent.rglob("*.safetensors")), "the weights stay out: model.onnx has them"
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(exported / "models", copy / "models")
+    found = find_export(DEFAULT_MODEL, str(copy))
+    assert found is not None and found.parent == copy / "models" and is_export(found)
+    assert model_dimension(str(found)) == embedder.dimension
+    for backend, min_cosine in (("onnx", 0.9999), ("onnx-int8", 0.97)):
+        onnx = load_embedder(str(found), backend, "cpu", 1, str(copy))
+        assert onnx.onnx_path.parent == found
+        assert (onnx.encode(TEXTS) * embedder.encode(TEXTS)).sum(axis=1).min() >= min_cosine
+    assert not list(copy.rglob("*.tmp*")) and find_export("some/other/model", str(copy)) is None
+
+
+def test_export_model_refuses_a_model_it_cannot_find(tmp_path):
+    done = subprocess.run([str(BIN / "tellodb"), "export-model", "--data-dir", str(tmp_path / "d"),
+                           "--model", str(tmp_path / "no-such-model")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "embedding.model" in done.stderr and "Traceback" not in done.stderr
