@@ -92,6 +92,7 @@ def run_node(args: argparse.Namespace) -> int:
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
     claim(config)
+    check_model(config)
     use_address(args.node_ip)
     use_token(args.ray_token_file)
     set_node_environment()
@@ -157,6 +158,14 @@ def _wait_for(find, what: str, timeout_s: float = 300):
             raise RuntimeError(f"no {what} within {timeout_s:g} s")
         time.sleep(0.5)
     return found
+
+
+def check_model(config: ClusterConfig) -> None:
+    """A node refuses to start, with the fix, when it could not embed (no torch and no export here)."""
+    from node.config import normalized_backend
+    from node.embedder import check_embedder
+
+    check_embedder(config.embedding.model, normalized_backend(config), config.data_dir)
 
 
 def claim(config: ClusterConfig) -> None:
