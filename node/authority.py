@@ -190,6 +190,8 @@ class PlacementAuthority:
 
             from node.actor import NAMESPACE, actor_name
 
+            if not ray.is_initialized():  # get_actor would start a local Ray of its own
+                raise RuntimeError("Ray is not running")
             self._actors[name] = ray.get_actor(actor_name(name), namespace=NAMESPACE)
         return self._actors[name]
 

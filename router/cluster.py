@@ -597,12 +597,14 @@ class Cluster:
                 mine = (found.get(f) or {}).get("shards", {}).get(shard)
                 their = mine["seq"] if mine else None
                 in_step = mine is not None and (their or 0) == (seq or 0)
-                rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"),
-                             "live": bool(link.get("live")) or in_step,
+                live = bool(link.get("live")) if link else in_step  # no link yet: nothing written since it started
+                rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"), "live": live,
                              "lag": 0 if in_step else link.get("lag")})
             lags = [r["lag"] for r in rows[1:]]
             lag = None if any(x is None for x in lags) else max(lags, default=0)
-            if len(copies) < status["replication"] or not all(r["live"] for r in rows) or lag:
+            # Under-replicated: a copy missing or not live (down, catching up, being re-seeded). A live
+            # copy's lag is the push in flight: writes wait for it, so it is not a missing copy.
+            if len(copies) < status["replication"] or not all(r["live"] for r in rows):
                 under.append(shard)
             detail.append({"shard": shard, "primary": copies[0], "seq": seq, "lag": lag, "copies": rows})
         status["shards_detail"], status["under_replicated"] = detail, under

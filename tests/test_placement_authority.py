@@ -48,3 +48,23 @@ async def test_a_rebalance_waits_for_both_ends_of_a_move_to_have_joined(tmp_path
     assert "waiting for node 'a' to join" in status["error"] and not status["rebalancing"]
     assert status["owner"] == list(Placement(8, ("a",)).owner) and status["epoch"] == 2
     assert status["members"]["b"] == {"member": True, "joined": True, "shards": [], "copies": [], "up": True, "pid": 1}
+
+
+async def test_a_node_silent_past_rebuild_after_s_stops_being_a_member(tmp_path):
+    """Pings fail (these nodes have no actors), so after failover_after_s and rebuild_after_s the
+    authority drops a member to have its copies rebuilt elsewhere, but never the last one."""
+    import asyncio
+
+    authority = PlacementAuthority(str(tmp_path), 8, ["a", "b"], replication=2, failover_after_s=0.05,
+                                   rebuild_after_s=0.2)
+    authority.PING_EVERY_S = 0.05
+    await authority.join("a", {})
+    await authority.join("b", {})
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if len(authority._placement.nodes) == 1:
+            break
+    status = await authority.status()
+    assert set(status["down"]) == {"a", "b"} and len(status["nodes"]) == 1
+    assert status["pending_moves"] > 0  # the dropped member's copies wait for a live node to copy from
+    authority._watcher.cancel()

@@ -99,8 +99,11 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
         assert found["entity_id"] == entity and found["textual_content"] == text
     assert answers(client) == before
     assert all(len(copies) == 2 for copies in after["replicas"]) and after["epoch"] > first["epoch"]
-    for shard in after["shards_detail"]:
+    settled = status(c, r1.url)  # no write in flight now: every copy at its primary's seq
+    assert not settled["under_replicated"]
+    for shard in settled["shards_detail"]:
         assert shard["lag"] == 0 and len(shard["copies"]) == 2, shard
+        assert len({copy["seq"] or 0 for copy in shard["copies"]}) == 1, shard
 
 
 def test_serve_with_two_copies_survives_a_crashed_node_actor(make_server, tmp_path):
