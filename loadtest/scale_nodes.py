@@ -34,6 +34,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 32
 
 
+def own_cpu_seconds() -> float:
+    """This process's own CPU seconds (not its children: the cluster's processes are its children)."""
+    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds of a process and all its descendants (live ones), from /proc."""
     total, tick = 0.0, os.sysconf("SC_CLK_TCK")
@@ -101,17 +107,20 @@ def one_run(k: int, args: argparse.Namespace, seed: Path, root: Path) -> dict:
         urls = [r.url for r in routers]
         drive(urls, 4, 5, "ingest", args.entities)  # warm-up: every node's model and shards
         time.sleep(3)
-        roles = {"nodes": [cluster.procs[n].popen.pid for n in names],
-                 "routers": [r.popen.pid for r in routers], "load generator": [os.getpid()]}
+        roles = {"nodes": [cluster.procs[n].popen.pid for n in names], "routers": [r.popen.pid for r in routers]}
         before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+        before["load generator"] = own_cpu_seconds()
+        wall = time.monotonic()
         ingest = drive(urls, args.clients, args.seconds, "ingest", args.entities)
         time.sleep(3)  # the write-behind indexer catches up before queries are timed
         query = drive(urls, args.clients, args.seconds, "query", args.entities)
         after = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
+        after["load generator"] = own_cpu_seconds()
+        wall = time.monotonic() - wall
     finally:
         cluster.close()
-    return {"nodes": k, "ingest": ingest, "query": query,
-            "cpu_seconds": {role: round(after[role] - before[role], 1) for role in roles}}
+    return {"nodes": k, "ingest": ingest, "query": query, "wall_seconds": round(wall, 1),
+            "cpu_seconds": {role: round(after[role] - before[role], 1) for role in after}}
 
 
 def write(report: dict) -> list[Path]:
@@ -125,7 +134,7 @@ def write(report: dict) -> list[Path]:
              f"Each node pinned to one core of this {report['machine']['cpus']}-core machine; two routers; "
              f"{report['clients']} clients for {report['seconds']:.0f} s per operation; batches of {BATCH} texts for "
              "ingest, one entity-scoped query per request.", "",
-             "| nodes | ingest texts/s | ratio to 1 node | queries/s | ratio to 1 node | errors | CPU s: nodes / routers / load generator |",
+             "| nodes | ingest texts/s | ratio to 1 node | queries/s | ratio to 1 node | errors | CPU s: nodes / routers / load generator (of wall s x cores) |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:
         cpu = r["cpu_seconds"]
@@ -134,7 +143,8 @@ def write(report: dict) -> list[Path]:
                      f"{r['query']['items_per_second']} | "
                      f"{r['query']['items_per_second'] / base['query']['items_per_second']:.2f} | "
                      f"{r['ingest']['errors'] + r['query']['errors']} | "
-                     f"{cpu['nodes']} / {cpu['routers']} / {cpu['load generator']} |")
+                     f"{cpu['nodes']} / {cpu['routers']} / {cpu['load generator']} "
+                     f"(of {r['wall_seconds']} x {report['machine']['cpus']}) |")
     lines += ["", f"![throughput by nodes]({paths[2].name})", ""]
     paths[1].write_text("\n".join(lines))
     import matplotlib
