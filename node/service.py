@@ -542,7 +542,9 @@ class Node:
         lag; and the node's counters (writes that waited for followers, followers marked down, re-seeds)."""
 
         def seqs() -> dict[int, int | None]:
-            return {s: self.shards[s].last_seq() if s in self.shards else None for s in sorted(self.owned)}
+            # A copy on disk that nothing opened since the start (no request, no push yet) still has a seq.
+            return {s: self.shards[s].last_seq() if s in self.shards or self._exists(s) else None
+                    for s in sorted(self.owned)}
 
         shards: dict[int, Any] = {}
         for s, seq in (await self._on_store(seqs)).items():

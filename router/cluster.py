@@ -166,6 +166,16 @@ class Cluster:
         log.info("Router joined the cluster nodes=%d shards=%d epoch=%d", len(self.actors), self.placement.shards,
                  self.placement.epoch)
 
+    def _reresolve(self, name: str) -> None:
+        """A node's actor died: if a new one runs under its name (a restarted `tellodb node`), use it."""
+        try:
+            actor = ray.get_actor(actor_name(name), namespace=NAMESPACE)
+        except ValueError:
+            return
+        if actor._actor_id != self.actors[name]._actor_id:
+            log.info("Node %s is a new actor now (it restarted)", name)
+            self._add_actor(name, actor)
+
     def _add_actor(self, name: str, actor: Any) -> None:
         self.actors[name] = actor
         for method in Node.MERGEABLE:
@@ -284,6 +294,7 @@ class Cluster:
         except (asyncio.TimeoutError, GetTimeoutError):
             raise NodeSlow(f"{node} did not answer within {timeout:g} s") from None
         except RayActorError:
+            self._reresolve(node)
             raise NodeDown(f"{node} is down or restarting; retry the request") from None
         except (RayError, Exception) as exc:  # a Ray task error, or one a merged request got alone
             cause = exc
@@ -583,6 +594,9 @@ class Cluster:
         async def one(name: str) -> dict | None:
             try:
                 return await asyncio.wait_for(self.actors[name].replication_status.remote(), 5)
+            except RayActorError:
+                self._reresolve(name)
+                return None
             except Exception:
                 return None
 

@@ -103,7 +103,7 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     assert not settled["under_replicated"]
     for shard in settled["shards_detail"]:
         assert shard["lag"] == 0 and len(shard["copies"]) == 2, shard
-        assert len({copy["seq"] or 0 for copy in shard["copies"]}) == 1, shard
+        assert len({copy["seq"] or 0 for copy in shard["copies"]}) == 1, json.dumps(shard)
 
 
 def test_serve_with_two_copies_survives_a_crashed_node_actor(make_server, tmp_path):
