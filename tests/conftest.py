@@ -181,3 +181,31 @@ async def api(aiohttp_client, cluster):
     from router.app import create_app
 
     return await aiohttp_client(create_app(cluster.config, cluster))
+
+
+@pytest.fixture(scope="session")
+def model_seed(tmp_path_factory):
+    """A data directory holding the exported ONNX model, copied into each `tellodb node`'s (one export
+    for every multi-node test, not one per node)."""
+    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.onnx_embedder import export_onnx
+
+    seed = tmp_path_factory.mktemp("model-seed")
+    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
+    return seed
+
+
+def cluster_status(cluster, url: str) -> dict:
+    """`tellodb cluster status --json` of a loadtest.local_cluster.LocalCluster through the router at `url`."""
+    import json
+
+    done = cluster.cli("cluster", "status", "--json", "--url", url, "--key", API_KEY)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def fixed_answers(client, entities: list[str]) -> dict[str, list[str]]:
+    """Each entity's top answers, and one query over every entity (a fan-out to every node)."""
+    found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in entities}
+    found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(entities)))
+    return found

@@ -6,13 +6,12 @@ killed half-way; clients of the other see no error, and every acknowledged write
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from tellodb import TellodbClient
 
-from conftest import API_KEY
+from conftest import API_KEY, cluster_status, fixed_answers
 from loadtest.local_cluster import LocalCluster
 from loadtest.mixed_load import MixedLoad
 from node.ring import Placement
@@ -21,16 +20,6 @@ FIXED = [f"fixed:user-{i}" for i in range(12)]
 FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", "moved to Lisbon last spring",
                "is allergic to peanuts", "works night shifts at the hospital", "reads science fiction"]
 
-
-@pytest.fixture(scope="module")
-def model_seed(tmp_path_factory):
-    """A data directory holding the exported ONNX model, copied into each node's (one export, not four)."""
-    from node.config import DEFAULT_MODEL, resolve_model_path
-    from node.onnx_embedder import export_onnx
-
-    seed = tmp_path_factory.mktemp("model-seed")
-    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
-    return seed
 
 
 @pytest.fixture
@@ -42,17 +31,6 @@ def local_cluster(tmp_path, model_seed):
         c.close()
 
 
-def status(c: LocalCluster, url: str) -> dict:
-    done = c.cli("cluster", "status", "--json", "--url", url, "--key", API_KEY)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def answers(client: TellodbClient) -> dict[str, list[str]]:
-    """Each fixed entity's top answers, and one query over every entity (a fan-out to every node)."""
-    found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
-    found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(FIXED)))
-    return found
 
 
 def shard_files(c: LocalCluster, node: str) -> set[int]:
@@ -69,9 +47,9 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     for i, e in enumerate(FIXED):
         for j, text in enumerate(FIXED_TEXTS):
             client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
-    before = answers(client)
+    before = fixed_answers(client, FIXED)
     assert len(before["*"]) == len(FIXED) and all("::fixed::1" in m for m in before["*"])
-    first = status(c, r1.url)
+    first = cluster_status(c, r1.url)
     assert first["epoch"] >= 1 and sorted(first["nodes"]) == ["n1", "n2", "n3"]
     assert all(m["joined"] for m in first["members"].values())
 
@@ -82,7 +60,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     c.start_nodes(["n4"])
     added = c.cli("cluster", "add-node", "n4", "--url", r1.url, "--key", API_KEY)
     assert added.returncode == 0, added.stderr
-    after_add = status(c, r1.url)
+    after_add = cluster_status(c, r1.url)
     moved = [s for s in range(16) if after_add["owner"][s] != first["owner"][s]]
     assert moved and all(after_add["owner"][s] == "n4" for s in moved)
     expected = Placement(16, ("n1", "n2", "n3", "n4")).owner
@@ -101,7 +79,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     time.sleep(2)
     load.stop()
 
-    final = status(c, r1.url)
+    final = cluster_status(c, r1.url)
     assert "n2" not in final["nodes"] and "n2" not in final["owner"] and not final["moving"]
     assert final["epoch"] > after_add["epoch"] > first["epoch"]
     assert shard_files(c, "n2") == set()  # drained: its shard folders are gone
@@ -113,7 +91,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     for memory_id, (entity, text) in load.acked.items():
         found = client.inspect_memory(memory_id)
         assert found["entity_id"] == entity and found["textual_content"] == text
-    assert answers(client) == before
+    assert fixed_answers(client, FIXED) == before
     moves = [m for m in final["history"] if m["state"] == "done"]
     assert len(moves) == len(moved) + len(after_add["members"]["n2"]["shards"])
     assert all(m["fence_ms"] >= 0 for m in moves)

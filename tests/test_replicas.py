@@ -12,7 +12,7 @@ import time
 import pytest
 from tellodb import TellodbClient
 
-from conftest import API_KEY
+from conftest import API_KEY, cluster_status, fixed_answers
 from loadtest.local_cluster import LocalCluster
 from loadtest.mixed_load import MixedLoad
 
@@ -20,15 +20,6 @@ FIXED = [f"fixed:user-{i}" for i in range(10)]
 FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", "moved to Lisbon last spring",
                "is allergic to peanuts", "works night shifts at the hospital"]
 
-
-@pytest.fixture(scope="module")
-def model_seed(tmp_path_factory):
-    from node.config import DEFAULT_MODEL, resolve_model_path
-    from node.onnx_embedder import export_onnx
-
-    seed = tmp_path_factory.mktemp("model-seed")
-    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
-    return seed
 
 
 @pytest.fixture
@@ -41,22 +32,12 @@ def replicated(tmp_path, model_seed):
         c.close()
 
 
-def status(c: LocalCluster, url: str) -> dict:
-    done = c.cli("cluster", "status", "--json", "--url", url, "--key", API_KEY)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def answers(client: TellodbClient) -> dict[str, list[str]]:
-    found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in FIXED}
-    found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(FIXED)))
-    return found
 
 
 def wait_fully_replicated(c: LocalCluster, url: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        s = status(c, url)
+        s = cluster_status(c, url)
         if not s["under_replicated"] and not s["down"]:
             return s
         if time.monotonic() > deadline:
@@ -73,7 +54,7 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     for e in FIXED:
         for j, text in enumerate(FIXED_TEXTS):
             client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
-    before = answers(client)
+    before = fixed_answers(client, FIXED)
     first = wait_fully_replicated(c, r1.url)
     assert first["replication"] == 2 and all(len(copies) == 2 for copies in first["replicas"])
     assert "n2" in first["owner"]  # n2 is the primary of some shards: its loss needs a failover
@@ -83,7 +64,7 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     killed_at = time.monotonic()
     c.kill("n2")  # the node process, its raylet and its node actor, with SIGKILL
     time.sleep(8)  # the failover (failover_after_s: 2) and some load on one copy per shard
-    during = status(c, r1.url)
+    during = cluster_status(c, r1.url)
     assert "n2" in during["down"] and during["failovers"] >= 1 and "n2" not in during["owner"]
     c.start_nodes(["n2"])  # the same name and data directory
     after = wait_fully_replicated(c, r1.url)
@@ -97,9 +78,9 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     for memory_id, (entity, text) in load.acked.items():
         found = client.inspect_memory(memory_id)
         assert found["entity_id"] == entity and found["textual_content"] == text
-    assert answers(client) == before
+    assert fixed_answers(client, FIXED) == before
     assert all(len(copies) == 2 for copies in after["replicas"]) and after["epoch"] > first["epoch"]
-    settled = status(c, r1.url)  # no write in flight now: every copy at its primary's seq
+    settled = cluster_status(c, r1.url)  # no write in flight now: every copy at its primary's seq
     assert not settled["under_replicated"]
     for shard in settled["shards_detail"]:
         assert shard["lag"] == 0 and len(shard["copies"]) == 2, shard
