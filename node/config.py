@@ -76,6 +76,7 @@ class ClusterConfig:
     max_batch_text_bytes: int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
     request_timeout_s: float = 60.0
     vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
+    index_memory_mb: int = 0  # per node: shards' HNSW indexes kept loaded (node/index_budget.py); 0 = all
     keys_file: str | None = None  # scoped API keys (router/keys.py); None: only api_key
     rate_limit: float = 0.0  # requests per second per key unless the key sets its own; 0 = no limit
     rate_burst: int = 0  # bucket size; 0 = one second's worth
@@ -267,6 +268,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
           f"must be between 1024 and max_body_bytes ({config.max_body_bytes}), got {config.max_batch_text_bytes}")
     check(config.request_timeout_s > 0, "request_timeout_s", "must be positive")
     check(config.vector_cache_mb >= 0, "vector_cache_mb", "must be 0 or more")
+    check(config.index_memory_mb >= 0, "index_memory_mb", "must be 0 (no limit) or more")
     check(config.rate_limit >= 0, "rate_limit", "must be 0 (no limit) or more")
     check(config.rate_burst >= 0, "rate_burst", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")

@@ -33,6 +33,7 @@ from node.embedder import BatchingEmbedder, load_embedder
 from node.errors import NotOwnedError, StorageFull, is_disk_full
 from node.free_ids import FreeIds
 from node.ids import parse_memory_id
+from node.index_budget import IndexBudget
 from node.indexer import Indexer
 from node.moves import Moves
 from node.ranking import RankingConfig, best_first, oldest_first
@@ -75,6 +76,7 @@ class Node:
         self.store_thread = StoreThread(name)
         self.shards: dict[int, ShardStore] = {}
         self.vector_cache = VectorCache(config.vector_cache_mb << 20)
+        self.index_budget = IndexBudget(config.index_memory_mb << 20)
         self.reindexed = 0
         self.indexer = Indexer(name, self.store_thread, lambda: list(self.shards.values()), config.changelog_keep)
         self.writer = GroupWriter(
@@ -130,7 +132,7 @@ class Node:
             return ShardStore(
                 root, shard, self.embedder.dimension,
                 {"connectivity": h.connectivity, "ef_search": h.ef_search, "ef_construction": h.ef_construction},
-                self.ranking, self.vector_cache,
+                self.ranking, self.vector_cache, self.index_budget,
             )
         except Exception as exc:
             if new:  # a shard created half-way (a full disk) must not look like one that exists
@@ -584,6 +586,7 @@ class Node:
                     "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
+                    "vector_indexes": self.index_budget.stats(),
                     "query_seconds": round(self.query_seconds, 3),
                     "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},

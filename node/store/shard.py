@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from node.index_budget import IndexBudget
 from node.ranking import RankingConfig
 from node.store import analytics, changelog, erasure, graph, records, schema, snapshot
 from node.store.records import MemoryRecord
@@ -43,6 +44,7 @@ class ShardStore:
         hnsw: dict[str, int] | None = None,
         ranking: RankingConfig | None = None,
         vector_cache: VectorCache | None = None,
+        index_budget: IndexBudget | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.ranking = ranking or RankingConfig()
@@ -53,7 +55,7 @@ class ShardStore:
         self.hnsw = hnsw or {"connectivity": 16, "ef_search": 64, "ef_construction": 128}
         self.db = schema.connect(self.root / "store.sqlite3")
         schema.check_meta(self.db, shard_id, dimension, self.root)
-        self.index = VectorIndex(self.root / "chroma", shard_id, self.db, self.hnsw)
+        self.index = VectorIndex(self.root / "chroma", shard_id, self.db, self.hnsw, dimension, index_budget)
         check_windows(self.db, self.ranking.window_radius)
         self.writes = Writes(self.db, dimension, self.ranking, self.vector_cache, shard_id)
         self.searcher = Search(self.db, self.index, self.ranking, self.vector_cache, shard_id, dimension)
@@ -130,7 +132,7 @@ class ShardStore:
             "edges_valid": one("SELECT COUNT(*) FROM relations WHERE valid"),
             "measurements": one("SELECT COUNT(*) FROM measurements"),
             "unindexed": one("SELECT COUNT(*) FROM memories WHERE indexed = 0"),
-            "vectors": self.index.collection.count(),
+            "vectors": self.index.indexed_rows(),
             "bytes": self.size_bytes(),
             "seq": self.last_seq(),
         }

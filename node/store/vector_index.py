@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from node.index_budget import IndexBudget, bytes_per_vector
 from node.store.scope import Scope
 from node.store.transaction import Transaction
 
@@ -30,14 +31,55 @@ CHROMA_BATCH = 256  # vectors per Chroma upsert
 
 
 class VectorIndex:
-    def __init__(self, path: Path, shard_id: int, db: sqlite3.Connection, hnsw: dict[str, int]) -> None:
+    """Opened on first use and closed again when the node's `IndexBudget` needs the memory
+    (node/index_budget.py): `collection` opens it, `unload()` closes it."""
+
+    def __init__(self, path: Path, shard_id: int, db: sqlite3.Connection, hnsw: dict[str, int],
+                 dimension: int, budget: IndexBudget | None = None) -> None:
         self.path = path
         self.shard_id = shard_id
         self.db = db
         self.hnsw = hnsw
-        self._open()
+        self.dimension = dimension
+        self.budget = budget or IndexBudget()
+        self._chroma: Any = None
+        self._collection: Any = None
+        self.vectors = 0  # vectors in Chroma when last counted (while loaded)
         # Committed rows not in Chroma yet (an upper bound: `index_pending()` makes it exact).
         self.unindexed = self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 0").fetchone()[0]
+
+    @property
+    def collection(self) -> Any:
+        """The Chroma collection, opened now if it is not loaded; marks the index as in use."""
+        if self._collection is None:
+            started = time.perf_counter()
+            self._open()
+            self.vectors = self._collection.count()
+            self.budget.loaded(self, time.perf_counter() - started)
+        else:
+            self.budget.used(self)
+        return self._collection
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._collection is not None
+
+    def memory_bytes(self) -> int:
+        """Estimated memory of the loaded index (node/index_budget.py)."""
+        return self.vectors * bytes_per_vector(self.dimension) if self.is_loaded else 0
+
+    def unload(self) -> None:
+        """Close the Chroma client, so its HNSW graph leaves memory; `collection` opens it again."""
+        if self._chroma is not None:
+            self._chroma.close()
+        self._chroma = self._collection = None
+
+    def indexed_rows(self) -> int:
+        """Vectors Chroma holds, without loading it: SQLite's rows marked indexed (reconcile() keeps
+        the two equal)."""
+        if self.is_loaded:
+            return self.collection.count()
+        return self.db.execute("SELECT COUNT(*) FROM memories WHERE indexed = 1").fetchone()[0]
 
     def _open(self) -> None:
         import chromadb
@@ -48,7 +90,7 @@ class VectorIndex:
         settings = Settings(anonymized_telemetry=False, allow_reset=False)
         try:
             self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
-            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._config())
+            self._collection = self._chroma.get_or_create_collection("memories", configuration=self._config())
         except Exception:
             # The index is derived data: set a broken one aside and rebuild it from SQLite.
             aside = path.with_name(f"chroma.broken-{int(time.time())}")
@@ -57,9 +99,10 @@ class VectorIndex:
                 self._chroma.close()
             shutil.move(str(path), str(aside))
             self._chroma = chromadb.PersistentClient(path=str(path), settings=settings)
-            self.collection = self._chroma.get_or_create_collection("memories", configuration=self._config())
+            self._collection = self._chroma.get_or_create_collection("memories", configuration=self._config())
             with Transaction(self.db):
                 self.db.execute("UPDATE memories SET indexed = 0")
+            self.unindexed = self.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0]
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -105,13 +148,17 @@ class VectorIndex:
             self._index(ids, vectors, [r["entity_id"] for r in rows], [r["created_at_ms"] for r in rows])
             total += len(rows)
             self.unindexed = max(0, self.unindexed - len(rows))
+        if total and self.budget.max_bytes:  # re-written rows replace vectors: count what is there
+            self.vectors = self.collection.count()
+            self.budget.used(self)  # it grew: make room
+        else:
+            self.vectors += total  # an upper bound (a re-written row replaces its vector) until the next count
         return total
 
     def rebuild(self) -> int:
         """Drop the Chroma index and build it again from the vectors in SQLite."""
-        self._chroma.close()
+        self.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        self._open()
         with Transaction(self.db):
             self.db.execute("UPDATE memories SET indexed = 0")
         return self.reconcile()
@@ -161,4 +208,5 @@ class VectorIndex:
         self.collection.delete(ids=ids)
 
     def close(self) -> None:
-        self._chroma.close()
+        self.unload()
+        self.budget.closed(self)
