@@ -124,6 +124,7 @@ ENV_VARS: list[tuple[str, str]] = [
     ("TELLODB_KEYS_FILE", "keys_file"),
     ("TELLODB_RATE_LIMIT", "rate_limit"),
     ("TELLODB_MIN_FREE_MB", "min_free_mb"),
+    ("TELLODB_INDEX_MEMORY_MB", "index_memory_mb"),
     ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "embedding.backend"),
     ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "embedding.model"),
     ("TEMPORAL_MEMORY_DEVICE", "embedding.device"),

@@ -2,7 +2,9 @@
 
 A shard is indexed as soon as INDEX_BACKLOG of its rows wait (the writer asks after each of its
 turns), and every waiting row once writes pause for INDEX_IDLE_S, in store calls of INDEX_CHUNK
-rows, so queries queued meanwhile run between chunks. A pause after writes also trims each shard's
+rows, so queries queued meanwhile run between chunks. Searches come first: a chunk waits while a
+search is in flight (at most INDEX_YIELD_S), and chunks are small while queries arrive
+(node/store_thread.py). A pause after writes also trims each shard's
 change log to its newest `changelog_keep` changes (node/store/changelog.py).
 
 The pause watcher is a task started by `start()` (it needs the running event loop) and stopped by
@@ -27,6 +29,9 @@ log = logging.getLogger("tellodb.node")
 INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
 INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
 INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
+INDEX_CHUNK_NEAR_SEARCHES = 8  # rows per store call while queries arrive (node/store_thread.py: searches first)
+SEARCH_RECENT_S = 1.0  # a search this recent counts as "queries arrive"
+INDEX_YIELD_S = 0.5  # the longest an index chunk waits for searches in flight, so the index keeps up
 
 
 class Indexer:
@@ -95,7 +100,10 @@ class Indexer:
             for store in full:
                 try:
                     while store.unindexed:
-                        if not await self.store_thread.run(store.index_pending, INDEX_CHUNK, busy="index"):
+                        await self.store_thread.yield_to_searches(INDEX_YIELD_S)
+                        chunk = INDEX_CHUNK_NEAR_SEARCHES if self.store_thread.searched_within(SEARCH_RECENT_S) \
+                            else INDEX_CHUNK
+                        if not await self.store_thread.run(store.index_pending, chunk, busy="index"):
                             break
                 except Exception:  # the rows stay searchable (scored exactly) and are retried later
                     log.exception("%s: indexing shard %d failed", self.name, store.shard_id)

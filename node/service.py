@@ -50,6 +50,18 @@ STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "e
              "unindexed", "vectors")
 
 
+def own_memory_bytes() -> int | None:
+    """This process's own (anonymous) resident memory, from /proc (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def shard_dir(data_dir: str | Path, shard: int) -> Path:
     return Path(data_dir) / "shards" / f"{shard:04d}"
 
@@ -272,6 +284,12 @@ class Node:
         (`shard=None`), only entities starting with one of `prefixes` if given, best first, created
         within `window` if given. Without `text`: the window's memories, oldest first. A named
         shard that is not owned here: NotOwnedError."""
+        async with self.store_thread.searching():
+            return await self._query(text, entity_id, shard, limit, window, prefixes)
+
+    async def _query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
+                     window: tuple[int | None, int | None] | None,
+                     prefixes: tuple[str, ...] | None) -> list[dict[str, Any]]:
         started = time.perf_counter()
         shards = self._shard_list(shard)
         vector = (await self.embedder.embed([text]))[0] if text is not None else None
@@ -586,8 +604,9 @@ class Node:
                     "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
                                      "misses": self.vector_cache.misses},
-                    "vector_indexes": self.index_budget.stats(),
+                    "vector_indexes": self.index_budget.stats(), "memory_bytes": own_memory_bytes(),
                     "query_seconds": round(self.query_seconds, 3),
+                    "index_yielded_seconds": round(self.store_thread.yielded_seconds, 3),  # chunks waiting for searches
                     "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
                     "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,

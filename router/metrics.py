@@ -38,6 +38,14 @@ class Metrics:
                                        registry=r)
         self.node_up = Gauge("tellodb_node_up", "1 when the node answered the last scrape.", ["node"], registry=r)
         self.node_bytes = Gauge("tellodb_node_bytes", "Bytes on disk of a node's shards.", ["node"], registry=r)
+        self.node_memory = Gauge("tellodb_node_memory_bytes", "A node process's own (anonymous) memory.", ["node"],
+                                 registry=r)
+        self.node_index_memory = Gauge(
+            "tellodb_node_index_memory_bytes", "Estimated memory of a node's loaded HNSW indexes (index_memory_mb "
+            "caps it).", ["node"], registry=r)
+        self.node_index_loads = Gauge(
+            "tellodb_node_index_loads", "Shard indexes a node loaded since it started; a steady rise means the "
+            "index_memory_mb budget is smaller than the shards in use.", ["node"], registry=r)
         self.placement_epoch = Gauge("tellodb_placement_epoch", "The placement's epoch (it grows with every "
                                      "member change and shard move).", registry=r)
         self.pending_moves = Gauge("tellodb_shard_moves_pending", "Shards not on their ring node yet.", registry=r)
@@ -73,6 +81,11 @@ class Metrics:
                 self.node_edges.labels(node).set(s["edges"])
                 self.node_measurements.labels(node).set(s["measurements"])
                 self.node_bytes.labels(node).set(s.get("bytes", 0))
+                if s.get("memory_bytes") is not None:
+                    self.node_memory.labels(node).set(s["memory_bytes"])
+                indexes = s.get("vector_indexes") or {}
+                self.node_index_memory.labels(node).set(indexes.get("mb", 0) * 2**20)
+                self.node_index_loads.labels(node).set(indexes.get("loads", 0))
                 replication = s.get("replication") or {}
                 self.copies_down.labels(node).set(replication.get("followers_down", 0))
                 self.replication_lag.labels(node).set(replication.get("lag_max", 0))

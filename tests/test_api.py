@@ -116,6 +116,11 @@ async def test_metrics_open_and_complete(api):
     nodes = re.findall(r'^tellodb_node_memories\{node="(node-\d+)"\} (\S+)$', text, re.M)
     assert {n for n, _ in nodes} == {"node-0", "node-1"}
     assert sum(float(v) for _, v in nodes) >= 1
+    # each node process's own memory, and its HNSW indexes' share (index_memory_mb)
+    memory = re.findall(r'^tellodb_node_memory_bytes\{node="(node-\d+)"\} (\S+)$', text, re.M)
+    assert {n for n, _ in memory} == {"node-0", "node-1"} and min(float(v) for _, v in memory) > 50 * 2**20
+    for name in ("tellodb_node_index_memory_bytes", "tellodb_node_index_loads"):
+        assert {n for n in re.findall(rf'^{name}\{{node="(node-\d+)"\}} \S+$', text, re.M)} == {"node-0", "node-1"}
 
 
 @pytest.mark.parametrize("path", ["/version", "/v1/version"])

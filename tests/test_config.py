@@ -59,6 +59,7 @@ def test_config_path_from_env(tmp_path):
         ({"TEMPORAL_MEMORY_EMBEDDING_MODEL": "/no/such/folder"}, "TEMPORAL_MEMORY_EMBEDDING_MODEL"),
         ({"TEMPORAL_MEMORY_DEVICE": "tpu"}, "TEMPORAL_MEMORY_DEVICE"),
         ({"TELLODB_API_KEY": "short"}, "TELLODB_API_KEY"),
+        ({"TELLODB_INDEX_MEMORY_MB": "-1"}, "TELLODB_INDEX_MEMORY_MB"),
     ],
 )
 def test_bad_environment_values_name_the_variable(env, named):
