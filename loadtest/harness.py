@@ -6,6 +6,7 @@ Scenarios (one "iteration" per client loop):
   bulk-import  POST /ingest/batch with `--batch` memories
   read-heavy   95% queries, 5% single ingests
   mixed        80% queries, 20% single ingests
+  steady       80% queries, 20% upserts of the preload's ids: the data set does not grow (memory flatness)
   ingest       single ingests only
   query        queries only
 Every request is timed; the run records latency per operation, throughput per second, errors,
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import log, percentile  # noqa: E402
 from texts import query_text, sentence  # noqa: E402
 
-SCENARIOS = ("agent-loop", "bulk-import", "read-heavy", "mixed", "ingest", "query")
+SCENARIOS = ("agent-loop", "bulk-import", "read-heavy", "mixed", "steady", "ingest", "query")
 
 
 @dataclass
@@ -106,10 +107,17 @@ def memory_summary(samples: list[tuple[float, dict[str, float]]],
             "per_process": per_process}
 
 
+def steady_id(names: list[str], j: int) -> str:
+    """Memory j's id in a data set of fixed ids (the `steady` scenario upserts them again)."""
+    return f"{names[j % len(names)]}::s1::{j // len(names)}"
+
+
 async def preload_memories(s: aiohttp.ClientSession, base: str, names: list[str], total: int,
-                           rng: random.Random, batch: int = 256, writers: int = 4, offset: int = 0) -> None:
+                           rng: random.Random, batch: int = 256, writers: int = 4, offset: int = 0,
+                           fixed_ids: bool = False) -> None:
     """Store `total` memories (numbered from `offset`) spread over `names` with `writers` concurrent
-    /ingest/batch calls, logging progress every 5 s (a 1M preload takes a while)."""
+    /ingest/batch calls, logging progress every 5 s (a 1M preload takes a while). With `fixed_ids`
+    memory j gets the id `steady_id(names, j)`; otherwise the engine makes the ids."""
     log(f"preloading {total} memories into {len(names)} entities")
     end = offset + total
     starts = iter(range(offset, end, batch))
@@ -119,6 +127,7 @@ async def preload_memories(s: aiohttp.ClientSession, base: str, names: list[str]
         nonlocal done, last
         for k in starts:
             items = [{"entity_id": names[j % len(names)], "textual_content": sentence(rng, j)}
+                     | ({"memory_id": steady_id(names, j)} if fixed_ids else {})
                      for j in range(k, min(k + batch, end))]
             async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
                 if r.status != 200:
@@ -146,7 +155,7 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(headers={"x-api-key": key}, timeout=timeout, connector=connector) as s:
         if preload:
-            await preload_memories(s, base, names, preload, rng)
+            await preload_memories(s, base, names, preload, rng, fixed_ids=scenario == "steady")
         started = time.perf_counter() + warmup  # samples before this are warm-up, not recorded
         stop_at = started + duration
         counter = [0]
@@ -171,6 +180,10 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
 
         def ingest_body() -> dict:
             counter[0] += 1
+            if scenario == "steady":  # a new text for a memory of the preload: the data does not grow
+                j = rng.randrange(preload)
+                return {"memory_id": steady_id(names, j), "entity_id": names[j % len(names)],
+                        "textual_content": sentence(rng, counter[0])}
             return {"entity_id": rng.choice(names), "textual_content": sentence(rng, counter[0])}
 
         async def client() -> None:

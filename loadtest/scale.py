@@ -67,14 +67,23 @@ async def run(args: argparse.Namespace, engine: Engine) -> dict:
             if engine.proc is not None:
                 rss = tree_rss_mb(engine.proc.pid) or {}
                 p["rss_mb"] = round(sum(rss.values()), 1)
+                own = tree_rss_mb(engine.proc.pid, "RssAnon") or {}
+                p["own_mb"] = round(sum(own.values()), 1)  # the processes' own memory (not mapped files)
+                p["nodes_own_mb"] = round(sum(v for k, v in own.items() if "Node" in k), 1)  # ray::PlacedNode...
+                p["own_by_process"] = own
             if engine.tmp is not None:
                 p["disk_gb"] = round(sum(f.stat().st_size for f in Path(engine.tmp).rglob("*") if f.is_file()) / 2**30,
                                      2)
             probes.append(p)
             log(f"{mark} memories: block {blocks[-1]['per_second'] if blocks else '-'} /s, query p50 {p['p50_ms']} ms "
-                f"p99 {p['p99_ms']} ms, rss {p.get('rss_mb', '-')} MiB, disk {p.get('disk_gb', '-')} GiB")
+                f"p99 {p['p99_ms']} ms, rss {p.get('rss_mb', '-')} MiB, nodes' own {p.get('nodes_own_mb', '-')} MiB, "
+                f"disk {p.get('disk_gb', '-')} GiB")
     first, last = blocks[0], blocks[-1]
-    return {"total": args.total, "entities": args.entities, "block": args.block, "blocks": blocks, "probes": probes,
+    growth = None
+    if probes[0].get("nodes_own_mb") is not None:  # the node processes' own memory per memory added after 10k
+        growth = round((probes[-1]["nodes_own_mb"] - probes[0]["nodes_own_mb"]) * 1024
+                       / (probes[-1]["memories"] - probes[0]["memories"]), 2)
+    return {"nodes_own_kib_per_memory": growth, "total": args.total, "entities": args.entities, "block": args.block, "blocks": blocks, "probes": probes,
             "last_block_slowdown": round(1 - last["per_second"] / first["per_second"], 3),
             "p99_end_over_p99_10k": round(probes[-1]["p99_ms"] / probes[0]["p99_ms"], 2)}
 
@@ -87,12 +96,14 @@ def markdown(report: dict, plot: str | None) -> str:
              f"- Last block's ingest rate against the first's: {r['last_block_slowdown'] * 100:.1f}% slower "
              "(goal: at most 30%).",
              f"- Query p99 at {r['total']:,} against p99 at 10,000: {r['p99_end_over_p99_10k']}x (goal: at most 2x).",
-             "", "| memories | block ingest /s | query p50 ms | query p99 ms | engine RSS MiB | disk GiB |",
-             "|---|---|---|---|---|---|"]
+             f"- The node processes' own memory grew by {r.get('nodes_own_kib_per_memory')} KiB per memory "
+             "after the first 10,000 (README: Memory and sizing).",
+             "", "| memories | block ingest /s | query p50 ms | query p99 ms | engine RSS MiB | nodes' own MiB | disk GiB |",
+             "|---|---|---|---|---|---|---|"]
     rate = {b["up_to"]: b["per_second"] for b in r["blocks"]}
     for p in r["probes"]:
         lines.append(f"| {p['memories']:,} | {rate.get(p['memories'], '')} | {p['p50_ms']} | {p['p99_ms']} | "
-                     f"{p.get('rss_mb', '')} | {p.get('disk_gb', '')} |")
+                     f"{p.get('rss_mb', '')} | {p.get('nodes_own_mb', '')} | {p.get('disk_gb', '')} |")
     if plot:
         lines += ["", f"![{plot}]({plot})"]
     return "\n".join(lines) + "\n"
