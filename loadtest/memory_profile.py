@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtest"))
 
 from node.config import DEFAULT_MODEL, resolve_model_path  # noqa: E402
-from node.index_budget import IndexBudget, bytes_per_vector  # noqa: E402
+from node.index_budget import IndexBudget, index_bytes  # noqa: E402
 from node.store import MemoryRecord, ShardStore, upsert_together  # noqa: E402
 from node.vector_cache import VectorCache  # noqa: E402
 from texts import query_text, sentence  # noqa: E402
@@ -195,7 +195,7 @@ def main() -> None:
         store.close()
     result = {"name": args.name, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "shards": args.shards, "per_entity": args.per_entity, "vector_cache_mb": args.vector_cache_mb,
-              "dimension": dimension, "bytes_per_vector_formula": bytes_per_vector(dimension),
+              "dimension": dimension, "index_bytes_formula_1m": index_bytes(1_000_000 // args.shards, dimension) * args.shards,
               "fixed": {k: round(v, 1) for k, v in base.items()}, "marks": rows, "cold_shard": cold}
     write_reports(result, Path(args.out_dir))
 

@@ -1,10 +1,11 @@
 """A node's memory budget for its shards' vector indexes: cold shards' HNSW graphs leave memory.
 
-Each shard's Chroma index holds its HNSW graph in memory once used: about 2.6 KiB per vector with
-MiniLM's 384 dimensions (`BYTES_PER_VECTOR`, measured: docs/benchmarks.md, Memory). A node whose
-shards together hold more than `index_memory_mb` closes the least recently used shards' Chroma
-clients until the loaded indexes fit again; the next query or index chunk of a closed shard opens it
-again (its first query pays the load: about 50 ms for 10,000 vectors here). Chroma's own
+Each shard's Chroma client holds its HNSW graph in memory once used: about 5.6 MiB per loaded
+shard plus 2.0 KiB per vector with MiniLM's 384 dimensions (`index_bytes`, fitted to what closing
+the clients freed at 100k, 300k and 1M memories: loadtest/results/memory-profile-2core.md). A node
+whose loaded indexes together exceed `index_memory_mb` closes the least recently used shards'
+Chroma clients until they fit again; the next query or index chunk of a closed shard opens it again
+and pays the load (a shard of 31,000 vectors: p50 240 ms, against 8 ms warm). Chroma's own
 `chroma_memory_limit_bytes` cannot do this: its Rust client ignores the setting, and each shard has
 a client of its own.
 
@@ -18,14 +19,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
-# Anonymous memory per vector of a loaded Chroma HNSW index, on top of the vector's own 4 bytes
-# per dimension: neighbour lists (2 x connectivity links at level 0), labels, ids and the
-# allocator's share. Measured with 384 dimensions and connectivity 16 (loadtest/memory_profile.py).
-OVERHEAD_PER_VECTOR = 1100
+# What closing a loaded shard's Chroma client frees: a part per shard (its clients' caches and the
+# HNSW graph's fixed allocations) and a part per vector on top of the vector's own 4 bytes per
+# dimension (neighbour lists, labels, ids). Fitted with 384 dimensions and connectivity 16.
+BYTES_PER_INDEX = 5_600 << 10
+OVERHEAD_PER_VECTOR = 540
 
 
-def bytes_per_vector(dimension: int) -> int:
-    return 4 * dimension + OVERHEAD_PER_VECTOR
+def index_bytes(vectors: int, dimension: int) -> int:
+    """The estimated memory of one loaded shard index holding `vectors` vectors."""
+    return BYTES_PER_INDEX + vectors * (4 * dimension + OVERHEAD_PER_VECTOR)
 
 
 class Loadable(Protocol):

@@ -2,9 +2,8 @@
 
 A shard is indexed as soon as INDEX_BACKLOG of its rows wait (the writer asks after each of its
 turns), and every waiting row once writes pause for INDEX_IDLE_S, in store calls of INDEX_CHUNK
-rows, so queries queued meanwhile run between chunks. Searches come first: a chunk waits while a
-search is in flight (at most INDEX_YIELD_S), and chunks are small while queries arrive
-(node/store_thread.py). A pause after writes also trims each shard's
+rows, so queries queued meanwhile run between chunks. Searches come first (`_turn`): a chunk waits
+for a gap in the searches and is small while queries arrive, until the backlog grows large. A pause after writes also trims each shard's
 change log to its newest `changelog_keep` changes (node/store/changelog.py).
 
 The pause watcher is a task started by `start()` (it needs the running event loop) and stopped by
@@ -31,7 +30,8 @@ INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
 INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
 INDEX_CHUNK_NEAR_SEARCHES = 8  # rows per store call while queries arrive (node/store_thread.py: searches first)
 SEARCH_RECENT_S = 1.0  # a search this recent counts as "queries arrive"
-INDEX_YIELD_S = 0.5  # the longest an index chunk waits for searches in flight, so the index keeps up
+SEARCH_GAP_S = 0.1  # an index chunk starts after this long without a search on the node...
+INDEX_URGENT = 8192  # ...unless this many rows wait on the node: then chunks take turns with searches
 
 
 class Indexer:
@@ -100,14 +100,23 @@ class Indexer:
             for store in full:
                 try:
                     while store.unindexed:
-                        await self.store_thread.yield_to_searches(INDEX_YIELD_S)
-                        chunk = INDEX_CHUNK_NEAR_SEARCHES if self.store_thread.searched_within(SEARCH_RECENT_S) \
-                            else INDEX_CHUNK
+                        chunk = await self._turn()
                         if not await self.store_thread.run(store.index_pending, chunk, busy="index"):
                             break
                 except Exception:  # the rows stay searchable (scored exactly) and are retried later
                     log.exception("%s: indexing shard %d failed", self.name, store.shard_id)
                     return
+
+    async def _turn(self) -> int:
+        """Wait for this chunk's turn and return its size. Searches first while the node's backlog is
+        modest: the chunk waits for a gap in the searches, and is small while queries arrive. A
+        steady stream of queries can hold the index back until INDEX_URGENT rows wait (they are
+        still found: searches score unindexed rows exactly); from there chunks of INDEX_CHUNK take
+        turns with the searches, so the backlog stays below the TellodbIndexBacklogGrowing alert."""
+        if sum(store.unindexed for store in self.shards()) >= INDEX_URGENT:
+            return INDEX_CHUNK
+        await self.store_thread.yield_to_searches(SEARCH_GAP_S)
+        return INDEX_CHUNK_NEAR_SEARCHES if self.store_thread.searched_within(SEARCH_RECENT_S) else INDEX_CHUNK
 
     async def _watch_pauses(self) -> None:
         while True:

@@ -6,9 +6,9 @@ seconds per kind of work (node stats).
 
 Searches come first. Chroma holds the GIL for the whole of an upsert, so an index chunk that runs
 while a query is being embedded or searched stalls the query for the chunk's length (30-90 ms for
-64 vectors). The indexer therefore asks `yield_to_searches()` before each chunk: it waits while a
-search is in flight on this node (`searching()` marks one, from its arrival to its answer), for at
-most a bounded time, so a steady stream of queries slows the index down but cannot stop it.
+64 vectors). The indexer therefore asks `yield_to_searches()` before each chunk: it waits until no
+search has been in flight on this node (`searching()` marks one, from its arrival to its answer)
+for a short gap, long enough that a client's next query is not already on its way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
 
-YIELD_POLL_S = 0.002  # how often a waiting index chunk looks again whether the searches are done
+YIELD_POLL_S = 0.002  # how often a waiting index chunk looks again for a gap in the searches
 
 
 class StoreThread:
@@ -43,12 +43,10 @@ class StoreThread:
     def searched_within(self, seconds: float) -> bool:
         return self.searches > 0 or time.monotonic() - self.last_search < seconds
 
-    async def yield_to_searches(self, at_most: float) -> None:
-        """Wait until no search is in flight here, or `at_most` seconds have passed."""
-        if not self.searches:
-            return
+    async def yield_to_searches(self, gap: float) -> None:
+        """Wait until no search has been in flight here for `gap` seconds."""
         started = time.monotonic()
-        while self.searches and time.monotonic() - started < at_most:
+        while self.searches or time.monotonic() - self.last_search < gap:
             await asyncio.sleep(YIELD_POLL_S)
         self.yielded_seconds += time.monotonic() - started
 

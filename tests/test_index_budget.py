@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.index_budget import IndexBudget, bytes_per_vector
+from node.index_budget import IndexBudget, index_bytes
 from node.store import MemoryRecord, ShardStore
 
 TEXTS = ["User prefers dark mode", "User works at Acme Corp", "User's dog is called Rex",
@@ -14,7 +14,7 @@ TEXTS = ["User prefers dark mode", "User works at Acme Corp", "User's dog is cal
 @pytest.fixture
 def shards(tmp_path, embedder):
     """Three shards of six memories each, sharing one budget that holds about one shard's index."""
-    budget = IndexBudget(int(1.5 * len(TEXTS) * bytes_per_vector(embedder.dimension)))
+    budget = IndexBudget(int(1.5 * index_bytes(len(TEXTS), embedder.dimension)))
     stores = []
     for shard in range(3):
         store = ShardStore(tmp_path / f"{shard:04d}", shard, embedder.dimension, index_budget=budget)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
+from node import indexer
 from node.indexer import INDEX_CHUNK, INDEX_CHUNK_NEAR_SEARCHES, Indexer
 from node.store import MemoryRecord, ShardStore
 from node.store_thread import StoreThread
@@ -25,7 +27,7 @@ def test_an_index_chunk_waits_for_the_search_in_flight():
 
         async def chunk():
             await search_started.wait()
-            await thread.yield_to_searches(30)
+            await thread.yield_to_searches(0.01)
             await thread.run(lambda: order.append("chunk"), busy="index")
 
         await asyncio.gather(search(), chunk())
@@ -33,27 +35,6 @@ def test_an_index_chunk_waits_for_the_search_in_flight():
         return order, thread.searches
 
     assert asyncio.run(main()) == (["search", "chunk"], 0)
-
-
-def test_a_stream_of_searches_delays_a_chunk_only_so_long():
-    async def main():
-        thread = StoreThread("t")
-        release = asyncio.Event()
-
-        async def endless_search():
-            async with thread.searching():
-                await release.wait()
-
-        searching = asyncio.create_task(endless_search())
-        await asyncio.sleep(0)
-        await asyncio.wait_for(thread.yield_to_searches(0.05), timeout=30)
-        still_searching = thread.searches
-        release.set()
-        await searching
-        thread.shutdown()
-        return still_searching, thread.yielded_seconds > 0
-
-    assert asyncio.run(main()) == (1, True)
 
 
 class CountingStoreThread(StoreThread):
@@ -69,15 +50,23 @@ class CountingStoreThread(StoreThread):
         return await super().run(fn, *args, busy=busy)
 
 
-def test_chunks_are_small_while_queries_arrive(tmp_path):
-    rng = np.random.default_rng(3)
+@pytest.fixture
+def store(tmp_path):
     store = ShardStore(tmp_path / "0000", 0, 8)
-    vectors = rng.standard_normal((40, 8)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    yield store
+    store.close()
 
+
+def write(store: ShardStore, n: int = 40) -> None:
+    vectors = np.random.default_rng(3).standard_normal((n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    store.upsert([MemoryRecord(f"e::s1::{i}", "e", "s1", i, 1_000 + i, None, f"memory {i}", (), v)
+                  for i, v in enumerate(vectors)])
+
+
+def test_chunks_are_small_while_queries_arrive(store):
     async def index(recent_search: bool) -> list[int]:
-        store.upsert([MemoryRecord(f"e::s1::{i}", "e", "s1", i, 1_000 + i, None, f"memory {i}", (), v)
-                      for i, v in enumerate(vectors)])
+        write(store)
         thread = CountingStoreThread("t")
         if recent_search:
             async with thread.searching():
@@ -86,11 +75,39 @@ def test_chunks_are_small_while_queries_arrive(tmp_path):
         thread.shutdown()
         return thread.chunks
 
-    try:
-        assert asyncio.run(index(recent_search=False)) == [INDEX_CHUNK]
-        assert store.unindexed == 0
-        near = asyncio.run(index(recent_search=True))
-        assert near == [INDEX_CHUNK_NEAR_SEARCHES] * len(near) and len(near) >= 40 // INDEX_CHUNK_NEAR_SEARCHES
-        assert store.unindexed == 0 and store.stats()["vectors"] == 40
-    finally:
-        store.close()
+    assert asyncio.run(index(recent_search=False)) == [INDEX_CHUNK]
+    assert store.unindexed == 0
+    near = asyncio.run(index(recent_search=True))
+    assert near == [INDEX_CHUNK_NEAR_SEARCHES] * len(near) and len(near) >= 40 // INDEX_CHUNK_NEAR_SEARCHES
+    assert store.unindexed == 0 and store.stats()["vectors"] == 40
+
+
+@pytest.mark.parametrize("urgent", [False, True])
+def test_a_stream_of_searches_holds_the_index_back_until_the_backlog_is_large(store, monkeypatch, urgent):
+    if urgent:
+        monkeypatch.setattr(indexer, "INDEX_URGENT", 40)  # instead of writing 8,192 rows
+
+    async def main():
+        write(store)
+        thread = CountingStoreThread("t")
+        release = asyncio.Event()
+
+        async def endless_search():
+            async with thread.searching():
+                await release.wait()
+
+        searching = asyncio.create_task(endless_search())
+        await asyncio.sleep(0)
+        backlog = asyncio.create_task(Indexer("t", thread, lambda: [store], 100).index_backlogs(1))
+        await asyncio.wait([backlog], timeout=0.3)
+        while_searching = store.unindexed
+        release.set()
+        await searching
+        await asyncio.wait_for(backlog, timeout=60)
+        thread.shutdown()
+        return while_searching, thread.chunks
+
+    while_searching, chunks = asyncio.run(main())
+    assert while_searching == (0 if urgent else 40)
+    assert chunks == ([INDEX_CHUNK] if urgent else [INDEX_CHUNK_NEAR_SEARCHES] * 5)
+    assert store.unindexed == 0

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from node.index_budget import IndexBudget, bytes_per_vector
+from node.index_budget import IndexBudget, index_bytes
 from node.store.scope import Scope
 from node.store.transaction import Transaction
 
@@ -66,7 +66,7 @@ class VectorIndex:
 
     def memory_bytes(self) -> int:
         """Estimated memory of the loaded index (node/index_budget.py)."""
-        return self.vectors * bytes_per_vector(self.dimension) if self.is_loaded else 0
+        return index_bytes(self.vectors, self.dimension) if self.is_loaded else 0
 
     def unload(self) -> None:
         """Close the Chroma client, so its HNSW graph leaves memory; `collection` opens it again."""
