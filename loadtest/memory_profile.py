@@ -249,7 +249,6 @@ def write_reports(result: dict, out: Path) -> None:
     for key, label in [("anon_mib", "process (RssAnon)"), ("hnsw_mib", "HNSW indexes"),
                        ("sqlite_heap_mib", "SQLite heap"), ("vector_cache_mib", "vector cache")]:
         ax.plot(xs, [r[key] for r in result["marks"]], marker="o", label=label)
-    ax.set_xscale("log")
     ax.set_xlabel("memories on the node")
     ax.set_ylabel("MiB")
     ax.set_title("Where one node's memory goes")
