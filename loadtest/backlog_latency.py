@@ -128,6 +128,7 @@ def write_reports(result: dict, out: Path) -> None:
              f"- p99 in the {result['window_s']} s after each import against quiet 20 s after the last import (the "
              f"same data): **{result['p99_during_over_after']}x** (goal: at most 1.5x); against quiet before the "
              f"imports (a twentieth of the data): {result['p99_during_over_quiet']}x",
+             *([f"- code: {result['code']}"] if "code" in result else []),
              f"- the backlog an import left, drained with no queries waiting: {result['drain_a_s']} s",
              f"- rows still unindexed after each query window: {result['backlog_after_windows']}", "",
              "| phase | queries | errors | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
