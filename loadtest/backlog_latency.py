@@ -133,7 +133,32 @@ def write_reports(result: dict, out: Path) -> None:
              f"- rows still unindexed after each query window: {result['backlog_after_windows']}", "",
              "| phase | queries | errors | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['queries']} | {v['errors']} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in rows]
+    if plot(rows, result, out / f"{name}.png"):
+        lines += ["", f"![{name}.png]({name}.png)"]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[tuple[str, dict]], result: dict, path: Path) -> bool:
+    """Bars of p50 and p99 per phase (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [v["p50_ms"] for _, v in rows], width=0.4, label="p50")
+    ax.bar([x + 0.2 for x in xs], [v["p99_ms"] for _, v in rows], width=0.4, label="p99")
+    ax.set_xticks(list(xs), [k.replace("_", " ") for k, _ in rows])
+    ax.set_ylabel("one client's query latency (ms)")
+    ax.set_title(result.get("code", result["name"]), fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def main() -> None:

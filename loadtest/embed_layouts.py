@@ -1,6 +1,6 @@
 """What the embedder alone can do in the engine's process layout, against the raw limit.
 
-    python loadtest/embed_layouts.py --out loadtest/results/embed-layouts-2core.json
+    python loadtest/embed_layouts.py --out-dir loadtest/results --name embed-layouts-2core
 
 The load tests compare the engine's single-ingest throughput with the raw embedder limit: one
 process using every core on batches of 32 texts. The engine runs one embedder per node process,
@@ -13,7 +13,8 @@ clients). This measures, with nothing else running, texts/s of:
   N = cores),
 
 so the share of the limit the layout itself allows can be told from what the rest of the engine
-(HTTP, the router, Ray, SQLite) costs. Best of `--rounds` rounds each.
+(HTTP, the router, Ray, SQLite) costs. Best of `--rounds` rounds each. JSON, Markdown and a PNG go
+to `--out-dir`.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out-dir", default="loadtest/results")
+    ap.add_argument("--name", default="embed-layouts-2core")
     args = ap.parse_args()
     cores = os.cpu_count() or 1
     layouts = {f"1 process x {cores} threads, batch 32": (1, cores, 32),
@@ -84,10 +86,34 @@ def main() -> None:
     limit = result[f"1 process x {cores} threads, batch 32"]
     report = {"cores": cores, "texts_per_second": result,
               "share_of_limit": {k: round(v / limit, 3) for k, v in result.items()}}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    print(json.dumps(report, indent=2))
+    write_reports(report, Path(args.out_dir), args.name)
+
+
+def write_reports(report: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = report["texts_per_second"]
+    lines = [f"# The embedder alone, in the engine's layout ({report['cores']} cores)", "",
+             "ONNX fp32, texts/s with nothing else running, best of the rounds; the share is against the load "
+             "tests' raw limit (the first row).", "", "| layout | texts/s | share of the limit |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {report['share_of_limit'][k]} |" for k, v in rows.items()]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.barh(list(rows)[::-1], list(rows.values())[::-1])
+        ax.set_xlabel("texts/s")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+        lines += ["", f"![{name}.png]({name}.png)"]
+    except ImportError:
+        pass
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
