@@ -89,6 +89,7 @@ class ClusterConfig:
     failover_after_s: float = 3.0  # a node not answering this long loses its primaries to followers
     rebuild_after_s: float = 600.0  # a node away this long has its copies rebuilt on other nodes
     read_failover_s: float = 2.0  # a read the primary has not answered within this goes to a follower
+    head_outage_s: float = 600.0  # nodes and routers outlive a head (Ray GCS) away this long (router.membership)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = field(default_factory=HnswConfig)
 
@@ -130,6 +131,7 @@ ENV_VARS: list[tuple[str, str]] = [
     ("TEMPORAL_MEMORY_DEVICE", "embedding.device"),
     ("TELLODB_HNSW_CONNECTIVITY", "hnsw.connectivity"),
     ("TELLODB_HNSW_EF_SEARCH", "hnsw.ef_search"),
+    ("TELLODB_HEAD_OUTAGE_S", "head_outage_s"),
 ]
 
 
@@ -255,7 +257,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(1 <= config.replication <= 5, "replication", f"must be between 1 and 5, got {config.replication}")
     check(1 <= config.min_live_replicas <= config.replication, "min_live_replicas",
           f"must be between 1 and replication ({config.replication}), got {config.min_live_replicas}")
-    for key in ("replica_timeout_s", "failover_after_s", "rebuild_after_s", "read_failover_s"):
+    for key in ("replica_timeout_s", "failover_after_s", "rebuild_after_s", "read_failover_s", "head_outage_s"):
         check(getattr(config, key) > 0, key, "must be positive")
     check(config.cpus_per_node is None or config.cpus_per_node > 0, "cpus_per_node", "must be positive")
     check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")

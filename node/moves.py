@@ -102,6 +102,7 @@ class Incoming:
     store: ShardStore | None = None
     aborted: bool = False
     seq: int = 0
+    pin: str = MOVE_PIN  # MOVE_PIN for a move the authority drives; a re-seed's own pin otherwise
 
 
 def staging_dir(data_dir: Path, shard: int) -> Path:
@@ -191,7 +192,7 @@ class Moves:
         if shard in node.owned:
             raise NodeError(f"{node.name} owns shard {shard} already")
         await self.abort(shard)  # an earlier attempt, or a stale copy from an earlier placement
-        inc = self.incoming[shard] = Incoming(shard, source)
+        inc = self.incoming[shard] = Incoming(shard, source, pin=pin)
         peer = node.peer(source)
         started = time.monotonic()
         try:

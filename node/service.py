@@ -20,6 +20,7 @@ writes, stops the indexer and checkpoints every shard.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import time
@@ -35,7 +36,8 @@ from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.index_budget import IndexBudget
 from node.indexer import Indexer
-from node.moves import Moves
+from node.moves import MOVE_PIN, Moves
+from node import placement_file
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
 from node.replication import Replication
@@ -45,6 +47,8 @@ from node.store import MemoryRecord, ShardStore, upsert_together
 from node.store_thread import StoreThread
 from node.vector_cache import VectorCache
 from node.writer import GroupWriter
+
+log = logging.getLogger("tellodb")
 
 STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
              "unindexed", "vectors")
@@ -75,6 +79,7 @@ class Node:
         self.owned = set(shards)  # changed on the store thread only (moves), which reads it too
         self.placement = placement or Placement(config.shards, tuple(config.node_names))
         self.data_dir = Path(config.data_dir)
+        self._keep_placement()
         self.ranking = RankingConfig.load(self.data_dir)
         # With an ONNX backend this exports the model first if this machine has not yet (node.onnx_embedder).
         self.embedder = BatchingEmbedder(
@@ -502,9 +507,39 @@ class Node:
         old primary is such a follower) instead of after `replica_timeout_s`. Returns the epoch in use."""
         if placement.epoch > self.placement.epoch:
             self.placement = placement
+            self._keep_placement()
             self.replication.sync()
         self.replication.mark_down(down)
         return self.placement.epoch
+
+    def _keep_placement(self) -> None:
+        """Keep the placement this node last saw on its own disk: a head that lost its disk rebuilds
+        the cluster's from these copies (node.authority)."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            placement_file.save(placement_file.node_copy(self.data_dir), self.placement)
+        except OSError as exc:  # a full disk must not stop the node; the head's copy is the record
+            log.warning("placement epoch %d not kept on %s: %s", self.placement.epoch, self.name, exc)
+
+    async def settle(self, placement: Placement, moving: tuple[int, ...] = ()) -> dict[str, list[int]]:
+        """Finish what an authority that stopped left here (a new one calls this once per node):
+        take its placement if newer, own the received copies it names here, drop the others, and
+        lift the fences of moves it no longer drives (`moving`: the shards it is moving now)."""
+        await self.set_placement(placement)
+        adopted, dropped, unfenced = [], [], []
+        for shard, inc in list(self.moves.incoming.items()):
+            if shard in moving or inc.pin != MOVE_PIN:  # a re-seed is the primary's, not the authority's
+                continue
+            if inc.store is not None and self.name in self.placement.replicas[shard]:
+                await self.adopt(shard)
+                adopted.append(shard)
+            else:
+                await self.abort_incoming(shard)
+                dropped.append(shard)
+        for shard in sorted(self.moves.gate.fenced - set(moving)):
+            await self.unfence(shard)
+            unfenced.append(shard)
+        return {"adopted": adopted, "dropped": dropped, "unfenced": unfenced}
 
     async def get_placement(self) -> Placement:
         return self.placement
