@@ -6,6 +6,8 @@ holds no data; everything it answers comes from the node actors through `Cluster
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +29,7 @@ from router.asgi import AsgiMount
 from router.access import prefixes, require_entity
 from router.audit import Audit
 from router.cluster import Cluster
-from router.errors import (ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, RateLimited,
+from router.errors import (ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge,
                            UnsupportedMediaType, ValidationFailed)
 from router.limits import check_ingest
 from router.keys import KeyRing
@@ -43,7 +45,7 @@ METRICS = web.AppKey("metrics", Metrics)
 AUDIT = web.AppKey("audit", Audit)
 OPENAPI = web.AppKey("openapi", dict)
 
-OPEN_PATHS = frozenset({"/health", "/v1/health", "/metrics", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/v1/health", "/ready", "/metrics", "/openapi.json", "/docs"})
 DOCS_ASSETS = "/docs/static/"  # Swagger UI's files, open like /docs
 HIT_FIELDS = ("memory_id", "entity_id", "session_id", "turn_index", "created_at_ms", "similarity",
               "textual_content", "kind")
@@ -76,7 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         if exc.status >= 500:
             log.error("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))} if isinstance(exc, RateLimited) else None
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))} if exc.retry_after_s else None
         return web.json_response(exc.body(), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -161,7 +163,22 @@ def hit_view(hit: dict[str, Any]) -> dict[str, Any]:
 # ---- handlers -------------------------------------------------------------------------------
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: this process serves HTTP (whether it can route is /ready)."""
     return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: whether this router can route requests now (503 only while it joins the cluster
+    again); `authority_up` says whether the head answers (router.cluster.Cluster.ready)."""
+    cluster = request.app[CLUSTER]
+    ok, reason = cluster.ready()
+    body = {"ready": ok, "authority_up": cluster.authority_up}
+    if not ok:
+        body["reason"] = reason
+    elif not cluster.authority_up:
+        body["reason"] = ("the placement authority does not answer (is the head running?): requests use the last "
+                          "placement; moves, failovers and member changes wait")
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def version(request: web.Request) -> web.Response:
@@ -429,6 +446,7 @@ async def metrics(request: web.Request) -> web.Response:
     cluster = request.app[CLUSTER]
     request.app[METRICS].observe_nodes(await cluster.stats(timeout=2))
     request.app[METRICS].observe_placement(await cluster.placement_summary(timeout=2), cluster.moved_retries)
+    request.app[METRICS].observe_membership(cluster.ready()[0], cluster.authority_up, cluster.rejoins)
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
@@ -458,6 +476,7 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     r = app.router
     for path in ("/health", "/v1/health"):
         r.add_get(path, health)
+    r.add_get("/ready", ready)
     for path in ("/version", "/v1/version"):
         r.add_get(path, version)
     r.add_post("/ingest", ingest)
@@ -483,4 +502,14 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     mcp = AsgiMount(mcp_tools.build(app))
     r.add_route("*", "/mcp", mcp.handle)
     app.cleanup_ctx.append(mcp.lifespan)
+    app.cleanup_ctx.append(watch_cluster)
     return app
+
+
+async def watch_cluster(app: web.Application):
+    """The cluster's watch loop (router.cluster.Cluster.watch) runs while the app does."""
+    task = asyncio.get_running_loop().create_task(app[CLUSTER].watch())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -10,6 +10,12 @@ fan out to every node when a request spans entities, merging by score. A node th
 a shard it is asked about (it moved, or is being handed over) says so; the router reads the
 placement again and sends the request where it now belongs (`_routed`), so a move is invisible
 to clients (Redis Cluster's MOVED, without a client-side redirect).
+
+The head may go away (router.membership): requests go on from the cached placement; the
+authority's handle is looked up again when it stops answering (`_find_authority`); and when the
+head comes back as a new Ray cluster, `watch` joins it again and finds the authority and the
+node actors by name. Whatever cannot be routed meanwhile answers 503 with Retry-After, never 500;
+`ready()` says whether this router can route now (`/ready`).
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ import dataclasses
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from node.authority import PlacementError, UnknownNode
+from node.authority import NotReady, PlacementError, UnknownNode
 from node.actor import NAMESPACE, actor_name, authority, start_authority, start_node_actor
+from node.authority import AUTHORITY_NAME as AUTHORITY
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, TooFewReplicas, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig, ConfigError
@@ -39,6 +47,7 @@ from router.errors import ApiError, Conflict, InsufficientStorage, NotFound, Una
 
 log = logging.getLogger("tellodb")
 DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
+REJOIN_WAIT_S = 20.0  # a request waits this long (within its timeout) for a router joining the cluster again
 
 
 SHARDS = object()  # in a fan-out's arguments: the shards the called node owns (Cluster._everywhere)
@@ -101,6 +110,17 @@ class Cluster:
         self._refresh_lock = asyncio.Lock()
         self._owns_ray = False
         self._owns_nodes = False  # `tellodb serve` started its nodes; a router only uses them
+        self.membership: Any = None  # router.membership.Membership of a `tellodb router`
+        self.rejoining: str | None = None  # why this router is joining the cluster again, while it does
+        self.rejoins = 0
+        self.authority_up = True  # the authority answered the last check
+        self.last_summary: dict[str, Any] | None = None
+        self._joined = asyncio.Event()
+        self._joined.set()
+        self._resolving: set[str] = set()  # nodes being looked up again (_reresolve)
+        self._finding = False  # the authority is being looked up again
+        self._lost: asyncio.Future | None = None  # set when this router loses the cluster (_answer)
+        self._lookups = ThreadPoolExecutor(4, thread_name_prefix="tellodb-lookup")
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -167,14 +187,23 @@ class Cluster:
                  self.placement.epoch)
 
     def _reresolve(self, name: str) -> None:
-        """A node's actor died: if a new one runs under its name (a restarted `tellodb node`), use it."""
-        try:
-            actor = ray.get_actor(actor_name(name), namespace=NAMESPACE)
-        except ValueError:
+        """A node's actor died: if a new one runs under its name (a restarted `tellodb node`), use
+        it. In the background, one look-up per node at a time, and none while the head is away
+        (Ray's look-up would wait for it)."""
+        if name in self._resolving or not self.authority_up:
             return
-        if actor._actor_id != self.actors[name]._actor_id:
-            log.info("Node %s is a new actor now (it restarted)", name)
-            self._add_actor(name, actor)
+        self._resolving.add(name)
+
+        async def look() -> None:
+            try:
+                actor = await self._lookup(actor_name(name))
+                if actor is not None and (name not in self.actors or actor._actor_id != self.actors[name]._actor_id):
+                    log.info("Node %s is a new actor now (it restarted)", name)
+                    self._add_actor(name, actor)
+            finally:
+                self._resolving.discard(name)
+
+        asyncio.get_running_loop().create_task(look())
 
     def _add_actor(self, name: str, actor: Any) -> None:
         self.actors[name] = actor
@@ -200,15 +229,125 @@ class Cluster:
         return infos
 
     async def refresh_placement(self) -> Placement:
-        """Read the placement again (a node said it does not own a shard); one read at a time."""
+        """Read the placement again (a node said it does not own a shard); one read at a time. When
+        the authority does not answer (the head is away) the cached placement stays."""
         async with self._refresh_lock:
-            p = await self.authority.placement.remote()
+            try:
+                p = await asyncio.wait_for(self.authority.placement.remote(), 2.0)
+            except Exception as exc:
+                self.authority_up = False
+                log.debug("placement not refreshed: %s", exc)
+                await self._find_authority()
+                return self.placement
+            self.authority_up = True
             if p.epoch > self.placement.epoch:
                 for name in set(p.owner) - set(self.actors):
-                    self._add_actor(name, ray.get_actor(actor_name(name), namespace=NAMESPACE))
+                    actor = await self._lookup(actor_name(name))
+                    if actor is not None:
+                        self._add_actor(name, actor)
                 log.info("Placement refreshed epoch=%d (was %d)", p.epoch, self.placement.epoch)
                 self.placement = p
             return self.placement
+
+    async def _lookup(self, name: str, timeout: float = 3.0) -> Any:
+        """A named actor's handle, or None (not there, or the head does not answer in time). On a
+        few threads of its own: a look-up the head does not answer can take long to give up."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._lookups, ray.get_actor, name, NAMESPACE), timeout)
+        except Exception:
+            return None
+
+    async def _find_authority(self) -> None:
+        """Look the authority up again by name (a restarted head runs a new one), when the head answers."""
+        if self._finding or (self.membership is not None
+                             and not await asyncio.to_thread(self.membership.head_answers)):
+            return
+        self._finding = True
+        try:
+            found = await self._lookup(AUTHORITY)
+        finally:
+            self._finding = False
+        if found is not None and (self.authority is None or found._actor_id != self.authority._actor_id):
+            log.info("Placement authority found again")
+            self.authority = found
+
+    # ---- membership: the head going away and coming back (router.membership) ---------------------
+
+    def ready(self) -> tuple[bool, str | None]:
+        """Whether this router can route requests now, and why not. Only while it joins the cluster
+        again: with the head away it still routes by the last placement, and a shard without a live
+        copy is the same for every router (a readiness probe that failed then would take them all
+        out of service); `authority_up` and the cluster status say those."""
+        if self.rejoining:
+            return False, f"joining the cluster again ({self.rejoining})"
+        return True, None
+
+    async def watch(self) -> None:
+        """Every second: is the authority there (and what does it report), and, for a `tellodb
+        router`, is this process still part of the cluster (else join again)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                if self.membership is not None:
+                    reason = await asyncio.to_thread(self.membership.lost)
+                    if reason is not None:
+                        await self._rejoin(reason)
+                        continue
+                summary = await self.placement_summary(timeout=2.0, max_age_s=0.0)
+                self.authority_up = summary is not None
+                if summary is None:
+                    await self._find_authority()
+                else:
+                    self.last_summary = summary
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must outlive any one failure
+                log.warning("cluster watch: %s", exc)
+
+    async def _rejoin(self, reason: str) -> None:
+        """Join the cluster again: a new Ray node here, then the authority and the nodes by name.
+        Requests meanwhile wait a little (`_routed`), then answer 503."""
+        self.rejoining = reason
+        self._joined.clear()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)  # calls waiting on the old cluster give up now (_answer)
+        log.warning("Router lost the cluster (%s); joining again", reason)
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.membership.leave)
+            await asyncio.to_thread(self.membership.join)
+            found, placement, actors = await asyncio.to_thread(self._find_cluster)
+            self.authority = found
+            if placement.epoch >= self.placement.epoch:  # a head that lost its disk starts lower: keep ours
+                self.placement = placement
+            self.actors.clear()  # handles of the old cluster's actors never work again
+            self.coalescers.clear()
+            for name, actor in actors.items():
+                self._add_actor(name, actor)
+            self._summary_cache = (0.0, None)
+            self.rejoins += 1
+            log.info("Router joined the cluster again seconds=%.1f epoch=%d nodes=%d", time.monotonic() - started,
+                     self.placement.epoch, len(actors))
+        finally:
+            self.rejoining = None
+            self._joined.set()
+
+    def _find_cluster(self, wait_s: float = 120) -> tuple[Any, Placement, dict[str, Any]]:
+        """(In a thread.) The authority, its placement, and the node actors that run now."""
+        deadline = time.monotonic() + wait_s
+        while (found := authority()) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no placement authority after joining again")
+            time.sleep(0.5)
+        placement = ray.get(found.placement.remote(), timeout=60)
+        actors = {}
+        for name in sorted(placement.holders() | set(self.placement.holders())):
+            try:
+                actors[name] = ray.get_actor(actor_name(name), namespace=NAMESPACE)
+            except ValueError:
+                pass  # not started again yet: found when a call to it fails (`_reresolve`)
+        return found, placement, actors
 
     async def _routed(self, attempt):
         """Run `attempt()` (which routes by the current placement) until it succeeds or the request's
@@ -218,6 +357,11 @@ class Cluster:
         deadline = time.monotonic() + self.config.request_timeout_s
         delay = 0.01
         while True:
+            if self.rejoining:
+                try:
+                    await asyncio.wait_for(self._joined.wait(), min(REJOIN_WAIT_S, max(0.01, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    raise Unavailable(f"this router is {self.ready()[1]}; retry the request") from None
             try:
                 return await self._watched(attempt(), deadline)
             except (Moved, NodeDown) as exc:
@@ -286,13 +430,20 @@ class Cluster:
     # ---- calls --------------------------------------------------------------------------------
 
     async def _call(self, node: str, method: str, *args: Any, timeout: float | None = None) -> Any:
+        if self.rejoining:
+            raise NodeDown(f"this router is joining the cluster again; {node} is called once it has")
+        if node not in self.actors:
+            self._reresolve(node)
+            raise NodeDown(f"{node} has not joined the cluster (again) yet; retry the request")
         coalescer = self.coalescers.get((node, method))
         call = coalescer.call(args) if coalescer else getattr(self.actors[node], method).remote(*args)
         timeout = timeout or self.config.request_timeout_s
         try:
-            return await asyncio.wait_for(call, timeout)
+            return await self._answer(call, timeout)
         except (asyncio.TimeoutError, GetTimeoutError):
             raise NodeSlow(f"{node} did not answer within {timeout:g} s") from None
+        except NodeDown:
+            raise
         except RayActorError:
             self._reresolve(node)
             raise NodeDown(f"{node} is down or restarting; retry the request") from None
@@ -300,14 +451,39 @@ class Cluster:
             cause = exc
             while isinstance(cause, RayTaskError) and cause.cause is not None:  # a node's error, via other nodes
                 cause = cause.cause
+            if (isinstance(cause, RayError) and not isinstance(cause, RayTaskError)) or (
+                    not isinstance(exc, RayTaskError) and type(cause).__module__.startswith("ray")):
+                # Ray itself failed the call (its processes here or there are gone or restarting)
+                self._reresolve(node)
+                raise NodeDown(f"{node} could not be reached ({type(cause).__name__}); retry the request") from None
             if isinstance(cause, NotOwnedError):
                 raise Moved(str(cause)) from None
             if isinstance(cause, NodeError):
                 raise api_error(cause) from None
             if is_disk_full(cause):
                 raise InsufficientStorage(f"{node}: the data volume is full") from None
-            log.error("%s.%s failed: %s", node, method, exc)
+            log.error("%s.%s failed: %s: %s", node, method, type(exc).__name__, exc)
             raise ApiError(f"{node} could not complete {method}") from None
+
+    async def _answer(self, call, timeout: float) -> Any:
+        """Await a Ray call for at most `timeout`, or until this router loses the cluster (a call to
+        the old cluster never answers): then NodeDown, and `_routed` sends it again once joined."""
+        lost = self._lost
+        if lost is None or lost.done():
+            lost = self._lost = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(call)
+        try:
+            done, _ = await asyncio.wait({task, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if task in done:
+            return task.result()
+        task.cancel()
+        if lost in done:
+            raise NodeDown("this router lost the cluster (the head restarted); the request is sent again once "
+                           "it has joined again")
+        raise asyncio.TimeoutError()
 
     async def _everywhere(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every node that is the primary of shards, with SHARDS in `args`
@@ -543,17 +719,27 @@ class Cluster:
     # ---- the cluster's shape (node.authority) ------------------------------------------------------
 
     async def _ask_authority(self, method: str, *args: Any) -> Any:
+        if self.rejoining or not self.authority_up:
+            raise Unavailable(f"the placement authority cannot be asked now: this router is {self.ready()[1]}") \
+                if self.rejoining \
+                else Unavailable("the placement authority does not answer (is `tellodb head` running?); moves and "
+                                 "member changes wait for it")
         try:
             return await asyncio.wait_for(getattr(self.authority, method).remote(*args), self.config.request_timeout_s)
-        except (asyncio.TimeoutError, GetTimeoutError, RayActorError):
-            raise Unavailable("the placement authority did not answer (is `tellodb head` running?)") from None
         except RayTaskError as exc:
             cause = exc.cause
+            if isinstance(cause, NotReady):
+                raise Unavailable(str(cause)) from None
             if isinstance(cause, UnknownNode):
                 raise NotFound(str(cause)) from None
             if isinstance(cause, PlacementError):
                 raise Conflict(str(cause)) from None
             raise ApiError(f"the placement authority could not complete {method}") from None
+        except (asyncio.TimeoutError, RayError):
+            self.authority_up = False
+            await self._find_authority()
+            raise Unavailable("the placement authority did not answer (is `tellodb head` running?); moves and "
+                              "member changes wait for it") from None
 
     async def cluster_status(self) -> dict[str, Any]:
         """The authority's view (members, owners, moves) with each node's memories and bytes, and
@@ -564,10 +750,7 @@ class Cluster:
         for name, member in status["members"].items():
             stats = per_node.get(name)
             if stats is None and name not in self.actors and member["joined"]:
-                try:
-                    self._add_actor(name, ray.get_actor(actor_name(name), namespace=NAMESPACE))
-                except ValueError:
-                    pass
+                self._reresolve(name)
             if stats is not None:
                 member.update(memories=stats["memories"], answered=True,
                               bytes=sum(s.get("bytes", 0) for s in stats["per_shard"].values()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 class ApiError(Exception):
     status = 500
     code = "internal"
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -58,6 +59,7 @@ class RateLimited(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+    retry_after_s = 1.0
 
 
 class InsufficientStorage(ApiError):

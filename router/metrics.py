@@ -63,6 +63,16 @@ class Metrics:
                                "placement authority started.", registry=r)
         self.nodes_down = Gauge("tellodb_nodes_down", "Joined nodes not answering the authority's pings.",
                                 registry=r)
+        self.authority_up = Gauge("tellodb_authority_up", "1 when this router reached the placement authority at "
+                                  "its last check (0: the head is away; moves and member changes wait).", registry=r)
+        self.router_ready = Gauge("tellodb_router_ready", "1 when this router can route requests now (/ready).",
+                                  registry=r)
+        self.rejoins = Counter("tellodb_ray_rejoins", "Times this router joined the Ray cluster again after losing "
+                               "it (a head back without GCS fault tolerance).", registry=r)
+        self.nodes_rejoining = Gauge("tellodb_cluster_nodes_rejoining", "Nodes of the placement that have not "
+                                     "joined the authority since it started (a cluster rejoin in progress).",
+                                     registry=r)
+        self._rejoins_seen = 0
         self.key_requests = Counter("tellodb_key_requests", "Requests by API key name (never the key) and outcome "
                                     "(ok, forbidden, rate_limited).", ["key", "outcome"], registry=r)
         self.auth_failures = Counter("tellodb_auth_failures", "Requests with a missing or wrong key.", registry=r)
@@ -92,9 +102,17 @@ class Metrics:
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
 
+    def observe_membership(self, ready: bool, authority_up: bool, rejoins: int) -> None:
+        self.router_ready.set(1 if ready else 0)
+        self.authority_up.set(1 if authority_up else 0)
+        if rejoins > self._rejoins_seen:
+            self.rejoins.inc(rejoins - self._rejoins_seen)
+            self._rejoins_seen = rejoins
+
     def observe_placement(self, summary: dict | None, moved_retries: int) -> None:
         self.moved_retries.set(moved_retries)
         if summary is not None:
+            self.nodes_rejoining.set(len(summary.get("rejoining", ())))
             self.placement_epoch.set(summary["epoch"])
             self.pending_moves.set(summary["pending_moves"])
             self.moved_shards.set(summary["moved_shards"])

@@ -28,7 +28,8 @@ ERRORS = {
     415: "unsupported Content-Encoding",
     422: "well-formed but invalid: the message names the field",
     429: "the key is over its rate limit; see Retry-After",
-    503: "a node did not answer in time",
+    503: "unavailable for now (a node or the head did not answer in time, or the router is joining the cluster "
+         "again); see Retry-After",
     507: "insufficient storage: a node's disk is full",
 }
 KEYED = (401, 403, 429)  # every route that needs a key
@@ -54,6 +55,8 @@ class Route:
 
 ROUTES = (
     Route("get", ("/health", "/v1/health"), "Liveness", r.Health, open=True),
+    Route("get", ("/ready",), "Readiness: 200 when this router can route now, else 503 with this body and the reason",
+          r.Ready, open=True),
     Route("get", ("/version", "/v1/version"), "Engine and API version", r.Version, errors=KEYED),
     Route("post", ("/ingest",), "Store one memory", r.IngestResult, q.IngestRequest, errors=BODY_ERRORS),
     Route("post", ("/ingest/batch",), "Store many memories", r.BatchResult, q.IngestBatchRequest, errors=BODY_ERRORS),

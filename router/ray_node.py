@@ -14,6 +14,13 @@ on one machine; with a network address Ray listens there and the cluster spans m
 Token: every role needs the cluster's Ray token (Ray 2.52+ token authentication). The head
 creates it in its data directory (`ray_auth_token`, 0600); other machines get a copy of that file
 and name it with `--ray-token-file` (or `TELLODB_RAY_TOKEN_FILE`), or set `RAY_AUTH_TOKEN`.
+
+The head going away (router.membership): a node's or router's Ray processes wait
+`head_outage_s` for it (`tolerate_head_outage`, Ray's `gcs_rpc_server_reconnect_timeout_s`),
+and actors keep calling each other meanwhile. A driver's two GCS listener threads (errors, and
+workers' logs) poll in a tight loop while the GCS is away (about 40% of a core per role process,
+measured): `connect` stops them, and `LogForwarder` forwards this role's actors' logs with a pause
+between polls that find no GCS.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +74,12 @@ def use_address(node_ip: str) -> None:
     _refresh_ray_settings()
 
 
+def tolerate_head_outage(seconds: float) -> None:
+    """This role's Ray processes (raylet, workers, driver) keep going this long without the head."""
+    os.environ["RAY_gcs_rpc_server_reconnect_timeout_s"] = str(max(1, int(seconds)))
+    _refresh_ray_settings()
+
+
 def _refresh_ray_settings() -> None:
     if "ray._private.ray_constants" in sys.modules:  # Ray read these at import: refresh them
         import ray._private.ray_constants as ray_constants
@@ -93,6 +108,7 @@ class RayNode:
     labels: dict[str, str] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
     object_store_bytes: int = OBJECT_STORE_BYTES
+    redis_password: str | None = None  # the head's, for GCS fault tolerance (RAY_REDIS_ADDRESS)
     _node: Any = None
 
     def start(self) -> str:
@@ -106,10 +122,14 @@ class RayNode:
             min_worker_port=0, max_worker_port=0, include_dashboard=False)
         if self.head:
             params.update(gcs_server_port=self.port)
+            if self.redis_password:
+                params.update(redis_password=self.redis_password)
         else:
             params.update(gcs_address=self.address, node_manager_port=0, include_log_monitor=False,
                           dashboard_agent_listen_port=None)
-        self._node = Node(RayParams(**params), head=self.head, shutdown_at_exit=True, spawn_reaper=False)
+        # No exit hooks of Ray's: they install a SIGTERM handler (only the main thread may, and a
+        # router rejoins from another) in place of the role's; the role stops its processes itself.
+        self._node = Node(RayParams(**params), head=self.head, shutdown_at_exit=False, spawn_reaper=False)
         return self._node.gcs_address
 
     @property
@@ -118,12 +138,32 @@ class RayNode:
             return []
         return [p.process.pid for procs in self._node.all_processes.values() for p in procs]
 
+    @property
+    def cluster_id(self) -> str | None:
+        """The id of the Ray cluster this node joined (a head restarted without GCS fault tolerance
+        starts a new one)."""
+        found = getattr(self._node, "cluster_id", None)
+        return found.hex() if found is not None else None
+
+    def exited(self) -> int | None:
+        """The PID of one of this node's Ray processes that has exited, or None while all run."""
+        if self._node is None:
+            return None
+        for procs in self._node.all_processes.values():
+            for p in procs:
+                if p.process.poll() is not None:
+                    return p.process.pid
+        return None
+
     def connect(self, namespace: str) -> None:
-        """Make this process a Ray driver attached to its own raylet."""
+        """Make this process a Ray driver attached to its own raylet, without the driver's GCS
+        listener threads (see the module docstring; LogForwarder brings the logs back)."""
         import ray
+        from ray._private import worker
 
         ray.init(address=self._node.gcs_address, _temp_dir=self.temp_dir, namespace=namespace,
-                 logging_level=logging.WARNING, log_to_driver=True)
+                 logging_level=logging.WARNING, log_to_driver=False)
+        worker.global_worker.threads_stopped.set()  # the error listener's loop ends at its next poll
 
     def stop(self) -> None:
         """Stop the Ray processes this node started (its workers and actors go with its raylet)."""
@@ -134,3 +174,64 @@ class RayNode:
         if self._node is not None:
             self._node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
             self._node = None
+
+
+def head_cluster_id(address: str, timeout_s: float = 5.0) -> str | None:
+    """The cluster id the GCS at `address` answers with, or None when it does not answer (a TCP
+    check first: Ray's client would wait 40 s for a GCS that is not there)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=min(1.0, timeout_s)).close()
+    except OSError:
+        return None
+    found: list[str] = []
+
+    def ask() -> None:
+        from ray._raylet import GcsClient
+
+        try:
+            found.append(GcsClient(address=address).cluster_id.hex())
+        except Exception:
+            pass
+
+    t = threading.Thread(target=ask, daemon=True, name="tellodb-head-check")
+    t.start()
+    t.join(timeout_s)
+    return found[0] if found else None
+
+
+class LogForwarder(threading.Thread):
+    """Print the logs of this driver's own actors (its job) as Ray's driver would, but pause
+    between polls while the GCS is away instead of spinning (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="tellodb-actor-logs")
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        import ray
+        from ray._private import worker
+        from ray._raylet import GcsLogSubscriber
+
+        w = worker.global_worker
+        job = w.current_job_id.hex()
+        subscriber = GcsLogSubscriber(address=w.gcs_client.address, worker_id=w.worker_id)
+        try:
+            subscriber.subscribe()
+            while not self._stop.is_set():
+                try:
+                    data = subscriber.poll(timeout=1.0)
+                except ray.exceptions.RpcError:
+                    data = None
+                if not data or not data.get("lines"):  # nothing, or (no GCS) an empty answer at once
+                    self._stop.wait(1.0)
+                    continue
+                if data.get("job") in (job, None, ""):
+                    worker.print_to_stdstream(data, ignore_prefix=False)
+        except Exception as exc:  # the driver disconnected under it
+            log.debug("actor log forwarding stopped: %s", exc)
+        finally:
+            subscriber.close()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -24,6 +24,12 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class Ready(BaseModel):
+    ready: bool
+    authority_up: bool  # the placement authority (on the head) answered the last check
+    reason: str | None = None  # why not ready (503), or what is degraded
+
+
 class Version(BaseModel):
     engine_version: str
     api_version: str

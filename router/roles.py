@@ -9,6 +9,11 @@
   `tellodb serve`; run any number.
 
 Each role blocks until SIGTERM or SIGINT, then stops what it started, by PID (router.ray_node).
+
+Nodes and routers outlive the head (`head_outage_s`): they go on serving from what they hold, and
+when the head is back as a new Ray cluster (no GCS fault tolerance) they join it again by
+themselves (router.membership): a node starts its Ray node and its node actor again on the same
+name and data, and joins the authority with the placement it last saw.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import time
 
 from node.config import ClusterConfig, ConfigError, load_config
 from router import datadir
-from router.ray_node import NODE_LABEL, ROLE_LABEL, RayNode, RayTokenMissing, temp_dir, use_address, use_token
+from router.membership import Membership, Stopped
+from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, temp_dir, tolerate_head_outage,
+                             use_address, use_token)
 
 log = logging.getLogger("tellodb")
 NAMESPACE = "tellodb"  # node.actor.NAMESPACE, without importing Ray before its settings are made
@@ -36,15 +43,21 @@ def _config(args: argparse.Namespace, **overrides: object) -> ClusterConfig:
     return load_config(args.config, env)
 
 
-def _wait_for_stop(ray_node: RayNode) -> None:
-    """Block until SIGTERM/SIGINT, or until this slot's Ray processes die (then exit non-zero)."""
+def _stop_event() -> threading.Event:
+    """An event SIGTERM and SIGINT set (the role then stops what it started)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_stop(ray_node: RayNode) -> None:
+    """Block until SIGTERM/SIGINT, or until this slot's Ray processes die (then exit non-zero)."""
+    stop = _stop_event()
     while not stop.wait(2):
-        dead = [p for procs in ray_node._node.all_processes.values() for p in procs if p.process.poll() is not None]
-        if dead:
-            raise RuntimeError(f"Ray process {dead[0].process.pid} exited; stopping")
+        pid = ray_node.exited()
+        if pid is not None:
+            raise RuntimeError(f"Ray process {pid} exited; stopping")
 
 
 def _stop_on_signal() -> None:
@@ -67,10 +80,14 @@ def run_head(args: argparse.Namespace) -> int:
     use_token(args.ray_token_file, head_data_dir=None if args.ray_token_file else config.data_dir)
     _stop_on_signal()
     ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True, port=args.port,
-                       cpus=0, labels={ROLE_LABEL: "head"})
+                       cpus=0, labels={ROLE_LABEL: "head"},
+                       # GCS fault tolerance: Ray reads RAY_REDIS_ADDRESS itself; the password it takes as a
+                       # parameter only, so it comes from Ray's own variable name here.
+                       redis_password=os.environ.get("RAY_REDIS_PASSWORD") or None)
     try:
         address = ray_node.start()
         ray_node.connect(NAMESPACE)
+        LogForwarder().start()  # the authority's log lines, in the head's log
         authority = start_authority(os.path.abspath(config.data_dir), config, movable=True,
                                     label_selector={ROLE_LABEL: "head"})
         placement = ray.get(authority.placement.remote(), timeout=120)
@@ -84,9 +101,8 @@ def run_head(args: argparse.Namespace) -> int:
 
 
 def run_node(args: argparse.Namespace) -> int:
-    import ray
-
-    from node.actor import authority, start_node_actor
+    """Join, serve, and join again each time the cluster is lost (the head came back as a new Ray
+    cluster), until SIGTERM."""
     from router.cluster import set_node_environment
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
@@ -95,35 +111,97 @@ def run_node(args: argparse.Namespace) -> int:
     check_model(config)
     use_address(args.node_ip)
     use_token(args.ray_token_file)
+    tolerate_head_outage(config.head_outage_s)
     set_node_environment()
     _stop_on_signal()
     cpus = float(args.cpus or os.cpu_count() or 1)
-    ray_node = RayNode(args.node_ip, temp_dir(f"node:{config.data_dir}"), address=args.address, cpus=cpus,
-                       labels={ROLE_LABEL: "node", NODE_LABEL: args.name})
-    actor = None
+    member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"node:{config.data_dir}"), address=args.address,
+                                        cpus=cpus, labels={ROLE_LABEL: "node", NODE_LABEL: args.name}),
+                        args.address, NAMESPACE)
+    stop = _stop_event()
     try:
-        ray_node.start()
-        ray_node.connect(NAMESPACE)
-        found = _wait_for(authority, "the placement authority (is `tellodb head` running?)")
+        while not stop.is_set():
+            served = _serve_node(args, config, cpus, member, stop)
+            if served is None:
+                break
+            reason, pid = served
+            log.warning("Node lost the cluster (%s); joining again name=%s", reason, args.name)
+            member.leave()
+            _reap(pid)
+        log.info("Node stopping name=%s", args.name)
+    except Stopped:
+        log.info("Node stopping name=%s", args.name)
+    finally:
+        member.leave()
+    return 0
+
+
+def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, member: Membership,
+                stop: threading.Event) -> tuple[str, int | None] | None:
+    """One membership: start Ray and the node actor, join the authority, then watch. Returns why
+    the cluster was lost (and the old actor's PID), or None after a stop (with a clean close)."""
+    import ray
+
+    from node import placement_file
+    from node.actor import authority, start_node_actor
+
+    member.join(stop)
+    kept = placement_file.load(placement_file.node_copy(config.data_dir))
+    if kept is not None and kept.shards != config.shards:
+        kept = None
+    found = authority()
+    if found is None and kept is not None:  # a rejoin: the node starts from its own copy while the head starts
+        placement = kept
+    else:
+        found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
         placement = ray.get(found.placement.remote(), timeout=120)
         if placement.shards != config.shards:
             raise ConfigError(f"shards: the cluster has {placement.shards} shards, this node's config says "
                               f"{config.shards}")
-        actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
-        info = ray.get(actor.info.remote(), timeout=900)
-        ray.get(found.join.remote(args.name, {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir}))
-        log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s", args.name, info["shards_owned"],
-                 info["reindexed"], args.name in placement.nodes, config.data_dir)
-        _wait_for_stop(ray_node)
-        log.info("Node stopping name=%s", args.name)
+        if kept is not None and kept.epoch > placement.epoch:
+            placement = kept  # the head lost its placement (or has an older one): ours goes to it with the join
+    actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
+    info = ray.get(actor.info.remote(), timeout=900)
+    found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
+    me = {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir, "actor_pid": info["pid"]}
+    ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=60)), timeout=120)
+    log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s joins=%d", args.name,
+             info["shards_owned"], info["reindexed"], args.name in placement.nodes, config.data_dir, member.joins)
+    while not stop.wait(1.0):
+        reason = member.lost()
+        if reason is not None:
+            return reason, info["pid"]
+    if member.head_answers():  # a clean stop: the authority forgets this node, in-flight writes finish
+        for call, timeout in ((found.leave.remote(args.name), 5), (actor.close.remote(), 60)):
+            try:
+                ray.get(call, timeout=timeout)
+            except Exception as exc:
+                log.warning("node %s: %s", args.name, exc)
+    else:  # the head is away: the shards checkpoint in close all the same
         try:
-            ray.get(found.leave.remote(args.name), timeout=10)
-        except Exception:
-            pass
-        ray.get(actor.close.remote(), timeout=60)  # in-flight writes finish, shards checkpoint
-    finally:
-        ray_node.stop()
-    return 0
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception as exc:
+            log.warning("node %s: %s", args.name, exc)
+    return None
+
+
+def _reap(pid: int | None, grace_s: float = 5.0) -> None:
+    """Wait for the node actor's old process (it ends with its raylet) so that no two processes
+    hold the node's shards; SIGKILL it after `grace_s`."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    log.warning("the node actor's old process %d did not end; killing it", pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def run_router(args: argparse.Namespace) -> int:
@@ -137,26 +215,30 @@ def run_router(args: argparse.Namespace) -> int:
     datadir.make_private(os.path.dirname(os.path.abspath(audit)))
     use_address(args.node_ip)
     use_token(args.ray_token_file)
+    tolerate_head_outage(config.head_outage_s)
     _stop_on_signal()
-    ray_node = RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
-                       address=args.address, cpus=0, labels={ROLE_LABEL: "router"})
+    member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
+                                        address=args.address, cpus=0, labels={ROLE_LABEL: "router"}),
+                        args.address, NAMESPACE)
     try:
-        ray_node.start()
-        ray_node.connect(NAMESPACE)
+        member.join(wait_s=300)
         cluster = Cluster(config)
+        cluster.membership = member  # it joins again by itself when the cluster is lost (Cluster.watch)
         cluster.join()
         asyncio.run(serve(config, cluster))
     finally:
-        ray_node.stop()
+        member.leave()
     return 0
 
 
-def _wait_for(find, what: str, timeout_s: float = 300):
+def _wait_for(find, what: str, timeout_s: float = 300, stop: threading.Event | None = None):
     deadline = time.monotonic() + timeout_s
     while (found := find()) is None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"no {what} within {timeout_s:g} s")
-        time.sleep(0.5)
+        if stop is not None and stop.wait(0.5):
+            raise Stopped()
+        time.sleep(0 if stop is not None else 0.5)
     return found
 
 

@@ -37,7 +37,8 @@ async def test_openapi_document_is_open_and_describes_every_route(api):
                     assert ref is None or ref.split("/")[-1] in schemas, (method, path, status, ref)
                 if int(status) >= 400:
                     assert response["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
-            assert ("security" in op) == (path in ("/health", "/v1/health", "/metrics", "/openapi.json", "/docs"))
+            assert ("security" in op) == (path in ("/health", "/v1/health", "/ready", "/metrics", "/openapi.json",
+                                                       "/docs"))
     assert set(spec["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}
     config = api.app[CONFIG]
     assert schemas["QueryRequest"]["properties"]["limit"]["maximum"] == config.max_query_limit
