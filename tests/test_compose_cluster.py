@@ -2,8 +2,10 @@
 
 The file is read for what the roles need to find each other and stay private (one Ray token for
 every role, each node its own volume and name, the names in cluster.yaml, routers on 127.0.0.1
-only, the key from the environment), and `docker compose config` (or docker-compose) resolves it
-and refuses it without TELLODB_API_KEY. The roles' commands themselves run in tests/test_helm.py
+only, the key from the environment) and to survive the head going away (the GCS's tables in a
+Redis with a password, nodes and routers waiting TELLODB_HEAD_OUTAGE_S, routers checked on /ready),
+and `docker compose config` (or docker-compose) resolves it and refuses it without TELLODB_API_KEY
+or TELLODB_REDIS_PASSWORD. The roles' commands themselves run in tests/test_helm.py
 and tests/test_many_machines.py.
 """
 
@@ -22,6 +24,7 @@ from test_docker import compose_cli, interpolate
 
 COMPOSE = ROOT / "docker-compose.cluster.yml"
 ROLES = ("head", "n1", "n2", "n3", "router-1", "router-2")
+REDIS_PASSWORD = "redis-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,44 @@ def test_routers_only_on_loopback_with_the_key_from_the_environment(compose):
         with pytest.raises(ValueError, match="TELLODB_API_KEY"):
             interpolate(key, {})
         assert option(argv(s), "--host") == "0.0.0.0" and option(argv(s), "--port") == "3000"
-        assert "/health" in " ".join(s["healthcheck"]["test"])
+        assert "/ready" in " ".join(s["healthcheck"]["test"]), "ready: the router can route now"
+
+
+def test_the_gcs_keeps_its_tables_in_a_redis_with_a_password(compose):
+    services = compose["services"]
+    redis, head = services["redis"], services["head"]
+    assert redis["image"].startswith("redis:") and redis["restart"] == "unless-stopped"
+    command = redis["command"]
+    assert command[0] == "redis-server", "the image's entrypoint drops root only for redis-server"
+    password = command[command.index("--requirepass") + 1]
+    assert re.fullmatch(r"\$\{TELLODB_REDIS_PASSWORD:\?[^}]+\}", password)
+    with pytest.raises(ValueError, match="TELLODB_REDIS_PASSWORD"):
+        interpolate(password, {})
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert mounts(redis)["/data"] in compose["volumes"], "the append-only file on a named volume"
+    assert "ping" in " ".join(redis["healthcheck"]["test"])
+    assert redis["environment"]["REDISCLI_AUTH"] == password, "the healthcheck's redis-cli authenticates"
+    assert redis["networks"] == head["networks"] and "ports" not in redis
+
+    env = head["environment"]
+    assert env["RAY_REDIS_ADDRESS"] == "redis:6379"
+    assert env["RAY_REDIS_PASSWORD"] == password
+    assert env["RAY_external_storage_namespace"]
+    assert head["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name, s in services.items():  # the password goes to Redis and the head only
+        if name not in ("redis", "head"):
+            assert not any("REDIS" in k for k in s.get("environment", {})), name
+
+
+def test_nodes_and_routers_outlive_a_head_outage(compose):
+    from node.config import ENV_VARS
+
+    assert ("TELLODB_HEAD_OUTAGE_S", "head_outage_s") in ENV_VARS, "the variable the roles read"
+    services = compose["services"]
+    for name in ("n1", "n2", "n3", "router-1", "router-2"):
+        assert float(services[name]["environment"]["TELLODB_HEAD_OUTAGE_S"]) == 600, name
+        assert services[name]["restart"] == "unless-stopped"
+    assert services["head"]["restart"] == "unless-stopped", "Compose brings a crashed head back"
 
 
 def test_cluster_compose_file_validates_with_compose():
@@ -120,12 +160,19 @@ def test_cluster_compose_file_validates_with_compose():
         pytest.skip("neither `docker compose` nor docker-compose here: `make ops-deps` installs docker-compose")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "TEMPORAL_MEMORY_"))}
     run = [*cli, "--project-directory", str(ROOT), "-f", str(COMPOSE), "config"]
-    done = subprocess.run(run, env={**env, "TELLODB_API_KEY": API_KEY}, capture_output=True, text=True, timeout=60)
+    secrets = {"TELLODB_API_KEY": API_KEY, "TELLODB_REDIS_PASSWORD": REDIS_PASSWORD}
+    done = subprocess.run(run, env={**env, **secrets}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)
-    assert set(ROLES) | {"ray-token"} == set(resolved["services"])
+    assert set(ROLES) | {"ray-token", "redis"} == set(resolved["services"])
     for name in ("router-1", "router-2"):
         assert resolved["services"][name]["environment"]["TELLODB_API_KEY"] == API_KEY
     assert resolved["services"]["n1"]["depends_on"]["head"]["condition"] == "service_healthy"
-    refused = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode != 0 and "TELLODB_API_KEY" in refused.stderr, "compose must refuse to start without a key"
+    assert resolved["services"]["head"]["environment"]["RAY_REDIS_PASSWORD"] == REDIS_PASSWORD
+    redis = resolved["services"]["redis"]
+    assert redis["command"][redis["command"].index("--requirepass") + 1] == REDIS_PASSWORD
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    for missing in secrets:
+        given = {k: v for k, v in secrets.items() if k != missing}
+        refused = subprocess.run(run, env={**env, **given}, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and missing in refused.stderr, f"compose must refuse to start without {missing}"

@@ -89,13 +89,15 @@ def test_dashboard_uses_a_templated_prometheus_data_source_and_covers_the_engine
                                              "TellodbIndexBacklogGrowing", "TellodbDiskSpaceLow", *CLUSTER_ALERTS}
 
 
-# The router's placement and replication gauges (router/metrics.py), and the alerts on them.
+# The router's placement, replication and head-outage metrics (router/metrics.py), and the alerts on them.
 CLUSTER_METRICS = ("tellodb_placement_epoch", "tellodb_shard_moves_pending", "tellodb_shards_moved",
                    "tellodb_shard_move_failed", "tellodb_moved_retries", "tellodb_node_bytes",
                    "tellodb_replica_copies_down", "tellodb_replication_lag_max", "tellodb_failovers",
-                   "tellodb_nodes_down")
+                   "tellodb_nodes_down", "tellodb_authority_up", "tellodb_router_ready",
+                   "tellodb_ray_rejoins_total", "tellodb_cluster_nodes_rejoining")
 CLUSTER_ALERTS = ("TellodbShardMoveFailed", "TellodbShardMovesStuck", "TellodbUnderReplicated",
-                  "TellodbReplicationLagHigh", "TellodbNodeUnreachable", "TellodbFailover")
+                  "TellodbReplicationLagHigh", "TellodbNodeUnreachable", "TellodbFailover",
+                  "TellodbAuthorityUnreachable", "TellodbRouterNotReady", "TellodbClusterRejoinStuck")
 
 
 def test_dashboard_panels_do_not_overlap_and_the_cluster_row_holds_the_cluster_panels():
@@ -208,7 +210,8 @@ def start_node_exporter(tmp: Path) -> tuple[subprocess.Popen | None, str | None]
 # A healthy engine under a light load with some 4xx: none of these. (Not asserted for the others:
 # p99 and disk depend on the machine; on a loaded one a 1 s scrape or the router's 2 s stats call
 # can time out once, which TellodbDown and TellodbNodeDown rightly see but, with `for: 1m`, ignore.)
-# `tellodb serve` with one copy per shard moves nothing and pings no node: its cluster gauges are 0.
+# `tellodb serve` with one copy per shard moves nothing and pings no node: its cluster gauges are 0
+# (its authority is up and its router ready: 1).
 QUIET = {"TellodbErrorRateHigh", "TellodbWritesRefusedDiskFull", "TellodbIndexBacklogGrowing", *CLUSTER_ALERTS}
 
 

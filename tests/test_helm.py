@@ -43,7 +43,9 @@ K8S_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor and a recen
 
 VALUE_SETS: dict[str, dict] = {
     "defaults": {},
-    "gcs-fault-tolerance": {"head": {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis.redis.svc:6379"}}},
+    "gcs-fault-tolerance": {"head": {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis.redis.svc:6379",
+                                                           "redisPasswordSecret": {"name": "redis", "key": "pw"}}},
+                            "headOutageSeconds": 900},
     "monitoring-on": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
                                      "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}}},
     "extras-off": {"backup": {"enabled": False}, "networkPolicy": {"enabled": False}, "node": {"seedModel": False},
@@ -151,6 +153,10 @@ def test_chart_lints_and_renders_valid_manifests(helm, tmp_path, name):
     ({"node": {"podAntiAffinity": "maybe"}}, "podAntiAffinity"),
     ({"auth": {"apiKey": "short"}}, "apiKey"),
     ({"head": {"gcsFaultTolerance": {"enabled": True}}}, "redisAddress"),
+    ({"headOutageSeconds": 0}, "headOutageSeconds"),
+    ({"config": {"head_outage_s": 60}}, "config"),  # the chart sets it from headOutageSeconds
+    ({"head": {"gcsFaultTolerance": {"reconnectTimeoutSeconds": 300}}}, "reconnectTimeoutSeconds"),  # now headOutageSeconds
+    ({"head": {"gcsFaultTolerance": {"redisPasswordSecret": {"name": "redis", "key": ""}}}}, "key"),
 ])
 def test_values_are_checked(helm, tmp_path, bad, message):
     done = subprocess.run([helm, "template", RELEASE, str(CHART), "-f", str(values_file(tmp_path, bad))],
@@ -177,10 +183,11 @@ def test_roles_volumes_and_security(helm, tmp_path):
     cluster_yaml = yaml.safe_load(find(docs, "ConfigMap", "rel-config")["data"]["cluster.yaml"])
     assert cluster_yaml == {"shards": 64, "nodes": [f"rel-node-{i}" for i in range(node["spec"]["replicas"])]}
 
-    # Routers: probes on /health, autoscaled, a disruption budget over their pods.
+    # Routers: alive on /health, in the Service while /ready, autoscaled, a disruption budget over their pods.
     [router_c] = router["spec"]["template"]["spec"]["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert router_c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert router_c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert "replicas" not in router["spec"], "the HPA owns the replica count"
     hpa = find(docs, "HorizontalPodAutoscaler", "rel-router")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rel-router"}
@@ -254,16 +261,30 @@ def test_gcs_fault_tolerance_sets_what_ray_reads(helm, tmp_path):
     def envs(docs):
         out = {}
         for name, t in pod_templates(docs).items():
-            out[name] = {e["name"]: e.get("value") for e in t["spec"]["containers"][0].get("env", [])}
+            out[name] = {e["name"]: e.get("value", e.get("valueFrom")) for e in t["spec"]["containers"][0].get("env", [])}
         return out
 
+    from node.config import ENV_VARS
+
+    assert ("TELLODB_HEAD_OUTAGE_S", "head_outage_s") in ENV_VARS, "the variable the roles read"
     plain = envs(render(helm, tmp_path, {}))
     assert not any(k.startswith(("RAY_REDIS", "RAY_external", "RAY_gcs")) for env in plain.values() for k in env)
+    for name, env in plain.items():  # nodes and routers outlive a head outage, with or without Redis
+        assert env.get("TELLODB_HEAD_OUTAGE_S") == ("600" if name in ("rel-node", "rel-router") else None), name
+
     ft = envs(render(helm, tmp_path, VALUE_SETS["gcs-fault-tolerance"]))
     assert ft["rel-head"]["RAY_REDIS_ADDRESS"] == "redis.redis.svc:6379"
     assert ft["rel-head"]["RAY_external_storage_namespace"] == f"{NAMESPACE}-{RELEASE}"
+    assert ft["rel-head"]["RAY_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "redis", "key": "pw"}}
+    for name, env in ft.items():
+        assert not any(k.startswith("RAY_gcs") for k in env), "the roles set Ray's reconnect timeout themselves"
+        if name != "rel-head":
+            assert not any(k.startswith("RAY_REDIS") for k in env), f"{name}: only the head talks to Redis"
     for name in ("rel-node", "rel-router"):
-        assert ft[name]["RAY_gcs_rpc_server_reconnect_timeout_s"] == "300"
+        assert ft[name]["TELLODB_HEAD_OUTAGE_S"] == "900"
+
+    no_password = {"head": {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis.redis.svc:6379"}}}
+    assert "RAY_REDIS_PASSWORD" not in envs(render(helm, tmp_path, no_password))["rel-head"]
 
 
 def test_monitoring_objects_carry_the_repositorys_dashboard_and_rules(helm, tmp_path):

@@ -73,12 +73,10 @@ http://{{ include "tellodb.fullname" . }}-router.{{ .Release.Namespace }}.svc:{{
   value: /home/tellodb
 {{- end -}}
 
-{{/* Nodes and routers: how long their raylets wait for a restarted GCS. */}}
-{{- define "tellodb.gcsClientEnv" -}}
-{{- if .Values.head.gcsFaultTolerance.enabled }}
-- name: RAY_gcs_rpc_server_reconnect_timeout_s
-  value: {{ .Values.head.gcsFaultTolerance.reconnectTimeoutSeconds | quote }}
-{{- end -}}
+{{/* Nodes and routers: how long they outlive a head that is away (they set Ray's own timeout from it). */}}
+{{- define "tellodb.headOutageEnv" -}}
+- name: TELLODB_HEAD_OUTAGE_S
+  value: {{ .Values.headOutageSeconds | quote }}
 {{- end -}}
 
 {{/* The command-line arguments every role shares: the token file, cluster.yaml and the pod IP. */}}
