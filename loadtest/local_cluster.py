@@ -71,13 +71,14 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.head_port}"
 
-    def _spawn(self, name: str, args: list[str], port: int | None = None, taskset: str | None = None) -> Proc:
+    def _spawn(self, name: str, args: list[str], port: int | None = None, taskset: str | None = None,
+               env: dict[str, str] | None = None) -> Proc:
         log = self.root / f"{name}.log"
         start = len(log.read_text(errors="replace")) if log.exists() else 0
         cmd = [str(BIN / "tellodb"), *args]
         if taskset:
             cmd = ["taskset", "-c", taskset, *cmd]
-        popen = subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        popen = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                  start_new_session=True, cwd=str(self.root))
         proc = self.procs[name] = Proc(name, popen, log, port, start)
         return proc
@@ -93,8 +94,10 @@ class LocalCluster:
             time.sleep(0.3)
         raise RuntimeError(f"{proc.name} not ready within {timeout:g} s:\n{proc.log_text()[-4000:]}")
 
-    def start_head(self, timeout: float = 120) -> Proc:
-        proc = self._spawn("head", ["head", "--port", str(self.head_port), "--data-dir", str(self.root / "head")])
+    def start_head(self, timeout: float = 120, args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Proc:
+        """The head on `<root>/head`; `env`: for the head alone (GCS fault tolerance's Redis, for one)."""
+        proc = self._spawn("head", ["head", "--port", str(self.head_port), "--data-dir", str(self.root / "head"),
+                                    *args], env=env)
         self._wait_for_line(proc, "Head ready", timeout)
         return proc
 

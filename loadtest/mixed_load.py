@@ -37,6 +37,7 @@ class MixedLoad:
     pause_s: float = 0.0
     acked: dict[str, tuple[str, str]] = field(default_factory=dict)  # memory id -> (entity, text)
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (router, kind, message)
+    error_at: list[float] = field(default_factory=list)  # time.monotonic() of each error, as in `errors`
     to_stopped: int = 0
     latencies: dict[tuple[str, str], list[tuple[float, float]]] = field(default_factory=dict)  # (router, kind) -> (t, s)
 
@@ -76,6 +77,7 @@ class MixedLoad:
                 self.to_stopped += 1
             else:
                 self.errors.append((url, kind, f"{type(error).__name__}: {error}"[:300]))
+                self.error_at.append(time.monotonic())
 
     def _writer(self, url: str, tag: str) -> None:
         client = TellodbClient.from_cloud(base_url=url, api_key=self.api_key, timeout=60)
