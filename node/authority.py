@@ -429,12 +429,16 @@ class PlacementAuthority:
                     self._start_rebalance()
 
     async def _ping(self, name: str) -> bool:
+        """Whether `name` answers; one that answers with an older placement (it was silent when a
+        newer one was pushed: paused, partitioned) is given the current one."""
         try:
-            await asyncio.wait_for(self._actor(name).ping.remote(), 1.0)
-            return True
+            answer = await asyncio.wait_for(self._actor(name).ping.remote(), 1.0)
         except Exception:
             self._actors.pop(name, None)  # a restarted node is a new actor
             return False
+        if answer.get("epoch", self._placement.epoch) < self._placement.epoch:
+            await self._push_to(name)
+        return True
 
     async def _fail_over(self, name: str) -> None:
         """Give each shard whose primary is `name` to its live follower with the highest sequence

@@ -87,6 +87,47 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
         assert len({copy["seq"] or 0 for copy in shard["copies"]}) == 1, json.dumps(shard)
 
 
+def test_a_paused_node_comes_back_as_a_follower_and_catches_up(replicated):
+    """SIGSTOP of a node's whole process tree (a network partition, as the others see it) long
+    enough for a failover: no client error, and once it answers again it learns the placement it
+    missed and its copies catch up."""
+    import os
+    import signal
+
+    c = replicated
+    c.start_head()
+    c.start_nodes(["n1", "n2", "n3"])
+    r1, r2 = c.start_routers(2)
+    wait_fully_replicated(c, r1.url)
+    load = MixedLoad([r1.url, r2.url], API_KEY, entities=12).start()
+    time.sleep(3)
+    session = c.procs["n2"].popen.pid
+    tree = [int(p) for p in os.listdir("/proc") if p.isdigit() and _session_of(int(p)) == session]
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(10)  # failover_after_s: 2
+    for pid in tree:
+        os.kill(pid, signal.SIGCONT)
+    during = cluster_status(c, r1.url)
+    assert during["failovers"] >= 1 and "n2" not in during["owner"]
+    after = wait_fully_replicated(c, r1.url, timeout=60)
+    time.sleep(2)
+    load.stop()
+    assert load.errors == [], load.errors[:5]
+    settled = cluster_status(c, r1.url)
+    assert not settled["under_replicated"] and all(len(copies) == 2 for copies in after["replicas"])
+    client = TellodbClient.from_cloud(base_url=r2.url, api_key=API_KEY)
+    for memory_id, (entity, text) in load.acked.items():
+        assert client.inspect_memory(memory_id)["textual_content"] == text
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def test_serve_with_two_copies_survives_a_crashed_node_actor(make_server, tmp_path):
     """One machine, `replication: 2` over two node actors: SIGKILL one actor's process mid-load;
     Ray restarts it, writes go on meanwhile, it catches up, and every acknowledged write is there."""
