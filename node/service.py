@@ -522,11 +522,12 @@ class Node:
             log.warning("placement epoch %d not kept on %s: %s", self.placement.epoch, self.name, exc)
 
     async def settle(self, placement: Placement, moving: tuple[int, ...] = ()) -> dict[str, list[int]]:
-        """Finish what an authority that stopped left here (a new one calls this once per node):
-        take its placement if newer, own the received copies it names here, drop the others, and
-        lift the fences of moves it no longer drives (`moving`: the shards it is moving now)."""
+        """Finish what an authority that stopped left here (a new one calls this once per node it
+        finds running): take its placement if newer, own the received copies it names here, drop
+        the others, lift the fences of moves it no longer drives (`moving`: the shards it is moving
+        now), and release copies it no longer names here (a move flipped before the old copy went)."""
         await self.set_placement(placement)
-        adopted, dropped, unfenced = [], [], []
+        adopted, dropped, unfenced, released = [], [], [], []
         for shard, inc in list(self.moves.incoming.items()):
             if shard in moving or inc.pin != MOVE_PIN:  # a re-seed is the primary's, not the authority's
                 continue
@@ -539,7 +540,11 @@ class Node:
         for shard in sorted(self.moves.gate.fenced - set(moving)):
             await self.unfence(shard)
             unfenced.append(shard)
-        return {"adopted": adopted, "dropped": dropped, "unfenced": unfenced}
+        for shard in sorted(set(self.owned) - set(moving)):
+            if self.name not in self.placement.replicas[shard]:
+                await self.release(shard)
+                released.append(shard)
+        return {"adopted": adopted, "dropped": dropped, "unfenced": unfenced, "released": released}
 
     async def get_placement(self) -> Placement:
         return self.placement

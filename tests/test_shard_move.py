@@ -386,3 +386,31 @@ async def test_a_node_removes_unfinished_copies_at_start_and_its_fence_waits_for
     assert len(await node.query("the harbour", entity, 2, 100)) == 50  # reads go on
     await node.unfence(2)
     assert await node.ingest([item(placement, entity, f"{entity}::s1::99", "accepted")]) == [None]
+
+
+async def test_a_new_authority_settles_what_a_stopped_one_left_mid_move(pair):
+    """With GCS fault tolerance the nodes outlive an authority that stopped mid-move: a fence and a
+    received copy stay behind. Its successor settles each node once (node.authority): before the
+    flip was saved the copy is dropped and the fence lifted; after it, the copy is adopted, the
+    fence lifted and the old copy released."""
+    before, after = B_SHARDS[3], B_SHARDS[4]
+    entities = {}
+    for shard in (before, after):
+        entities[shard] = entities_on(pair.placement, shard, "settle-user", 1)[0]
+        await pair.seed([entities[shard]], "s")
+        await pair.actors[A].receive_shard.remote(shard, B)
+        await pair.actors[B].fence.remote(shard)
+    await pair.actors[A].catch_up.remote(after, B)
+    flipped = pair.placement.with_owner(after, A)  # saved by the stopped authority, never pushed
+    on_a = await pair.actors[A].settle.remote(flipped)
+    on_b = await pair.actors[B].settle.remote(flipped)
+    assert after in on_a["adopted"] and before in on_a["dropped"] and not on_a["released"]
+    assert {before, after} <= set(on_b["unfenced"]) and on_b["released"] == [after]
+    assert (await pair.actors[A].stats.remote())["moves"] == {} == (await pair.actors[B].stats.remote())["moves"]
+    pair.placement = flipped
+    await pair.write(entities[before], f"{entities[before]}::after-settle::0", "B takes writes again")
+    await pair.write(entities[after], f"{entities[after]}::after-settle::0", "A owns this shard now")
+    with pytest.raises(NotOwnedError):
+        await pair.actors[B].ingest.remote([item(flipped, entities[after], f"{entities[after]}::x::0", "refused")])
+    assert not shard_dir(pair.dirs[B], after).exists() and shard_dir(pair.dirs[A], after).exists()
+    assert not shard_dir(pair.dirs[A], before).exists()
