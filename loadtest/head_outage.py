@@ -7,7 +7,9 @@ node`s, two routers, `replication: 2`, 8 shards) under mixed load through both r
 
 - `no-redis`: Ray's GCS starts empty, a new Ray cluster; nodes and routers rejoin it by themselves;
 - `redis`: the GCS keeps its tables in a local `redis-server` (password set); the same cluster
-  comes back.
+  comes back;
+- `empty-disk`: no Redis, and the head's data directory is deleted while it is away: it starts
+  on an empty one with a copy of the cluster's token and rebuilds the placement from the nodes.
 
 Measured from the head's return (its `Head ready` line): `served_s`, until every shard answers a
 read again for good (a probe per shard, through a router, every 0.25 s; the end of the last gap
@@ -59,6 +61,7 @@ class Prober:
         self.clients = [TellodbClient.from_cloud(base_url=u, api_key=KEY, timeout=60) for u in urls]
         self.answered: dict[int, list[float]] = {s: [] for s in range(SHARDS)}
         self.failed: dict[int, list[float]] = {s: [] for s in range(SHARDS)}
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in range(SHARDS)]
 
@@ -78,8 +81,9 @@ class Prober:
             try:
                 self.clients[i % len(self.clients)].query("tea", entity_id=entity, top_k=1)
                 self.answered[shard].append(time.monotonic())
-            except Exception:
+            except Exception as exc:
                 self.failed[shard].append(time.monotonic())
+                self.errors.append(f"{type(exc).__name__}: {exc}"[:200])
             i += 1
             self._stop.wait(0.25)
 
@@ -142,8 +146,12 @@ def run_mode(mode: str, runs: int, outage: float, root: Path, seed: Path) -> dic
     c = LocalCluster(root / mode, KEY, shards=SHARDS, nodes=("n1", "n2", "n3"), model_seed=seed,
                      extra_config={"replication": 2, "failover_after_s": 2})
     rows = []
+    token = root / f"{mode}-token"
     try:
         c.start_head(env=head_env)
+        if mode == "empty-disk":  # nodes and routers hold a copy of the token, as on other machines
+            shutil.copy(c.root / "head" / "ray_auth_token", token)
+            c.env["TELLODB_RAY_TOKEN_FILE"] = str(token)
         c.start_nodes(["n1", "n2", "n3"])
         r1, r2 = c.start_routers(2)
         healed(c, r1.url)
@@ -153,8 +161,10 @@ def run_mode(mode: str, runs: int, outage: float, root: Path, seed: Path) -> dic
         for run in range(1, runs + 1):
             errors_before = len(load.errors)
             c.kill("head")
+            if mode == "empty-disk":
+                shutil.rmtree(c.root / "head")
             time.sleep(outage)
-            c.start_head(env=head_env)  # returns at its "Head ready" line
+            c.start_head(env=head_env, args=("--ray-token-file", str(token)) if mode == "empty-disk" else ())
             back = time.monotonic()
             done = healed(c, r1.url)
             time.sleep(3)
@@ -163,7 +173,8 @@ def run_mode(mode: str, runs: int, outage: float, root: Path, seed: Path) -> dic
             row = {"mode": mode, "run": run, "outage_s": outage, "served_s": served_s, "healed_s": round(done - back, 2),
                    "longest_shard_gap_s": gap, "client_errors": len(errors),
                    "errors_500": sum("HTTP 500" in e[2] for e in errors),
-                   "probe_failures": sum(1 for s in probe.failed.values() for t in s if t > back - outage - 1)}
+                   "probe_failures": sum(1 for s in probe.failed.values() for t in s if t > back - outage - 1),
+                   "error_samples": sorted({e[2][:160] for e in errors} | set(probe.errors[-3:]))[:5]}
             print(json.dumps(row), flush=True)
             rows.append(row)
         probe.stop()
@@ -203,6 +214,7 @@ def main() -> None:
     ap.add_argument("--outage", type=float, default=60)
     ap.add_argument("--runs-no-redis", type=int, default=2)
     ap.add_argument("--runs-redis", type=int, default=5)
+    ap.add_argument("--runs-empty-disk", type=int, default=0)
     ap.add_argument("--tag", default="local")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="head-outage-"))
@@ -216,6 +228,8 @@ def main() -> None:
                 print("no redis-server: the redis mode is skipped (make ops-deps installs it)")
             else:
                 modes.append(run_mode("redis", args.runs_redis, args.outage, root, seed))
+        if args.runs_empty_disk:
+            modes.append(run_mode("empty-disk", args.runs_empty_disk, args.outage, root, seed))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result = {"tag": args.tag, "outage_s": args.outage, "modes": modes, "date": time.strftime("%Y-%m-%d")}

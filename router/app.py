@@ -78,7 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         if exc.status >= 500:
             log.error("%s %s -> %d %s", request.method, request.path, exc.status, exc.message)
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s + 0.5)))} if exc.retry_after_s else None
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
         return web.json_response(exc.body(), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
