@@ -18,6 +18,7 @@ live at the same seq; the longest gap between two answered probes of one shard; 
 errors (by status) and, at the end of each mode, how many acknowledged writes read back.
 
     python loadtest/head_outage.py --tag 2core            # 2 runs without Redis, 5 with
+    python loadtest/head_outage.py --tag 2core-empty-disk --runs-no-redis 0 --runs-redis 0 --runs-empty-disk 2
 """
 
 from __future__ import annotations
@@ -193,15 +194,19 @@ def run_mode(mode: str, runs: int, outage: float, root: Path, seed: Path) -> dic
 def markdown(result: dict) -> str:
     lines = [f"# Head outage: time to heal ({result['tag']})", "",
              f"{result['outage_s']:g} s head outages (SIGKILL of every head process, restart on the same data "
-             "directory), a head, 3 nodes, 2 routers, replication 2, 8 shards, mixed load through both routers. "
+             "directory; in the empty-disk mode on an empty one), a head, 3 nodes, 2 routers, replication 2, 8 "
+             "shards, mixed load through both routers; probes: one read per shard every 0.25 s. "
              "`served_s`: head back until every shard answers reads again for good; `healed_s`: until every "
              "shard has both copies live at the same seq. Command: `python loadtest/head_outage.py`.", "",
-             "| mode | run | served_s | healed_s | longest shard gap s | client errors | of them 500 |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | run | served_s | healed_s | longest shard gap s | load's client errors | of them 500 "
+             "| probe errors |", "|---|---|---|---|---|---|---|---|"]
     for mode in result["modes"]:
         for r in mode["runs"]:
             lines.append(f"| {r['mode']} | {r['run']} | {r['served_s']} | {r['healed_s']} | {r['longest_shard_gap_s']} "
-                         f"| {r['client_errors']} | {r['errors_500']} |")
+                         f"| {r['client_errors']} | {r['errors_500']} | {r['probe_failures']} |")
+    samples = sorted({e for mode in result["modes"] for r in mode["runs"] for e in r.get("error_samples", ())})
+    if samples:
+        lines += ["", "Errors seen: " + "; ".join(f"`{e}`" for e in samples[:5])]
     lines += ["", "| mode | acknowledged writes | lost | writes | reads |", "|---|---|---|---|---|"]
     for mode in result["modes"]:
         lines.append(f"| {mode['mode']} | {mode['acked_writes']} | {mode['lost_writes']} | {mode['writes']} | "

@@ -528,6 +528,8 @@ class Cluster:
                     return await self._call(node, method, *args, timeout=self.config.read_failover_s)
                 except (NodeSlow, NodeDown) as exc:
                     failure = exc
+            if isinstance(failure, NodeSlow):  # every copy is slow (a busy machine), none is gone: wait for one
+                return await self._call(first, method, *args, timeout=self.config.request_timeout_s / 2)
             raise failure
 
         return await self._routed(attempt)
