@@ -13,18 +13,14 @@ from typing import Any
 
 import ray
 
-from node.authority import AUTHORITY_NAME, PlacementAuthority
+from node.authority import PlacementAuthority
 from node.config import ClusterConfig
+from node.names import AUTHORITY_NAME, NAMESPACE, actor_name
 from node.ring import Placement
 from node.service import Node
 
-NAMESPACE = "tellodb"
 log = logging.getLogger("tellodb")
-
-
-def actor_name(node: str) -> str:
-    """The Ray actor name of node `node` in NAMESPACE."""
-    return f"{NAMESPACE}-{node}"
+__all__ = ["AUTHORITY_NAME", "NAMESPACE", "actor_name", "authority", "start_authority", "start_node_actor"]
 
 
 def authority():

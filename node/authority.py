@@ -1,6 +1,6 @@
 """The placement authority: the cluster's one record of which node owns which shard, at which epoch.
 
-One Ray actor (`AUTHORITY_NAME`), started by `tellodb head` on the head machine (and by
+One Ray actor (`node.names.AUTHORITY_NAME`), started by `tellodb head` on the head machine (and by
 `tellodb serve` inside its own tree), keeps the placement in `<data_dir>/placement.json`, so it
 survives a restart of the head, and changes it only here:
 
@@ -43,11 +43,11 @@ from typing import Any
 
 from node import placement_file
 from node.errors import NodeError
+from node.names import NAMESPACE, actor_name
 from node.ring import Placement
 
 log = logging.getLogger("tellodb")
 
-AUTHORITY_NAME = "tellodb-placement"
 HISTORY = 50  # finished and failed moves kept for `status`
 
 
@@ -184,8 +184,6 @@ class PlacementAuthority:
         still run: they joined the authority before it, and will not join again."""
         import ray
 
-        from node.actor import NAMESPACE, actor_name
-
         for name in sorted(self._expected() - set(self.joined)):
             try:
                 actor = await asyncio.to_thread(ray.get_actor, actor_name(name), NAMESPACE)
@@ -289,8 +287,6 @@ class PlacementAuthority:
     def _actor(self, name: str):
         if name not in self._actors:
             import ray
-
-            from node.actor import NAMESPACE, actor_name
 
             if not ray.is_initialized():  # get_actor would start a local Ray of its own
                 raise RuntimeError("Ray is not running")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from node import id_homes
 from node.errors import NotOwnedError
 from node.ids import parse_memory_id
+from node.names import AUTHORITY_NAME, NAMESPACE
 from node.records import IngestItem
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tellodb.node")
 
-AUTHORITY = "tellodb-placement"  # the placement authority's Ray actor name (in node.actor.NAMESPACE)
 RETRIES = 5  # calls to a shard's node that answered NotOwnedError, in all
 BACKOFF_S = 0.05  # before the first retry; doubled each time (0.05 + 0.1 + 0.2 + 0.4 s)
 
@@ -63,11 +63,9 @@ class FreeIds:
         try:
             import ray
 
-            from node.actor import NAMESPACE
-
             if not ray.is_initialized():
                 return
-            authority = ray.get_actor(AUTHORITY, namespace=NAMESPACE)
+            authority = ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
         except (ImportError, ValueError):  # no authority: the retry alone may find the move done
             return
         try:

@@ -37,6 +37,7 @@ from node.ids import parse_memory_id
 from node.index_budget import IndexBudget
 from node.indexer import Indexer
 from node.moves import MOVE_PIN, Moves
+from node.names import NAMESPACE, actor_name
 from node import placement_file
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
@@ -164,8 +165,6 @@ class Node:
             return None
         if node not in self._peers:
             import ray
-
-            from node.actor import NAMESPACE, actor_name
 
             self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
         return self._peers[node]

@@ -32,8 +32,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from node.authority import NotReady, PlacementError, UnknownNode
-from node.actor import NAMESPACE, actor_name, authority, start_authority, start_node_actor
-from node.authority import AUTHORITY_NAME as AUTHORITY
+from node.actor import authority, start_authority, start_node_actor
+from node.names import AUTHORITY_NAME as AUTHORITY, NAMESPACE, actor_name
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, TooFewReplicas, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig, ConfigError
@@ -114,7 +114,6 @@ class Cluster:
         self.rejoining: str | None = None  # why this router is joining the cluster again, while it does
         self.rejoins = 0
         self.authority_up = True  # the authority answered the last check
-        self.last_summary: dict[str, Any] | None = None
         self._joined = asyncio.Event()
         self._joined.set()
         self._resolving: set[str] = set()  # nodes being looked up again (_reresolve)
@@ -298,8 +297,6 @@ class Cluster:
                 self.authority_up = summary is not None
                 if summary is None:
                     await self._find_authority()
-                else:
-                    self.last_summary = summary
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop must outlive any one failure
@@ -721,11 +718,11 @@ class Cluster:
     # ---- the cluster's shape (node.authority) ------------------------------------------------------
 
     async def _ask_authority(self, method: str, *args: Any) -> Any:
-        if self.rejoining or not self.authority_up:
-            raise Unavailable(f"the placement authority cannot be asked now: this router is {self.ready()[1]}") \
-                if self.rejoining \
-                else Unavailable("the placement authority does not answer (is `tellodb head` running?); moves and "
-                                 "member changes wait for it")
+        if self.rejoining:
+            raise Unavailable(f"the placement authority cannot be asked now: this router is {self.ready()[1]}")
+        if not self.authority_up:
+            raise Unavailable("the placement authority does not answer (is `tellodb head` running?); moves and "
+                              "member changes wait for it")
         try:
             return await asyncio.wait_for(getattr(self.authority, method).remote(*args), self.config.request_timeout_s)
         except RayTaskError as exc:

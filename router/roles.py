@@ -28,13 +28,13 @@ import threading
 import time
 
 from node.config import ClusterConfig, ConfigError, load_config
+from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
 from router import datadir
 from router.membership import Membership, Stopped
 from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, temp_dir, tolerate_head_outage,
                              use_address, use_token)
 
 log = logging.getLogger("tellodb")
-NAMESPACE = "tellodb"  # node.actor.NAMESPACE, without importing Ray before its settings are made
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> ClusterConfig:

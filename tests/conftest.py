@@ -209,3 +209,17 @@ def fixed_answers(client, entities: list[str]) -> dict[str, list[str]]:
     found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in entities}
     found["*"] = sorted(h.memory_id for h in client.query("who plays the cello", top_k=len(entities)))
     return found
+
+
+@pytest.fixture
+def replicated(tmp_path, model_seed):
+    """A head, three `tellodb node`s (n1-n3, `replication: 2`, 8 shards) and no router yet, as
+    processes on this machine (loadtest.local_cluster); every process stopped at the end."""
+    from loadtest.local_cluster import LocalCluster
+
+    c = LocalCluster(tmp_path / "cluster", API_KEY, shards=8, nodes=("n1", "n2", "n3"), model_seed=model_seed,
+                     extra_config={"replication": 2, "failover_after_s": 2})
+    try:
+        yield c
+    finally:
+        c.close()

@@ -26,14 +26,6 @@ from loadtest.mixed_load import MixedLoad
 ROLES = ("n1", "n2", "n3", "router-0", "router-1")
 
 
-@pytest.fixture
-def cluster(tmp_path, model_seed):
-    c = LocalCluster(tmp_path / "cluster", API_KEY, shards=8, nodes=("n1", "n2", "n3"), model_seed=model_seed,
-                     extra_config={"replication": 2, "failover_after_s": 2})
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 def wait_healed(c: LocalCluster, url: str, timeout: float = 120) -> dict:
@@ -99,10 +91,10 @@ def outage(c: LocalCluster, load: MixedLoad, seconds: float, head_env: dict | No
     return time.monotonic(), during
 
 
-def test_a_head_outage_without_redis_is_healed_by_the_nodes_and_routers(cluster):
+def test_a_head_outage_without_redis_is_healed_by_the_nodes_and_routers(replicated):
     """No GCS fault tolerance: the head comes back as a new Ray cluster; each node starts its Ray
     node and actor again on its name and data, each router joins again."""
-    c = cluster
+    c = replicated
     r1, r2, load = start(c)
     back, during = outage(c, load, 60, during=lambda: head_away(r1.url))
     assert during > 0, "no write was acknowledged while the head was away"
@@ -177,11 +169,11 @@ def redis(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_with_gcs_fault_tolerance_a_head_outage_costs_nothing(cluster, redis):
+def test_with_gcs_fault_tolerance_a_head_outage_costs_nothing(replicated, redis):
     """The head keeps the GCS in Redis: the same cluster comes back, the same node actors go on,
     and the restarted authority finds them (failover works again). One 60 s outage, then four
     short ones (the loss seen before was intermittent)."""
-    c = cluster
+    c = replicated
     r1, r2, load = start(c, head_env=redis)
     pids = actor_pids(r1.url)
     for seconds in (60, 5, 5, 5, 5):
@@ -201,11 +193,11 @@ def test_with_gcs_fault_tolerance_a_head_outage_costs_nothing(cluster, redis):
     assert "n2" in status["down"] and "n2" not in status["owner"]  # the restarted authority failed n2 over
 
 
-def test_a_head_killed_during_a_move_and_one_on_an_empty_disk(cluster):
+def test_a_head_killed_during_a_move_and_one_on_an_empty_disk(replicated):
     """The head is killed while a shard moves to a new node: afterwards each shard has one owner and
     every acknowledged write is there. Then the head's disk is lost: a head on an empty data
     directory (given the cluster's token) rebuilds the same placement from the nodes."""
-    c = cluster
+    c = replicated
     token = c.root / "ray_token"
     c.start_head()
     shutil.copy(c.root / "head" / "ray_auth_token", token)

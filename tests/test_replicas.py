@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from tellodb import TellodbClient
 
 from conftest import API_KEY, cluster_status, fixed_answers
@@ -22,14 +21,6 @@ FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", 
 
 
 
-@pytest.fixture
-def replicated(tmp_path, model_seed):
-    c = LocalCluster(tmp_path / "cluster", API_KEY, shards=8, nodes=("n1", "n2", "n3"), model_seed=model_seed,
-                     extra_config={"replication": 2, "failover_after_s": 2})
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 
