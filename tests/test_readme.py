@@ -1,6 +1,6 @@
 """The README's quick start, run for real: `tellodb serve` started as `make run` starts it (on a free
-port and a temporary data directory), then the blocks marked `<!-- docs-test: NAME -->` in the README
-and the MCP guide, each run as a reader would run it, its output compared with what the page shows."""
+port and a temporary data directory), then the blocks marked `<!-- docs-test: NAME -->` in the README,
+the HTTP API guide and the MCP guide, each run as a reader would run it, its output compared with what the page shows."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, ROOT, Server, free_port
 
-PAGES = (ROOT / "README.md", ROOT / "docs" / "guide" / "mcp.md")
+PAGES = (ROOT / "README.md", ROOT / "docs" / "guide" / "api.md", ROOT / "docs" / "guide" / "mcp.md")
 MARKED = re.compile(r"^<!-- docs-test: (\w+) -->\n```(\w+)\n(.*?)^```", re.M | re.S)
 README_URL = "http://127.0.0.1:3000"
 DEV_KEY = "XXX1111AAA"  # the key a loopback engine without one accepts, as the README says
@@ -119,3 +119,13 @@ def test_the_sdk_walkthrough_runs_and_ranks_as_shown(engine):
 def test_the_mcp_client_of_the_guide_stores_and_recalls(engine):
     done = run(engine, "mcp", "python")
     assert "4471-B" in done.stdout and "is_error=False" in done.stdout.replace("isError=False", "is_error=False")
+
+
+def test_the_api_guides_curl_walkthrough_gets_no_error(engine):
+    """Every request of the HTTP API guide's sample answers without an error body; the export it
+    saves holds the entity's lines and ends with its summary."""
+    done = run(engine, "api", "bash")
+    assert '{"error"' not in done.stdout, done.stdout
+    assert "tellodb_ingest_total" in done.stdout  # the /metrics line of the sample
+    exported = [json.loads(line) for line in (engine.data_dir.parent / "kai.jsonl").read_text().splitlines()]
+    assert exported[-1]["type"] == "summary" and any(e["type"] == "memory" for e in exported)
