@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-LOCOMO ?= ../shared/data/locomo/locomo-dev.json
+# LoCoMo is read by path and never committed: `make recall LOCOMO=/path/to/locomo-dev.json` (or the
+# environment's LOCOMO). How to get it and make the dev split: docs/benchmarks.md, "Retrieval quality".
+LOCOMO ?=
 
-.PHONY: install test-install ops-deps run test lean-test bench recall loadtest-install loadtest scale clean
+.PHONY: install test-install ops-deps run test lean-test bench locomo-data recall loadtest-install loadtest scale clean
 
 install: $(VENV)/.installed
 
@@ -56,8 +58,17 @@ lean-test: test-install
 bench: test-install
 	$(PY) loadtest/bench.py --spawn
 
-recall: test-install
-	$(PY) loadtest/recall.py $(LOCOMO) --spawn
+# Checked before anything is installed: without the file, say where LoCoMo comes from and stop.
+locomo-data:
+	@if [ -z "$(LOCOMO)" ] || [ ! -f "$(LOCOMO)" ]; then \
+	  echo "make recall: LoCoMo dev split not found$(if $(LOCOMO), at $(LOCOMO)): run make recall LOCOMO=/path/to/locomo-dev.json" >&2; \
+	  echo "  LoCoMo: https://github.com/snap-research/locomo, file data/locomo10.json (never committed here)." >&2; \
+	  echo "  The dev split is its conversations conv-26, conv-30, conv-41, conv-42 and conv-43;" >&2; \
+	  echo "  how to make it: docs/benchmarks.md, Retrieval quality." >&2; \
+	  exit 2; fi
+
+recall: locomo-data test-install
+	$(PY) loadtest/recall.py "$(LOCOMO)" --spawn
 
 loadtest-install: $(VENV)/.loadtest-installed
 

@@ -1,6 +1,6 @@
 """Retrieval quality on LoCoMo, through the official SDK against a running engine.
 
-    python loadtest/recall.py ../shared/data/locomo/locomo-dev.json --spawn
+    python loadtest/recall.py /path/to/locomo-dev.json --spawn     # make recall LOCOMO=/path/to/locomo-dev.json
     python loadtest/recall.py DATA.json --url http://127.0.0.1:3000 --key XXX1111AAA --out recall.json
 
 Each conversation becomes one entity; each dialog turn one memory with id
@@ -156,7 +156,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", help="LoCoMo JSON file (e.g. ../shared/data/locomo/locomo-dev.json)")
+    ap.add_argument("data", help="LoCoMo JSON file (e.g. /path/to/locomo-dev.json; where to get it: docs/benchmarks.md)")
     add_engine_arguments(ap)
     ap.add_argument("-k", type=int, default=10)
     args = ap.parse_args()

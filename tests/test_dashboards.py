@@ -120,6 +120,18 @@ def test_dashboard_panels_do_not_overlap_and_the_cluster_row_holds_the_cluster_p
     assert not metric_names([e for _, e in panel_queries({"panels": above})]) & set(CLUSTER_METRICS)
 
 
+def test_the_helm_charts_copies_are_links_to_these_files():
+    """dashboards/ is the one source: the chart's files/ links to it (helm template and helm package
+    follow the links), so an edit here cannot leave the chart's copy behind."""
+    chart_files = ROOT / "helm" / "tellodb" / "files"
+    for name in ("alerts.yml", "tellodb.json"):
+        link = chart_files / name
+        assert link.is_symlink(), f"helm/tellodb/files/{name} must stay a link to dashboards/{name}"
+        assert os.readlink(link) == f"../../../dashboards/{name}"  # relative: it works in any checkout
+        assert link.resolve() == (DASHBOARDS / name).resolve()
+    assert sorted(p.name for p in chart_files.iterdir()) == ["alerts.yml", "tellodb.json"]
+
+
 def test_alert_rules_pass_promtool_check_and_unit_tests():
     if shutil.which("promtool") is None:
         pytest.skip("promtool not on PATH: `make ops-deps` (Debian's prometheus package) installs it")
