@@ -14,9 +14,8 @@ import sys
 import time
 import urllib.parse
 
+from router import tuning
 from router.client import ClientError, Progress, request
-
-POLL_S = 0.5
 
 
 def _get(url: str, key: str) -> dict:
@@ -63,7 +62,7 @@ def follow(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
             return status
         if status.get("error") and not status["rebalancing"]:
             raise ClientError(status["error"])
-        time.sleep(POLL_S)
+        time.sleep(tuning.CLUSTER_POLL_S)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from router import tuning
+
 ROLES = ("read", "write", "admin")
 PREFIX = "tdb_"  # keys are recognisable in logs and secret scanners
 
@@ -147,7 +149,7 @@ class KeyRing:
 
     def maybe_reload(self) -> None:
         now = time.monotonic()
-        if self.path is None or now - self._checked < 1.0:
+        if self.path is None or now - self._checked < tuning.KEYS_CHECK_S:
             return
         self._checked = now
         try:

@@ -35,13 +35,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from router import ray_local
+from router import ray_local, tuning
 
 log = logging.getLogger("tellodb")
 
 ROLE_LABEL = "tellodb-role"  # head, node or router
 NODE_LABEL = "tellodb-node"  # the node name a `tellodb node` machine slot is the home of
-OBJECT_STORE_BYTES = 128 << 20  # shard copies travel in 4 MiB chunks; the default (30% of RAM) is far too much
 
 
 class RayTokenMissing(Exception):
@@ -107,7 +106,7 @@ class RayNode:
     cpus: float = 0
     labels: dict[str, str] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
-    object_store_bytes: int = OBJECT_STORE_BYTES
+    object_store_bytes: int = tuning.OBJECT_STORE_BYTES
     redis_password: str | None = None  # the head's, for GCS fault tolerance (RAY_REDIS_ADDRESS)
     _node: Any = None
 

@@ -31,6 +31,7 @@ from node.config import ClusterConfig, ConfigError, load_config
 from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
 from router import datadir
 from router.membership import Membership, Stopped
+from router.serving import claim_data_dir, resolve_api_key, serve, setup_logging
 from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, temp_dir, tolerate_head_outage,
                              use_address, use_token)
 
@@ -74,7 +75,7 @@ def run_head(args: argparse.Namespace) -> int:
     from node.actor import start_authority
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
-    claim(config)
+    claim_data_dir(config)
     use_address(args.node_ip)
     # The head makes the cluster's token unless it is given one (a Kubernetes Secret, for example).
     use_token(args.ray_token_file, head_data_dir=None if args.ray_token_file else config.data_dir)
@@ -107,7 +108,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
-    claim(config)
+    claim_data_dir(config)
     check_model(config)
     use_address(args.node_ip)
     use_token(args.ray_token_file)
@@ -205,7 +206,6 @@ def _reap(pid: int | None, grace_s: float = 5.0) -> None:
 
 
 def run_router(args: argparse.Namespace) -> int:
-    from router.cli import resolve_api_key, serve
     from router.cluster import Cluster
 
     config = _config(args, TEMPORAL_MEMORY_HOST=args.host, PORT=args.port)
@@ -250,17 +250,9 @@ def check_model(config: ClusterConfig) -> None:
     check_embedder(config.embedding.model, normalized_backend(config), config.data_dir)
 
 
-def claim(config: ClusterConfig) -> None:
-    from router.cli import claim_data_dir
-
-    claim_data_dir(config)
-
-
 def run_role(args: argparse.Namespace) -> int:
     """Run one role with the exit codes of `tellodb serve` (2 configuration, 3 data directory busy,
     4 data directory of another engine), and 1 when the cluster cannot be reached."""
-    from router.cli import setup_logging
-
     setup_logging()
     runner = {"head": run_head, "node": run_node, "router": run_router}[args.command]
     try:
