@@ -12,14 +12,13 @@ import contextlib
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Awaitable, Callable
 
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
 from node.config import ClusterConfig
-from router import access, mcp_tools, openapi, routes
+from router import access, datadir, mcp_tools, openapi, routes
 from router.asgi import AsgiMount
 from router.audit import Audit
 from router.cluster import Cluster
@@ -85,9 +84,9 @@ def create_app(config: ClusterConfig, cluster: Cluster, api_key: str | None = No
     app[CONFIG] = config
     app[CLUSTER] = cluster
     app[METRICS] = Metrics()
-    app[access.KEYRING] = KeyRing(key, config.keys_file)
+    app[access.KEYRING] = KeyRing(key, datadir.keys_path(config.keys_file, config.data_dir))
     app[access.LIMITER] = access.RateLimiter(config.rate_limit, config.rate_burst)
-    app[AUDIT] = Audit(config.audit_file or str(Path(config.data_dir) / "audit.log"))
+    app[AUDIT] = Audit(datadir.audit_path(config.audit_file, config.data_dir))
 
     async def close_audit(app: web.Application) -> None:
         app[AUDIT].close()

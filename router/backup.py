@@ -22,7 +22,7 @@ from typing import Callable
 
 from node.store import file_sha256
 from router import __version__, datadir, tuning
-from router.client import ClientError, Progress, request
+from router.client import ClientError, Progress, get_json, request
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -47,8 +47,7 @@ def backup(dest: str, url: str, key: str, force: bool = False,
     if not _empty_or_absent(out) and not force:
         raise BackupError(f"{out} is not empty: back up into a new folder (or pass --force to overwrite)")
     url = url.rstrip("/")
-    with request(f"{url}/admin/shards", key) as r:
-        cluster = json.loads(r.read())
+    cluster = get_json(f"{url}/admin/shards", key)
     shards = int(cluster["shards"])
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)

@@ -92,20 +92,21 @@ def run_server(config_path: str | None, overrides: dict) -> int:
 
 
 def run_keys_command(args: argparse.Namespace) -> int:
+    """`tellodb keys`: the keys file is --file, else keys_file, else <data_dir>/keys.yaml (the file
+    the engine reads by default); each change is also recorded in the data directory's audit file."""
     from router import keys
     from router.audit import Audit
 
     try:
         config = load_config(args.config)
-        path = args.file or config.keys_file
-        if not path:
-            raise keys.KeysError("no keys file: set keys_file in cluster.yaml (or TELLODB_KEYS_FILE), or pass --file")
+        path = datadir.keys_path(args.file or config.keys_file, config.data_dir)
         if args.keys_command == "list":
             for key, _ in keys.read_file(path).values():
                 rate = f" rate={key.rate:g}/s burst={key.burst or '-'}" if key.rate else ""
                 print(f"{key.name}\t{key.role}\t{','.join(key.prefixes) or '*'}{rate}")
             return 0
         if args.keys_command == "add":
+            datadir.make_private(os.path.dirname(os.path.abspath(path)))
             secret = keys.add(path, keys.Key(args.name, args.role, tuple(args.prefix), args.rate, args.burst))
             print(secret)  # the only time the key is shown
             print(f"key {args.name!r} added to {path}; store it now, it is not kept", file=sys.stderr)
@@ -116,7 +117,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
         print(f"tellodb keys: {exc}", file=sys.stderr)
         return 1
     if os.path.isdir(config.data_dir):  # key changes go to the engine's audit trail too
-        trail = Audit(config.audit_file or os.path.join(config.data_dir, "audit.log"))
+        trail = Audit(datadir.audit_path(config.audit_file, config.data_dir))
         trail.record("cli", f"key_{args.keys_command}", "ok", key_name=args.name)
         trail.close()
     return 0
@@ -124,6 +125,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
 
 def run_backup_command(args: argparse.Namespace) -> int:
     from router import backup
+    from router.client import ClientError
 
     try:
         if args.command == "backup":
@@ -135,15 +137,31 @@ def run_backup_command(args: argparse.Namespace) -> int:
             manifest = backup.restore(args.src, args.data_dir, args.force)
             done = (f"restored {manifest['shards']} shards into {args.data_dir}; start it with "
                     f"tellodb serve --data-dir {args.data_dir}")
-    except backup.BackupError as exc:
+    except ClientError as exc:  # backup.BackupError too
         print(f"tellodb {args.command}: {exc}", file=sys.stderr)
         return 1
     print(done, file=sys.stderr)
     return 0
 
 
+def run_command(args: argparse.Namespace, run) -> int:
+    """A command's failures its own handler does not word (a folder it cannot write, Ctrl-C) as one
+    line too: a user sees what went wrong, never a traceback."""
+    try:
+        return run(args)
+    except OSError as exc:
+        print(f"tellodb {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tellodb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tellodb", description="tellodb-cluster memory engine")
+    parser = argparse.ArgumentParser(
+        prog="tellodb", description="tellodb-cluster memory engine",
+        epilog="A command that fails (a wrong key, a URL that does not answer, a folder it cannot write) says why "
+               "in one line on stderr and exits non-zero: 1 for the commands, 2 for a bad configuration.")
     parser.add_argument("--version", action="version", version=f"tellodb-cluster {__version__}")
     sub = parser.add_subparsers(dest="command")
     s = sub.add_parser("serve", help="start the engine (Ray, node actors and the HTTP router)")
@@ -160,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("src", help="the backup folder")
     r.add_argument("--data-dir", required=True, help="data directory to create (new or empty)")
     r.add_argument("--force", action="store_true", help="replace the shards of a data directory that is not empty")
-    k = sub.add_parser("keys", help="manage scoped API keys (the keys file)")
+    k = sub.add_parser("keys", help="manage scoped API keys (the keys file)", description=(
+        "Manage scoped API keys. The keys file is --file, else keys_file (cluster.yaml or TELLODB_KEYS_FILE), "
+        "else <data_dir>/keys.yaml, which the engine reads by default: `tellodb keys add` works without "
+        "configuration. Each change is recorded in the data directory's audit file."))
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ka = ksub.add_parser("add", help="create a key; prints it once, stores only its hash")
     ka.add_argument("name")
@@ -173,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     kr = ksub.add_parser("revoke", help="remove a key; a running engine refuses it within a second")
     kr.add_argument("name")
     for p in (k,):
-        p.add_argument("--config", help="cluster.yaml naming keys_file (default: $TELLODB_CONFIG)")
-        p.add_argument("--file", help="the keys file itself (overrides keys_file)")
+        p.add_argument("--config", help="cluster.yaml naming keys_file or data_dir (default: $TELLODB_CONFIG)")
+        p.add_argument("--file", help="the keys file itself (default: keys_file, else <data_dir>/keys.yaml)")
     e = sub.add_parser("export-model", help="export the embedding model to ONNX into <data_dir>/models/ "
                        "(needs the torch extra; the engine then runs without it)")
     e.add_argument("--config", help="cluster.yaml to read (default: $TELLODB_CONFIG)")
@@ -187,14 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("head", "node", "router"):
         return roles.run_role(args)
-    if args.command == "cluster":
-        return cluster_cli.run(args)
-    if args.command == "keys":
-        return run_keys_command(args)
-    if args.command == "export-model":
-        return run_export_model(args)
-    if args.command in ("backup", "restore"):
-        return run_backup_command(args)
+    commands = {"cluster": cluster_cli.run, "keys": run_keys_command, "export-model": run_export_model,
+                "backup": run_backup_command, "restore": run_backup_command}
+    if args.command in commands:
+        return run_command(args, commands[args.command])
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -1,6 +1,6 @@
 """API keys with a name, a role and the entity-id prefixes they may touch, kept as hashes in a file.
 
-The keys file (`keys_file` in cluster.yaml) is YAML: `keys: [{name, sha256, role, prefixes, rate,
+The keys file (`keys_file` in cluster.yaml; default `<data_dir>/keys.yaml`, router.datadir.keys_path) is YAML: `keys: [{name, sha256, role, prefixes, rate,
 burst}]`. A key is 32 random bytes shown once by `tellodb keys add`; only its SHA-256 is stored
 (a random token of that length needs no slow password hash, and a hash lookup stays O(1)).
 Roles nest: `read` (queries, inspect, graph, analytics, export, profile), `write` (also ingest,

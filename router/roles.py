@@ -210,7 +210,7 @@ def run_router(args: argparse.Namespace) -> int:
 
     config = _config(args, TEMPORAL_MEMORY_HOST=args.host, PORT=args.port)
     config = resolve_api_key(config)
-    audit = config.audit_file or os.path.join(config.data_dir, f"audit-router-{config.port}.log")
+    audit = os.path.abspath(datadir.audit_path(config.audit_file, config.data_dir, f"audit-router-{config.port}.log"))
     config = dataclasses.replace(config, audit_file=audit)
     datadir.make_private(os.path.dirname(os.path.abspath(audit)))
     use_address(args.node_ip)
