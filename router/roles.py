@@ -27,21 +27,39 @@ import signal
 import threading
 import time
 
-from node.config import ClusterConfig, ConfigError, load_config
+from node.config import ClusterConfig, ConfigError, load_config, port_range
 from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
 from router import datadir
 from router.membership import Membership, Stopped
 from router.serving import claim_data_dir, resolve_api_key, serve, setup_logging
-from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, temp_dir, tolerate_head_outage,
-                             use_address, use_token)
+from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, port_plan, temp_dir,
+                             tolerate_head_outage, use_address, use_token)
 
 log = logging.getLogger("tellodb")
+DEFAULT_GCS_PORT = 6380
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> ClusterConfig:
     env = dict(os.environ)
-    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    env.update({k: str(v) for k, v in {**overrides, "TELLODB_RAY_PORT_RANGE": args.ray_port_range}.items()
+                if v is not None})
     return load_config(args.config, env)
+
+
+def _port_range(config: ClusterConfig, gcs_port: int | None = None) -> tuple[int, int] | None:
+    """ray_port_range as (LOW, HIGH), checked to hold Ray's ports (router.ray_node.port_plan)."""
+    ports = port_range(config.ray_port_range) if config.ray_port_range else None
+    port_plan(ports, gcs_port)
+    return ports
+
+
+def _gcs_port(args: argparse.Namespace, config: ClusterConfig) -> int:
+    """The head's GCS port: --port, else the first of ray_port_range, else 6380."""
+    ports = port_range(config.ray_port_range) if config.ray_port_range else None
+    port = args.port or (ports[0] if ports else DEFAULT_GCS_PORT)
+    if ports and not ports[0] <= port <= ports[1]:
+        raise ConfigError(f"--port: the GCS port {port} is outside ray_port_range {config.ray_port_range}")
+    return port
 
 
 def _stop_event() -> threading.Event:
@@ -80,8 +98,9 @@ def run_head(args: argparse.Namespace) -> int:
     # The head makes the cluster's token unless it is given one (a Kubernetes Secret, for example).
     use_token(args.ray_token_file, head_data_dir=None if args.ray_token_file else config.data_dir)
     _stop_on_signal()
-    ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True, port=args.port,
-                       cpus=0, labels={ROLE_LABEL: "head"},
+    gcs_port = _gcs_port(args, config)
+    ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True,
+                       port=gcs_port, cpus=0, labels={ROLE_LABEL: "head"}, port_range=_port_range(config, gcs_port),
                        # GCS fault tolerance: Ray reads RAY_REDIS_ADDRESS itself; the password it takes as a
                        # parameter only, so it comes from Ray's own variable name here.
                        redis_password=os.environ.get("RAY_REDIS_PASSWORD") or None)
@@ -116,8 +135,10 @@ def run_node(args: argparse.Namespace) -> int:
     set_node_environment()
     _stop_on_signal()
     cpus = float(args.cpus or os.cpu_count() or 1)
+    ports = _port_range(config)
     member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"node:{config.data_dir}"), address=args.address,
-                                        cpus=cpus, labels={ROLE_LABEL: "node", NODE_LABEL: args.name}),
+                                        cpus=cpus, labels={ROLE_LABEL: "node", NODE_LABEL: args.name},
+                                        port_range=ports),
                         args.address, NAMESPACE)
     stop = _stop_event()
     try:
@@ -217,8 +238,10 @@ def run_router(args: argparse.Namespace) -> int:
     use_token(args.ray_token_file)
     tolerate_head_outage(config.head_outage_s)
     _stop_on_signal()
+    ports = _port_range(config)
     member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
-                                        address=args.address, cpus=0, labels={ROLE_LABEL: "router"}),
+                                        address=args.address, cpus=0, labels={ROLE_LABEL: "router"},
+                                        port_range=ports),
                         args.address, NAMESPACE)
     try:
         member.join(wait_s=300)
@@ -275,7 +298,8 @@ def run_role(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     h = sub.add_parser("head", help="start the Ray head of a multi-machine cluster and its placement authority")
-    h.add_argument("--port", type=int, default=6380, help="Ray's GCS port that nodes and routers join (default: %(default)s)")
+    h.add_argument("--port", type=int, help=f"Ray's GCS port that nodes and routers join (default: the first port of "
+                   f"--ray-port-range, else {DEFAULT_GCS_PORT})")
     h.add_argument("--data-dir", required=True, help="where the placement and the cluster's Ray token are kept")
     n = sub.add_parser("node", help="join this machine to a cluster as the home of one node")
     n.add_argument("--address", required=True, help="the head, HOST:PORT")
@@ -288,6 +312,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--host", help="bind address (default: host in cluster.yaml, 127.0.0.1)")
     for p in (h, n, r):
         p.add_argument("--config", help="cluster.yaml (default: $TELLODB_CONFIG, else built-in defaults)")
+        p.add_argument("--ray-port-range", metavar="LOW-HIGH",
+                       help="keep every port this role's Ray processes listen on inside LOW-HIGH, for firewalls and "
+                            "NetworkPolicies: Ray's fixed ports (the head's GCS first), then its workers' (at least "
+                            "16 ports; one per CPU and a few more; roles on one machine need ranges of their own; "
+                            "default: ray_port_range, $TELLODB_RAY_PORT_RANGE, else any free port)")
         p.add_argument("--node-ip", default=os.environ.get("TELLODB_NODE_IP", "127.0.0.1"),
                        help="this machine's address in the cluster (default: $TELLODB_NODE_IP or 127.0.0.1, "
                             "which keeps every Ray port on loopback: one machine only)")
