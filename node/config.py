@@ -87,7 +87,7 @@ class ClusterConfig:
     nodes: Int = 2
     node_list: tuple[str, ...] = ()  # `nodes:` given as names in cluster.yaml; empty: node-0 .. node-(nodes-1)
     ray_address: str | None = None  # None: start a private local Ray instance
-    ray_port_range: str | None = None  # "LOW-HIGH": every Ray port of a role inside it (router.ray_node.port_plan)
+    ray_port_range: str | None = None  # "LOW-HIGH": every Ray port of a head, node or router in it (router.ray_node)
     cpus_per_node: Float | None = None  # None: the machine's cores shared evenly by the nodes
     max_body_bytes: Int = 10 * 1024 * 1024
     max_batch_items: Int = 1000
@@ -103,7 +103,7 @@ class ClusterConfig:
     keys_file: str | None = None  # scoped API keys (router/keys.py); None: <data_dir>/keys.yaml
     rate_limit: Float = 0.0  # requests per second per key unless the key sets its own; 0 = no limit
     rate_burst: Int = 0  # bucket size; 0 = one second's worth
-    audit_file: str | None = None  # None: <data_dir>/audit.log
+    audit_file: str | None = None  # None: <data_dir>/audit.log; a relative path is under data_dir (router.datadir)
     min_free_mb: Int = 256  # writes are refused (507) while the data volume has less free space
     changelog_keep: Int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
     replication: Int = 1  # copies of each shard, on distinct nodes (node.replication)

@@ -67,6 +67,8 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         log.error("%s", exc)
         return 4
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
+    if config.ray_port_range:
+        log.warning("ray_port_range is for `tellodb head`, `node` and `router`; serve keeps its Ray on loopback")
     if not config.ray_address:
         ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
     elif os.environ.get("RAY_AUTH_MODE") != "token":
