@@ -29,7 +29,7 @@ import time
 
 from node.config import ClusterConfig, ConfigError, load_config, port_range
 from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
-from router import datadir
+from router import datadir, tuning
 from router.membership import Membership, Stopped
 from router.serving import claim_data_dir, resolve_api_key, serve, setup_logging
 from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, port_plan, temp_dir,
@@ -110,7 +110,7 @@ def run_head(args: argparse.Namespace) -> int:
         LogForwarder().start()  # the authority's log lines, in the head's log
         authority = start_authority(os.path.abspath(config.data_dir), config, movable=True,
                                     label_selector={ROLE_LABEL: "head"})
-        placement = ray.get(authority.placement.remote(), timeout=120)
+        placement = ray.get(authority.placement.remote(), timeout=tuning.AUTHORITY_CALL_S)
         log.info("Head ready address=%s shards=%d nodes=%s epoch=%d token_file=%s", address, placement.shards,
                  ",".join(placement.nodes), placement.epoch, os.environ["RAY_AUTH_TOKEN_PATH"])
         _wait_for_stop(ray_node)
@@ -176,17 +176,18 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
         placement = kept
     else:
         found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
-        placement = ray.get(found.placement.remote(), timeout=120)
+        placement = ray.get(found.placement.remote(), timeout=tuning.AUTHORITY_CALL_S)
         if placement.shards != config.shards:
             raise ConfigError(f"shards: the cluster has {placement.shards} shards, this node's config says "
                               f"{config.shards}")
         if kept is not None and kept.epoch > placement.epoch:
             placement = kept  # the head lost its placement (or has an older one): ours goes to it with the join
     actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
-    info = ray.get(actor.info.remote(), timeout=900)
+    info = ray.get(actor.info.remote(), timeout=tuning.NODE_START_S)
     found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
     me = {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir, "actor_pid": info["pid"]}
-    ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=60)), timeout=120)
+    ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=tuning.NODE_CALL_S)),
+            timeout=tuning.AUTHORITY_CALL_S)
     log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s joins=%d", args.name,
              info["shards_owned"], info["reindexed"], args.name in placement.nodes, config.data_dir, member.joins)
     while not stop.wait(1.0):
@@ -194,14 +195,14 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
         if reason is not None:
             return reason, info["pid"]
     if member.head_answers():  # a clean stop: the authority forgets this node, in-flight writes finish
-        for call, timeout in ((found.leave.remote(args.name), 5), (actor.close.remote(), 60)):
+        for call, timeout in ((found.leave.remote(args.name), 5), (actor.close.remote(), tuning.NODE_CLOSE_S)):
             try:
                 ray.get(call, timeout=timeout)
             except Exception as exc:
                 log.warning("node %s: %s", args.name, exc)
     else:  # the head is away: the shards checkpoint in close all the same
         try:
-            ray.get(actor.close.remote(), timeout=60)
+            ray.get(actor.close.remote(), timeout=tuning.NODE_CLOSE_S)
         except Exception as exc:
             log.warning("node %s: %s", args.name, exc)
     return None
@@ -244,7 +245,7 @@ def run_router(args: argparse.Namespace) -> int:
                                         port_range=ports),
                         args.address, NAMESPACE)
     try:
-        member.join(wait_s=300)
+        member.join(wait_s=tuning.JOIN_WAIT_S)
         cluster = Cluster(config)
         cluster.membership = member  # it joins again by itself when the cluster is lost (Cluster.watch)
         cluster.join()
@@ -254,7 +255,7 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for(find, what: str, timeout_s: float = 300, stop: threading.Event | None = None):
+def _wait_for(find, what: str, timeout_s: float = tuning.JOIN_WAIT_S, stop: threading.Event | None = None):
     deadline = time.monotonic() + timeout_s
     while (found := find()) is None:
         if time.monotonic() > deadline:
