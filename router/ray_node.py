@@ -17,8 +17,8 @@ and name it with `--ray-token-file` (or `TELLODB_RAY_TOKEN_FILE`), or set `RAY_A
 
 Ports (`ray_port_range`, `--ray-port-range LOW-HIGH`, TELLODB_RAY_PORT_RANGE): every port a role's
 Ray processes listen on comes from the range (`port_plan`), for firewalls and NetworkPolicies: the
-head's GCS (its first port unless --port names another in the range), the raylet's node manager and
-object manager, the dashboard agent's gRPC and HTTP ports, the runtime env agent, the metrics
+head's GCS (its first port unless --port names another in the range) and autoscaler metrics, the
+raylet's node manager and object manager, the dashboard agent's gRPC and HTTP ports, the runtime env agent, the metrics
 export port, and the workers' and the driver's ports (Ray's min/max_worker_port: the rest of the
 range). The dashboard and Ray Client servers are never started. Without a range Ray picks free
 ports. Roles sharing a machine need ranges of their own.
@@ -52,6 +52,7 @@ ROLE_LABEL = "tellodb-role"  # head, node or router
 NODE_LABEL = "tellodb-node"  # the node name a `tellodb node` machine slot is the home of
 
 
+AUTOSCALER_PORT = "AUTOSCALER_METRIC_PORT"  # the head's autoscaler monitor: Ray reads it from the environment
 # Ray's fixed ports of a node (RayParams names), taken from the start of a role's range.
 FIXED_PORTS = ("node_manager_port", "object_manager_port", "metrics_agent_port", "dashboard_agent_listen_port",
                "runtime_env_agent_port", "metrics_export_port")
@@ -70,14 +71,15 @@ def port_plan(port_range: tuple[int, int] | None, gcs_port: int | None = None, a
     if port_range is None:
         return {}
     low, high = port_range
-    head_ports = len(FIXED_PORTS) + (gcs_port is not None)
+    head_ports = len(FIXED_PORTS) + 2 * (gcs_port is not None)  # a head: its GCS and the autoscaler's metrics
     if gcs_port is not None and not low <= gcs_port < low + head_ports:
         raise ConfigError(f"ray_port_range: {low}-{high}: the head's GCS port {gcs_port} must be one of its first "
                          f"{head_ports} ports")
     fixed = [p for p in range(low, low + head_ports) if p != gcs_port]
     if high - (low + head_ports) < 1:
         raise ConfigError(f"ray_port_range: {low}-{high}: no room for Ray's workers after its {head_ports} fixed ports")
-    plan = {**dict(zip(FIXED_PORTS, fixed)), "min_worker_port": low + head_ports, "max_worker_port": high}
+    names = FIXED_PORTS + ((AUTOSCALER_PORT,) if gcs_port is not None else ())
+    plan = {**dict(zip(names, fixed)), "min_worker_port": low + head_ports, "max_worker_port": high}
     if not agent:
         del plan["metrics_agent_port"]
     return plan
@@ -164,8 +166,10 @@ class RayNode:
         else:
             params.update(gcs_address=self.address, node_manager_port=0, include_log_monitor=False,
                           dashboard_agent_listen_port=None)
-        params.update(port_plan(self.port_range, self.port if self.head else None,
-                                agent=get_dashboard_dependency_error() is None))
+        plan = port_plan(self.port_range, self.port if self.head else None, agent=get_dashboard_dependency_error() is None)
+        if AUTOSCALER_PORT in plan:  # the monitor process inherits it
+            os.environ[AUTOSCALER_PORT] = str(plan.pop(AUTOSCALER_PORT))
+        params.update(plan)
         # No exit hooks of Ray's: they install a SIGTERM handler (only the main thread may, and a
         # router rejoins from another) in place of the role's; the role stops its processes itself.
         self._node = Node(RayParams(**params), head=self.head, shutdown_at_exit=False, spawn_reaper=False)

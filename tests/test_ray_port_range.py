@@ -35,8 +35,9 @@ def free_block(count: int) -> int:
 def test_the_plan_puts_rays_fixed_ports_first_and_the_workers_after():
     plan = port_plan((20000, 20100), gcs_port=20000)
     fixed = [v for k, v in plan.items() if not k.endswith("worker_port")]
-    assert sorted(fixed) == list(range(20001, 20007))
-    assert (plan["min_worker_port"], plan["max_worker_port"]) == (20007, 20100)
+    assert sorted(fixed) == list(range(20001, 20008)) and plan["AUTOSCALER_METRIC_PORT"] == 20007  # a head's
+    assert (plan["min_worker_port"], plan["max_worker_port"]) == (20008, 20100)
+    assert port_plan((20000, 20100))["min_worker_port"] == 20006  # a node or router: no GCS, no autoscaler
     assert port_plan(None) == {}
     assert "metrics_agent_port" not in port_plan((20000, 20100), agent=False)  # minimal Ray: no agent to reach
     with pytest.raises(ConfigError, match="GCS port 6380"):
