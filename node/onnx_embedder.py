@@ -6,7 +6,7 @@ for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cach
 first node to start, under a file lock) and never downloaded. Exporting needs the `torch` extra
 (torch, transformers, onnx); running does not: the export folder also gets the model's small
 files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without
-torch nor the model package finds and runs it (`find_export`; README: Lean install).
+torch nor the model package finds and runs it (node.model_files.find_export; README: Lean install).
 `OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
 pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
 sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from node.config import DEFAULT_MODEL, ConfigError
+from node.model_files import SOURCE, is_export
 
 log = logging.getLogger("tellodb.embedder")
 ONNX_BACKENDS = ("onnx", "onnx-int8")
 CHUNK = 32  # at most this many texts per ONNX run
 TOKEN_BUDGET = 256  # and at most about this many padded tokens
-SOURCE = "source.json"  # in an export folder: which model it was exported from
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx", ".msgpack", ".ot")  # not copied into an export
 
 
@@ -54,24 +54,6 @@ def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
     sig = [str(src)] + sorted(f"{p.name}:{p.stat().st_size}" for p in src.iterdir() if p.is_file())
     digest = hashlib.blake2b("\n".join(sig).encode(), digest_size=8).hexdigest()
     return Path(data_dir) / "models" / f"{src.name}-{digest}"
-
-
-def find_export(model: str, data_dir: str) -> Path | None:
-    """The export folder of `model` (its name as configured) in `<data_dir>/models/`, read from
-    each folder's `source.json`; the newest if there are several. For installs without the model
-    package, whose path the cache key needs."""
-    found = []
-    for source in (Path(data_dir) / "models").glob(f"*/{SOURCE}"):
-        try:
-            if json.loads(source.read_text(encoding="utf-8")).get("model") == model:
-                found.append(source.parent)
-        except (OSError, ValueError):
-            continue
-    return max(found, key=lambda p: ((p / "model.onnx").exists(), (p / SOURCE).stat().st_mtime), default=None)
-
-
-def is_export(folder: str | Path) -> bool:
-    return (Path(folder) / SOURCE).is_file()
 
 
 def model_name(model_dir: str | Path) -> str:
@@ -101,7 +83,7 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
     Each node calls this as it starts. The export runs under an exclusive lock on `export.lock`
     next to the file, so node actors starting together on one machine export once: the others
     wait for the lock, then find the file. `model_dir` may be an export folder itself (found by
-    `find_export`); `model` is the configured name recorded in `source.json` (default: the folder).
+    node.model_files.find_export); `model` is the configured name recorded in `source.json` (default: the folder).
     Raises ModelNotExported when the file is missing and torch (or onnx, for int8) is not installed."""
     out = Path(model_dir) if is_export(model_dir) else onnx_cache_dir(model_dir, data_dir)
     fp32 = out / "model.onnx"

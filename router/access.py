@@ -2,7 +2,7 @@
 
 `access_middleware` identifies the request's key (router.keys), answers 401 for none (a client
 that keeps sending wrong keys waits longer each time), 403 when the key's role is below the
-route's, and 429 with `Retry-After` when the key's token bucket is empty. Handlers then check the
+route's (from the route table, router.routes; HEAD as GET), and 429 with `Retry-After` when the key's token bucket is empty. Handlers then check the
 entities they touch with `require_entity`; a key with prefixes sees only entities that start with
 one of them. Counters go to /metrics by key *name*.
 """
@@ -17,27 +17,27 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
+from router import tuning
 from router.errors import Forbidden, RateLimited, Unauthorized
 from router.keys import Key, KeyRing
 
 KEYRING = web.AppKey("keyring", KeyRing)
 KEY = web.RequestKey("key", Key)  # request[KEY]: the Key that made the request
 
-WRITE_ROUTES = frozenset({("POST", "/ingest"), ("POST", "/ingest/batch"), ("POST", "/memory/delete"),
-                          ("POST", "/entity/erase")})
-ADMIN_ROUTES = frozenset({("GET", "/stats")})
-ADMIN_PREFIX = "/admin/"
-FAILURE_WINDOW_S = 60.0
-FREE_FAILURES = 3  # wrong keys per client and minute before each answer is delayed
-MAX_DELAY_S = 2.0
+ADMIN_PREFIX = "/admin/"  # a request no route matches (a 404 or 405 to come) needs admin under it, else read
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def required_role(method: str, path: str) -> str:
-    if path.startswith(ADMIN_PREFIX) or (method, path) in ADMIN_ROUTES:
-        return "admin"
-    return "write" if (method, path) in WRITE_ROUTES else "read"
+def required_role(request: web.Request, roles: dict[tuple[str, str], str]) -> str:
+    """The role of the route the request matched (`roles`: router.routes.roles()). A request no
+    route matches: `open` on an open route's path (its 405 needs no key), else by ADMIN_PREFIX."""
+    resource = request.match_info.route.resource
+    method = "GET" if request.method == "HEAD" else request.method
+    role = roles.get((method, resource.canonical)) if resource is not None else None
+    if role is None and any(r == "open" and p == request.path for (_, p), r in roles.items()):
+        role = "open"
+    return role or ("admin" if request.path.startswith(ADMIN_PREFIX) else "read")
 
 
 class RateLimiter:
@@ -64,26 +64,28 @@ class RateLimiter:
         return (1.0 - tokens) / rate
 
     def failed(self, client: str) -> float:
-        """Record a wrong key from `client`; the delay its answer gets (doubling past FREE_FAILURES)."""
+        """Record a wrong key from `client`; the delay its answer gets (doubling past tuning.FREE_FAILURES)."""
         now = time.monotonic()
         seen = self._failures[client]
         seen.append(now)
-        while seen and now - seen[0] > FAILURE_WINDOW_S:
+        while seen and now - seen[0] > tuning.FAILURE_WINDOW_S:
             seen.popleft()
-        if len(self._failures) > 10_000:  # forget the quiet ones; the map must not grow without bound
-            for c in [c for c, q in self._failures.items() if not q or now - q[-1] > FAILURE_WINDOW_S]:
+        if len(self._failures) > tuning.FAILURE_CLIENTS:  # forget the quiet ones; the map must not grow without bound
+            for c in [c for c, q in self._failures.items() if not q or now - q[-1] > tuning.FAILURE_WINDOW_S]:
                 del self._failures[c]
-        extra = len(seen) - FREE_FAILURES
-        return 0.0 if extra <= 0 else min(MAX_DELAY_S, 0.05 * 2 ** (extra - 1))
+        extra = len(seen) - tuning.FREE_FAILURES
+        return 0.0 if extra <= 0 else min(tuning.MAX_DELAY_S, tuning.FIRST_DELAY_S * 2 ** (extra - 1))
 
 
 LIMITER = web.AppKey("limiter", RateLimiter)
 
 
-def make_middleware(open_paths: frozenset[str], open_prefix: str, metrics_of) -> Callable:
+def make_middleware(roles: dict[tuple[str, str], str], open_prefix: str, metrics_of) -> Callable:
+    """The middleware for routes of `roles` (role `open`: no key); paths under `open_prefix` are open too."""
     @web.middleware
     async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in open_paths or request.path.startswith(open_prefix):
+        role = required_role(request, roles)
+        if role == "open" or request.path.startswith(open_prefix):
             return await handler(request)
         ring, limiter, metrics = request.app[KEYRING], request.app[LIMITER], metrics_of(request.app)
         ring.maybe_reload()
@@ -98,7 +100,6 @@ def make_middleware(open_paths: frozenset[str], open_prefix: str, metrics_of) ->
             if delay:
                 await asyncio.sleep(delay)
             raise Unauthorized("missing or wrong API key (send x-api-key or Authorization: Bearer)")
-        role = required_role(request.method, request.path)
         if not key.may(role):
             metrics.key_requests.labels(key.name, "forbidden").inc()
             raise Forbidden(f"key {key.name!r} has role {key.role!r}; {request.method} {request.path} needs {role!r}")

@@ -14,24 +14,19 @@ import time
 
 from aiohttp import web
 
-from router import __version__
+from router import __version__, tuning
 from router.errors import NotFound
+from router.http import CLUSTER, audit, read_json
 from router.schemas import NodeRequest, parse
-
-CHUNK = 4 << 20  # bytes per Ray call while streaming a snapshot
 
 
 async def cluster_status(request: web.Request) -> web.Response:
     """GET /admin/cluster: nodes, their shards and sizes, moves in progress, the placement epoch."""
-    from router.app import CLUSTER
-
     return web.json_response(await request.app[CLUSTER].cluster_status())
 
 
 async def add_node(request: web.Request) -> web.Response:
     """POST /admin/nodes {"name"}: a joined node becomes a member; its share of shards moves to it."""
-    from router.app import CLUSTER, audit, read_json
-
     req = parse(NodeRequest, await read_json(request))
     started = await request.app[CLUSTER].add_node(req.name)
     audit(request, "add_node", 202, node=req.name, epoch=started["epoch"])
@@ -40,8 +35,6 @@ async def add_node(request: web.Request) -> web.Response:
 
 async def remove_node(request: web.Request) -> web.Response:
     """DELETE /admin/nodes/{name}: every shard of the node moves to the others."""
-    from router.app import CLUSTER, audit
-
     name = request.match_info["name"]
     started = await request.app[CLUSTER].remove_node(name)
     audit(request, "remove_node", 202, node=name, epoch=started["epoch"])
@@ -49,8 +42,6 @@ async def remove_node(request: web.Request) -> web.Response:
 
 
 async def shards(request: web.Request) -> web.Response:
-    from router.app import CLUSTER
-
     cluster = request.app[CLUSTER]
     info = next(iter(cluster.node_info.values()), {})
     return web.json_response({
@@ -63,8 +54,6 @@ async def shards(request: web.Request) -> web.Response:
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
-    from router.app import CLUSTER, audit
-
     cluster = request.app[CLUSTER]
     raw = request.match_info["shard"]
     if not raw.isdigit() or int(raw) >= cluster.config.shards:
@@ -77,8 +66,9 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
             "Content-Type": "application/octet-stream", "Content-Length": str(info["bytes"]),
             "X-Tellodb-Shard": raw, "X-Tellodb-Seq": str(info["seq"]), "X-Tellodb-Sha256": info["sha256"]})
         await response.prepare(request)
-        for offset in range(0, info["bytes"], CHUNK):
-            await response.write(await cluster.read_snapshot(node, info["id"], offset, CHUNK))
+        chunk = tuning.SNAPSHOT_CHUNK_BYTES
+        for offset in range(0, info["bytes"], chunk):
+            await response.write(await cluster.read_snapshot(node, info["id"], offset, chunk))
         await response.write_eof()
     finally:
         await cluster.drop_snapshot(node, info["id"])
@@ -87,10 +77,3 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     audit(request, "snapshot", 200, shard=int(raw), seq=info["seq"])
     return response
 
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/admin/cluster", cluster_status)
-    app.router.add_post("/admin/nodes", add_node)
-    app.router.add_delete("/admin/nodes/{name}", remove_node)
-    app.router.add_get("/admin/shards", shards)
-    app.router.add_post("/admin/shards/{shard}/snapshot", snapshot)

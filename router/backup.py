@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from node.store import file_sha256
-from router import __version__, datadir
-from router.client import ClientError, Progress, request
+from router import __version__, datadir, tuning
+from router.client import ClientError, Progress, get_json, request
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-BLOCK = 1 << 20
 
 
 class BackupError(ClientError):
@@ -48,8 +47,7 @@ def backup(dest: str, url: str, key: str, force: bool = False,
     if not _empty_or_absent(out) and not force:
         raise BackupError(f"{out} is not empty: back up into a new folder (or pass --force to overwrite)")
     url = url.rstrip("/")
-    with request(f"{url}/admin/shards", key) as r:
-        cluster = json.loads(r.read())
+    cluster = get_json(f"{url}/admin/shards", key)
     shards = int(cluster["shards"])
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -63,7 +61,7 @@ def backup(dest: str, url: str, key: str, force: bool = False,
         digest = hashlib.sha256()
         with request(f"{url}/admin/shards/{shard}/snapshot", key, "POST") as r, open(f"{target}.part", "wb") as f:
             expected, seq = r.headers["X-Tellodb-Sha256"], int(r.headers["X-Tellodb-Seq"])
-            while block := r.read(BLOCK):
+            while block := r.read(tuning.BACKUP_BLOCK_BYTES):
                 f.write(block)
                 digest.update(block)
                 total += len(block)

@@ -10,126 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
-import signal
 import sys
 import time
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-
-from node.config import DEV_API_KEY, ClusterConfig, ConfigError, configured_dimension, load_config, normalized_backend
+from node.config import ConfigError, load_config
 from router import __version__, cluster_cli, datadir, ray_local, roles
+from router.serving import check_embedder, claim_data_dir, resolve_api_key, serve, setup_logging
 
 log = logging.getLogger("tellodb")
-
-
-class ClientErrorFilter(logging.Filter):
-    """aiohttp logs a request its parser refuses (a line too long, a NUL in a header: a 400 to the
-    client) as an ERROR with a traceback; it is the client's error, so one INFO line says it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
-            reason = (exc.message or "").strip().splitlines()[0][:200] if exc.message else ""
-            record.msg, record.args = f"{record.getMessage()}: {exc.code} {reason}", ()
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def setup_logging() -> None:
-    level = os.environ.get("TELLODB_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level if level in logging._nameToLevel else "INFO", stream=sys.stderr,
-                        format="%(asctime)s %(levelname)5s %(name)s: %(message)s")
-    for noisy in ("chromadb", "httpx", "sentence_transformers", "transformers", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.server").addFilter(ClientErrorFilter())
-
-
-def resolve_api_key(config: ClusterConfig) -> ClusterConfig:
-    """No key configured: the development key on loopback (with a warning), refusal elsewhere."""
-    if config.api_key:
-        return config
-    if not config.is_loopback:
-        raise ConfigError(
-            f"TELLODB_API_KEY / TEMPORAL_MEMORY_API_KEY: required when binding to {config.host} "
-            "(the development key is only allowed on loopback addresses)")
-    log.warning("No API key configured: using the development key %s (loopback only; set TELLODB_API_KEY)",
-                DEV_API_KEY)
-    return dataclasses.replace(config, api_key=DEV_API_KEY)
-
-
-def reload_keys(app: web.Application) -> None:
-    """SIGHUP: read the keys file again (it is also re-read when it changes)."""
-    from router.access import KEYRING
-    from router.keys import KeysError
-
-    try:
-        app[KEYRING].reload()
-        log.info("Keys reloaded path=%s", app[KEYRING].path)
-    except KeysError as exc:
-        log.error("Keys not reloaded, the previous ones stay: %s", exc)
-
-
-async def serve(config: ClusterConfig, cluster) -> None:
-    from router.app import create_app
-
-    app = create_app(config, cluster)
-
-    async def close_cluster(_app: web.Application) -> None:
-        await cluster.close()
-
-    app.on_cleanup.append(close_cluster)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=20, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-    host, port = runner.addresses[0][:2]
-    log.info("Router ready routes=%d max_body_bytes=%d", len(app.router.routes()), config.max_body_bytes)
-    log.info("Memory Engine live address=%s:%s", host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_keys, app)
-    await stop.wait()
-    log.info("Shutting down: draining requests, flushing shards, stopping Ray")
-    started = time.monotonic()
-    await runner.cleanup()
-    log.info("HTTP server stopped seconds=%.1f", time.monotonic() - started)
-
-
-def claim_data_dir(config: ClusterConfig) -> None:
-    """Make the data directory private and hold it for this process (before any start-up work)."""
-    try:
-        datadir.make_private(config.data_dir)
-    except OSError as exc:
-        raise ConfigError(f"data_dir: cannot create {config.data_dir}: {exc.strerror}") from None
-    datadir.lock(config.data_dir, config.host, config.port)
-    tightened = datadir.tighten(config.data_dir)
-    if tightened:
-        log.info("Data directory made private (0700 folders, 0600 files) changed=%d", tightened)
-    datadir.check_identity(config.data_dir, datadir.identity(
-        config.shards, config.embedding.model, configured_dimension(config.embedding.model, config.data_dir)))
-
-
-def check_embedder(config: ClusterConfig) -> None:
-    """Refuse to start, with the fix, when the nodes could not embed (no torch and no ONNX export
-    here), before Ray starts and the failure turns into a node actor's traceback."""
-    from node.embedder import check_embedder as check
-
-    # With replicas each node has a folder of its own, models/ included (router.cluster.serve_node_config).
-    dirs = [config.data_dir] if config.replication == 1 else \
-        [os.path.join(config.data_dir, "nodes", name) for name in config.node_names]
-    for data_dir in dirs:
-        check(config.embedding.model, normalized_backend(config), data_dir)
 
 
 def run_export_model(args: argparse.Namespace) -> int:
@@ -177,6 +67,8 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         log.error("%s", exc)
         return 4
     log.info("Runtime data root path=%s", os.path.abspath(config.data_dir))
+    if config.ray_port_range:
+        log.warning("ray_port_range is for `tellodb head`, `node` and `router`; serve keeps its Ray on loopback")
     if not config.ray_address:
         ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
     elif os.environ.get("RAY_AUTH_MODE") != "token":
@@ -202,20 +94,21 @@ def run_server(config_path: str | None, overrides: dict) -> int:
 
 
 def run_keys_command(args: argparse.Namespace) -> int:
+    """`tellodb keys`: the keys file is --file, else keys_file, else <data_dir>/keys.yaml (the file
+    the engine reads by default); each change is also recorded in the data directory's audit file."""
     from router import keys
     from router.audit import Audit
 
     try:
         config = load_config(args.config)
-        path = args.file or config.keys_file
-        if not path:
-            raise keys.KeysError("no keys file: set keys_file in cluster.yaml (or TELLODB_KEYS_FILE), or pass --file")
+        path = datadir.keys_path(args.file or config.keys_file, config.data_dir)
         if args.keys_command == "list":
             for key, _ in keys.read_file(path).values():
                 rate = f" rate={key.rate:g}/s burst={key.burst or '-'}" if key.rate else ""
                 print(f"{key.name}\t{key.role}\t{','.join(key.prefixes) or '*'}{rate}")
             return 0
         if args.keys_command == "add":
+            datadir.make_private(os.path.dirname(os.path.abspath(path)))
             secret = keys.add(path, keys.Key(args.name, args.role, tuple(args.prefix), args.rate, args.burst))
             print(secret)  # the only time the key is shown
             print(f"key {args.name!r} added to {path}; store it now, it is not kept", file=sys.stderr)
@@ -226,7 +119,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
         print(f"tellodb keys: {exc}", file=sys.stderr)
         return 1
     if os.path.isdir(config.data_dir):  # key changes go to the engine's audit trail too
-        trail = Audit(config.audit_file or os.path.join(config.data_dir, "audit.log"))
+        trail = Audit(datadir.audit_path(config.audit_file, config.data_dir))
         trail.record("cli", f"key_{args.keys_command}", "ok", key_name=args.name)
         trail.close()
     return 0
@@ -234,6 +127,7 @@ def run_keys_command(args: argparse.Namespace) -> int:
 
 def run_backup_command(args: argparse.Namespace) -> int:
     from router import backup
+    from router.client import ClientError
 
     try:
         if args.command == "backup":
@@ -245,15 +139,31 @@ def run_backup_command(args: argparse.Namespace) -> int:
             manifest = backup.restore(args.src, args.data_dir, args.force)
             done = (f"restored {manifest['shards']} shards into {args.data_dir}; start it with "
                     f"tellodb serve --data-dir {args.data_dir}")
-    except backup.BackupError as exc:
+    except ClientError as exc:  # backup.BackupError too
         print(f"tellodb {args.command}: {exc}", file=sys.stderr)
         return 1
     print(done, file=sys.stderr)
     return 0
 
 
+def run_command(args: argparse.Namespace, run) -> int:
+    """A command's failures its own handler does not word (a folder it cannot write, Ctrl-C) as one
+    line too: a user sees what went wrong, never a traceback."""
+    try:
+        return run(args)
+    except OSError as exc:
+        print(f"tellodb {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tellodb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tellodb", description="tellodb-cluster memory engine")
+    parser = argparse.ArgumentParser(
+        prog="tellodb", description="tellodb-cluster memory engine",
+        epilog="A command that fails (a wrong key, a URL that does not answer, a folder it cannot write) says why "
+               "in one line on stderr and exits non-zero: 1 for the commands, 2 for a bad configuration.")
     parser.add_argument("--version", action="version", version=f"tellodb-cluster {__version__}")
     sub = parser.add_subparsers(dest="command")
     s = sub.add_parser("serve", help="start the engine (Ray, node actors and the HTTP router)")
@@ -270,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("src", help="the backup folder")
     r.add_argument("--data-dir", required=True, help="data directory to create (new or empty)")
     r.add_argument("--force", action="store_true", help="replace the shards of a data directory that is not empty")
-    k = sub.add_parser("keys", help="manage scoped API keys (the keys file)")
+    k = sub.add_parser("keys", help="manage scoped API keys (the keys file)", description=(
+        "Manage scoped API keys. The keys file is --file, else keys_file (cluster.yaml or TELLODB_KEYS_FILE), "
+        "else <data_dir>/keys.yaml, which the engine reads by default: `tellodb keys add` works without "
+        "configuration. Each change is recorded in the data directory's audit file."))
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ka = ksub.add_parser("add", help="create a key; prints it once, stores only its hash")
     ka.add_argument("name")
@@ -283,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     kr = ksub.add_parser("revoke", help="remove a key; a running engine refuses it within a second")
     kr.add_argument("name")
     for p in (k,):
-        p.add_argument("--config", help="cluster.yaml naming keys_file (default: $TELLODB_CONFIG)")
-        p.add_argument("--file", help="the keys file itself (overrides keys_file)")
+        p.add_argument("--config", help="cluster.yaml naming keys_file or data_dir (default: $TELLODB_CONFIG)")
+        p.add_argument("--file", help="the keys file itself (default: keys_file, else <data_dir>/keys.yaml)")
     e = sub.add_parser("export-model", help="export the embedding model to ONNX into <data_dir>/models/ "
                        "(needs the torch extra; the engine then runs without it)")
     e.add_argument("--config", help="cluster.yaml to read (default: $TELLODB_CONFIG)")
@@ -297,14 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("head", "node", "router"):
         return roles.run_role(args)
-    if args.command == "cluster":
-        return cluster_cli.run(args)
-    if args.command == "keys":
-        return run_keys_command(args)
-    if args.command == "export-model":
-        return run_export_model(args)
-    if args.command in ("backup", "restore"):
-        return run_backup_command(args)
+    commands = {"cluster": cluster_cli.run, "keys": run_keys_command, "export-model": run_export_model,
+                "backup": run_backup_command, "restore": run_backup_command}
+    if args.command in commands:
+        return run_command(args, commands[args.command])
     if args.command != "serve":
         parser.print_help()
         return 2

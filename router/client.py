@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import sys
 import time
@@ -39,12 +40,17 @@ class Progress:
 
 
 def request(url: str, key: str, method: str = "GET", body: object = None):
-    """Open `url` with the API key (a JSON body if given); errors become ClientError with the engine's message."""
+    """Open `url` with the API key (a JSON body if given); every failure (a refusal with the engine's
+    message, a bad URL, no answer) becomes one ClientError, so the commands print one line."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"x-api-key": key, **({"content-type": "application/json"} if data is not None else {})}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    if not url.startswith(("http://", "https://")):
+        raise ClientError(f"{url} is not a URL: give --url as http://HOST:PORT")
     try:
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
         return urllib.request.urlopen(req, timeout=600)
+    except ValueError as exc:  # no scheme, a broken host part
+        raise ClientError(f"{url} is not a URL ({exc}); give --url as http://HOST:PORT") from None
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -53,3 +59,18 @@ def request(url: str, key: str, method: str = "GET", body: object = None):
         raise ClientError(f"{method} {url}: {exc.code} {message}") from None
     except urllib.error.URLError as exc:
         raise ClientError(f"cannot reach {url}: {exc.reason}") from None
+    except (OSError, http.client.HTTPException) as exc:  # a reset or a timeout after connecting
+        raise ClientError(f"no answer from {url}: {exc or type(exc).__name__}") from None
+
+
+def get_json(url: str, key: str, method: str = "GET", body: object = None) -> dict:
+    """`request`, and its answer as a JSON object (a ClientError when it is none: not an engine)."""
+    with request(url, key, method, body) as r:
+        raw = r.read()
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
+        raise ClientError(f"{url} did not answer with JSON: is the URL a tellodb router?")
+    return found

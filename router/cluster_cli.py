@@ -14,14 +14,12 @@ import sys
 import time
 import urllib.parse
 
-from router.client import ClientError, Progress, request
-
-POLL_S = 0.5
+from router import tuning
+from router.client import ClientError, Progress, get_json
 
 
 def _get(url: str, key: str) -> dict:
-    with request(f"{url}/admin/cluster", key) as r:
-        return json.loads(r.read())
+    return get_json(f"{url}/admin/cluster", key)
 
 
 def format_status(status: dict) -> str:
@@ -63,7 +61,7 @@ def follow(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
             return status
         if status.get("error") and not status["rebalancing"]:
             raise ClientError(status["error"])
-        time.sleep(POLL_S)
+        time.sleep(tuning.CLUSTER_POLL_S)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         name = urllib.parse.quote(args.name, safe="")
         if args.cluster_command == "add-node":
-            with request(f"{url}/admin/nodes", key, "POST", {"name": args.name}) as r:
-                started = json.loads(r.read())
+            started = get_json(f"{url}/admin/nodes", key, "POST", {"name": args.name})
         else:
-            with request(f"{url}/admin/nodes/{name}", key, "DELETE") as r:
-                started = json.loads(r.read())
+            started = get_json(f"{url}/admin/nodes/{name}", key, "DELETE")
         verb = "added" if args.cluster_command == "add-node" else "removed"
         print(f"node {args.name!r} {verb} at epoch {started['epoch']}; {started['pending_moves']} shard moves",
               file=sys.stderr)

@@ -25,6 +25,8 @@ import stat
 log = logging.getLogger("tellodb")
 LOCK_NAME = "tellodb.lock"
 IDENTITY_NAME = "engine.json"
+KEYS_NAME = "keys.yaml"  # the scoped API keys when keys_file is not set (router.keys)
+AUDIT_NAME = "audit.log"
 _held: list[int] = []  # open lock descriptors, kept for the life of the process
 
 
@@ -34,6 +36,18 @@ class DataDirBusy(Exception):
 
 class DataDirMismatch(Exception):
     """The configuration differs from what the data directory was written with."""
+
+
+def keys_path(keys_file: str | None, data_dir: str) -> str:
+    """The keys file: `keys_file` as given, else <data_dir>/keys.yaml, so `tellodb keys` and the
+    engine agree without configuration."""
+    return keys_file or os.path.join(data_dir, KEYS_NAME)
+
+
+def audit_path(audit_file: str | None, data_dir: str, name: str = AUDIT_NAME) -> str:
+    """The audit file: `audit_file` if absolute, else under the data directory (a relative one
+    too), never in whatever folder the command was started from."""
+    return os.path.join(data_dir, audit_file or name)
 
 
 def make_private(data_dir: str) -> None:

@@ -1,6 +1,6 @@
 """API keys with a name, a role and the entity-id prefixes they may touch, kept as hashes in a file.
 
-The keys file (`keys_file` in cluster.yaml) is YAML: `keys: [{name, sha256, role, prefixes, rate,
+The keys file (`keys_file` in cluster.yaml; default `<data_dir>/keys.yaml`, router.datadir.keys_path) is YAML: `keys: [{name, sha256, role, prefixes, rate,
 burst}]`. A key is 32 random bytes shown once by `tellodb keys add`; only its SHA-256 is stored
 (a random token of that length needs no slow password hash, and a hash lookup stays O(1)).
 Roles nest: `read` (queries, inspect, graph, analytics, export, profile), `write` (also ingest,
@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+
+from router import tuning
 
 ROLES = ("read", "write", "admin")
 PREFIX = "tdb_"  # keys are recognisable in logs and secret scanners
@@ -147,7 +149,7 @@ class KeyRing:
 
     def maybe_reload(self) -> None:
         now = time.monotonic()
-        if self.path is None or now - self._checked < 1.0:
+        if self.path is None or now - self._checked < tuning.KEYS_CHECK_S:
             return
         self._checked = now
         try:

@@ -17,9 +17,13 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 
-from router import access
+from router import access, tuning
 from router.errors import ApiError
+from router.handlers import finite, to_item
+from router.http import AUDIT, CLUSTER, CONFIG
 from router.keys import Key
+from router.limits import check_ingest
+from router.schemas import AnalyticsRequest, IngestRequest, QueryRequest, parse
 
 INSTRUCTIONS = ("Long-term memory for the user (entity) you serve. Call `recall` with the user's question "
                 "before you answer, `remember` for each new fact the user tells you, `forget` when asked to.")
@@ -27,11 +31,8 @@ INSTRUCTIONS = ("Long-term memory for the user (entity) you serve. Call `recall`
 
 def build(http: web.Application):
     """The MCP SDK's ASGI app with the engine's tools, for `router.asgi.AsgiMount`."""
-    from router import app as routes  # the HTTP handlers' helpers (it imports this module)
-    from router.schemas import AnalyticsRequest, IngestRequest, QueryRequest, parse
-
     server = MCPServer(name="tellodb", instructions=INSTRUCTIONS)
-    cluster = http[routes.CLUSTER]
+    cluster = http[CLUSTER]
 
     def caller(ctx: Context, role: str, entity_id: str | None = None) -> Key:
         headers = ctx.headers or {}
@@ -67,10 +68,10 @@ def build(http: web.Application):
         req = valid(IngestRequest, {"entity_id": entity_id, "textual_content": text, "memory_id": memory_id,
                                     "timestamp": timestamp_ms, "fact_key": fact_key})
         try:
-            routes.check_ingest(http[routes.CONFIG], [req])
+            check_ingest(http[CONFIG], [req])
         except ApiError as exc:
             raise ToolError(f"{exc.code}: {exc.message}") from None
-        item = routes.to_item(req)
+        item = to_item(req)
         [duplicate_of] = await run(cluster.ingest([item]))
         return {"memory_id": item.memory_id, "stored": duplicate_of is None, "duplicate_of": duplicate_of}
 
@@ -81,7 +82,7 @@ def build(http: web.Application):
         key = caller(ctx, "read", entity_id)
         req = valid(QueryRequest, {"textual_query": query, "limit": limit, "entity_id": entity_id})
         window = None if window_start_ms is None and window_end_ms is None else (window_start_ms, window_end_ms)
-        hits = await run(cluster.query(req.textual_query, req.entity_id, min(req.limit, 100), window,
+        hits = await run(cluster.query(req.textual_query, req.entity_id, min(req.limit, tuning.MCP_MAX_RESULTS), window,
                                        key.prefixes or None))
         return [{k: h.get(k) for k in ("memory_id", "entity_id", "created_at_ms", "similarity", "textual_content")}
                 for h in hits]
@@ -93,13 +94,13 @@ def build(http: web.Application):
         if found is None or not key.covers(found["entity_id"]):
             return {"memory_id": memory_id, "deleted": False}
         deleted = await run(cluster.delete(memory_id))
-        http[routes.AUDIT].record(key.name, "delete", 200, memory_id=memory_id, deleted=deleted, via="mcp")
+        http[AUDIT].record(key.name, "delete", 200, memory_id=memory_id, deleted=deleted, via="mcp")
         return {"memory_id": memory_id, "deleted": deleted}
 
     @server.tool(description="What is true about an entity now (its current facts) and its most recent memories.")
     async def profile(entity_id: str, ctx: Context, recent: int = 5) -> dict[str, Any]:
         caller(ctx, "read", entity_id)
-        found = await run(cluster.profile(entity_id, max(0, min(recent, 100))))
+        found = await run(cluster.profile(entity_id, max(0, min(recent, tuning.MCP_MAX_RESULTS))))
         return {"entity_id": entity_id, **(found or {"memories": 0})}
 
     @server.tool(description="Exact count, sum, average, min, max and stddev of a measurement label of an entity "
@@ -111,7 +112,7 @@ def build(http: web.Application):
                                        "end_timestamp_ms": end_ms, "bucket": bucket})
         result = await run(cluster.analytics(req.entity_id, req.label, req.start_timestamp_ms, req.end_timestamp_ms,
                                              req.bucket))
-        return {"entity_id": entity_id, "label": label, **routes.finite(result)}
+        return {"entity_id": entity_id, "label": label, **finite(result)}
 
     # The routes' keys and rate limits guard /mcp already; Host checks would refuse a router behind
     # a load balancer, and the MCP SDK only needs them for servers without authentication.

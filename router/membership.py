@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Callable
 
+from router import tuning
 from router.ray_node import LogForwarder, RayNode, head_cluster_id
 
 log = logging.getLogger("tellodb")
-CHECK_EVERY_S = 1.0  # how often the head's cluster id is compared with ours
 
 
 def _signal_handlers() -> dict:
@@ -97,7 +97,7 @@ class Membership:
         if pid is not None:
             return f"Ray process {pid} exited"
         now = time.monotonic()
-        if now - self._checked < CHECK_EVERY_S:
+        if now - self._checked < tuning.HEAD_CHECK_EVERY_S:
             return None
         self._checked = now
         found = head_cluster_id(self.head, timeout_s=3.0)

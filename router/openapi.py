@@ -1,13 +1,12 @@
-"""The API's OpenAPI 3.1 document, generated from the pydantic request models (router/schemas.py) and
-response models (router/responses.py), and the offline /docs page (Swagger UI from a PyPI package).
+"""The API's OpenAPI 3.1 document, generated from the route table (router.routes), the pydantic
+request models (router/schemas.py) and response models (router/responses.py). (The /docs page that
+shows it is router.handlers.docs.)
 
-One table, ROUTES, lists every operation; `create_app` registers the same paths, and a test checks the
-two agree, so the document cannot drift from the router.
+The table also registers the routes, so the document cannot drift from the router.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from router import __version__
 from router import responses as r
-from router import schemas as q
+from router.routes import ROUTES
 
 REF = "#/components/schemas/{model}"
 ERRORS = {
@@ -32,76 +31,6 @@ ERRORS = {
          "again); see Retry-After",
     507: "insufficient storage: a node's disk is full",
 }
-KEYED = (401, 403, 429)  # every route that needs a key
-BODY_ERRORS = (400, *KEYED, 413, 415, 422, 503, 507)
-QUERY_ERRORS = (400, *KEYED, 422, 503)
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    paths: tuple[str, ...]
-    summary: str
-    response: type[BaseModel] | None  # None: not JSON (described by `media`)
-    body: type[BaseModel] | None = None
-    query: type[BaseModel] | None = None
-    errors: tuple[int, ...] = ()
-    also: tuple[type[BaseModel], ...] = ()  # other 200 shapes (oneOf)
-    media: tuple[str, str] | None = None  # (content type, description) of a non-JSON 200
-    open: bool = False  # no API key needed
-    params: tuple[dict, ...] = ()  # path parameters, as OpenAPI parameter objects
-    ok: int = 200  # the success status
-
-
-ROUTES = (
-    Route("get", ("/health", "/v1/health"), "Liveness", r.Health, open=True),
-    Route("get", ("/ready",), "Readiness: 200 when this router can route now, else 503 with this body and the reason",
-          r.Ready, open=True),
-    Route("get", ("/version", "/v1/version"), "Engine and API version", r.Version, errors=KEYED),
-    Route("post", ("/ingest",), "Store one memory", r.IngestResult, q.IngestRequest, errors=BODY_ERRORS),
-    Route("post", ("/ingest/batch",), "Store many memories", r.BatchResult, q.IngestBatchRequest, errors=BODY_ERRORS),
-    Route("post", ("/query/semantic", "/query"), "Best memories for a text (hybrid ranking)", None, q.QueryRequest,
-          errors=BODY_ERRORS),
-    Route("get", ("/temporal/query",), "Best memories within a time window; without text, newest first", None,
-          query=q.TemporalQuery, errors=QUERY_ERRORS),
-    Route("post", ("/graph/query",), "Edges of one node", r.GraphQueryResult, q.GraphQueryRequest, errors=BODY_ERRORS),
-    Route("post", ("/graph/walk",), "Breadth-first walk", r.GraphWalkResult, q.GraphWalkRequest, errors=BODY_ERRORS),
-    Route("post", ("/graph/export",), "Neighbourhood of a seed for a visualiser", r.GraphExportResult,
-          q.GraphExportRequest, errors=BODY_ERRORS),
-    Route("post", ("/analytics/query",), "Aggregates of one measurement label", r.AnalyticsResult, q.AnalyticsRequest,
-          errors=BODY_ERRORS),
-    Route("post", ("/entity/export",), "Everything held about an entity", None, q.EntityRequest, errors=BODY_ERRORS,
-          media=("application/x-ndjson", r.EXPORT_DESCRIPTION)),
-    Route("post", ("/entity/erase",), "Erase an entity everywhere", r.EraseResult, q.EntityRequest, errors=BODY_ERRORS),
-    Route("post", ("/memory/inspect",), "One memory, optionally with its session's turns", r.InspectResult,
-          q.InspectRequest, errors=(*BODY_ERRORS, 404)),
-    Route("post", ("/memory/delete",), "Delete one memory", r.DeleteResult, q.DeleteRequest, errors=BODY_ERRORS),
-    Route("get", ("/stats",), "Engine counts, per node and shard", r.Stats, errors=(*KEYED, 503)),
-    Route("get", ("/profile",), "An entity's current facts and recent memories; without entity_id, the totals",
-          r.EntityProfile, query=q.ProfileQuery, errors=(*QUERY_ERRORS, 404), also=(r.EngineProfile,)),
-    Route("get", ("/metrics",), "Prometheus metrics", None, open=True,
-          media=("text/plain", "Prometheus text exposition format")),
-    Route("get", ("/openapi.json",), "This document", None, open=True,
-          media=("application/json", "OpenAPI 3.1 document")),
-    Route("get", ("/docs",), "API documentation page (Swagger UI, served offline)", None, open=True,
-          media=("text/html", "HTML page")),
-    Route("get", ("/admin/cluster",), "Nodes, their shards and sizes, moves in progress, the placement epoch",
-          r.ClusterStatus, errors=(*KEYED, 503)),
-    Route("post", ("/admin/nodes",), "Make a joined node a member: its share of shards moves to it (follow with "
-          "GET /admin/cluster)", r.ClusterChange, q.NodeRequest, errors=(*BODY_ERRORS, 404, 409, 503), ok=202),
-    Route("delete", ("/admin/nodes/{name}",), "Move every shard of a node to the others", r.ClusterChange,
-          errors=(*KEYED, 404, 409, 503), ok=202,
-          params=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},)),
-    Route("get", ("/admin/shards",), "The cluster's shards, model and placement (for backups)", r.ShardsInfo,
-          errors=KEYED),
-    Route("post", ("/admin/shards/{shard}/snapshot",), "A consistent copy of one shard's SQLite file, taken while "
-          "it serves; headers X-Tellodb-Seq and X-Tellodb-Sha256 describe it", None, errors=(*KEYED, 404, 503, 507),
-          media=("application/octet-stream", "the shard's SQLite file at sequence X-Tellodb-Seq"),
-          params=({"name": "shard", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},)),
-)
-HIT_ARRAY_ROUTES = {"/query/semantic", "/query", "/temporal/query"}  # 200 is a JSON array of hits
-
-
 def _ref(schema: dict) -> dict:
     return {"$ref": schema["$ref"]}
 
@@ -158,7 +87,7 @@ def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
                 ok["content"][media]["schema"] = {"type": "object"}
         else:
             shapes = [_ref(refs[(m, "serialization")]) for m in (route.response, *route.also) if m]
-            if route.paths[0] in HIT_ARRAY_ROUTES:
+            if route.hits:
                 shapes = [{"type": "array", "items": _ref(refs[(r.Hit, "serialization")])}]
             schema = shapes[0] if len(shapes) == 1 else {"oneOf": shapes}
             ok = {"description": "OK", "content": {"application/json": {"schema": schema}}}
@@ -187,14 +116,3 @@ def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
                                 "Bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-DOCS_HTML = """<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>tellodb-cluster API</title>
-<link rel="stylesheet" href="docs/static/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="docs/static/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui", validatorUrl: null});</script>
-</body></html>
-"""

@@ -15,6 +15,14 @@ Token: every role needs the cluster's Ray token (Ray 2.52+ token authentication)
 creates it in its data directory (`ray_auth_token`, 0600); other machines get a copy of that file
 and name it with `--ray-token-file` (or `TELLODB_RAY_TOKEN_FILE`), or set `RAY_AUTH_TOKEN`.
 
+Ports (`ray_port_range`, `--ray-port-range LOW-HIGH`, TELLODB_RAY_PORT_RANGE): every port a role's
+Ray processes listen on comes from the range (`port_plan`), for firewalls and NetworkPolicies: the
+head's GCS (its first port unless --port names another in the range) and autoscaler metrics, the
+raylet's node manager and object manager, the dashboard agent's gRPC and HTTP ports, the runtime env agent, the metrics
+export port, and the workers' and the driver's ports (Ray's min/max_worker_port: the rest of the
+range). The dashboard and Ray Client servers are never started. Without a range Ray picks free
+ports. Roles sharing a machine need ranges of their own.
+
 The head going away (router.membership): a node's or router's Ray processes wait
 `head_outage_s` for it (`tolerate_head_outage`, Ray's `gcs_rpc_server_reconnect_timeout_s`),
 and actors keep calling each other meanwhile. A driver's two GCS listener threads (errors, and
@@ -35,17 +43,46 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from router import ray_local
+from node.config import ConfigError
+from router import ray_local, tuning
 
 log = logging.getLogger("tellodb")
 
 ROLE_LABEL = "tellodb-role"  # head, node or router
 NODE_LABEL = "tellodb-node"  # the node name a `tellodb node` machine slot is the home of
-OBJECT_STORE_BYTES = 128 << 20  # shard copies travel in 4 MiB chunks; the default (30% of RAM) is far too much
+
+
+AUTOSCALER_PORT = "AUTOSCALER_METRIC_PORT"  # the head's autoscaler monitor: Ray reads it from the environment
+# Ray's fixed ports of a node (RayParams names), taken from the start of a role's range.
+FIXED_PORTS = ("node_manager_port", "object_manager_port", "metrics_agent_port", "dashboard_agent_listen_port",
+               "runtime_env_agent_port", "metrics_export_port")
 
 
 class RayTokenMissing(Exception):
     pass
+
+
+def port_plan(port_range: tuple[int, int] | None, gcs_port: int | None = None, agent: bool = True) -> dict[str, int]:
+    """RayParams that keep every port of a Ray node inside `port_range` (LOW, HIGH): its fixed ports
+    first (around the head's `gcs_port`, one of the range's first ports), then the workers' ports up
+    to HIGH. {} without a range: Ray chooses. Without `agent` (Ray's minimal install: its dashboard
+    agent serves no gRPC) the metrics agent's port stays unset, or the GCS and raylet would log
+    that they cannot reach it; its slot in the range stays reserved."""
+    if port_range is None:
+        return {}
+    low, high = port_range
+    head_ports = len(FIXED_PORTS) + 2 * (gcs_port is not None)  # a head: its GCS and the autoscaler's metrics
+    if gcs_port is not None and not low <= gcs_port < low + head_ports:
+        raise ConfigError(f"ray_port_range: {low}-{high}: the head's GCS port {gcs_port} must be one of its first "
+                         f"{head_ports} ports")
+    fixed = [p for p in range(low, low + head_ports) if p != gcs_port]
+    if high - (low + head_ports) < 1:
+        raise ConfigError(f"ray_port_range: {low}-{high}: no room for Ray's workers after its {head_ports} fixed ports")
+    names = FIXED_PORTS + ((AUTOSCALER_PORT,) if gcs_port is not None else ())
+    plan = {**dict(zip(names, fixed)), "min_worker_port": low + head_ports, "max_worker_port": high}
+    if not agent:
+        del plan["metrics_agent_port"]
+    return plan
 
 
 def use_token(token_file: str | None, head_data_dir: str | None = None) -> None:
@@ -107,14 +144,16 @@ class RayNode:
     cpus: float = 0
     labels: dict[str, str] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict)
-    object_store_bytes: int = OBJECT_STORE_BYTES
+    object_store_bytes: int = tuning.OBJECT_STORE_BYTES
     redis_password: str | None = None  # the head's, for GCS fault tolerance (RAY_REDIS_ADDRESS)
+    port_range: tuple[int, int] | None = None  # every port inside (LOW, HIGH); None: Ray's choice (port_plan)
     _node: Any = None
 
     def start(self) -> str:
         """Start the Ray processes; returns the cluster's GCS address."""
         from ray._private.node import Node
         from ray._private.parameter import RayParams
+        from ray._private.utils import get_dashboard_dependency_error
 
         params: dict[str, Any] = dict(
             node_ip_address=self.node_ip, temp_dir=self.temp_dir, num_cpus=self.cpus, num_gpus=0,
@@ -127,6 +166,10 @@ class RayNode:
         else:
             params.update(gcs_address=self.address, node_manager_port=0, include_log_monitor=False,
                           dashboard_agent_listen_port=None)
+        plan = port_plan(self.port_range, self.port if self.head else None, agent=get_dashboard_dependency_error() is None)
+        if AUTOSCALER_PORT in plan:  # the monitor process inherits it
+            os.environ[AUTOSCALER_PORT] = str(plan.pop(AUTOSCALER_PORT))
+        params.update(plan)
         # No exit hooks of Ray's: they install a SIGTERM handler (only the main thread may, and a
         # router rejoins from another) in place of the role's; the role stops its processes itself.
         self._node = Node(RayParams(**params), head=self.head, shutdown_at_exit=False, spawn_reaper=False)

@@ -27,20 +27,39 @@ import signal
 import threading
 import time
 
-from node.config import ClusterConfig, ConfigError, load_config
+from node.config import ClusterConfig, ConfigError, load_config, port_range
 from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
-from router import datadir
+from router import datadir, tuning
 from router.membership import Membership, Stopped
-from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, temp_dir, tolerate_head_outage,
-                             use_address, use_token)
+from router.serving import claim_data_dir, resolve_api_key, serve, setup_logging
+from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, port_plan, temp_dir,
+                             tolerate_head_outage, use_address, use_token)
 
 log = logging.getLogger("tellodb")
+DEFAULT_GCS_PORT = 6380
 
 
 def _config(args: argparse.Namespace, **overrides: object) -> ClusterConfig:
     env = dict(os.environ)
-    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    env.update({k: str(v) for k, v in {**overrides, "TELLODB_RAY_PORT_RANGE": args.ray_port_range}.items()
+                if v is not None})
     return load_config(args.config, env)
+
+
+def _port_range(config: ClusterConfig, gcs_port: int | None = None) -> tuple[int, int] | None:
+    """ray_port_range as (LOW, HIGH), checked to hold Ray's ports (router.ray_node.port_plan)."""
+    ports = port_range(config.ray_port_range) if config.ray_port_range else None
+    port_plan(ports, gcs_port)
+    return ports
+
+
+def _gcs_port(args: argparse.Namespace, config: ClusterConfig) -> int:
+    """The head's GCS port: --port, else the first of ray_port_range, else 6380."""
+    ports = port_range(config.ray_port_range) if config.ray_port_range else None
+    port = args.port or (ports[0] if ports else DEFAULT_GCS_PORT)
+    if ports and not ports[0] <= port <= ports[1]:
+        raise ConfigError(f"--port: the GCS port {port} is outside ray_port_range {config.ray_port_range}")
+    return port
 
 
 def _stop_event() -> threading.Event:
@@ -74,13 +93,14 @@ def run_head(args: argparse.Namespace) -> int:
     from node.actor import start_authority
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
-    claim(config)
+    claim_data_dir(config)
     use_address(args.node_ip)
     # The head makes the cluster's token unless it is given one (a Kubernetes Secret, for example).
     use_token(args.ray_token_file, head_data_dir=None if args.ray_token_file else config.data_dir)
     _stop_on_signal()
-    ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True, port=args.port,
-                       cpus=0, labels={ROLE_LABEL: "head"},
+    gcs_port = _gcs_port(args, config)
+    ray_node = RayNode(args.node_ip, temp_dir(f"head:{os.path.abspath(config.data_dir)}"), head=True,
+                       port=gcs_port, cpus=0, labels={ROLE_LABEL: "head"}, port_range=_port_range(config, gcs_port),
                        # GCS fault tolerance: Ray reads RAY_REDIS_ADDRESS itself; the password it takes as a
                        # parameter only, so it comes from Ray's own variable name here.
                        redis_password=os.environ.get("RAY_REDIS_PASSWORD") or None)
@@ -90,7 +110,7 @@ def run_head(args: argparse.Namespace) -> int:
         LogForwarder().start()  # the authority's log lines, in the head's log
         authority = start_authority(os.path.abspath(config.data_dir), config, movable=True,
                                     label_selector={ROLE_LABEL: "head"})
-        placement = ray.get(authority.placement.remote(), timeout=120)
+        placement = ray.get(authority.placement.remote(), timeout=tuning.AUTHORITY_CALL_S)
         log.info("Head ready address=%s shards=%d nodes=%s epoch=%d token_file=%s", address, placement.shards,
                  ",".join(placement.nodes), placement.epoch, os.environ["RAY_AUTH_TOKEN_PATH"])
         _wait_for_stop(ray_node)
@@ -107,7 +127,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
-    claim(config)
+    claim_data_dir(config)
     check_model(config)
     use_address(args.node_ip)
     use_token(args.ray_token_file)
@@ -115,8 +135,10 @@ def run_node(args: argparse.Namespace) -> int:
     set_node_environment()
     _stop_on_signal()
     cpus = float(args.cpus or os.cpu_count() or 1)
+    ports = _port_range(config)
     member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"node:{config.data_dir}"), address=args.address,
-                                        cpus=cpus, labels={ROLE_LABEL: "node", NODE_LABEL: args.name}),
+                                        cpus=cpus, labels={ROLE_LABEL: "node", NODE_LABEL: args.name},
+                                        port_range=ports),
                         args.address, NAMESPACE)
     stop = _stop_event()
     try:
@@ -154,17 +176,18 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
         placement = kept
     else:
         found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
-        placement = ray.get(found.placement.remote(), timeout=120)
+        placement = ray.get(found.placement.remote(), timeout=tuning.AUTHORITY_CALL_S)
         if placement.shards != config.shards:
             raise ConfigError(f"shards: the cluster has {placement.shards} shards, this node's config says "
                               f"{config.shards}")
         if kept is not None and kept.epoch > placement.epoch:
             placement = kept  # the head lost its placement (or has an older one): ours goes to it with the join
     actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
-    info = ray.get(actor.info.remote(), timeout=900)
+    info = ray.get(actor.info.remote(), timeout=tuning.NODE_START_S)
     found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
     me = {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir, "actor_pid": info["pid"]}
-    ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=60)), timeout=120)
+    ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=tuning.NODE_CALL_S)),
+            timeout=tuning.AUTHORITY_CALL_S)
     log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s joins=%d", args.name,
              info["shards_owned"], info["reindexed"], args.name in placement.nodes, config.data_dir, member.joins)
     while not stop.wait(1.0):
@@ -172,14 +195,14 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
         if reason is not None:
             return reason, info["pid"]
     if member.head_answers():  # a clean stop: the authority forgets this node, in-flight writes finish
-        for call, timeout in ((found.leave.remote(args.name), 5), (actor.close.remote(), 60)):
+        for call, timeout in ((found.leave.remote(args.name), 5), (actor.close.remote(), tuning.NODE_CLOSE_S)):
             try:
                 ray.get(call, timeout=timeout)
             except Exception as exc:
                 log.warning("node %s: %s", args.name, exc)
     else:  # the head is away: the shards checkpoint in close all the same
         try:
-            ray.get(actor.close.remote(), timeout=60)
+            ray.get(actor.close.remote(), timeout=tuning.NODE_CLOSE_S)
         except Exception as exc:
             log.warning("node %s: %s", args.name, exc)
     return None
@@ -205,23 +228,24 @@ def _reap(pid: int | None, grace_s: float = 5.0) -> None:
 
 
 def run_router(args: argparse.Namespace) -> int:
-    from router.cli import resolve_api_key, serve
     from router.cluster import Cluster
 
     config = _config(args, TEMPORAL_MEMORY_HOST=args.host, PORT=args.port)
     config = resolve_api_key(config)
-    audit = config.audit_file or os.path.join(config.data_dir, f"audit-router-{config.port}.log")
+    audit = os.path.abspath(datadir.audit_path(config.audit_file, config.data_dir, f"audit-router-{config.port}.log"))
     config = dataclasses.replace(config, audit_file=audit)
     datadir.make_private(os.path.dirname(os.path.abspath(audit)))
     use_address(args.node_ip)
     use_token(args.ray_token_file)
     tolerate_head_outage(config.head_outage_s)
     _stop_on_signal()
+    ports = _port_range(config)
     member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
-                                        address=args.address, cpus=0, labels={ROLE_LABEL: "router"}),
+                                        address=args.address, cpus=0, labels={ROLE_LABEL: "router"},
+                                        port_range=ports),
                         args.address, NAMESPACE)
     try:
-        member.join(wait_s=300)
+        member.join(wait_s=tuning.JOIN_WAIT_S)
         cluster = Cluster(config)
         cluster.membership = member  # it joins again by itself when the cluster is lost (Cluster.watch)
         cluster.join()
@@ -231,7 +255,7 @@ def run_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for(find, what: str, timeout_s: float = 300, stop: threading.Event | None = None):
+def _wait_for(find, what: str, timeout_s: float = tuning.JOIN_WAIT_S, stop: threading.Event | None = None):
     deadline = time.monotonic() + timeout_s
     while (found := find()) is None:
         if time.monotonic() > deadline:
@@ -250,17 +274,9 @@ def check_model(config: ClusterConfig) -> None:
     check_embedder(config.embedding.model, normalized_backend(config), config.data_dir)
 
 
-def claim(config: ClusterConfig) -> None:
-    from router.cli import claim_data_dir
-
-    claim_data_dir(config)
-
-
 def run_role(args: argparse.Namespace) -> int:
     """Run one role with the exit codes of `tellodb serve` (2 configuration, 3 data directory busy,
     4 data directory of another engine), and 1 when the cluster cannot be reached."""
-    from router.cli import setup_logging
-
     setup_logging()
     runner = {"head": run_head, "node": run_node, "router": run_router}[args.command]
     try:
@@ -283,7 +299,8 @@ def run_role(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     h = sub.add_parser("head", help="start the Ray head of a multi-machine cluster and its placement authority")
-    h.add_argument("--port", type=int, default=6380, help="Ray's GCS port that nodes and routers join (default: %(default)s)")
+    h.add_argument("--port", type=int, help=f"Ray's GCS port that nodes and routers join (default: the first port of "
+                   f"--ray-port-range, else {DEFAULT_GCS_PORT})")
     h.add_argument("--data-dir", required=True, help="where the placement and the cluster's Ray token are kept")
     n = sub.add_parser("node", help="join this machine to a cluster as the home of one node")
     n.add_argument("--address", required=True, help="the head, HOST:PORT")
@@ -296,6 +313,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--host", help="bind address (default: host in cluster.yaml, 127.0.0.1)")
     for p in (h, n, r):
         p.add_argument("--config", help="cluster.yaml (default: $TELLODB_CONFIG, else built-in defaults)")
+        p.add_argument("--ray-port-range", metavar="LOW-HIGH",
+                       help="keep every port this role's Ray processes listen on inside LOW-HIGH, for firewalls and "
+                            "NetworkPolicies: Ray's fixed ports (the head's GCS first), then its workers' (at least "
+                            "16 ports; one per CPU and a few more; roles on one machine need ranges of their own; "
+                            "default: ray_port_range, $TELLODB_RAY_PORT_RANGE, else any free port)")
         p.add_argument("--node-ip", default=os.environ.get("TELLODB_NODE_IP", "127.0.0.1"),
                        help="this machine's address in the cluster (default: $TELLODB_NODE_IP or 127.0.0.1, "
                             "which keeps every Ray port on loopback: one machine only)")

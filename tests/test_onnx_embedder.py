@@ -13,7 +13,8 @@ from conftest import BIN
 
 from node.config import DEFAULT_MODEL, model_dimension, resolve_model_path
 from node.embedder import load_embedder
-from node.onnx_embedder import export_onnx, find_export, is_export, onnx_cache_dir
+from node.model_files import find_export, is_export
+from node.onnx_embedder import export_onnx, onnx_cache_dir
 
 TEXTS = ["User prefers dark mode and uses a screen reader", "Caroline: I went to the LGBTQ support group",
          "短い文", "a much longer sentence " * 40]
