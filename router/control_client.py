@@ -56,7 +56,7 @@ class ControlClient:
             found = await asyncio.wait_for(self.authority.placement.remote(), timeout)
         except Exception as exc:
             self.link.authority_up = False
-            log.debug("placement not read: %s", exc)
+            log.debug("placement not refreshed: %s", exc)
             await self.find_authority()
             return None
         self.link.authority_up = True
