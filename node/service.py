@@ -676,3 +676,11 @@ class Node:
 
         await self._on_store(close_all)
         self.store_thread.shutdown()
+
+    async def walk(self, entity_id: str, shard: int, root: str, direction: str, edge_types: list[str] | None,
+                   depth: int, breadth: int, max_edges: int, max_nodes: int) -> dict[str, Any]:
+        """A graph walk within an entity's shard, every hop here: one Ray call, not one per hop."""
+        from node.graph_walk import walk  # kept inside: this method is all the walk adds to Node
+
+        return await walk(root, lambda frontier: self.edges(entity_id, shard, frontier, direction, edge_types,
+                                                            breadth), depth, breadth, max_edges, max_nodes)

@@ -63,6 +63,24 @@ async def test_two_hop_walk_follows_edge_types_depth_and_breadth(api):
     assert node_ids(back) == {"austin", "acme", "bob", "alice", "carol"}
 
 
+async def test_a_walk_within_an_entity_is_one_node_call(api, monkeypatch):
+    """The entity's shard holds every edge of the walk: its node walks all hops (node.graph_walk)."""
+    from router.node_client import NodeClient
+
+    e = uid("graph")
+    await seed(api, e)
+    calls, call = [], NodeClient._call
+
+    async def counted(self, method, *args):
+        calls.append(method)
+        return await call(self, method, *args)
+
+    monkeypatch.setattr(NodeClient, "_call", counted)
+    _, walk = await post(api, "/graph/walk", {"node": "alice", "depth": 3, "user_id": e})
+    assert node_ids(walk) == {"alice", "bob", "dave", "acme", "jazz", "austin"}
+    assert calls == ["walk"]
+
+
 async def test_walk_without_user_fans_out(api):
     a, b = uid("graph"), uid("graph")
     node = f"hub-{a}"

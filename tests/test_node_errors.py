@@ -10,7 +10,7 @@ import pytest
 
 from node.errors import DeadlineExceeded, NotOwnedError, StorageFull, TooFewReplicas
 from node.records import IngestItem
-from router.cluster import api_error
+from router.node_client import api_error
 from router.errors import InsufficientStorage, Unavailable
 
 
@@ -19,13 +19,14 @@ async def test_a_write_for_a_shard_the_node_does_not_own_is_a_503(cluster):
     shard = next(s for s in range(cluster.config.shards) if cluster.placement.node_of_shard(s) == "node-1")
     item = IngestItem(memory_id=f"x::s::{uuid.uuid4().hex[:6]}", entity_id="x", session_id="s", turn_index=None,
                       created_at_ms=0, textual_content="misrouted", shard=shard)
-    config, retries = cluster.config, cluster.moved_retries
-    cluster.config = dataclasses.replace(config, request_timeout_s=1)  # no refresh helps here: give up soon
+    routing = cluster.routing
+    config, retries = routing.config, cluster.moved_retries
+    routing.config = dataclasses.replace(config, request_timeout_s=1)  # no refresh helps here: give up soon
     try:
         with pytest.raises(Unavailable) as raised:
-            await cluster._routed(lambda: cluster._call("node-0", "ingest", [item], time.time() + 30))
+            await routing.execute(shard, lambda _: cluster.nodes["node-0"].ingest([item], time.time() + 30))
     finally:
-        cluster.config = config
+        routing.config = config
     assert raised.value.status == 503 and "placement changed, retry" in raised.value.message
     assert cluster.moved_retries > retries  # the router read the placement again and retried first
 

@@ -1,0 +1,163 @@
+"""Where a request's work runs, and again until it succeeds: the router's placement cache, retries
+and failover, in one place (Milvus's `ExecuteWithRetry`: callers pass only the work).
+
+`execute(shard, work)` runs `work(node)` on the node of a shard; `everywhere(work)` runs
+`work(node, shards)` on every node that is the primary of shards, with those shards (by this
+router's placement: during a move each shard is asked of one node only). Both:
+- send the work again after reading the placement each time a node answers that a shard moved
+  (`Moved`: Redis Cluster's MOVED, without a client-side redirect) or is down, until the request's
+  time is up (then 503 with Retry-After);
+- for a read (`read=True`), ask a follower copy when the primary does not answer within
+  `read_failover_s`, and when every copy is slow (a busy machine) but none is gone, wait for one;
+- give an attempt up as soon as the authority has handed a silent node's shards to followers (a
+  failover: `_watched`, a task per request that polls the authority while the attempt waits);
+- while this router joins the cluster again (router.link), wait a little for it first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from node.config import ClusterConfig
+from node.ring import Placement
+from router.control_client import ControlClient
+from router.errors import ApiError, Unavailable
+from router.link import Link
+from router.node_client import Moved, NodeClient, NodeDown, Nodes, NodeSlow
+
+log = logging.getLogger("tellodb")
+REJOIN_WAIT_S = 20.0  # a request waits this long (within its timeout) for a router joining the cluster again
+
+T = TypeVar("T")
+Work = Callable[[NodeClient], Awaitable[T]]
+PartWork = Callable[[NodeClient, list[int]], Awaitable[T]]
+
+
+class Routing:
+    def __init__(self, config: ClusterConfig, link: Link, nodes: Nodes, control: ControlClient) -> None:
+        self.config = config
+        self.link = link
+        self.nodes = nodes
+        self.control = control
+        self.placement = Placement(config.shards, tuple(config.node_names))
+        self.moved_retries = 0  # requests sent again after a node said a shard moved
+        self.read_failovers = 0  # reads answered by (or tried on) a follower copy
+        self._refresh_lock = asyncio.Lock()
+
+    async def refresh_placement(self) -> Placement:
+        """Read the placement again (a node said it does not own a shard); one read at a time. When
+        the authority does not answer (the head is away) the cached placement stays."""
+        async with self._refresh_lock:
+            found = await self.control.placement()
+            if found is not None and found.epoch > self.placement.epoch:
+                for name in set(found.owner) - set(self.nodes):
+                    await self.nodes.find(name)
+                log.info("Placement refreshed epoch=%d (was %d)", found.epoch, self.placement.epoch)
+                self.placement = found
+            return self.placement
+
+    async def execute(self, shard: int, work: Work[T], *, read: bool = False) -> T:
+        """`work(node)` on the node of `shard` (its primary; for a read, a live copy), retried."""
+        if read:
+            return await self._retrying(lambda: self._read(shard, work))
+        return await self._retrying(lambda: work(self.nodes[self.placement.node_of_shard(shard)]))
+
+    async def everywhere(self, work: PartWork[T], *, shards: set[int] | None = None, read: bool = False,
+                         settle: Callable[[list[T | BaseException]], Awaitable[Any]] | None = None) -> list[T]:
+        """`work(node, shards)` on every node with the shards it is the primary of (of `shards` only,
+        when given: nodes without any are left alone), retried as one; the answers, one per call.
+        For a read, the shards of a node that does not answer within
+        `read_failover_s` are asked of their followers (a call per follower). A write that must
+        not half-succeed passes `settle`: each attempt's outcomes (an answer or the error, per
+        node) go to it, and what it returns (or raises, then retried) is the result."""
+        async def one(node: str, shards: list[int]) -> list[T]:
+            if not read or not any(self.placement.followers(s) for s in shards):
+                return [await work(self.nodes[node], shards)]
+            try:
+                return [await work(self.nodes[node].within(self.config.read_failover_s), shards)]
+            except (NodeSlow, NodeDown):
+                self.read_failovers += 1
+                by_follower: dict[str, list[int]] = {}
+                for s in shards:
+                    if not self.placement.followers(s):
+                        raise
+                    by_follower.setdefault(self.placement.followers(s)[0], []).append(s)
+                return await asyncio.gather(*(work(self.nodes[f], part) for f, part in by_follower.items()))
+
+        async def attempt() -> Any:
+            by_node = {n: [s for s in mine if shards is None or s in shards]
+                       for n, mine in self.placement.by_node().items()}
+            calls = [one(n, mine) for n, mine in by_node.items() if mine]
+            if settle is None:
+                return [answer for part in await asyncio.gather(*calls) for answer in part]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            return await settle([o if isinstance(o, BaseException) else o[0] for o in outcomes])
+
+        return await self._retrying(attempt)
+
+    async def _read(self, shard: int, work: Work[T]) -> T:
+        """A read of one shard: from its primary, or from a follower when the primary does not
+        answer within `read_failover_s` (reads of moved shards follow the placement, as writes do)."""
+        first, *others = self.placement.replicas[shard]
+        if not others:
+            return await work(self.nodes[first])
+        failover_s = self.config.read_failover_s
+        try:
+            return await work(self.nodes[first].within(failover_s))
+        except (NodeSlow, NodeDown) as exc:
+            failure: ApiError = exc
+        for node in others:
+            self.read_failovers += 1
+            try:
+                return await work(self.nodes[node].within(failover_s))
+            except (NodeSlow, NodeDown) as exc:
+                failure = exc
+        if isinstance(failure, NodeSlow):  # every copy is slow (a busy machine), none is gone: wait for one
+            return await work(self.nodes[first].within(self.config.request_timeout_s / 2))
+        raise failure
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt()` (which routes by the current placement) until it succeeds or the request's
+        time is up: again after reading the placement each time a node answers that a shard moved
+        or is down."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        delay = 0.01
+        while True:
+            if self.link.rejoining:
+                try:
+                    await asyncio.wait_for(self.link.joined.wait(),
+                                           min(REJOIN_WAIT_S, max(0.01, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    raise Unavailable(f"this router is {self.link.not_ready()}; retry the request") from None
+            try:
+                return await self._watched(attempt(), deadline)
+            except (Moved, NodeDown) as exc:
+                if time.monotonic() + delay > deadline or self.control.authority is None:
+                    raise Unavailable(f"{exc}; the placement changed, retry the request") from None
+                self.moved_retries += 1
+                await asyncio.sleep(delay)
+                await self.refresh_placement()
+                delay = min(delay * 2, 0.25)
+
+    async def _watched(self, work: Awaitable[T], deadline: float) -> T:
+        """Await `work`; every second it takes, ask the authority whether a node is down and the
+        placement moved on, and if so drop the attempt (NodeDown) so it is made again elsewhere.
+        (A task per request: the one piece to replace with a shared watch of the authority.)"""
+        task = asyncio.ensure_future(work)
+        epoch = self.placement.epoch
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+                if done:
+                    return task.result()
+                if time.monotonic() >= deadline or self.control.authority is None:
+                    return await task
+                summary = await self.control.summary(timeout=1)
+                if summary and summary["down"] and summary["epoch"] > epoch:
+                    raise NodeDown(f"node {', '.join(summary['down'])} is down")
+        finally:
+            if not task.done():
+                task.cancel()
