@@ -86,7 +86,7 @@ class Cluster:
 
     def start(self) -> None:
         """`tellodb serve`: start (or join) Ray, the placement authority and every node actor here."""
-        set_node_environment()  # router.roles imports it from here too
+        set_node_environment()
         self._owns_ray = ray_cluster.init_ray(self.config)
         self._owns_nodes = True
         self._use(ray_cluster.start(self.config))

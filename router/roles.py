@@ -123,7 +123,7 @@ def run_head(args: argparse.Namespace) -> int:
 def run_node(args: argparse.Namespace) -> int:
     """Join, serve, and join again each time the cluster is lost (the head came back as a new Ray
     cluster), until SIGTERM."""
-    from router.cluster import set_node_environment
+    from router.ray_cluster import set_node_environment
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
