@@ -31,16 +31,17 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from node.authority import NotReady, PlacementError, UnknownNode
-from node.actor import authority, start_authority, start_node_actor
-from node.names import AUTHORITY_NAME as AUTHORITY, NAMESPACE, actor_name
+from node.control.authority import NotReady, PlacementError, UnknownNode
+from node.actor import start_node_actor
+from node.control.actor import start_authority
+from node.names import AUTHORITY_NAME as AUTHORITY, NAMESPACE, actor_name, authority
 from node.errors import DeadlineExceeded, NodeError, NotOwnedError, StorageFull, TooFewReplicas, is_disk_full
 from node.service import Node
 from node.config import ClusterConfig, ConfigError
 from node.ids import parse_memory_id
 from node.ranking import best_first, oldest_first
 from node.records import IngestItem
-from node.ring import Placement
+from node.control.placement import Placement
 from router import ray_local
 from router.coalesce import Coalescer
 from router.errors import ApiError, Conflict, InsufficientStorage, NotFound, Unavailable

@@ -71,7 +71,7 @@ def _stop_on_signal() -> None:
 def run_head(args: argparse.Namespace) -> int:
     import ray
 
-    from node.actor import start_authority
+    from node.control.actor import start_authority
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     claim(config)
@@ -142,8 +142,9 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
     the cluster was lost (and the old actor's PID), or None after a stop (with a clean close)."""
     import ray
 
-    from node import placement_file
-    from node.actor import authority, start_node_actor
+    from node.control import placement_file
+    from node.actor import start_node_actor
+    from node.names import authority
 
     member.join(stop)
     kept = placement_file.load(placement_file.node_copy(config.data_dir))

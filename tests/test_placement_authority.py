@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node import placement_file
-from node.authority import NotReady, PlacementAuthority, PlacementError, UnknownNode
-from node.ring import Placement
+from node.control import placement_file
+from node.control.authority import NotReady, PlacementAuthority, PlacementError, UnknownNode
+from node.control.placement import Placement
 
 
 def saved(tmp_path, placement: Placement) -> str:
