@@ -92,7 +92,7 @@ class CopyCalls:
         finds silent; writes stop waiting for follower copies there at once (after a failover the
         old primary is such a follower) instead of after `replica_timeout_s`. Returns the epoch in use."""
         if placement.epoch > self.copies.placement.epoch:
-            self.copies.placement = placement
+            self.copies.set_placement(placement)
             self._keep_placement()
             self.replication.sync()
         self.replication.mark_down(down)
@@ -117,13 +117,13 @@ class CopyCalls:
         for shard, inc in list(self.moves.incoming.items()):
             if shard in moving or inc.pin != MOVE_PIN:  # a re-seed is the primary's, not the authority's
                 continue
-            if inc.store is not None and self.name in self.copies.placement.replicas[shard]:
+            if inc.replica.store is not None and self.name in self.copies.placement.replicas[shard]:
                 await self.adopt(shard)
                 adopted.append(shard)
             else:
                 await self.abort_incoming(shard)
                 dropped.append(shard)
-        for shard in sorted(self.moves.gate.fenced - set(moving)):
+        for shard in sorted(self.copies.fenced() - set(moving)):
             await self.unfence(shard)
             unfenced.append(shard)
         for shard in sorted(set(self.copies.held) - set(moving)):
@@ -180,7 +180,7 @@ class CopyCalls:
 
         def seqs() -> dict[int, int | None]:
             # A copy on disk that nothing opened since the start (no request, no push yet) still has a seq.
-            return {s: self.copies.stores[s].last_seq() if s in self.copies.stores or self.copies.on_disk(s) else None
+            return {s: self.copies.store(s).last_seq() if self.copies.readable([s]) else None
                     for s in sorted(self.copies.held)}
 
         shards: dict[int, Any] = {}

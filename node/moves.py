@@ -29,14 +29,14 @@ import hashlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
 from node.names import Handles
+from node.replica import Replica, ReplicaState
 from node.shard_set import Gate, ShardSet
-from node.store import ShardStore
 from node.vector_cache import VectorCache
 
 MOVE_PIN = "move"  # the source's log pin while a shard is copied away (one move per shard at a time)
@@ -52,14 +52,18 @@ class LogTrimmed(NodeError):
 
 @dataclass
 class Incoming:
-    """A copy of a shard being received: not owned, not indexed by the node's indexer, not served."""
+    """A copy of a shard being received: a RECEIVING replica, not indexed by the node's indexer,
+    not served; `shards.add` holds it once adopted."""
 
     shard: int
     source: str
-    store: ShardStore | None = None
     aborted: bool = False
     seq: int = 0
     pin: str = MOVE_PIN  # MOVE_PIN for a move the authority drives; a re-seed's own pin otherwise
+    replica: Replica = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.replica = Replica(self.shard, ReplicaState.RECEIVING)
 
 
 def staging_dir(data_dir: Path, shard: int) -> Path:
@@ -92,23 +96,22 @@ class Moves:
 
     def state(self) -> dict[int, str]:
         """Shards being moved here or away (node stats)."""
-        moving = {s: "receiving" if inc.store is None else "received" for s, inc in self.incoming.items()}
+        moving = {s: "receiving" if inc.replica.store is None else "received" for s, inc in self.incoming.items()}
         return {**moving, **{s: "fenced" for s in self.gate.fenced}}
 
     # ---- the source ------------------------------------------------------------------------
 
     async def fence(self, shard: int) -> int:
-        self.shards.check_held(shard)
-        await self.gate.fence(shard)
+        await self.shards.fence(shard)
         return await self.shards.run(lambda: self.shards.store(shard).last_seq())
 
     async def unfence(self, shard: int) -> None:
         shards = self.shards
-        self.gate.unfence(shard)
+        shards.unfence(shard)
 
         def unpin() -> None:
-            if shard in shards.held and shard in shards.stores:
-                shards.stores[shard].pin_log(MOVE_PIN, None)
+            if shard in shards.replicas:
+                shards.replicas[shard].pin_log(MOVE_PIN, None)
 
         await shards.run(unpin)
 
@@ -119,10 +122,13 @@ class Moves:
             raise NodeError(f"{shards.name} will not release shard {shard}: its placement (epoch "
                             f"{shards.placement.epoch}) still names it the owner or a copy")
         await self._disown(shard)
-        self.gate.unfence(shard)
+        self.shards.unfence(shard)
 
     async def _disown(self, shard: int) -> None:
         """Stop serving `shard` here and delete its folder."""
+        if shard in self.shards.replicas:
+            self.shards.replicas[shard].close_links()
+
         def drop() -> None:
             self.shards.drop(shard)
             self.vector_cache.drop_shard(shard)
@@ -154,11 +160,11 @@ class Moves:
         try:
             size = await self._copy(inc, peer, pin)
             copied = time.monotonic()
-            while await shards.run(inc.store.index_pending, INDEX_BATCH, busy="index"):
+            while await shards.run(inc.replica.store.index_pending, INDEX_BATCH, busy="index"):
                 self._alive(inc)
             indexed = time.monotonic()
             seq = await self._replay(inc, peer)
-            memories = await shards.run(lambda: inc.store.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0])
+            memories = await shards.run(lambda: inc.replica.store.db.execute("SELECT COUNT(*) FROM memories").fetchone()[0])
         except BaseException:
             await self._discard(inc)
             if self.incoming.get(shard) is inc or (shard not in self.incoming and shard not in shards.held):
@@ -194,7 +200,7 @@ class Moves:
             await peer.drop_snapshot.remote(snap["id"])
         self._alive(inc)
         await _in_thread(_replace_folder, staging, shards.root(shard))
-        inc.store = await shards.run(shards.open_store, shard)
+        inc.replica.store = await shards.run(shards.open_store, shard)
         self._alive(inc)
         return int(snap["bytes"])
 
@@ -203,22 +209,22 @@ class Moves:
         source's last one when this started; the copy numbers its own changes after it."""
         shards, shard = self.shards, inc.shard
         target = await peer.shard_seq.remote(shard)
-        after = await shards.run(inc.store.last_seq)
+        after = await shards.run(inc.replica.store.last_seq)
         while True:
             changes = await peer.changes_since.remote(shard, after, PAGE)
             self._alive(inc)
             if changes:
-                await shards.run(inc.store.apply, changes, busy="commit")
+                await shards.run(inc.replica.store.apply, changes, busy="commit")
                 after = changes[-1].seq
             if len(changes) < PAGE:
                 break
-        await shards.run(inc.store.advance_seq, target)
-        inc.seq = await shards.run(inc.store.last_seq)
+        await shards.run(inc.replica.store.advance_seq, target)
+        inc.seq = await shards.run(inc.replica.store.last_seq)
         return inc.seq
 
     async def catch_up(self, shard: int, source: str) -> int:
         inc = self.incoming.get(shard)
-        if inc is None or inc.store is None:
+        if inc is None or inc.replica.store is None:
             raise NodeError(f"{self.shards.name} has received no copy of shard {shard} to bring up to date")
         return await self._replay(inc, self.handles.get(source))
 
@@ -226,14 +232,14 @@ class Moves:
         """Own the received copy: requests for the shard are served here from now on."""
         shards = self.shards
         inc = self.incoming.get(shard)
-        if inc is None or inc.store is None:
+        if inc is None or inc.replica.store is None:
             if shard in shards.held:
                 return
             raise NodeError(f"{shards.name} has received no copy of shard {shard} to adopt")
 
         def own() -> None:
             self.vector_cache.drop_shard(shard)
-            shards.add(shard, inc.store)
+            shards.add(inc.replica)
 
         await shards.run(own)
         del self.incoming[shard]
@@ -270,9 +276,7 @@ class Moves:
         await _in_thread(shutil.rmtree, shards.root(shard), True)
 
     async def _discard(self, inc: Incoming) -> None:
-        store, inc.store = inc.store, None
-        if store is not None:
-            await self.shards.run(store.close)
+        await self.shards.run(inc.replica.close)
 
     @staticmethod
     def _alive(inc: Incoming) -> None:

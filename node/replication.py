@@ -216,13 +216,13 @@ class Link:
 
 
 class Replication:
-    """The node's links to the followers of the shards it is primary of."""
+    """The node's links to the followers of the shards it is primary of (each held in its
+    primary copy's `Replica.links`, node.replica)."""
 
     def __init__(self, shards: ShardSet, handles: Handles, config: ClusterConfig) -> None:
         self.shards = shards
         self.handles = handles
         self.config = config
-        self.links: dict[int, dict[str, Link]] = {}  # shard -> follower -> link
         self.synced_epoch: int | None = None  # the placement epoch the links follow
         self.waited = 0  # writes that waited for followers
         self.marked_down = 0  # followers marked down
@@ -235,18 +235,18 @@ class Replication:
         if placement.epoch == self.synced_epoch and not force:
             return
         self.synced_epoch = placement.epoch
-        want = {s: set(placement.followers(s)) for s in self.shards.held
-                if s < placement.shards and placement.owner[s] == self.shards.name and placement.followers(s)}
-        for s, links in list(self.links.items()):
-            for f in [f for f in links if f not in want.get(s, ())]:
-                links.pop(f).close()
-            if not links:
-                del self.links[s]
-        for s, followers in want.items():
-            links = self.links.setdefault(s, {})
-            for f in followers - set(links):
-                link = links[f] = Link(self, s, f)
+        for s, replica in list(self.shards.replicas.items()):
+            want = set(placement.followers(s)) if placement.owner[s] == self.shards.name else set()
+            for f in [f for f in replica.links if f not in want]:
+                replica.links.pop(f).close()
+            for f in want - set(replica.links):
+                link = replica.links[f] = Link(self, s, f)
                 link.want()  # a new follower (or this node is new as its primary): bring it up to date now
+
+    @property
+    def links(self) -> dict[int, dict[str, Link]]:
+        """shard -> follower -> link, for the copies here that have followers."""
+        return {s: r.links for s, r in list(self.shards.replicas.items()) if r.links}
 
     def mark_down(self, nodes: tuple[str, ...]) -> None:
         """Followers on `nodes` (silent, says the placement authority) are down now."""
@@ -259,19 +259,22 @@ class Replication:
         """After a write to `shards` committed here: wait until their live followers hold it;
         TooFewReplicas if fewer than `min_live_replicas` copies of one of them are live."""
         minimum = self.config.min_live_replicas
-        if not self.links and minimum <= 1:
-            return
-        links = [link for s in shards for link in self.links.get(s, {}).values() if link.live]
+        followers = {s: self._links_of(s) for s in shards}
+        links = [link for found in followers.values() for link in found if link.live]
         if links:
             self.waited += 1
             await asyncio.gather(*(link.reached(link.want()) for link in links))
         if minimum > 1:
             for s in shards:
-                live = 1 + sum(link.live for link in self.links.get(s, {}).values())
+                live = 1 + sum(link.live for link in followers[s])
                 if live < minimum:
                     raise TooFewReplicas(
                         f"shard {s}: {live} live cop{'y' if live == 1 else 'ies'}, fewer than min_live_replicas "
                         f"({minimum}); the write is stored on {self.shards.name} but not acknowledged")
+
+    def _links_of(self, shard: int) -> list[Link]:
+        replica = self.shards.replicas.get(shard)
+        return list(replica.links.values()) if replica is not None else []
 
     # ---- the store thread and other nodes ---------------------------------------------------------
 
@@ -325,7 +328,5 @@ class Replication:
         return {**self.counters(), "followers": len(links), "followers_down": sum(not link.live for link in links)}
 
     def close(self) -> None:
-        for links in self.links.values():
-            for link in links.values():
-                link.close()
-        self.links.clear()
+        for replica in list(self.shards.replicas.values()):
+            replica.close_links()

@@ -1,18 +1,21 @@
-"""A node: the shards it owns behind an async API, the Ray actor's methods (node.actor).
+"""A node: the shard copies it holds behind an async API, the Ray actor's methods (node.actor).
 
 `Node` is plain Python so it can be tested without Ray; `node.actor.NodeActor` is the same class
-as a Ray actor. It owns the shard set and delegates each job to one part: embedding to a batching
+as a Ray actor, and its public methods are the API Ray exposes: the client's (here) and the calls
+of other nodes and the placement authority (node.copy_calls). Which copies it holds, in which role,
+and whether a request may read or write them is the shard set's to say (node.shard_set, one
+node.replica.Replica per copy). It delegates each job to one part: embedding to a batching
 embedder on its own thread (node.embedder); all SQLite and Chroma work to one store thread
 (node.store_thread); writes to the group-commit writer (node.writer); vectors reach Chroma behind
 the writes through the background indexer (node.indexer); free-form ids whose home is here to
 node.free_ids; shard copies to node.snapshots; moving a shard to or from another node to
-node.moves (each write holds its shards open through `moves.gate`, so a move can fence them); a
+node.moves (each write holds its shards open through the shard set's gate, so a move can fence them); a
 shard's copies to node.replication (writes only on the primary, answered once every live follower
 applied them; followers take the primary's changes through `apply_changes`). The event loop only
 coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Start: a Ray actor's `__init__` runs before its event loop, so the background indexer starts in
-`start()`, which `info()` calls (the router calls it once every node is created) and every write
+`_start()`, which `info()` calls (the router calls it once every node is created) and every write
 calls again (a restarted actor gets no `info()`); it is idempotent. `close()` finishes in-flight
 writes, stops the indexer and checkpoints every shard.
 """
@@ -234,7 +237,7 @@ class Node(CopyCalls):
                     and float(other.vector @ record.vector) >= threshold):
                 return other.memory_id
         if self.copies.readable([shard]):
-            near = self.copies.stores[shard].nearest(record.entity_id, record.vector, record.memory_id)
+            near = self.copies.store(shard).nearest(record.entity_id, record.vector, record.memory_id)
             if near is not None and near[1] >= threshold:
                 return near[0]
         return None
@@ -259,7 +262,7 @@ class Node(CopyCalls):
         def search() -> list[dict[str, Any]]:
             hits: list[dict[str, Any]] = []
             for s in self.copies.readable(shards):
-                store = self.copies.stores[s]
+                store = self.copies.store(s)
                 hits.extend(store.search(vector, text, entity_id, limit, window, prefixes) if text is not None
                             else store.in_window(entity_id, window, limit, prefixes))
             if text is None:
@@ -281,7 +284,7 @@ class Node(CopyCalls):
         def collect() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
             for s in self.copies.readable(shards):
-                found.extend(self.copies.stores[s].edges(entity_id, nodes, direction, edge_types, per_node))
+                found.extend(self.copies.store(s).edges(entity_id, nodes, direction, edge_types, per_node))
             return found
 
         return await self.copies.run(collect)
@@ -291,7 +294,7 @@ class Node(CopyCalls):
         def compute() -> dict[str, Any]:
             if not self.copies.readable([shard]):
                 return self._empty_analytics(bucket)
-            return self.copies.stores[shard].analytics(entity_id, label, start_ms, end_ms, bucket)
+            return self.copies.store(shard).analytics(entity_id, label, start_ms, end_ms, bucket)
 
         return await self.copies.run(compute)
 
@@ -303,7 +306,7 @@ class Node(CopyCalls):
     async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
         def page() -> list[dict[str, Any]]:
             shards = self.copies.readable([shard])
-            return self.copies.stores[shard].export_page(entity_id, after_rowid, limit) if shards else []
+            return self.copies.store(shard).export_page(entity_id, after_rowid, limit) if shards else []
 
         return await self.copies.run(page)
 
@@ -317,9 +320,9 @@ class Node(CopyCalls):
         def erase_all() -> tuple[dict[str, Any], list[str]]:
             removed, free = {}, []
             for s in self.copies.readable(shards):
-                free += [m for (m,) in self.copies.stores[s].db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
+                free += [m for (m,) in self.copies.store(s).db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
                                                                  (entity_id,)) if parse_memory_id(m).entity_prefix is None]
-                counts = self.copies.stores[s].erase(entity_id)
+                counts = self.copies.store(s).erase(entity_id)
                 if any(counts.values()):
                     removed[s] = counts
             return removed, free
@@ -331,7 +334,7 @@ class Node(CopyCalls):
     async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
         def find() -> dict | None:
             for s in self.copies.readable(shards):
-                store = self.copies.stores[s]
+                store = self.copies.store(s)
                 memory = store.get(memory_id)
                 if memory is None:
                     continue
@@ -349,7 +352,7 @@ class Node(CopyCalls):
 
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
         def remove() -> bool:
-            return any([self.copies.stores[s].delete(memory_id) for s in self.copies.readable(shards)])
+            return any([self.copies.store(s).delete(memory_id) for s in self.copies.readable(shards)])
 
         async with self._writing(self.copies.primaries() if shards is None else shards):
             return await self.copies.run(remove)
@@ -409,14 +412,14 @@ class Node(CopyCalls):
                     "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
                     "placement_epoch": self.copies.placement.epoch, "moves": self.moves.state(),
                     "replication": {**self.replication.summary(), "lag_max": max(
-                        (self.copies.stores[s].last_seq() - link.acked for s, links in self.replication.links.items()
-                         if s in self.copies.stores for link in links.values() if link.acked is not None), default=0)}}
+                        (r.store.last_seq() - link.acked for r in self.copies.replicas.values() if r.store is not None
+                         for link in r.links.values() if link.acked is not None), default=0)}}
 
         return await self.copies.run(collect)
 
     async def profile(self, entity_id: str, shard: int, recent: int) -> dict[str, Any] | None:
         def collect() -> dict[str, Any] | None:
-            return self.copies.stores[shard].profile(entity_id, recent) if self.copies.readable([shard]) else None
+            return self.copies.store(shard).profile(entity_id, recent) if self.copies.readable([shard]) else None
 
         return await self.copies.run(collect)
 
@@ -428,9 +431,10 @@ class Node(CopyCalls):
         await self.embedder.close()
 
         def close_all() -> None:
-            for store in [*self.shards.values(), *(i.store for i in self.moves.incoming.values() if i.store)]:
-                store.close()
-            self.copies.stores.clear()
+            for replica in [*self.copies.replicas.values(), *(i.replica for i in self.moves.incoming.values())]:
+                store, replica.store = replica.store, None
+                if store is not None:
+                    store.close()
 
         await self.copies.run(close_all)
         self.store_thread.shutdown()
