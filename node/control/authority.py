@@ -260,7 +260,8 @@ class PlacementAuthority(MoveDriver, Failover):
         owners = p.by_node()
         nodes = sorted(set(p.nodes) | p.holders() | set(self.joined))
         found = await health.reports(self.handles, sorted(n for n in p.holders() if n in self.joined))
-        detail, under = health.shard_health([list(r) for r in p.replicas], p.replication, found)
+        detail, under = health.shard_health([list(r) for r in p.replicas], p.replication, found, set(self.joined),
+                                            set(self.down_since))
         return {**self._summary(), "shards": p.shards, "owner": list(p.owner),
                 "shards_detail": detail, "under_replicated": under,
                 "replicas": [list(r) for r in p.replicas], "recent_failovers": self.failovers[-10:],

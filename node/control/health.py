@@ -3,7 +3,10 @@ under-replicated, from the nodes' `replication_status` reports (the authority's 
 
 A follower's row is `live` when its primary's link to it is live, or, when the primary has no
 link to it yet (nothing was written since the link started), when its seq equals the primary's.
-A shard is under-replicated when a copy is missing (fewer than `replication`) or not live (down,
+Each row's `state` says why a copy is not live, for the operator: `joining` (its node has not
+joined the authority, yet or again: a node just started, a restarted one), `down` (its node is
+silent), `catching up` (its node answers but the copy is behind: just added, being re-seeded,
+back from an outage), or `live`. A shard is under-replicated when a copy is missing (fewer than `replication`) or not live (down,
 catching up, being re-seeded); a live copy's lag is the push in flight: writes wait for it, so it
 is not a missing copy.
 """
@@ -31,10 +34,21 @@ async def reports(handles: Handles, names: list[str]) -> dict[str, dict | None]:
     return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
 
 
-def shard_health(replicas: list[list[str]], replication: int,
-                 found: dict[str, dict | None]) -> tuple[list[dict[str, Any]], list[int]]:
+def copy_state(row: dict[str, Any], joined: set[str], down: set[str]) -> str:
+    """A copy's `state` (see above); a primary that answers nothing is `not answering`."""
+    if row["live"]:
+        return "live"
+    if row["node"] not in joined:
+        return "joining"
+    if row["node"] in down:
+        return "down"
+    return "catching up" if row["role"] == "follower" else "not answering"
+
+
+def shard_health(replicas: list[list[str]], replication: int, found: dict[str, dict | None], joined: set[str],
+                 down: set[str]) -> tuple[list[dict[str, Any]], list[int]]:
     """(`shards_detail`, `under_replicated`) of a placement's copies (`replicas`, the primary first)
-    given the nodes' reports (`found`)."""
+    given the nodes' reports (`found`), the nodes that joined and those found silent (`down`)."""
     detail, under = [], []
     for shard, copies in enumerate(replicas):
         primary = (found.get(copies[0]) or {}).get("shards", {}).get(shard)
@@ -48,6 +62,8 @@ def shard_health(replicas: list[list[str]], replication: int,
             live = bool(link.get("live")) if link else in_step  # no link yet: nothing written since it started
             rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"), "live": live,
                          "lag": 0 if in_step else link.get("lag")})
+        for row in rows:
+            row["state"] = copy_state(row, joined, down)
         lags = [r["lag"] for r in rows[1:]]
         lag = None if any(x is None for x in lags) else max(lags, default=0)
         if len(copies) < replication or not all(r["live"] for r in rows):
