@@ -15,7 +15,7 @@ import time
 
 log = logging.getLogger("tellodb")
 
-HISTORY = 50  # failovers kept for `status`
+HISTORY = 50  # failovers, and finished or failed moves, kept for `status`
 
 
 class Failover:
