@@ -100,7 +100,7 @@ class CopyCalls:
 
     def _keep_placement(self) -> None:
         """Keep the placement this node last saw on its own disk: a head that lost its disk rebuilds
-        the cluster's from these copies (node.authority)."""
+        the cluster's from these copies (node.control.authority)."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             placement_file.save(placement_file.node_copy(self.data_dir), self.copies.placement)

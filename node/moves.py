@@ -5,13 +5,14 @@ The placement authority runs, per shard, on the target B and the source A:
 1. `B.receive(s, A)`: B pulls a snapshot of s from A (A pins its log at the snapshot's sequence
    number first, so the changes after it stay until the move ends), copies it through Ray in
    chunks, checks its sha256, installs it (a staging folder renamed when complete), builds its
-   vector index from the stored vectors and replays A's log after it. B does not own s yet.
+   vector index from the stored vectors and replays A's log after it. B does not own s yet:
+   its copy is a RECEIVING replica (node.replica).
 2. `A.fence(s)`: A refuses new writes to s (NotOwnedError: retry) and waits for those already
-   past their entry; reads go on. The copy on A is now final.
+   past their entry; reads go on. The copy on A is now final (FENCED).
 3. `B.catch_up(s, A)`: B replays what A wrote meanwhile.
-4. `B.adopt(s)`: B owns s.
+4. `B.adopt(s)`: B owns s (its replica a PRIMARY or FOLLOWER, as its placement view says).
 5. (the authority flips the placement and pushes it to every node)
-6. `A.release(s)`: A drops s and deletes its folder.
+6. `A.release(s)`: A drops s and deletes its folder (RELEASED).
 
 Rollback of 1-4: `B.abort_incoming(s)` and `A.unfence(s)`, both idempotent. The write fence is
 the shard set's `Gate` (node.shard_set); `Moves` does the rest.
