@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
-from node.ring import Placement
+from node.control.placement import Placement
 
 # The engine's default limits (node/config.py); a deployment with other limits passes its own.
 DEFAULT_LIMITS = {"max_text_chars": 32_768, "max_relations": 64, "max_batch_items": 1000,

@@ -13,22 +13,12 @@ from typing import Any
 
 import ray
 
-from node.authority import PlacementAuthority
 from node.config import ClusterConfig
-from node.names import AUTHORITY_NAME, NAMESPACE, actor_name
-from node.ring import Placement
+from node.control.placement import Placement
+from node.names import NAMESPACE, actor_name, authority
 from node.service import Node
 
 log = logging.getLogger("tellodb")
-__all__ = ["AUTHORITY_NAME", "NAMESPACE", "actor_name", "authority", "start_authority", "start_node_actor"]
-
-
-def authority():
-    """The placement authority's actor handle, or None when there is none (yet)."""
-    try:
-        return ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 class PlacedNode(Node):
@@ -43,7 +33,6 @@ class PlacedNode(Node):
 
 
 NodeActor = ray.remote(PlacedNode)
-AuthorityActor = ray.remote(PlacementAuthority)
 
 
 def start_node_actor(name: str, config: ClusterConfig, placement: Placement, cpus: float, threads: int,
@@ -59,15 +48,3 @@ def start_node_actor(name: str, config: ClusterConfig, placement: Placement, cpu
     if label_selector:
         options["label_selector"] = label_selector
     return NodeActor.options(**options).remote(name, config, placement, threads)
-
-
-def start_authority(data_dir: str, config: ClusterConfig, movable: bool,
-                    label_selector: dict[str, str] | None = None) -> Any:
-    """Create (or find) the placement authority (node.authority), on the head when pinned there."""
-    options: dict[str, Any] = dict(name=AUTHORITY_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1,
-                                   max_concurrency=64, get_if_exists=True, enable_task_events=False)
-    if label_selector:
-        options["label_selector"] = label_selector
-    return AuthorityActor.options(**options).remote(data_dir, config.shards, config.node_names, movable,
-                                                    config.replication, config.failover_after_s,
-                                                    config.rebuild_after_s)

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from node import id_homes
 from node.errors import NotOwnedError
 from node.ids import parse_memory_id
-from node.names import AUTHORITY_NAME, NAMESPACE
+from node.names import Handles, authority
 from node.records import IngestItem
-
-if TYPE_CHECKING:
-    from node.service import Node
-    from node.store import ShardStore
+from node.shard_set import ShardSet
+from node.store import ShardStore
 
 log = logging.getLogger("tellodb.node")
 
@@ -31,20 +29,23 @@ BACKOFF_S = 0.05  # before the first retry; doubled each time (0.05 + 0.1 + 0.2 
 
 
 class FreeIds:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, shards: ShardSet, handles: Handles, local: Any) -> None:
+        self.shards = shards
+        self.handles = handles
+        self.local = local  # this node's `Node`: its own methods are called directly, not through Ray
         self._locks: dict[str, asyncio.Lock] = {}  # free-form ids being written or deleted
 
     @property
     def placement(self):
-        return self.node.placement  # this node's current view (Node.set_placement)
+        return self.shards.placement  # this node's current view (Node.set_placement)
 
     # ---- other nodes ---------------------------------------------------------------------------
 
     async def call(self, node: str, method: str, *args: Any) -> Any:
         """Call a `Node` method on `node`, which may be this one."""
-        peer = self.node.peer(node)
-        return await (getattr(self.node, method)(*args) if peer is None else getattr(peer, method).remote(*args))
+        if node == self.shards.name:
+            return await getattr(self.local, method)(*args)
+        return await getattr(self.handles.get(node), method).remote(*args)
 
     async def call_shard(self, shard: int, method: str, *args: Any) -> Any:
         """Call a `Node` method on the node of `shard`; if it does not own the shard (any more, or
@@ -60,18 +61,13 @@ class FreeIds:
     async def _backoff(self, attempt: int) -> None:
         """Wait before a retry, then refresh the placement from the authority if it runs."""
         await asyncio.sleep(BACKOFF_S * 2**attempt)
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                return
-            authority = ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
-        except (ImportError, ValueError):  # no authority: the retry alone may find the move done
+        found = authority()
+        if found is None:  # no authority: the retry alone may find the move done
             return
         try:
-            await self.node.set_placement(await authority.placement.remote())
+            await self.local.set_placement(await found.placement.remote())
         except Exception as exc:  # it may be restarting: the retry goes on with the view we have
-            log.warning("%s: refreshing the placement failed: %r", self.node.name, exc)
+            log.warning("%s: refreshing the placement failed: %r", self.shards.name, exc)
 
     def _node_of(self, shard: int) -> str:
         return self.placement.node_of_shard(shard)
@@ -94,10 +90,10 @@ class FreeIds:
                 del self._locks[m]
 
     def _home_store(self, memory_id: str) -> ShardStore:
-        return self.node._shard(self.placement.id_home(memory_id))
+        return self.shards.store(self.placement.id_home(memory_id))
 
     async def _on_store(self, fn, *args):
-        return await self.node.store_thread.run(fn, *args)
+        return await self.shards.run(fn, *args)
 
     async def _homes(self, ids: list[str]) -> dict[str, id_homes.Home]:
         def read() -> dict[str, id_homes.Home]:
@@ -227,14 +223,14 @@ class FreeIds:
 
     async def unregistered(self) -> dict[int, list[str]]:
         """Per shard here that predates id homes: its free-form ids (to register at their homes)."""
-        node = self.node
+        shards = self.shards
 
         def collect() -> dict[int, list[str]]:
             found: dict[int, list[str]] = {}
-            for s in sorted(node._primaries()):
-                if not node._candidate_shards([s]) or node.shards[s].meta("id_homes") is not None:
+            for s in sorted(shards.primaries()):
+                if not shards.readable([s]) or shards.stores[s].meta("id_homes") is not None:
                     continue
-                found[s] = [m for (m,) in node.shards[s].db.execute("SELECT memory_id FROM memories")
+                found[s] = [m for (m,) in shards.stores[s].db.execute("SELECT memory_id FROM memories")
                             if parse_memory_id(m).entity_prefix is None]
             return found
 
@@ -252,4 +248,4 @@ class FreeIds:
         await self._on_store(write)
 
     async def mark_registered(self, shards: list[int]) -> None:
-        await self._on_store(lambda: [self.node._shard(s).set_meta("id_homes", "1") for s in shards])
+        await self._on_store(lambda: [self.shards.store(s).set_meta("id_homes", "1") for s in shards])

@@ -20,10 +20,17 @@ shard's change log (node/store/changelog.py).
 from __future__ import annotations
 
 import json
-from typing import Iterable, NamedTuple
+import sqlite3
+from typing import Iterable, NamedTuple, Protocol
 
 from node.store import changelog
-from node.store import ShardStore
+from node.store.transaction import Transaction
+
+
+class HomeTable(Protocol):
+    """A shard's store as this module needs it (node.store.shard.ShardStore, which imports this module)."""
+
+    db: sqlite3.Connection
 
 
 class Home(NamedTuple):
@@ -31,7 +38,7 @@ class Home(NamedTuple):
     moving_from: int | None
 
 
-def lookup(store: ShardStore, ids: Iterable[str]) -> dict[str, Home]:
+def lookup(store: HomeTable, ids: Iterable[str]) -> dict[str, Home]:
     ids = list(ids)
     found: dict[str, Home] = {}
     for i in range(0, len(ids), 900):
@@ -43,17 +50,17 @@ def lookup(store: ShardStore, ids: Iterable[str]) -> dict[str, Home]:
     return found
 
 
-def record(store: ShardStore, homes: dict[str, Home]) -> None:
-    with store._tx():
+def record(store: HomeTable, homes: dict[str, Home]) -> None:
+    with Transaction(store.db):
         for memory_id, home in homes.items():
             set_row(store, memory_id, home)
 
 
-def forget(store: ShardStore, ids: Iterable[str], erased: bool = False) -> None:
+def forget(store: HomeTable, ids: Iterable[str], erased: bool = False) -> None:
     """Drop ids' records. For an erased entity's ids, their earlier log entries go too, and a
     `forget` change takes the same away from every follower copy (a stale record left in an older
     copy points to a memory that is gone, which reads as absent)."""
-    with store._tx():
+    with Transaction(store.db):
         for memory_id in ids:
             if erased:
                 forget_row(store, memory_id)
@@ -61,7 +68,7 @@ def forget(store: ShardStore, ids: Iterable[str], erased: bool = False) -> None:
                 drop_row(store, memory_id)
 
 
-def forget_row(store: ShardStore, memory_id: str, seq: int | None = None) -> None:
+def forget_row(store: HomeTable, memory_id: str, seq: int | None = None) -> None:
     """In a transaction: drop an erased entity's id's record and its log entries, and log that."""
     store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
     store.db.execute("DELETE FROM changes WHERE key = ? AND op IN (?, ?)",
@@ -69,14 +76,14 @@ def forget_row(store: ShardStore, memory_id: str, seq: int | None = None) -> Non
     changelog.record(store.db, changelog.FORGET, memory_id, seq=seq)
 
 
-def set_row(store: ShardStore, memory_id: str, home: Home, seq: int | None = None) -> None:
+def set_row(store: HomeTable, memory_id: str, home: Home, seq: int | None = None) -> None:
     """In a transaction: record `home`, and log it."""
     store.db.execute("INSERT OR REPLACE INTO id_homes(memory_id, shard, moving_from) VALUES (?, ?, ?)",
                      (memory_id, home.shard, home.moving_from))
     changelog.record(store.db, changelog.HOME, memory_id, body=list(home), seq=seq)
 
 
-def drop_row(store: ShardStore, memory_id: str, seq: int | None = None) -> None:
+def drop_row(store: HomeTable, memory_id: str, seq: int | None = None) -> None:
     """In a transaction: drop the record, and log it."""
     store.db.execute("DELETE FROM id_homes WHERE memory_id = ?", (memory_id,))
     changelog.record(store.db, changelog.UNHOME, memory_id, seq=seq)

@@ -1,5 +1,13 @@
-"""The Ray names of the cluster's actors, in a module of their own (it imports nothing), so that
-the node, the authority and the router can all name each other without importing each other."""
+"""The Ray names of the cluster's actors and the one way to find them by name (`Handles`).
+
+It imports nothing of the project, and Ray only when a handle is looked up, so that the node, the
+authority and the router can all name each other without importing each other (and `router.roles`
+can read NAMESPACE before Ray's settings are made).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 NAMESPACE = "tellodb"
 AUTHORITY_NAME = "tellodb-placement"
@@ -8,3 +16,42 @@ AUTHORITY_NAME = "tellodb-placement"
 def actor_name(node: str) -> str:
     """The Ray actor name of node `node` in NAMESPACE."""
     return f"{NAMESPACE}-{node}"
+
+
+def authority() -> Any:
+    """The placement authority's actor handle, or None when there is none (yet), or no Ray here."""
+    import ray
+
+    if not ray.is_initialized():  # get_actor would start a local Ray of its own
+        return None
+    try:
+        return ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class Handles:
+    """Node actors' handles by node name, looked up once and kept. A node Ray restarted is a new
+    actor: whoever finds a handle dead calls `forget` (or `get(..., fresh=True)`) to look it up again."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, Any] = {}
+
+    def get(self, node: str, fresh: bool = False) -> Any:
+        """Node `node`'s actor; ValueError when there is none, RuntimeError when Ray is not running."""
+        if fresh:
+            self.forget(node)
+        if node not in self._found:
+            import ray
+
+            if not ray.is_initialized():  # get_actor would start a local Ray of its own
+                raise RuntimeError("Ray is not running")
+            self._found[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
+        return self._found[node]
+
+    def keep(self, node: str, handle: Any) -> None:
+        """Keep a handle found another way (a search that already looked it up)."""
+        self._found[node] = handle
+
+    def forget(self, node: str) -> None:
+        self._found.pop(node, None)

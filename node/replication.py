@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from node.config import ClusterConfig
 from node.errors import NodeError, NotOwnedError, TooFewReplicas
-
-if TYPE_CHECKING:
-    from node.service import Node
+from node.moves import reseed_pin
+from node.names import Handles
+from node.shard_set import ShardSet
 
 log = logging.getLogger("tellodb.node")
 
@@ -42,11 +43,6 @@ def _actor_gone(exc: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(exc, RayActorError)
-
-
-def reseed_pin(follower: str) -> str:
-    """The log pin a primary holds while `follower` is re-seeded from it (Node.reseed takes it)."""
-    return f"reseed-{follower}"
 
 
 class Diverged(NodeError):
@@ -112,7 +108,7 @@ class Link:
                 if not retried and _actor_gone(exc):
                     # A restarted node is a new actor: look it up again (and ask its seq) once.
                     retried, self.handle, self.acked = True, None, None
-                    self.repl.node._peers.pop(self.follower, None)
+                    self.repl.handles.forget(self.follower)
                     continue
                 self.down(exc)
                 return
@@ -123,7 +119,7 @@ class Link:
         changes = await self.repl.read(self.shard, after)
         if not changes:
             return changes
-        seq = await self._call("apply_changes", self.shard, changes, self.repl.node.name, after)
+        seq = await self._call("apply_changes", self.shard, changes, self.repl.shards.name, after)
         if seq > changes[-1].seq:
             raise Diverged(f"shard {self.shard}: {self.follower} answered seq {seq}, past {changes[-1].seq}")
         self.acked = seq
@@ -141,10 +137,10 @@ class Link:
 
     async def _call(self, method: str, *args: Any, timeout: float | None = -1) -> Any:
         if self.handle is None:
-            self.handle = self.repl.handle(self.follower)
+            self.handle = self.repl.handles.get(self.follower)
         ref = getattr(self.handle, method).remote(*args)
         if timeout == -1:
-            timeout = self.repl.node.config.replica_timeout_s
+            timeout = self.repl.config.replica_timeout_s
 
         async def answer():
             return await ref
@@ -160,13 +156,13 @@ class Link:
         if self.live:
             self.repl.marked_down += 1
             self.down_since = time.time()
-            log.warning("%s: follower %s of shard %d is down: %r", self.repl.node.name, self.follower,
+            log.warning("%s: follower %s of shard %d is down: %r", self.repl.shards.name, self.follower,
                         self.shard, why)
         self.live = False
         self.error = repr(why)
         self.acked = None
         self.handle = None
-        self.repl.node._peers.pop(self.follower, None)
+        self.repl.handles.forget(self.follower)
         self._changed()
         if self._catcher is None or self._catcher.done():
             self._catcher = asyncio.get_running_loop().create_task(self._catch_up())
@@ -176,14 +172,14 @@ class Link:
             await asyncio.sleep(RETRY_S)
             reseeded = False
             try:
-                self.handle = self.repl.handle(self.follower, fresh=True)
+                self.handle = self.repl.handles.get(self.follower, fresh=True)
                 try:
                     state = await self._call("copy_state", self.shard)
                 except NotOwnedError:  # no copy there (a re-seed that failed half-way)
                     state = None
                 if await self.repl.needs_reseed(self.shard, state):
                     reseeded = True
-                    self.acked = await self._call("reseed", self.shard, self.repl.node.name, timeout=None)
+                    self.acked = await self._call("reseed", self.shard, self.repl.shards.name, timeout=None)
                     self.repl.reseeds += 1
                 else:
                     self.acked = state[0]
@@ -192,7 +188,7 @@ class Link:
                     if changes is not None and len(changes) < PAGE:
                         break
                 self.live, self.error, self.down_since = True, None, None
-                log.info("%s: follower %s of shard %d is live again at seq %d", self.repl.node.name,
+                log.info("%s: follower %s of shard %d is live again at seq %d", self.repl.shards.name,
                          self.follower, self.shard, self.acked)
                 self.want()  # what was written since the last read
                 return
@@ -220,11 +216,13 @@ class Link:
 
 
 class Replication:
-    """The node's links to the followers of the shards it is primary of."""
+    """The node's links to the followers of the shards it is primary of (each held in its
+    primary copy's `Replica.links`, node.replica)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.links: dict[int, dict[str, Link]] = {}  # shard -> follower -> link
+    def __init__(self, shards: ShardSet, handles: Handles, config: ClusterConfig) -> None:
+        self.shards = shards
+        self.handles = handles
+        self.config = config
         self.synced_epoch: int | None = None  # the placement epoch the links follow
         self.waited = 0  # writes that waited for followers
         self.marked_down = 0  # followers marked down
@@ -233,23 +231,22 @@ class Replication:
     def sync(self, force: bool = False) -> None:
         """Make the links follow the node's placement view (needs the running loop): a link for
         each follower of each shard owned here and primary here, none for any other."""
-        node = self.node
-        placement = node.placement
+        placement = self.shards.placement
         if placement.epoch == self.synced_epoch and not force:
             return
         self.synced_epoch = placement.epoch
-        want = {s: set(placement.followers(s)) for s in node.owned
-                if s < placement.shards and placement.owner[s] == node.name and placement.followers(s)}
-        for s, links in list(self.links.items()):
-            for f in [f for f in links if f not in want.get(s, ())]:
-                links.pop(f).close()
-            if not links:
-                del self.links[s]
-        for s, followers in want.items():
-            links = self.links.setdefault(s, {})
-            for f in followers - set(links):
-                link = links[f] = Link(self, s, f)
+        for s, replica in list(self.shards.replicas.items()):
+            want = set(placement.followers(s)) if placement.owner[s] == self.shards.name else set()
+            for f in [f for f in replica.links if f not in want]:
+                replica.links.pop(f).close()
+            for f in want - set(replica.links):
+                link = replica.links[f] = Link(self, s, f)
                 link.want()  # a new follower (or this node is new as its primary): bring it up to date now
+
+    @property
+    def links(self) -> dict[int, dict[str, Link]]:
+        """shard -> follower -> link, for the copies here that have followers."""
+        return {s: r.links for s, r in list(self.shards.replicas.items()) if r.links}
 
     def mark_down(self, nodes: tuple[str, ...]) -> None:
         """Followers on `nodes` (silent, says the placement authority) are down now."""
@@ -261,20 +258,23 @@ class Replication:
     async def wait(self, shards: set[int]) -> None:
         """After a write to `shards` committed here: wait until their live followers hold it;
         TooFewReplicas if fewer than `min_live_replicas` copies of one of them are live."""
-        minimum = self.node.config.min_live_replicas
-        if not self.links and minimum <= 1:
-            return
-        links = [link for s in shards for link in self.links.get(s, {}).values() if link.live]
+        minimum = self.config.min_live_replicas
+        followers = {s: self._links_of(s) for s in shards}
+        links = [link for found in followers.values() for link in found if link.live]
         if links:
             self.waited += 1
             await asyncio.gather(*(link.reached(link.want()) for link in links))
         if minimum > 1:
             for s in shards:
-                live = 1 + sum(link.live for link in self.links.get(s, {}).values())
+                live = 1 + sum(link.live for link in followers[s])
                 if live < minimum:
                     raise TooFewReplicas(
                         f"shard {s}: {live} live cop{'y' if live == 1 else 'ies'}, fewer than min_live_replicas "
-                        f"({minimum}); the write is stored on {self.node.name} but not acknowledged")
+                        f"({minimum}); the write is stored on {self.shards.name} but not acknowledged")
+
+    def _links_of(self, shard: int) -> list[Link]:
+        replica = self.shards.replicas.get(shard)
+        return list(replica.links.values()) if replica is not None else []
 
     # ---- the store thread and other nodes ---------------------------------------------------------
 
@@ -282,12 +282,12 @@ class Replication:
         """This copy's changes after `after` (one page); Diverged if the log was trimmed past it."""
 
         def read() -> list:
-            store = self.node._shard(shard)
+            store = self.shards.store(shard)
             if store.trimmed_to() > after:
-                raise Diverged(f"shard {shard}: the log of {self.node.name} was trimmed past seq {after}")
+                raise Diverged(f"shard {shard}: the log of {self.shards.name} was trimmed past seq {after}")
             return store.changes_since(after, PAGE)
 
-        return await self.node._on_store(read)
+        return await self.shards.run(read)
 
     async def needs_reseed(self, shard: int, state: tuple[int, str | None] | None) -> bool:
         """Whether a copy at `state` (its `copy_state`, None: no copy) cannot be brought up to date
@@ -298,7 +298,7 @@ class Replication:
         seq, digest = state
 
         def compare() -> bool:
-            store = self.node._shard(shard)
+            store = self.shards.store(shard)
             if seq > store.last_seq():
                 return True
             if seq == 0:
@@ -306,24 +306,17 @@ class Replication:
             mine = store.digest_at(seq)
             return mine is None or digest != mine
 
-        return await self.node._on_store(compare)
+        return await self.shards.run(compare)
 
     async def unpin(self, shard: int, pin: str) -> None:
         def release() -> None:
-            if shard in self.node.owned:
-                self.node._shard(shard).pin_log(pin, None)
+            if shard in self.shards.held:
+                self.shards.store(shard).pin_log(pin, None)
 
         try:
-            await self.node._on_store(release)
+            await self.shards.run(release)
         except Exception:
-            log.exception("%s: releasing log pin %s of shard %d failed", self.node.name, pin, shard)
-
-    def handle(self, node: str, fresh: bool = False) -> Any:
-        """Node `node`'s actor; `fresh`: looked up again (a restarted node is a new actor).
-        ValueError when it does not exist."""
-        if fresh:
-            self.node._peers.pop(node, None)
-        return self.node.peer(node)
+            log.exception("%s: releasing log pin %s of shard %d failed", self.shards.name, pin, shard)
 
     # ---- status -----------------------------------------------------------------------------------
 
@@ -335,7 +328,5 @@ class Replication:
         return {**self.counters(), "followers": len(links), "followers_down": sum(not link.live for link in links)}
 
     def close(self) -> None:
-        for links in self.links.values():
-            for link in links.values():
-                link.close()
-        self.links.clear()
+        for replica in list(self.shards.replicas.values()):
+            replica.close_links()

@@ -1,18 +1,21 @@
-"""A node: the shards it owns behind an async API, the Ray actor's methods (node.actor).
+"""A node: the shard copies it holds behind an async API, the Ray actor's methods (node.actor).
 
 `Node` is plain Python so it can be tested without Ray; `node.actor.NodeActor` is the same class
-as a Ray actor. It owns the shard set and delegates each job to one part: embedding to a batching
+as a Ray actor, and its public methods are the API Ray exposes: the client's (here) and the calls
+of other nodes and the placement authority (node.copy_calls). Which copies it holds, in which role,
+and whether a request may read or write them is the shard set's to say (node.shard_set, one
+node.replica.Replica per copy). It delegates each job to one part: embedding to a batching
 embedder on its own thread (node.embedder); all SQLite and Chroma work to one store thread
 (node.store_thread); writes to the group-commit writer (node.writer); vectors reach Chroma behind
 the writes through the background indexer (node.indexer); free-form ids whose home is here to
 node.free_ids; shard copies to node.snapshots; moving a shard to or from another node to
-node.moves (each write holds its shards open through `moves.gate`, so a move can fence them); a
+node.moves (each write holds its shards open through the shard set's gate, so a move can fence them); a
 shard's copies to node.replication (writes only on the primary, answered once every live follower
 applied them; followers take the primary's changes through `apply_changes`). The event loop only
 coordinates, so concurrent requests batch instead of queueing behind each other.
 
 Start: a Ray actor's `__init__` runs before its event loop, so the background indexer starts in
-`start()`, which `info()` calls (the router calls it once every node is created) and every write
+`_start()`, which `info()` calls (the router calls it once every node is created) and every write
 calls again (a restarted actor gets no `info()`); it is idempotent. `close()` finishes in-flight
 writes, stops the indexer and checkpoints every shard.
 """
@@ -29,20 +32,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
+from node import graph_walk
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
+from node.copy_calls import CopyCalls
 from node.embedder import BatchingEmbedder, load_embedder
-from node.errors import NotOwnedError, StorageFull, is_disk_full
+from node.errors import StorageFull, is_disk_full
 from node.free_ids import FreeIds
 from node.ids import parse_memory_id
 from node.index_budget import IndexBudget
 from node.indexer import Indexer
-from node.moves import MOVE_PIN, Moves
-from node.names import NAMESPACE, actor_name
-from node import placement_file
+from node.moves import Moves
+from node.names import Handles
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import IngestItem
 from node.replication import Replication
-from node.ring import Placement
+from node.control.placement import Placement
+from node.shard_set import ShardSet
 from node.snapshots import Snapshots
 from node.store import MemoryRecord, ShardStore, upsert_together
 from node.store_thread import StoreThread
@@ -67,20 +72,13 @@ def own_memory_bytes() -> int | None:
     return None
 
 
-def shard_dir(data_dir: str | Path, shard: int) -> Path:
-    return Path(data_dir) / "shards" / f"{shard:04d}"
-
-
-class Node:
+class Node(CopyCalls):
     def __init__(self, name: str, config: ClusterConfig, shards: list[int], threads: int = 1,
                  placement: Placement | None = None) -> None:
         started = time.monotonic()
         self.name = name
         self.config = config
-        self.owned = set(shards)  # changed on the store thread only (moves), which reads it too
-        self.placement = placement or Placement(config.shards, tuple(config.node_names))
         self.data_dir = Path(config.data_dir)
-        self._keep_placement()
         self.ranking = RankingConfig.load(self.data_dir)
         # With an ONNX backend this exports the model first if this machine has not yet (node.onnx_embedder).
         self.embedder = BatchingEmbedder(
@@ -92,28 +90,35 @@ class Node:
         )
         self.embedder_seconds = time.monotonic() - started
         self.store_thread = StoreThread(name)
-        self.shards: dict[int, ShardStore] = {}
+        self.copies = ShardSet(name, self.data_dir, shards, placement or Placement(config.shards, tuple(config.node_names)),
+                               self.store_thread, self._open_store)
+        self._keep_placement()
         self.vector_cache = VectorCache(config.vector_cache_mb << 20)
         self.index_budget = IndexBudget(config.index_memory_mb << 20)
         self.reindexed = 0
         self.indexer = Indexer(name, self.store_thread, lambda: list(self.shards.values()), config.changelog_keep)
         self.writer = GroupWriter(
             name, self.data_dir, config.min_free_mb, self.store_thread, self.indexer,
-            commit=lambda by_shard: upsert_together([(self._shard(s), batch) for s, batch in by_shard.items()]),
+            commit=lambda by_shard: upsert_together([(self.copies.store(s), batch) for s, batch in by_shard.items()]),
             duplicate=self._duplicate)
-        self.free_ids = FreeIds(self)
-        self.moves = Moves(self)
-        self.replication = Replication(self)
-        self._peers: dict[str, Any] = {}
+        self.peers = Handles()
+        self.free_ids = FreeIds(self.copies, self.peers, self)
+        self.moves = Moves(self.copies, self.peers, self.vector_cache)
+        self.replication = Replication(self.copies, self.peers, config)
         self.snapshots = Snapshots(self.data_dir, name)
         self.queries = 0
         self.query_seconds = 0.0  # wall time of queries inside the node (embed, search and the hand-offs)
         # Open the shards that exist on disk now (re-indexing what a crash left behind); the others
         # are created on their first write.
-        for shard in sorted(self.owned):
-            if (shard_dir(self.data_dir, shard) / "store.sqlite3").exists():
-                self.reindexed += self._shard(shard).reconcile()
+        for shard in sorted(self.copies.held):
+            if (self.copies.root(shard) / "store.sqlite3").exists():
+                self.reindexed += self.copies.store(shard).reconcile()
         self.startup_seconds = time.monotonic() - started
+
+    @property
+    def shards(self) -> dict[int, ShardStore]:
+        """The open copies' stores, by shard."""
+        return self.copies.stores
 
     @property
     def group_commits(self) -> int:
@@ -123,28 +128,17 @@ class Node:
     def grouped_writes(self) -> int:
         return self.writer.grouped_writes
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """Start the background work (needs the running event loop); idempotent."""
         self.indexer.start()
         self.replication.sync()
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _shard(self, shard: int) -> ShardStore:
-        if shard not in self.owned:
-            raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
-        store = self.shards.get(shard)
-        if store is None:
-            store = self.shards[shard] = self._open_store(shard)
-        return store
-
-    def shard_root(self, shard: int) -> Path:
-        return shard_dir(self.data_dir, shard)
-
     def _open_store(self, shard: int) -> ShardStore:
         """Open (or create) the shard's folder here, owned or not (on the store thread)."""
         h = self.config.hnsw
-        root = shard_dir(self.data_dir, shard)
+        root = self.copies.root(shard)
         new = not root.exists()
         try:
             return ShardStore(
@@ -159,41 +153,12 @@ class Node:
                 raise StorageFull(f"{self.name}: the data volume is full; shard {shard} cannot be created") from None
             raise
 
-    def peer(self, node: str):
-        """Another node's Ray actor (None for this node)."""
-        if node == self.name:
-            return None
-        if node not in self._peers:
-            import ray
-
-            self._peers[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
-        return self._peers[node]
-
-    def is_primary(self, shard: int) -> bool:
-        """Whether this node holds `shard`'s primary copy, by its placement view."""
-        return shard in self.owned and self.placement.owner[shard] == self.name
-
-    def _primaries(self) -> set[int]:
-        return {s for s in self.owned if self.is_primary(s)}
-
-    def _check_writable(self, shards: Iterable[int]) -> set[int]:
-        """NotOwnedError unless this node holds the primary copy of every shard and none is fenced
-        by a move: a follower copy takes writes only from its primary (`apply_changes`)."""
-        shards = set(shards)
-        for s in shards:
-            if s not in self.owned:
-                raise NotOwnedError(f"shard {s} is not owned by {self.name}")
-            if self.placement.owner[s] != self.name:
-                raise NotOwnedError(f"shard {s}: this node holds a follower copy; writes go to the primary")
-        self.moves.gate.check(shards)
-        return shards
-
     @asynccontextmanager
     async def _writing(self, shards: Iterable[int]):
         """Hold `shards` open for one write (a move's fence waits for it), or NotOwnedError; once
         the write has committed, wait until the shards' live followers hold it (node.replication)."""
-        shards = self._check_writable(shards)
-        with self.moves.gate.writing(shards):
+        shards = self.copies.check_writable(shards)
+        with self.copies.gate.writing(shards):
             yield
             await self.replication.wait(shards)
 
@@ -204,13 +169,10 @@ class Node:
             return None
         return [int(shard)] if isinstance(shard, int) else [int(s) for s in shard]
 
-    async def _on_store(self, fn, *args, busy: str | None = None):
-        return await self.store_thread.run(fn, *args, busy=busy)
-
     # ---- API ----------------------------------------------------------------------------------
 
     async def info(self) -> dict[str, Any]:
-        self.start()
+        self._start()
         e = self.embedder.embedder
         return {
             "node": self.name,
@@ -222,7 +184,7 @@ class Node:
             "threads": e.threads,
             "model_file": str(e.onnx_path) if getattr(e, "onnx_path", None) else None,  # an exported ONNX file
             "embedder_seconds": round(self.embedder_seconds, 3),
-            "shards_owned": len(self.owned),
+            "shards_owned": len(self.copies.held),
             "shards_open": len(self.shards),
             "reindexed": self.reindexed,
             "startup_seconds": round(self.startup_seconds, 3),
@@ -246,8 +208,8 @@ class Node:
         `deadline` (time.time()) is dropped with DeadlineExceeded: the caller has given up on it,
         and it must not land later. A volume below the free-space reserve: StorageFull.
         """
-        self.start()
-        shards = self._check_writable(it.shard for it in items)
+        self._start()
+        shards = self.copies.check_writable(it.shard for it in items)
         self.writer.check_space()
         vectors = await self.embedder.embed([it.textual_content for it in items])
         records = [MemoryRecord(
@@ -275,8 +237,8 @@ class Node:
             if (other.entity_id == record.entity_id and other.memory_id != record.memory_id
                     and float(other.vector @ record.vector) >= threshold):
                 return other.memory_id
-        if self._candidate_shards([shard]):
-            near = self.shards[shard].nearest(record.entity_id, record.vector, record.memory_id)
+        if self.copies.readable([shard]):
+            near = self.copies.store(shard).nearest(record.entity_id, record.vector, record.memory_id)
             if near is not None and near[1] >= threshold:
                 return near[0]
         return None
@@ -300,8 +262,8 @@ class Node:
 
         def search() -> list[dict[str, Any]]:
             hits: list[dict[str, Any]] = []
-            for s in self._candidate_shards(shards):
-                store = self.shards[s]
+            for s in self.copies.readable(shards):
+                store = self.copies.store(s)
                 hits.extend(store.search(vector, text, entity_id, limit, window, prefixes) if text is not None
                             else store.in_window(entity_id, window, limit, prefixes))
             if text is None:
@@ -311,7 +273,7 @@ class Node:
             return hits[:limit]
 
         try:
-            return await self._on_store(search, busy="search")
+            return await self.copies.run(search, busy="search")
         finally:
             self.queries += 1
             self.query_seconds += time.perf_counter() - started
@@ -322,20 +284,20 @@ class Node:
 
         def collect() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
-            for s in self._candidate_shards(shards):
-                found.extend(self.shards[s].edges(entity_id, nodes, direction, edge_types, per_node))
+            for s in self.copies.readable(shards):
+                found.extend(self.copies.store(s).edges(entity_id, nodes, direction, edge_types, per_node))
             return found
 
-        return await self._on_store(collect)
+        return await self.copies.run(collect)
 
     async def analytics(self, entity_id: str, shard: int, label: str, start_ms: int | None, end_ms: int | None,
                         bucket: str | None) -> dict[str, Any]:
         def compute() -> dict[str, Any]:
-            if not self._candidate_shards([shard]):
+            if not self.copies.readable([shard]):
                 return self._empty_analytics(bucket)
-            return self.shards[shard].analytics(entity_id, label, start_ms, end_ms, bucket)
+            return self.copies.store(shard).analytics(entity_id, label, start_ms, end_ms, bucket)
 
-        return await self._on_store(compute)
+        return await self.copies.run(compute)
 
     @staticmethod
     def _empty_analytics(bucket: str | None) -> dict[str, Any]:
@@ -344,36 +306,36 @@ class Node:
 
     async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
         def page() -> list[dict[str, Any]]:
-            shards = self._candidate_shards([shard])
-            return self.shards[shard].export_page(entity_id, after_rowid, limit) if shards else []
+            shards = self.copies.readable([shard])
+            return self.copies.store(shard).export_page(entity_id, after_rowid, limit) if shards else []
 
-        return await self._on_store(page)
+        return await self.copies.run(page)
 
     async def erase(self, entity_id: str, shard: int | list[int] | None = None) -> dict[str, Any]:
         """Erase an entity from the given shards, or every shard here; per-shard counts of what was removed."""
         shards = self._shard_list(shard)
-        async with self._writing(self._primaries() if shards is None else shards):
+        async with self._writing(self.copies.primaries() if shards is None else shards):
             return await self._erase(entity_id, shards)
 
     async def _erase(self, entity_id: str, shards: list[int] | None) -> dict[str, Any]:
         def erase_all() -> tuple[dict[str, Any], list[str]]:
             removed, free = {}, []
-            for s in self._candidate_shards(shards):
-                free += [m for (m,) in self.shards[s].db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
+            for s in self.copies.readable(shards):
+                free += [m for (m,) in self.copies.store(s).db.execute("SELECT memory_id FROM memories WHERE entity_id = ?",
                                                                  (entity_id,)) if parse_memory_id(m).entity_prefix is None]
-                counts = self.shards[s].erase(entity_id)
+                counts = self.copies.store(s).erase(entity_id)
                 if any(counts.values()):
                     removed[s] = counts
             return removed, free
 
-        removed, free = await self._on_store(erase_all)
+        removed, free = await self.copies.run(erase_all)
         await self.free_ids.forget_erased(free)
         return removed
 
     async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
         def find() -> dict | None:
-            for s in self._candidate_shards(shards):
-                store = self.shards[s]
+            for s in self.copies.readable(shards):
+                store = self.copies.store(s)
                 memory = store.get(memory_id)
                 if memory is None:
                     continue
@@ -382,19 +344,19 @@ class Node:
                 return {**memory, "shard": s, "node": self.name}
             return None
 
-        return await self._on_store(find)
+        return await self.copies.run(find)
 
     async def delete_ids(self, pairs: list[tuple[str, int]]) -> int:
         """Delete each (memory_id, shard) in one store call; return how many were there."""
         async with self._writing(s for _, s in pairs):
-            return await self._on_store(lambda: sum(self._shard(s).delete(m) for m, s in pairs))
+            return await self.copies.run(lambda: sum(self.copies.store(s).delete(m) for m, s in pairs))
 
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
         def remove() -> bool:
-            return any([self.shards[s].delete(memory_id) for s in self._candidate_shards(shards)])
+            return any([self.copies.store(s).delete(memory_id) for s in self.copies.readable(shards)])
 
-        async with self._writing(self._primaries() if shards is None else shards):
-            return await self._on_store(remove)
+        async with self._writing(self.copies.primaries() if shards is None else shards):
+            return await self.copies.run(remove)
 
     # ---- free-form ids (node.free_ids): this node is the home of the ids hashed to its shards ----
 
@@ -417,7 +379,7 @@ class Node:
             await self.free_ids.forget(ids)
 
     def _homes(self, ids: Iterable[str]) -> set[int]:
-        return {self.placement.id_home(m) for m in ids}
+        return {self.copies.placement.id_home(m) for m in ids}
 
     async def unregistered_free_ids(self) -> dict[int, list[str]]:
         """Per shard here that predates id homes: its free-form ids (to register at their homes)."""
@@ -432,213 +394,13 @@ class Node:
         async with self._writing(shards):
             await self.free_ids.mark_registered(shards)
 
-    # ---- snapshots (node.snapshots) ----------------------------------------------------------------
-
-    async def snapshot(self, shard: int, pin: str | None = None) -> dict[str, Any]:
-        """Take a consistent copy of `shard` into this node's snapshot folder; its id, sequence
-        number, size and sha256. Read it with `read_snapshot`, then `drop_snapshot`. With `pin`,
-        the changes after the copy stay in the log (beyond `changelog_keep`) until that pin is
-        released: it is set before the copy is taken, so at or below the copy's sequence number."""
-
-        def open_and_pin() -> ShardStore:
-            store = self._shard(shard)  # an empty shard is created: every shard has a copy
-            if pin is not None:
-                store.pin_log(pin, store.last_seq())
-            return store
-
-        store = await self._on_store(open_and_pin)
-        return await self.snapshots.take(store, shard)
-
-    async def read_snapshot(self, snapshot_id: str, offset: int, size: int) -> bytes:
-        return await self.snapshots.read(snapshot_id, offset, size)
-
-    async def drop_snapshot(self, snapshot_id: str) -> None:
-        self.snapshots.drop(snapshot_id)
-
-    # ---- the change log and shard moves (node.moves) -------------------------------------------
-
-    async def changes_since(self, shard: int, after: int, limit: int = 1000) -> list:
-        """`shard`'s changes after sequence number `after`, oldest first (changelog.Change); if the
-        log was trimmed past `after`, moves.LogTrimmed."""
-        return await self.moves.changes_since(shard, after, limit)
-
-    async def shard_seq(self, shard: int) -> int:
-        """The sequence number of `shard`'s newest change."""
-        return await self._on_store(lambda: self._shard(shard).last_seq())
-
-    async def receive_shard(self, shard: int, source: str) -> dict[str, Any]:
-        """Copy `shard` from node `source` (a snapshot, its index, the log after it) without
-        owning it yet: {"shard", "seq", "bytes", "memories", "seconds", "copy_seconds", "index_seconds"}."""
-        self.start()
-        return await self.moves.receive(shard, source)
-
-    async def fence(self, shard: int) -> int:
-        """Refuse new writes to `shard` (NotOwnedError, retry), wait for those in flight; its last seq."""
-        return await self.moves.fence(shard)
-
-    async def catch_up(self, shard: int, source: str) -> int:
-        """Apply what `source` wrote to `shard` since the copy (final once it is fenced); the seq reached."""
-        return await self.moves.catch_up(shard, source)
-
-    async def adopt(self, shard: int) -> None:
-        """Own the received copy of `shard`: it is served here from now on (as the primary or a
-        follower copy, as the placement says)."""
-        await self.moves.adopt(shard)
-        self.replication.sync(force=True)
-
-    async def release(self, shard: int) -> None:
-        """Drop `shard`, now owned elsewhere: requests for it raise NotOwnedError, its folder goes."""
-        await self.moves.release(shard)
-
-    async def abort_incoming(self, shard: int) -> None:
-        """Undo `receive_shard`: delete the copy of `shard` received here (idempotent)."""
-        await self.moves.abort(shard)
-
-    async def unfence(self, shard: int) -> None:
-        """Undo `fence`: writes to `shard` resume here, its move's log pin is released (idempotent)."""
-        await self.moves.unfence(shard)
-
-    async def set_placement(self, placement: Placement, down: tuple[str, ...] = ()) -> int:
-        """Take a newer placement (a higher epoch; an older one is ignored) as this node's view of
-        where shards live, and of which copies here are primaries (they replicate to the followers
-        it names). It never changes which shards this node holds. `down`: nodes the authority
-        finds silent; writes stop waiting for follower copies there at once (after a failover the
-        old primary is such a follower) instead of after `replica_timeout_s`. Returns the epoch in use."""
-        if placement.epoch > self.placement.epoch:
-            self.placement = placement
-            self._keep_placement()
-            self.replication.sync()
-        self.replication.mark_down(down)
-        return self.placement.epoch
-
-    def _keep_placement(self) -> None:
-        """Keep the placement this node last saw on its own disk: a head that lost its disk rebuilds
-        the cluster's from these copies (node.authority)."""
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            placement_file.save(placement_file.node_copy(self.data_dir), self.placement)
-        except OSError as exc:  # a full disk must not stop the node; the head's copy is the record
-            log.warning("placement epoch %d not kept on %s: %s", self.placement.epoch, self.name, exc)
-
-    async def settle(self, placement: Placement, moving: tuple[int, ...] = ()) -> dict[str, list[int]]:
-        """Finish what an authority that stopped left here (a new one calls this once per node it
-        finds running): take its placement if newer, own the received copies it names here, drop
-        the others, lift the fences of moves it no longer drives (`moving`: the shards it is moving
-        now), and release copies it no longer names here (a move flipped before the old copy went)."""
-        await self.set_placement(placement)
-        adopted, dropped, unfenced, released = [], [], [], []
-        for shard, inc in list(self.moves.incoming.items()):
-            if shard in moving or inc.pin != MOVE_PIN:  # a re-seed is the primary's, not the authority's
-                continue
-            if inc.store is not None and self.name in self.placement.replicas[shard]:
-                await self.adopt(shard)
-                adopted.append(shard)
-            else:
-                await self.abort_incoming(shard)
-                dropped.append(shard)
-        for shard in sorted(self.moves.gate.fenced - set(moving)):
-            await self.unfence(shard)
-            unfenced.append(shard)
-        for shard in sorted(set(self.owned) - set(moving)):
-            if self.name not in self.placement.replicas[shard]:
-                await self.release(shard)
-                released.append(shard)
-        return {"adopted": adopted, "dropped": dropped, "unfenced": unfenced, "released": released}
-
-    async def get_placement(self) -> Placement:
-        return self.placement
-
-    # ---- replicas (node.replication): the follower's side, health and status ----------------------
-
-    async def apply_changes(self, shard: int, changes: list, from_node: str, after: int | None = None) -> int:
-        """Apply the primary `from_node`'s changes to this follower copy of `shard`; its seq after.
-        `after`: the seq the changes follow (default: the first one's - 1). A copy behind it (a
-        gap) applies nothing and answers its own seq, so the primary sends again from there.
-        NotOwnedError if there is no copy here or this node is the shard's primary in its view."""
-        self.start()
-        start = after if after is not None else (changes[0].seq - 1 if changes else 0)
-
-        def apply() -> int:
-            if shard not in self.owned:
-                raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
-            if self.placement.owner[shard] == self.name:
-                raise NotOwnedError(f"shard {shard}: {self.name} is its primary (placement epoch "
-                                    f"{self.placement.epoch}), not a follower of {from_node}")
-            store = self._shard(shard)
-            if store.last_seq() < start:
-                return store.last_seq()
-            store.apply(changes)
-            return store.last_seq()
-
-        self.indexer.wrote()
-        seq = await self._on_store(apply, busy="commit")
-        self.indexer.committed()
-        return seq
-
-    async def copy_state(self, shard: int) -> tuple[int, str | None]:
-        """(seq, digest of the change at seq or None) of the copy of `shard` here, for its primary
-        to decide between sending it the changes it misses and re-seeding it; NotOwnedError if none."""
-
-        def state() -> tuple[int, str | None]:
-            if shard not in self.owned:
-                raise NotOwnedError(f"shard {shard} is not owned by {self.name}")
-            return self._shard(shard).copy_state()
-
-        return await self._on_store(state)
-
-    async def reseed(self, shard: int, source: str) -> int:
-        """Replace the copy of `shard` here with one of the primary `source`'s (a snapshot and the
-        log after it, as `receive_shard`) and keep it as a follower copy; its seq."""
-        self.start()
-        return await self.moves.reseed(shard, source)
-
-    async def ping(self) -> dict[str, Any]:
-        """A cheap answer for health checks (on the event loop, no store thread, no model)."""
-        return {"node": self.name, "epoch": self.placement.epoch}
-
-    async def replication_status(self) -> dict[str, Any]:
-        """Per shard here: its role, seq, and for a primary each follower's acked seq, live flag and
-        lag; and the node's counters (writes that waited for followers, followers marked down, re-seeds)."""
-
-        def seqs() -> dict[int, int | None]:
-            # A copy on disk that nothing opened since the start (no request, no push yet) still has a seq.
-            return {s: self.shards[s].last_seq() if s in self.shards or self._exists(s) else None
-                    for s in sorted(self.owned)}
-
-        shards: dict[int, Any] = {}
-        for s, seq in (await self._on_store(seqs)).items():
-            entry: dict[str, Any] = {"role": "primary" if self.is_primary(s) else "follower", "seq": seq}
-            if entry["role"] == "primary":
-                entry["followers"] = {f: link.status(seq) for f, link in self.replication.links.get(s, {}).items()}
-            shards[s] = entry
-        return {"node": self.name, "placement_epoch": self.placement.epoch, "shards": shards,
-                **self.replication.counters()}
-
-
-    def _candidate_shards(self, shards: list[int] | None) -> list[int]:
-        """Shards to look in: the given ones that exist here (primary or follower copies), or every
-        open one this node is the primary of. A given shard not owned here (the caller's placement
-        is stale, or it moved) is NotOwnedError, never an empty answer."""
-        if shards is None:
-            return sorted(s for s in self.shards if self.is_primary(s))
-        for s in shards:
-            if s not in self.owned:
-                raise NotOwnedError(f"shard {s} is not owned by {self.name}")
-        return [s for s in shards if s in self.shards or self._exists(s)]
-
-    def _exists(self, shard: int) -> bool:
-        if (shard_dir(self.data_dir, shard) / "store.sqlite3").exists():
-            self._shard(shard)
-            return True
-        return False
-
     async def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
-            per_shard = {s: {**store.stats(), "role": "primary" if self.is_primary(s) else "follower"}
+            per_shard = {s: {**store.stats(), "role": "primary" if self.copies.is_primary(s) else "follower"}
                          for s, store in sorted(self.shards.items())}
             # Totals count primary copies only, so a cluster's sum over nodes counts each memory once.
             totals = {k: sum(v[k] for v in per_shard.values() if v["role"] == "primary") for k in STAT_KEYS}
-            return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.owned), "shards_open": len(self.shards),
+            return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.copies.held), "shards_open": len(self.shards),
                     **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard,
                     "embedder_passes": self.embedder.passes, "queries": self.queries,
                     "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
@@ -649,18 +411,18 @@ class Node:
                     "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
                                      **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
                     "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
-                    "placement_epoch": self.placement.epoch, "moves": self.moves.state(),
+                    "placement_epoch": self.copies.placement.epoch, "moves": self.moves.state(),
                     "replication": {**self.replication.summary(), "lag_max": max(
-                        (self.shards[s].last_seq() - link.acked for s, links in self.replication.links.items()
-                         if s in self.shards for link in links.values() if link.acked is not None), default=0)}}
+                        (r.store.last_seq() - link.acked for r in self.copies.replicas.values() if r.store is not None
+                         for link in r.links.values() if link.acked is not None), default=0)}}
 
-        return await self._on_store(collect)
+        return await self.copies.run(collect)
 
     async def profile(self, entity_id: str, shard: int, recent: int) -> dict[str, Any] | None:
         def collect() -> dict[str, Any] | None:
-            return self.shards[shard].profile(entity_id, recent) if self._candidate_shards([shard]) else None
+            return self.copies.store(shard).profile(entity_id, recent) if self.copies.readable([shard]) else None
 
-        return await self._on_store(collect)
+        return await self.copies.run(collect)
 
     async def close(self) -> None:
         """Finish in-flight writes, checkpoint every shard's WAL, release files."""
@@ -670,17 +432,16 @@ class Node:
         await self.embedder.close()
 
         def close_all() -> None:
-            for store in [*self.shards.values(), *(i.store for i in self.moves.incoming.values() if i.store)]:
-                store.close()
-            self.shards.clear()
+            for replica in [*self.copies.replicas.values(), *(i.replica for i in self.moves.incoming.values())]:
+                store, replica.store = replica.store, None
+                if store is not None:
+                    store.close()
 
-        await self._on_store(close_all)
+        await self.copies.run(close_all)
         self.store_thread.shutdown()
 
     async def walk(self, entity_id: str, shard: int, root: str, direction: str, edge_types: list[str] | None,
                    depth: int, breadth: int, max_edges: int, max_nodes: int) -> dict[str, Any]:
         """A graph walk within an entity's shard, every hop here: one Ray call, not one per hop."""
-        from node.graph_walk import walk  # kept inside: this method is all the walk adds to Node
-
-        return await walk(root, lambda frontier: self.edges(entity_id, shard, frontier, direction, edge_types,
+        return await graph_walk.walk(root, lambda frontier: self.edges(entity_id, shard, frontier, direction, edge_types,
                                                             breadth), depth, breadth, max_edges, max_nodes)

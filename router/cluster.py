@@ -28,7 +28,7 @@ from node.config import ClusterConfig
 from node.ids import parse_memory_id
 from node.ranking import best_first, oldest_first
 from node.records import IngestItem
-from node.ring import Placement
+from node.control.placement import Placement
 from router import ray_cluster
 from router.control_client import ControlClient
 from router.errors import ApiError

@@ -37,7 +37,7 @@ def format_status(status: dict) -> str:
                      f"{mib:>8.1f}")
     for d in status.get("shards_detail", []):
         if d["shard"] in under:
-            copies = ", ".join(f"{c['node']}({c['role'][0]} seq={c['seq']} {'live' if c['live'] else 'DOWN'})"
+            copies = ", ".join(f"{c['node']}({c['role'][0]} seq={c['seq']} {c.get('state') or ('live' if c['live'] else 'DOWN')})"
                                for c in d["copies"])
             lines.append(f"shard {d['shard']}: lag {d['lag']}  {copies}")
     for m in status.get("moving", []):

@@ -1,4 +1,4 @@
-"""The router's client of the control plane: the placement authority (node.authority) and the
+"""The router's client of the control plane: the placement authority (node.control.authority) and the
 cluster's shape as operators see it (`tellodb cluster status | add-node | remove-node`).
 
 The authority's handle is looked up again by name when it stops answering (a restarted head runs
@@ -15,10 +15,10 @@ from typing import Any
 
 from ray.exceptions import RayError, RayTaskError
 
-from node.authority import NotReady, PlacementError, UnknownNode
+from node.control.authority import NotReady, PlacementError, UnknownNode
 from node.names import AUTHORITY_NAME
 from node.config import ClusterConfig
-from node.ring import Placement
+from node.control.placement import Placement
 from router.errors import ApiError, Conflict, NotFound, Unavailable
 from router.link import Link
 from router.node_client import Nodes
@@ -102,11 +102,10 @@ class ControlClient:
                               "member changes wait for it") from None
 
     async def cluster_status(self) -> dict[str, Any]:
-        """The authority's view (members, owners, moves) with each node's memories and bytes, and
-        each shard's copies with their sequence numbers and lag (`shards_detail`, `under_replicated`)."""
+        """The authority's view (members, owners, moves, each shard's copies with their state, seqs
+        and lag: `shards_detail`, `under_replicated`) with each node's memories and bytes."""
         status = await self._ask_authority("status")
         per_node = await self.stats(timeout=10)
-        await self._add_replication(status)
         for name, member in status["members"].items():
             stats = per_node.get(name)
             if stats is None and name not in self.nodes and member["joined"]:
@@ -117,39 +116,6 @@ class ControlClient:
             else:
                 member["answered"] = False
         return status
-
-    async def _add_replication(self, status: dict[str, Any]) -> None:
-        """Each shard's copies, seqs and lag, and which shards are under-replicated, from the nodes."""
-        names = sorted({n for copies in status["replicas"] for n in copies if n in self.nodes})
-
-        async def one(name: str) -> dict | None:
-            try:  # a node gone is looked up again (router.node_client)
-                return await self.nodes[name].within(5).replication_status()
-            except Exception:
-                return None
-
-        found = dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
-        detail, under = [], []
-        for shard, copies in enumerate(status["replicas"]):
-            primary = (found.get(copies[0]) or {}).get("shards", {}).get(shard)
-            seq = primary["seq"] if primary else None
-            rows = [{"node": copies[0], "role": "primary", "seq": seq, "live": primary is not None, "lag": 0}]
-            for f in copies[1:]:
-                link = (primary or {}).get("followers", {}).get(f) or {}
-                mine = (found.get(f) or {}).get("shards", {}).get(shard)
-                their = mine["seq"] if mine else None
-                in_step = mine is not None and (their or 0) == (seq or 0)
-                live = bool(link.get("live")) if link else in_step  # no link yet: nothing written since it started
-                rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"), "live": live,
-                             "lag": 0 if in_step else link.get("lag")})
-            lags = [r["lag"] for r in rows[1:]]
-            lag = None if any(x is None for x in lags) else max(lags, default=0)
-            # Under-replicated: a copy missing or not live (down, catching up, being re-seeded). A live
-            # copy's lag is the push in flight: writes wait for it, so it is not a missing copy.
-            if len(copies) < status["replication"] or not all(r["live"] for r in rows):
-                under.append(shard)
-            detail.append({"shard": shard, "primary": copies[0], "seq": seq, "lag": lag, "copies": rows})
-        status["shards_detail"], status["under_replicated"] = detail, under
 
     async def add_node(self, name: str) -> dict[str, Any]:
         return await self._ask_authority("add_node", name)

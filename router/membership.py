@@ -5,7 +5,7 @@ cluster's identity. A head that comes back without GCS fault tolerance (no Redis
 cluster with a new id, and every raylet of the old one exits when it reconnects to it ("GCS
 returned an authentication error"); a worker cannot move to another cluster. What survives is
 what this process owns outside Ray: the node's data directory, its name, its last placement
-(node.placement_file) and, for a router, its cached placement. So `Membership` notices the loss
+(node.control.placement_file) and, for a router, its cached placement. So `Membership` notices the loss
 (one of its Ray processes exited, or the head answers with another cluster id), stops what is
 left (`leave`) and starts a new Ray node on the same slot (`join`); the role then starts its
 node actor again on the same name and data (router.roles).

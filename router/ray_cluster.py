@@ -1,7 +1,7 @@
 """The router's start in Ray: start, join or find the cluster's placement authority and node actors.
 
 `start` is `tellodb serve`: it joins the configured Ray cluster (or starts a private local one,
-router/ray_local.py), the placement authority (node.authority) and one named node actor per
+router/ray_local.py), the placement authority (node.control.authority) and one named node actor per
 configured node, and waits until each has opened its shards. `join` is `tellodb router`: this
 process is already a Ray driver (router.membership) and the authority and the nodes run elsewhere;
 it finds them by name. `find` does the same again after the router joined a new Ray cluster (the
@@ -19,10 +19,12 @@ from typing import Any
 
 import ray
 
-from node.actor import authority, start_authority, start_node_actor
+from node.actor import start_node_actor
+from node.control.actor import start_authority
+from node.names import authority
 from node.config import ClusterConfig, ConfigError
 from node.names import NAMESPACE, actor_name
-from node.ring import Placement
+from node.control.placement import Placement
 from router import ray_local
 from router.node_client import node_infos, register_old_free_ids
 

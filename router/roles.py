@@ -1,6 +1,6 @@
 """`tellodb head`, `tellodb node` and `tellodb router`: one engine over many machines, on Ray.
 
-- head: the Ray head (GCS) of the cluster and the placement authority (node.authority), which
+- head: the Ray head (GCS) of the cluster and the placement authority (node.control.authority), which
   keeps the placement in the head's data directory.
 - node: this machine slot joins as the home of node NAME; its node actor is pinned here by the
   Ray node label `tellodb-node=NAME` and keeps its shards under the node's data directory, so a
@@ -90,7 +90,7 @@ def _stop_on_signal() -> None:
 def run_head(args: argparse.Namespace) -> int:
     import ray
 
-    from node.actor import start_authority
+    from node.control.actor import start_authority
 
     config = _config(args, TEMPORAL_MEMORY_DATA_DIR=args.data_dir)
     claim_data_dir(config)
@@ -164,8 +164,9 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
     the cluster was lost (and the old actor's PID), or None after a stop (with a clean close)."""
     import ray
 
-    from node import placement_file
-    from node.actor import authority, start_node_actor
+    from node.control import placement_file
+    from node.actor import start_node_actor
+    from node.names import authority
 
     member.join(stop)
     kept = placement_file.load(placement_file.node_copy(config.data_dir))

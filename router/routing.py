@@ -22,7 +22,7 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from node.config import ClusterConfig
-from node.ring import Placement
+from node.control.placement import Placement
 from router.control_client import ControlClient
 from router.errors import ApiError, Unavailable
 from router.link import Link

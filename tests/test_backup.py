@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import API_KEY, BIN, http_json
-from node.ring import Placement
+from node.control.placement import Placement
 
 QUERIES = ["where does the user live", "favourite food", "the dog's name", "locker code", "weekend plans"]
 FACTS = ["I live in {city}", "My favourite food is {food}", "Our dog is called {dog}", "My locker code is {n}",

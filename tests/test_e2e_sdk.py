@@ -64,7 +64,7 @@ def assert_stats_consistent(client: TellodbClient, memories: int) -> None:
 
 def entities_on_both_nodes(prefix: str, shards: int = 8) -> list[str]:
     """Two entity ids whose shards live on different node actors (the servers run 8 shards)."""
-    from node.ring import Placement
+    from node.control.placement import Placement
 
     placement = Placement(shards, ("node-0", "node-1"))
     found: dict[str, str] = {}

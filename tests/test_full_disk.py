@@ -49,7 +49,7 @@ def held(base: str, memory_id: str) -> bool:
 
 
 def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_disk):
-    from node.ring import Placement
+    from node.control.placement import Placement
 
     server = make_server(data_dir=small_disk / "data", TELLODB_MIN_FREE_MB="0", TELLODB_NODES="2").start()
     base = server.base_url

@@ -13,10 +13,12 @@ import pytest
 from node.config import ClusterConfig, EmbeddingConfig
 from node.ids import parse_memory_id
 from node.records import IngestItem
-from node.ring import Placement
+from node.control.placement import Placement
 from node.errors import DeadlineExceeded, StorageFull
 from node.indexer import INDEX_BACKLOG
-from node.service import Node, NotOwnedError, shard_dir
+from node.errors import NotOwnedError
+from node.service import Node
+from node.shard_set import shard_dir
 
 SHARDS = 4
 

@@ -14,7 +14,7 @@ from tellodb import TellodbClient
 from conftest import API_KEY, cluster_status, fixed_answers
 from loadtest.local_cluster import LocalCluster
 from loadtest.mixed_load import MixedLoad
-from node.ring import Placement
+from node.control.placement import Placement
 
 FIXED = [f"fixed:user-{i}" for i in range(12)]
 FIXED_TEXTS = ["likes green tea in the morning", "plays the cello on weekends", "moved to Lisbon last spring",

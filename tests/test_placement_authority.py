@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node import placement_file
-from node.authority import NotReady, PlacementAuthority, PlacementError, UnknownNode
-from node.ring import Placement
+from node.control import placement_file
+from node.control.authority import NotReady, PlacementAuthority, PlacementError, UnknownNode
+from node.control.placement import Placement
 
 
 def saved(tmp_path, placement: Placement) -> str:
@@ -109,3 +109,75 @@ async def test_recovery_waits_for_a_copy_of_every_shard(tmp_path):
     await authority.join("c", {})
     assert not authority.recovering and (tmp_path / "placement.json").exists()
     authority._watcher.cancel()
+
+
+class FakeNode:
+    """A node actor's `replication_status`, as `handles.get(name).replication_status.remote()` answers it."""
+
+    def __init__(self, report: dict) -> None:
+        self.replication_status = self
+        self.report = report
+
+    async def remote(self) -> dict:
+        return self.report
+
+
+class FakeHandles:
+    def __init__(self, reports: dict[str, dict]) -> None:
+        self.reports = reports
+
+    def get(self, name: str, fresh: bool = False) -> FakeNode:
+        if name not in self.reports:
+            raise ValueError(f"no actor {name}")
+        return FakeNode(self.reports[name])
+
+    def forget(self, name: str) -> None:
+        pass
+
+
+async def test_the_status_has_each_shards_copies_and_says_which_are_under_replicated(tmp_path):
+    """Replication health is the authority's: per shard its copies' seqs, lag and liveness, and the
+    shards short of live copies (a follower the primary finds down)."""
+    p = Placement(2, ("a", "b"), replication=2)
+    authority = PlacementAuthority(saved(tmp_path, p), 2, ["a", "b"], replication=2)
+    await authority.join("a", {})
+    await authority.join("b", {})
+    authority._watcher.cancel()
+    reports = {n: {"shards": {}} for n in ("a", "b")}
+    for s in range(2):
+        primary, follower = p.replicas[s]
+        reports[primary]["shards"][s] = {"role": "primary", "seq": 10, "followers": {
+            follower: {"acked": 10 if s == 0 else 4, "live": s == 0, "lag": 0 if s == 0 else 6}}}
+        reports[follower]["shards"][s] = {"role": "follower", "seq": 10 if s == 0 else 4}
+    authority.handles = FakeHandles(reports)
+    status = await authority.status()
+    assert status["under_replicated"] == [1]
+    detail = {d["shard"]: d for d in status["shards_detail"]}
+    assert detail[0]["lag"] == 0 and detail[0]["seq"] == 10 and detail[0]["primary"] == p.replicas[0][0]
+    assert [c["live"] for c in detail[0]["copies"]] == [True, True]
+    assert detail[1]["lag"] == 6 and detail[1]["copies"][1] == {
+        "node": p.replicas[1][1], "role": "follower", "seq": 4, "acked": 4, "live": False, "lag": 6,
+        "state": "catching up"}
+
+
+async def test_right_after_add_node_a_new_copy_is_joining_or_catching_up_not_down(tmp_path):
+    """A node just added holds a copy its primary has not linked yet (the placement flipped, the
+    push of it is on its way) and is behind: it is catching up. A copy on a node that has not
+    joined (yet, or again) is joining; only one on a node the authority finds silent is down."""
+    p = Placement(2, ("a",), replication=2)
+    authority = PlacementAuthority(saved(tmp_path, p), 2, ["a"], replication=2)
+    await authority.join("a", {})
+    await authority.join("b", {})
+    authority._watcher.cancel()
+    authority._set(authority._placement.with_nodes(("a", "b")).with_copy_added(0, "b").with_copy_added(1, "c"))
+    authority.handles = FakeHandles({"a": {"shards": {0: {"role": "primary", "seq": 9, "followers": {}},
+                                                      1: {"role": "primary", "seq": 9, "followers": {}}}},
+                                     "b": {"shards": {0: {"role": "follower", "seq": 5}}}})
+    status = await authority.status()
+    copies = {d["shard"]: d["copies"] for d in status["shards_detail"]}
+    assert copies[0][1]["node"] == "b" and not copies[0][1]["live"] and copies[0][1]["state"] == "catching up"
+    assert copies[1][1]["node"] == "c" and copies[1][1]["state"] == "joining"
+    assert copies[0][0]["state"] == "live" and status["under_replicated"] == [0, 1]
+    authority.down_since["b"] = 0.0
+    status = await authority.status()
+    assert status["shards_detail"][0]["copies"][1]["state"] == "down"

@@ -15,9 +15,10 @@ import time
 import pytest
 import ray
 
-from node.actor import NAMESPACE, NodeActor, actor_name
+from node.actor import NodeActor
+from node.names import NAMESPACE, actor_name
 from node.errors import NodeError, NotOwnedError, TooFewReplicas
-from node.ring import Placement
+from node.control.placement import Placement
 from tests.test_shard_move import QUERIES, entities_on, item
 
 A, B, C = "rp-a", "rp-b", "rp-c"

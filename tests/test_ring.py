@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from node.ids import entity_token, new_memory_id, parse_memory_id, shard_of, stable_hash
-from node.ring import Placement
+from node.control.placement import Placement
 
 
 def test_memory_id_grammar():

@@ -13,12 +13,13 @@ import time
 import pytest
 import ray
 
-from node.actor import NAMESPACE, NodeActor, actor_name
+from node.actor import NodeActor
+from node.names import NAMESPACE, actor_name
 from node.errors import NodeError, NotOwnedError
 from node.ids import parse_memory_id
 from node.records import IngestItem
-from node.ring import Placement
-from node.service import shard_dir
+from node.control.placement import Placement
+from node.shard_set import shard_dir
 
 A, B = "mv-a", "mv-b"
 QUERIES = ["where does the user live", "favourite food", "the dog's name", "weekend plans"]
@@ -328,7 +329,7 @@ async def test_a_free_form_id_whose_home_shard_moves_stays_one_memory(pair):
 
 
 async def test_a_fence_refuses_new_writes_and_waits_for_those_in_flight():
-    from node.moves import Gate
+    from node.shard_set import Gate
 
     gate = Gate()
     go_on = asyncio.Event()
@@ -390,7 +391,7 @@ async def test_a_node_removes_unfinished_copies_at_start_and_its_fence_waits_for
 
 async def test_a_new_authority_settles_what_a_stopped_one_left_mid_move(pair):
     """With GCS fault tolerance the nodes outlive an authority that stopped mid-move: a fence and a
-    received copy stay behind. Its successor settles each node once (node.authority): before the
+    received copy stay behind. Its successor settles each node once (node.control.authority): before the
     flip was saved the copy is dropped and the fence lifted; after it, the copy is adopted, the
     fence lifted and the old copy released."""
     before, after = B_SHARDS[3], B_SHARDS[4]

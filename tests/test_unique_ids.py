@@ -82,7 +82,7 @@ async def test_erasing_an_entity_forgets_where_its_free_form_ids_lived(api, clus
 def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
     """Before, every free-form write asked every node to delete old copies: one stalled node
     failed them all. Now an id whose home and memory are on live nodes is written as usual."""
-    from node.ring import Placement
+    from node.control.placement import Placement
 
     config = tmp_path / "cluster.yaml"
     config.write_text("request_timeout_s: 8\n")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
-if TYPE_CHECKING:
-    from node.store.records import MemoryRecord
-    from node.store.shard import ShardStore
+from node.store.records import MemoryRecord
 
 log = logging.getLogger("tellodb.shard")
 
@@ -34,6 +32,15 @@ class Transaction:
             raise
 
 
+class Staging(Protocol):
+    """What `upsert_together` needs of a shard (node.store.shard.ShardStore, which imports this module)."""
+
+    db: sqlite3.Connection
+    unindexed: int
+
+    def stage(self, records: Sequence[MemoryRecord]) -> int: ...
+
+
 def rollback(db: sqlite3.Connection) -> None:
     """End the open transaction, if any, without raising: the error that led here is the one to report."""
     if db.in_transaction:
@@ -43,12 +50,12 @@ def rollback(db: sqlite3.Connection) -> None:
             log.exception("rollback failed")
 
 
-def upsert_together(batches: Sequence[tuple[ShardStore, Sequence[MemoryRecord]]]) -> None:
+def upsert_together(batches: Sequence[tuple[Staging, Sequence[MemoryRecord]]]) -> None:
     """Upsert into several shards as one unit: every shard's transaction is opened and written
     before any of them commits, so a failure while writing (a bad record, a full disk) changes no
     shard. A failure during the commits themselves can still leave the shards before it committed;
     the node's free-space reserve (`min_free_mb`) is what keeps a disk from filling there."""
-    opened: list[ShardStore] = []
+    opened: list[Staging] = []
     counts: list[int] = []
     committed = 0
     try:

@@ -1,6 +1,6 @@
 """A placement on disk: the authority's record (`<head data_dir>/placement.json`) and each node's
 copy of the last one it saw (`<node data_dir>/last_placement.json`), from which a head that lost
-its disk rebuilds the cluster's placement (node.authority, the highest epoch wins)."""
+its disk rebuilds the cluster's placement (node.control.authority, the highest epoch wins)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from node.ring import Placement
+from node.control.placement import Placement
 
 log = logging.getLogger("tellodb")
 NODE_COPY = "last_placement.json"

@@ -1,0 +1,98 @@
+"""Health and failover in the placement authority: who answers, and who takes over a primary.
+
+`Failover` is a part of `node.control.authority.PlacementAuthority` (a mixin: it reads and sets the
+authority's placement record, `joined`, `down_since`, `failovers`, `handles`). The watcher pings
+every joined node; one silent for `failover_after_s` loses its primaries to its live follower with
+the highest sequence number, one silent for `rebuild_after_s` stops being a member (its copies are
+rebuilt elsewhere by the move driver).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+log = logging.getLogger("tellodb")
+
+HISTORY = 50  # failovers, and finished or failed moves, kept for `status`
+
+
+class Failover:
+    PING_EVERY_S = 0.5
+    LOOK_EVERY_S = 2.0
+
+    async def _watch(self) -> None:
+        """Ping every joined node; one silent for `failover_after_s` loses its primaries to followers,
+        one silent for `rebuild_after_s` stops being a member (its copies are rebuilt elsewhere)."""
+        while True:
+            await asyncio.sleep(self.PING_EVERY_S)
+            if time.monotonic() - self._looked_for > self.LOOK_EVERY_S and self._expected() - set(self.joined):
+                self._looked_for = time.monotonic()
+                await self._look_for_running_nodes()
+            names = list(self.joined)
+            results = await asyncio.gather(*(self._ping(n) for n in names))
+            now = time.monotonic()
+            for name, ok in zip(names, results):
+                if ok:
+                    if self.down_since.pop(name, None) is not None:
+                        log.info("Node answers again name=%s", name)
+                    continue
+                since = self.down_since.setdefault(name, now)
+                if since == now:
+                    log.warning("Node not answering name=%s", name)
+                if self.recovering:
+                    continue  # no failover before every shard has a known copy
+                if now - since >= self.failover_after_s and name in self._placement.owner:
+                    try:
+                        await self._fail_over(name)
+                    except Exception as exc:
+                        log.error("failover from %s failed: %s", name, exc)
+                if (now - since >= self.rebuild_after_s and name in self._placement.nodes
+                        and len(self._placement.nodes) > 1):
+                    log.warning("Node away for %.0f s, its copies are rebuilt elsewhere name=%s", now - since, name)
+                    self._set(self._placement.with_nodes(tuple(n for n in self._placement.nodes if n != name)))
+                    self.error = None
+                    self._start_rebalance()
+
+    async def _ping(self, name: str) -> bool:
+        """Whether `name` answers; one that answers with an older placement (it was silent when a
+        newer one was pushed: paused, partitioned) is given the current one."""
+        try:
+            answer = await asyncio.wait_for(self.handles.get(name).ping.remote(), 1.0)
+        except Exception:
+            self.handles.forget(name)  # a restarted node is a new actor
+            return False
+        if answer.get("epoch", self._placement.epoch) < self._placement.epoch:
+            await self._push_to(name)
+        return True
+
+    async def _fail_over(self, name: str) -> None:
+        """Give each shard whose primary is `name` to its live follower with the highest sequence
+        number (with synchronous replication it holds every acknowledged write)."""
+        p = self._placement
+        changed = []
+        for shard in p.primaries_of(name):
+            candidates = [n for n in p.followers(shard) if n in self.joined and n not in self.down_since]
+            states = await asyncio.gather(*(self._copy_seq(n, shard) for n in candidates))
+            live = [(seq, n) for n, seq in zip(candidates, states) if seq is not None]
+            if not live:
+                continue  # no copy answers: the shard waits for its primary
+            seq, best = max(live)
+            p = p.with_primary(shard, best)
+            changed.append({"shard": shard, "from": name, "to": best, "seq": seq, "at": time.time(),
+                            "epoch": p.epoch})
+        if not changed:
+            return
+        self._set(p)
+        self.failover_count += len(changed)
+        self.failovers = (self.failovers + changed)[-HISTORY:]
+        log.warning("Failover from=%s shards=%s epoch=%d", name, [c["shard"] for c in changed], p.epoch)
+        await self._push()
+
+    async def _copy_seq(self, name: str, shard: int) -> int | None:
+        try:
+            state = await asyncio.wait_for(self.handles.get(name).copy_state.remote(shard), 2.0)
+            return int(state[0])
+        except Exception:
+            return None
