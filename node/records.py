@@ -1,6 +1,6 @@
 """Typed records that cross the Ray boundary between router and node.
 
-An `IngestItem` is one validated write: the router builds it from a request (router.app.to_item),
+An `IngestItem` is one validated write: the router builds it from a request (router.handlers.to_item),
 places it on its shard (router.cluster.Cluster.ingest) and a node stores it. Frozen: the router
 places an item by making a copy (`placed`), so nothing changes an item under a caller's feet.
 Hits and other answers stay plain dicts: they are the HTTP wire format, built by the shard store

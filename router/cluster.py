@@ -322,7 +322,7 @@ class Cluster:
         return await self.routing.execute(shard, lambda node: node.profile(entity_id, shard, recent), read=True)
 
     async def snapshot(self, shard: int) -> dict[str, Any]:
-        """A consistent copy of `shard` on its node (node.service.Node.snapshot)."""
+        """A consistent copy of `shard` on its node (node.copy_calls.CopyCalls.snapshot, part of Node)."""
         return await self.routing.execute(shard, lambda node: node.snapshot(shard))
 
     async def read_snapshot(self, node: str, snapshot_id: str, offset: int, size: int) -> bytes:
