@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from node.config import ConfigError
+from node.tuning import SMALL_JOB
 
 log = logging.getLogger("tellodb.embedder")
 
@@ -101,7 +102,6 @@ def check_embedder(model: str, backend: str, data_dir: str) -> str:
     return model_path
 
 
-SMALL_JOB = 8  # texts: a job this small (a query, single ingests) joins any pass whole
 
 
 class _Job:

@@ -21,11 +21,10 @@ from node.names import Handles, authority
 from node.records import IngestItem
 from node.shard_set import ShardSet
 from node.store import ShardStore
+from node.tuning import FREE_ID_RETRIES, FREE_ID_BACKOFF_S
 
 log = logging.getLogger("tellodb.node")
 
-RETRIES = 5  # calls to a shard's node that answered NotOwnedError, in all
-BACKOFF_S = 0.05  # before the first retry; doubled each time (0.05 + 0.1 + 0.2 + 0.4 s)
 
 
 class FreeIds:
@@ -50,17 +49,17 @@ class FreeIds:
     async def call_shard(self, shard: int, method: str, *args: Any) -> Any:
         """Call a `Node` method on the node of `shard`; if it does not own the shard (any more, or
         not yet, or it is fenced for a move), look again after a short backoff."""
-        for attempt in range(RETRIES):
+        for attempt in range(FREE_ID_RETRIES):
             try:
                 return await self.call(self._node_of(shard), method, *args)
             except NotOwnedError:
-                if attempt == RETRIES - 1:
+                if attempt == FREE_ID_RETRIES - 1:
                     raise
                 await self._backoff(attempt)
 
     async def _backoff(self, attempt: int) -> None:
         """Wait before a retry, then refresh the placement from the authority if it runs."""
-        await asyncio.sleep(BACKOFF_S * 2**attempt)
+        await asyncio.sleep(FREE_ID_BACKOFF_S * 2**attempt)
         found = authority()
         if found is None:  # no authority: the retry alone may find the move done
             return
@@ -167,7 +166,7 @@ class FreeIds:
         answers NotOwnedError are sent again (to wherever the refreshed placement says) after a
         backoff. Per memory id, its dedup answer."""
         answer: dict[str, str | None] = {}
-        for attempt in range(RETRIES):
+        for attempt in range(FREE_ID_RETRIES):
             groups: dict[str, list[IngestItem]] = {}
             for it in items:
                 groups.setdefault(self._node_of(it.shard), []).append(it)
@@ -175,7 +174,7 @@ class FreeIds:
                 *(self.call(node, "ingest", group, deadline) for node, group in groups.items()), return_exceptions=True)
             items = []
             for group, part in zip(groups.values(), parts):
-                if isinstance(part, NotOwnedError) and attempt < RETRIES - 1:
+                if isinstance(part, NotOwnedError) and attempt < FREE_ID_RETRIES - 1:
                     items += group
                 elif isinstance(part, BaseException):
                     raise part

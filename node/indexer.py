@@ -19,19 +19,21 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from node.store_thread import StoreThread
+from node.tuning import (
+    INDEX_BACKLOG,
+    INDEX_IDLE_S,
+    INDEX_CHUNK,
+    INDEX_CHUNK_NEAR_SEARCHES,
+    SEARCH_RECENT_S,
+    SEARCH_GAP_S,
+    INDEX_URGENT,
+)
 
 if TYPE_CHECKING:
     from node.store import ShardStore
 
 log = logging.getLogger("tellodb.node")
 
-INDEX_BACKLOG = 128  # unindexed rows that make a shard's Chroma batch worth its fixed cost now
-INDEX_IDLE_S = 0.5  # a pause in writes this long indexes every backlog
-INDEX_CHUNK = 64  # rows per store call when indexing, so queued queries get their turn between chunks
-INDEX_CHUNK_NEAR_SEARCHES = 8  # rows per store call while queries arrive (node/store_thread.py: searches first)
-SEARCH_RECENT_S = 1.0  # a search this recent counts as "queries arrive"
-SEARCH_GAP_S = 0.1  # an index chunk starts after this long without a search on the node...
-INDEX_URGENT = 8192  # ...unless this many rows wait on the node: then chunks take turns with searches
 
 
 class Indexer:

@@ -39,11 +39,9 @@ from node.names import Handles
 from node.replica import Replica, ReplicaState
 from node.shard_set import Gate, ShardSet
 from node.vector_cache import VectorCache
+from node.tuning import MOVE_SNAPSHOT_CHUNK_BYTES, MOVE_LOG_PAGE, MOVE_INDEX_BATCH
 
 MOVE_PIN = "move"  # the source's log pin while a shard is copied away (one move per shard at a time)
-CHUNK = 4 << 20  # snapshot bytes per Ray call
-PAGE = 1000  # changes per Ray call when replaying the source's log
-INDEX_BATCH = 256  # rows per store-thread call when indexing a received copy (queries run between)
 
 
 class LogTrimmed(NodeError):
@@ -161,7 +159,7 @@ class Moves:
         try:
             size = await self._copy(inc, peer, pin)
             copied = time.monotonic()
-            while await shards.run(inc.replica.store.index_pending, INDEX_BATCH, busy="index"):
+            while await shards.run(inc.replica.store.index_pending, MOVE_INDEX_BATCH, busy="index"):
                 self._alive(inc)
             indexed = time.monotonic()
             seq = await self._replay(inc, peer)
@@ -186,8 +184,8 @@ class Moves:
             await _in_thread(_fresh_folder, staging)
             digest = hashlib.sha256()
             with open(staging / "store.sqlite3", "wb") as f:
-                for offset in range(0, snap["bytes"], CHUNK):
-                    data = await peer.read_snapshot.remote(snap["id"], offset, CHUNK)
+                for offset in range(0, snap["bytes"], MOVE_SNAPSHOT_CHUNK_BYTES):
+                    data = await peer.read_snapshot.remote(snap["id"], offset, MOVE_SNAPSHOT_CHUNK_BYTES)
                     self._alive(inc)
                     if not data:
                         raise NodeError(f"shard {shard}: the snapshot from {inc.source} ended at {offset} of "
@@ -212,12 +210,12 @@ class Moves:
         target = await peer.shard_seq.remote(shard)
         after = await shards.run(inc.replica.store.last_seq)
         while True:
-            changes = await peer.changes_since.remote(shard, after, PAGE)
+            changes = await peer.changes_since.remote(shard, after, MOVE_LOG_PAGE)
             self._alive(inc)
             if changes:
                 await shards.run(inc.replica.store.apply, changes, busy="commit")
                 after = changes[-1].seq
-            if len(changes) < PAGE:
+            if len(changes) < MOVE_LOG_PAGE:
                 break
         await shards.run(inc.replica.store.advance_seq, target)
         inc.seq = await shards.run(inc.replica.store.last_seq)

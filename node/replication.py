@@ -32,11 +32,10 @@ from node.errors import NodeError, NotOwnedError, TooFewReplicas
 from node.moves import reseed_pin
 from node.names import Handles
 from node.shard_set import ShardSet
+from node.tuning import PUSH_PAGE, CATCH_UP_RETRY_S
 
 log = logging.getLogger("tellodb.node")
 
-PAGE = 1000  # changes per push
-RETRY_S = 1.0  # between a down follower's catch-up attempts
 
 
 def _actor_gone(exc: BaseException) -> bool:
@@ -99,7 +98,7 @@ class Link:
                 self.started += 1
                 round_ = self.started
                 changes = await self._send_after(self.acked)
-                if changes is not None and len(changes) < PAGE:
+                if changes is not None and len(changes) < PUSH_PAGE:
                     self.synced = max(self.synced, round_)
                 self._changed()
             except asyncio.CancelledError:
@@ -169,7 +168,7 @@ class Link:
 
     async def _catch_up(self) -> None:
         while not self.closed:
-            await asyncio.sleep(RETRY_S)
+            await asyncio.sleep(CATCH_UP_RETRY_S)
             reseeded = False
             try:
                 self.handle = self.repl.handles.get(self.follower, fresh=True)
@@ -185,7 +184,7 @@ class Link:
                     self.acked = state[0]
                 while True:
                     changes = await self._send_after(self.acked)
-                    if changes is not None and len(changes) < PAGE:
+                    if changes is not None and len(changes) < PUSH_PAGE:
                         break
                 self.live, self.error, self.down_since = True, None, None
                 log.info("%s: follower %s of shard %d is live again at seq %d", self.repl.shards.name,
@@ -285,7 +284,7 @@ class Replication:
             store = self.shards.store(shard)
             if store.trimmed_to() > after:
                 raise Diverged(f"shard {shard}: the log of {self.shards.name} was trimmed past seq {after}")
-            return store.changes_since(after, PAGE)
+            return store.changes_since(after, PUSH_PAGE)
 
         return await self.shards.run(read)
 

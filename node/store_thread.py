@@ -18,8 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
+from node.tuning import YIELD_POLL_S
 
-YIELD_POLL_S = 0.002  # how often a waiting index chunk looks again for a gap in the searches
 
 
 class StoreThread:

@@ -20,12 +20,11 @@ from node.errors import DeadlineExceeded, StorageFull, is_disk_full
 from node.indexer import Indexer
 from node.records import IngestItem
 from node.store_thread import StoreThread
+from node.tuning import COMMIT_ITEMS, COMMIT_TEXT_CHARS
 
 if TYPE_CHECKING:
     from node.store import MemoryRecord
 
-COMMIT_ITEMS = 1000  # writes per store-thread turn of the group commit (a larger single request still goes whole)
-COMMIT_TEXT_CHARS = 512 * 1024  # and characters of text, so queued queries get their turn between groups
 
 # (items, records, deadline, answer): a write waiting for the store thread
 Pending = tuple[list[IngestItem], list["MemoryRecord"], "float | None", asyncio.Future]

@@ -13,9 +13,8 @@ import logging.handlers
 import os
 from datetime import datetime, timezone
 from typing import Any
+from router.tuning import AUDIT_KEEP, AUDIT_ROTATE_BYTES
 
-ROTATE_BYTES = 10 << 20
-KEEP = 5
 
 
 class Audit:
@@ -26,7 +25,7 @@ class Audit:
         self._log.setLevel(logging.INFO)
         old = os.umask(0o077)
         try:
-            handler = logging.handlers.RotatingFileHandler(path, maxBytes=ROTATE_BYTES, backupCount=KEEP,
+            handler = logging.handlers.RotatingFileHandler(path, maxBytes=AUDIT_ROTATE_BYTES, backupCount=AUDIT_KEEP,
                                                            encoding="utf-8")
         finally:
             os.umask(old)

@@ -36,9 +36,9 @@ from router.link import Link
 from router.node_client import EdgesQuery, NodeClient, Nodes, Query, Walk
 from router.ray_cluster import set_node_environment
 from router.routing import Routing
+from router.tuning import DEADLINE_MARGIN_S
 
 log = logging.getLogger("tellodb")
-DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
 
 
 class Cluster:

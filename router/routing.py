@@ -27,9 +27,9 @@ from router.control_client import ControlClient
 from router.errors import ApiError, Unavailable
 from router.link import Link
 from router.node_client import Moved, NodeClient, NodeDown, Nodes, NodeSlow
+from router.tuning import REJOIN_WAIT_S
 
 log = logging.getLogger("tellodb")
-REJOIN_WAIT_S = 20.0  # a request waits this long (within its timeout) for a router joining the cluster again
 
 T = TypeVar("T")
 Work = Callable[[NodeClient], Awaitable[T]]

@@ -1,7 +1,7 @@
 """The router's tuning constants, in one place: timeouts, sizes, intervals and limits that are not
 worth a configuration key (those are in node.config.ClusterConfig). Each says where it acts.
 
-The node's own constants live in node/ (node.service, node.moves, node.replication, node.store).
+The node's and the control plane's are in node/tuning.py.
 """
 
 from __future__ import annotations
@@ -34,3 +34,11 @@ AUTHORITY_CALL_S = 120.0  # a role's calls to the placement authority (placement
 NODE_START_S = 900.0  # a node actor's start: opening (and re-indexing) its shards
 NODE_CALL_S = 60.0  # a role's other calls to its own node actor
 NODE_CLOSE_S = 60.0  # a stopping node's checkpoint of its shards
+
+# ---- Routing and writes (router.routing, router.cluster) -----------------------------------
+REJOIN_WAIT_S = 20.0  # a request waits this long (within its timeout) for a router joining the cluster again
+DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
+
+# ---- The audit trail (router.audit) ---------------------------------------------------------
+AUDIT_ROTATE_BYTES = 10 << 20  # the audit file rotates at this size
+AUDIT_KEEP = 5  # rotated audit files kept

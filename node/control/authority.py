@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from node.control import health, placement_file
-from node.control.failover import HISTORY, Failover
+from node.control.failover import Failover
 from node.control.placement import Placement
 from node.control.rebalance import MoveDriver
 from node.errors import NodeError
 from node.names import Handles
+from node.tuning import STATUS_HISTORY
 
 log = logging.getLogger("tellodb")
 
@@ -85,14 +86,14 @@ class PlacementAuthority(MoveDriver, Failover):
             self._set(Placement(p.shards, p.nodes, p.epoch + 1, replication=replication, replicas=p.replicas))
         self.joined: dict[str, dict[str, Any]] = {}  # node name -> what its process said at join
         self.moving: dict[int, dict[str, Any]] = {}  # shard -> the move in progress
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.history: deque[dict[str, Any]] = deque(maxlen=STATUS_HISTORY)
         self.error: str | None = None  # why the last rebalance stopped, until the next one starts
         self.moved_shards = 0
         self.moved_bytes = 0
         self._rebalance: asyncio.Task | None = None
         self.handles = Handles()  # the nodes' actors
         self.down_since: dict[str, float] = {}  # joined nodes not answering pings, since (monotonic)
-        self.failovers: list[dict[str, Any]] = []  # primaries handed to followers, newest last (HISTORY kept)
+        self.failovers: list[dict[str, Any]] = []  # primaries handed to followers, newest last (STATUS_HISTORY kept)
         self.failover_count = 0
         self._watcher: asyncio.Task | None = None
         self.paused = False  # the rebalance waits for a node to join

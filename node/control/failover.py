@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from node.tuning import STATUS_HISTORY
 
 log = logging.getLogger("tellodb")
 
-HISTORY = 50  # failovers, and finished or failed moves, kept for `status`
 
 
 class Failover:
@@ -86,7 +86,7 @@ class Failover:
             return
         self._set(p)
         self.failover_count += len(changed)
-        self.failovers = (self.failovers + changed)[-HISTORY:]
+        self.failovers = (self.failovers + changed)[-STATUS_HISTORY:]
         log.warning("Failover from=%s shards=%s epoch=%d", name, [c["shard"] for c in changed], p.epoch)
         await self._push()
 

@@ -17,8 +17,8 @@ import asyncio
 from typing import Any
 
 from node.names import Handles
+from node.tuning import HEALTH_ASK_TIMEOUT_S
 
-ASK_TIMEOUT_S = 5.0  # a node that does not report within this counts as not live
 
 
 async def reports(handles: Handles, names: list[str]) -> dict[str, dict | None]:
@@ -26,7 +26,7 @@ async def reports(handles: Handles, names: list[str]) -> dict[str, dict | None]:
 
     async def one(name: str) -> dict | None:
         try:
-            return await asyncio.wait_for(handles.get(name).replication_status.remote(), ASK_TIMEOUT_S)
+            return await asyncio.wait_for(handles.get(name).replication_status.remote(), HEALTH_ASK_TIMEOUT_S)
         except Exception:
             handles.forget(name)  # a restarted node is a new actor
             return None

@@ -23,9 +23,8 @@ from node.store.schema import LEXICAL_SOURCES
 from node.store.scope import Scope, Window
 from node.store.vector_index import VectorIndex
 from node.vector_cache import EntityVectors, VectorCache
+from node.tuning import EXACT_SCAN, LEXICAL_SCAN
 
-EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
-LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
 
 
 class Search:

@@ -24,10 +24,10 @@ import numpy as np
 from node.index_budget import IndexBudget, index_bytes
 from node.store.scope import Scope
 from node.store.transaction import Transaction
+from node.tuning import CHROMA_BATCH
 
 log = logging.getLogger("tellodb.shard")
 
-CHROMA_BATCH = 256  # vectors per Chroma upsert
 
 
 class VectorIndex:
