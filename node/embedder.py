@@ -30,7 +30,7 @@ class TorchMissing(ConfigError):
 
     def __init__(self, module: str) -> None:
         super().__init__(f"embedding.backend: torch needs {module}, which is not installed: "
-                         "pip install 'tellodb-cluster[torch]', or use the default backend onnx (README: Lean install)")
+                         "pip install 'tellodb-cluster[torch]', or use the default backend onnx (docs/guide/install.md#lean-install-no-torch)")
 
 
 class Embedder:

@@ -6,7 +6,7 @@ for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cach
 first node to start, under a file lock) and never downloaded. Exporting needs the `torch` extra
 (torch, transformers, onnx); running does not: the export folder also gets the model's small
 files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without
-torch nor the model package finds and runs it (node.model_files.find_export; README: Lean install).
+torch nor the model package finds and runs it (node.model_files.find_export; docs/guide/install.md#lean-install-no-torch).
 `OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
 pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
 sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
@@ -44,7 +44,7 @@ class ModelNotExported(ConfigError):
             f"embedding.model: the ONNX export of {model} is not in {models}/ and this install cannot make it "
             f"(missing: {', '.join(missing)}). Either install the export tools here: "
             f"pip install 'tellodb-cluster[torch]', or export on another machine with "
-            f"`tellodb export-model --data-dir DIR` and copy DIR/models/ to {models}/ (README: Lean install)")
+            f"`tellodb export-model --data-dir DIR` and copy DIR/models/ to {models}/ (docs/guide/install.md#lean-install-no-torch)")
 
 
 def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:

@@ -39,7 +39,7 @@ MAX_QUERY_TERMS = 32
 
 @dataclass(frozen=True)
 class RankingConfig:
-    """Weights of the fused score; see the README's ranking section for every field."""
+    """Weights of the fused score; docs/guide/configuration.md#ranking-ranking_configjson has every field."""
 
     dense_weight: float = 0.6  # share of cosine similarity in the final score
     lexical_weight: float = 0.4  # share of normalised BM25 in the final score

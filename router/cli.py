@@ -73,7 +73,7 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         ray_local.prepare(config.data_dir)  # before Ray is imported: it reads some settings then
     elif os.environ.get("RAY_AUTH_MODE") != "token":
         log.warning("Joining Ray at %s without RAY_AUTH_MODE=token: anyone who reaches its ports can run code "
-                    "(README: Network and Ray security)", config.ray_address)
+                    "(docs/ops/security.md)", config.ray_address)
     from router.cluster import Cluster  # imports Ray: only once the data directory is ours
 
     cluster = Cluster(config)

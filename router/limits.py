@@ -1,4 +1,4 @@
-"""Per-request work limits (README: Limits), checked before a request reaches a node.
+"""Per-request work limits (docs/guide/limits.md), checked before a request reaches a node.
 
 The schemas hold only hard ceilings; the configured limits (`max_text_chars`, `max_relations`,
 `max_metrics`, `max_batch_text_bytes`) bound what one request can make a node's threads do, so an

@@ -68,7 +68,7 @@ def check_serve_layout(config: ClusterConfig) -> None:
     has = lambda path: os.path.isdir(path) and any(os.scandir(path))  # noqa: E731
     if config.replication > 1 and has(shared):
         raise ConfigError(f"replication: {config.data_dir} holds single-copy shards; replication > 1 on one machine "
-                          "needs a new data directory (back it up and restore it into a cluster, README: Backups)")
+                          "needs a new data directory (back it up and restore it into a cluster, docs/ops/backups.md)")
     if config.replication == 1 and has(per_node):
         raise ConfigError(f"replication: {config.data_dir} holds replicated shards (nodes/); set replication back "
                           "to the value it was created with")

@@ -125,7 +125,7 @@ def test_dockerfile_essentials():
 
 def test_runtime_stage_gets_the_venv_without_torch():
     """The runtime stage copies the lean venv (the project without extras, torch checked absent)
-    and the export, never the export venv that has torch (README: Lean install)."""
+    and the export, never the export venv that has torch (docs/guide/install.md#lean-install-no-torch)."""
     steps = instructions(DOCKERFILE)
     copies = [rest for word, rest in final_stage(DOCKERFILE) if word == "COPY"]
     sources = {shlex.split(rest)[-2] for rest in copies}

@@ -154,6 +154,7 @@ def test_chart_lints_and_renders_valid_manifests(helm, tmp_path, name):
     ({"auth": {"apiKey": "short"}}, "apiKey"),
     ({"head": {"gcsFaultTolerance": {"enabled": True}}}, "redisAddress"),
     ({"headOutageSeconds": 0}, "headOutageSeconds"),
+    ({"rayPortRange": "20000"}, "rayPortRange"),  # LOW-HIGH
     ({"config": {"head_outage_s": 60}}, "config"),  # the chart sets it from headOutageSeconds
     ({"head": {"gcsFaultTolerance": {"reconnectTimeoutSeconds": 300}}}, "reconnectTimeoutSeconds"),  # now headOutageSeconds
     ({"head": {"gcsFaultTolerance": {"redisPasswordSecret": {"name": "redis", "key": ""}}}}, "key"),
@@ -527,3 +528,18 @@ def test_chart_commands_run_a_cluster(helm, tmp_path, model_export):
     finally:
         for pod in list(pods.procs):
             pods.stop(pod, timeout=10)
+
+
+def test_ray_port_range_reaches_every_role(helm, tmp_path):
+    """`rayPortRange` keeps each pod's Ray ports in one range (docs/ops/security.md); unset, no pod names one."""
+    def ranges(values: dict) -> dict[str, str | None]:
+        out = {}
+        for name, pod in pod_templates(render(helm, tmp_path, values)).items():
+            for c in pod["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                if c["name"] in ("head", "node", "router"):
+                    out[c["name"]] = env.get("TELLODB_RAY_PORT_RANGE")
+        return out
+
+    assert ranges({"rayPortRange": "20000-20099"}) == {r: "20000-20099" for r in ("head", "node", "router")}
+    assert ranges({}) == {r: None for r in ("head", "node", "router")}

@@ -10,7 +10,7 @@ import aiohttp
 from conftest import API_KEY
 from loadtest.probe import Client, bad_inputs, heavy_inputs, one_id_races
 
-# README (Limits): the longest a request holds a node thread (one store-thread turn) is about 1.5 s
+# docs/guide/limits.md: the longest a request holds a node thread (one store-thread turn) is about 1.5 s
 # on the 2-core development machine; side queries may wait for one such turn plus an embedding pass.
 DOCUMENTED_HOLD_S = 1.5
 LIMITS = {"max_text_chars": 32_768, "max_relations": 64, "max_batch_items": 200, "max_batch_text_bytes": 128 * 1024}

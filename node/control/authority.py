@@ -235,7 +235,7 @@ class PlacementAuthority(MoveDriver, Failover):
         if not self.movable:
             raise PlacementError("`tellodb serve` runs every node in one data directory, so shards cannot move "
                                  "between them; run `tellodb head`, `tellodb node` and `tellodb router` for a "
-                                 "cluster that grows (README: Many machines)")
+                                 "cluster that grows (docs/ops/many-machines.md)")
 
     # ---- what the operator sees ---------------------------------------------------------------
 

@@ -71,6 +71,10 @@ http://{{ include "tellodb.fullname" . }}-router.{{ .Release.Namespace }}.svc:{{
   value: "1"
 - name: HOME
   value: /home/tellodb
+{{- with .Values.rayPortRange }}
+- name: TELLODB_RAY_PORT_RANGE
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Nodes and routers: how long they outlive a head that is away (they set Ray's own timeout from it). */}}
