@@ -8,6 +8,7 @@ Ray restarts after a crash opens the shards it owns now, not the ones it owned w
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -32,7 +33,34 @@ class PlacedNode(Node):
         super().__init__(name, config, placement.shards_of(name), threads, placement)
 
 
-NodeActor = ray.remote(PlacedNode)
+class ExposedNode:
+    """The Ray face of a node: exactly `API`, the node's public methods, each awaited on the node it
+    holds. Ray exposes every method of an actor's class, private ones too, so the actor's class is
+    this face and not `Node` itself; `Node`'s helpers stay callable only from inside."""
+
+    def __init__(self, name: str, config: ClusterConfig, placement: Placement, threads: int = 1) -> None:
+        self._node = PlacedNode(name, config, placement, threads)
+
+
+API: tuple[str, ...] = tuple(sorted(name for name, _ in inspect.getmembers(Node, inspect.isfunction)
+                                    if not name.startswith("_")))
+
+
+def _expose(name: str) -> Any:
+    method = getattr(Node, name)
+
+    async def call(self: ExposedNode, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(self._node, name)(*args, **kwargs)
+
+    call.__name__, call.__doc__ = name, method.__doc__
+    call.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]  # Ray checks calls against it
+    return call
+
+
+for _name in API:
+    setattr(ExposedNode, _name, _expose(_name))
+
+NodeActor = ray.remote(ExposedNode)
 
 
 def start_node_actor(name: str, config: ClusterConfig, placement: Placement, cpus: float, threads: int,

@@ -1,8 +1,8 @@
 """A node: the shard copies it holds behind an async API, the Ray actor's methods (node.actor).
 
-`Node` is plain Python so it can be tested without Ray; `node.actor.NodeActor` is the same class
-as a Ray actor, and its public methods are the API Ray exposes: the client's (here) and the calls
-of other nodes and the placement authority (node.copy_calls). Which copies it holds, in which role,
+`Node` is plain Python so it can be tested without Ray; `node.actor.NodeActor` is its Ray face,
+which exposes exactly its public methods (node.actor.API): the client's (here) and the calls of
+other nodes and the placement authority (node.copy_calls). Which copies it holds, in which role,
 and whether a request may read or write them is the shard set's to say (node.shard_set, one
 node.replica.Replica per copy). It delegates each job to one part: embedding to a batching
 embedder on its own thread (node.embedder); all SQLite and Chroma work to one store thread
@@ -199,6 +199,7 @@ class Node(CopyCalls):
         if method not in self.MERGEABLE:
             raise ValueError(f"{method} cannot be merged")
         return await asyncio.gather(*(getattr(self, method)(*args) for args in calls), return_exceptions=True)
+
     async def ingest(self, items: list[IngestItem], deadline: float | None = None) -> list[str | None]:
         """Embed and store `items` (validated, each with its `shard`); answer after the commit.
 
