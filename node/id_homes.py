@@ -23,7 +23,7 @@ import json
 import sqlite3
 from typing import Iterable, NamedTuple, Protocol
 
-from node.store import changelog
+import node.store.changelog as changelog
 from node.store.transaction import Transaction
 
 

@@ -40,7 +40,8 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package[:len(package) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
-            found.update(resolve(f"{module}.{a.name}") or resolve(module) for a in node.names)
+            found.add(resolve(module))  # `from package import module` runs the package's __init__ too
+            found.update(resolve(f"{module}.{a.name}") for a in node.names)
     return {m for m in found if m and m != name}
 
 

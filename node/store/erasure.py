@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from node.store import changelog
+import node.store.changelog as changelog
 from node.store.records import MEMORY_COLUMNS, row_to_memory
 from node.store.schema import LEXICAL_SOURCES
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from node.store import changelog
+import node.store.changelog as changelog
 from node.store.transaction import Transaction
 
 SCHEMA_VERSION = 1

@@ -18,7 +18,13 @@ import numpy as np
 
 from node.index_budget import IndexBudget
 from node.ranking import RankingConfig
-from node.store import analytics, changelog, erasure, graph, records, schema, snapshot
+import node.store.analytics as analytics
+import node.store.changelog as changelog
+import node.store.erasure as erasure
+import node.store.graph as graph
+import node.store.records as records
+import node.store.schema as schema
+import node.store.snapshot as snapshot
 from node.store.records import MemoryRecord
 from node.store.scope import Window
 from node.store.search import Search

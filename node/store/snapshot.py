@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from node.store import changelog
+import node.store.changelog as changelog
 from node.store.transaction import Transaction
 
 

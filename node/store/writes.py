@@ -18,7 +18,7 @@ from node.facts import slots_of
 from node.ids import entity_token
 from node.measurements import extract
 from node.ranking import RankingConfig
-from node.store import changelog
+import node.store.changelog as changelog
 from node.store.erasure import erase_rows
 from node.store.fact_chains import drop_facts, rechain
 from node.store.records import MemoryRecord
