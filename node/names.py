@@ -18,15 +18,21 @@ def actor_name(node: str) -> str:
     return f"{NAMESPACE}-{node}"
 
 
-def authority() -> Any:
-    """The placement authority's actor handle, or None when there is none (yet), or no Ray here."""
+def _get_actor(name: str) -> Any:
+    """The actor named `name` in NAMESPACE; ValueError when there is none, RuntimeError when Ray is
+    not running here (Ray's get_actor would start a local Ray of its own)."""
     import ray
 
-    if not ray.is_initialized():  # get_actor would start a local Ray of its own
-        return None
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not running")
+    return ray.get_actor(name, namespace=NAMESPACE)
+
+
+def authority() -> Any:
+    """The placement authority's actor handle, or None when there is none (yet), or no Ray here."""
     try:
-        return ray.get_actor(AUTHORITY_NAME, namespace=NAMESPACE)
-    except ValueError:
+        return _get_actor(AUTHORITY_NAME)
+    except (ValueError, RuntimeError):
         return None
 
 
@@ -42,11 +48,7 @@ class Handles:
         if fresh:
             self.forget(node)
         if node not in self._found:
-            import ray
-
-            if not ray.is_initialized():  # get_actor would start a local Ray of its own
-                raise RuntimeError("Ray is not running")
-            self._found[node] = ray.get_actor(actor_name(node), namespace=NAMESPACE)
+            self._found[node] = _get_actor(actor_name(node))
         return self._found[node]
 
     def keep(self, node: str, handle: Any) -> None:
