@@ -65,6 +65,7 @@ class EmbeddingConfig:
     batch_size: Int = 64  # largest batch the embedder builds from concurrent requests
     batch_chars: Int = 4096  # and its most characters (one longer text still gets a pass): bounds one pass's time
     max_wait_ms: Float = 0.0  # extra wait for company; 0 = batch only what queued during the last pass
+    cache_entries: Int = 4096  # query texts whose vectors a node keeps (LRU, 1.5 KB each at 384 dims); 0 = off
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -72,6 +73,16 @@ class HnswConfig:
     connectivity: Int = 16  # M
     ef_search: Int = 64  # Chroma's default of 10 loses recall
     ef_construction: Int = 128
+
+
+@dataclass(frozen=True, config=STRICT)
+class RebalanceConfig:
+    # Moves run one at a time (node.control.rebalance), so this is the whole copy rate of a rebalance:
+    # after each move the authority waits until the move's bytes average at most this. 50 MB/s is
+    # under half of a 1 Gbit/s link and of a cloud volume's baseline (125 MB/s): serving keeps the
+    # rest. Moves measured here copy at a few MB/s (index builds are slower than the copy), so the
+    # limit bites on fast machines with large shards only. 0 = no limit.
+    max_bytes_per_s: Int = 50_000_000
 
 
 # Crosses the Ray boundary too: every node actor gets a pickled copy (router.cluster.Cluster.start),
@@ -113,8 +124,15 @@ class ClusterConfig:
     rebuild_after_s: Float = 600.0  # a node away this long has its copies rebuilt on other nodes
     read_failover_s: Float = 2.0  # a read the primary has not answered within this goes to a follower
     head_outage_s: Float = 600.0  # nodes and routers outlive a head (Ray GCS) away this long (router.membership)
+    # A node that joins becomes a member and its share of shards moves to it, without `tellodb cluster
+    # add-node`. Off by default: moving data costs disk, network and CPU while serving, and an operator
+    # choosing when it happens is safer (and an upgrade from the hash ring's placement does not start
+    # evening it out unasked). The Helm chart's autoRebalance turns it on, so that scaling the nodes'
+    # StatefulSet up needs no other command (node.control.autobalance, docs/ops/many-machines.md).
+    auto_rebalance: bool = False
     embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = dataclasses.field(default_factory=HnswConfig)
+    rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
 
     @property
     def node_names(self) -> list[str]:
@@ -170,7 +188,7 @@ def _problem(error: dict) -> str:
         return f"{key}: unknown key (known: {', '.join(sorted(f.name for f in dataclasses.fields(cls)))})"
     if kind == "dataclass_type":
         return f"{key}: expected a mapping"
-    expected = {"int": "int", "float": "float", "string": "str"}.get(kind.split("_")[0])
+    expected = {"int": "int", "float": "float", "string": "str", "bool": "bool"}.get(kind.split("_")[0])
     if expected:
         return f"{key}: expected {expected}, got {value!r}"
     return f"{key}: {error['msg'].removeprefix('Value error, ')}"
@@ -290,6 +308,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.rate_burst >= 0, "rate_burst", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
     check(config.changelog_keep >= 0, "changelog_keep", "must be 0 or more")
+    check(config.rebalance.max_bytes_per_s >= 0, "rebalance.max_bytes_per_s", "must be 0 (no limit) or more")
     emb = config.embedding
     backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())
     check(backend in EMBEDDING_BACKENDS, "embedding.backend",

@@ -1,4 +1,4 @@
-"""`tellodb cluster status | add-node NAME | remove-node NAME`, against any router's admin endpoints.
+"""`tellodb cluster status | add-node NAME | remove-node NAME | rebalance`, against any router's admin endpoints.
 
 `add-node` and `remove-node` return as soon as the placement authority has the new member list;
 the shards then move one at a time in the background. Without `--no-wait` the command follows
@@ -29,6 +29,15 @@ def format_status(status: dict) -> str:
              f"pending moves {status['pending_moves']}  failovers {status.get('failovers', 0)}"
              + (f"  under-replicated shards {under}" if under else "")
              + (f"  ERROR: {status['error']}" if status.get("error") else "")]
+    if "auto_rebalance" in status:  # how shards move (node.control.autobalance)
+        limit, waiting = status.get("max_bytes_per_s", 0), status["pending_moves"]
+        line = (f"auto-rebalance {'on' if status['auto_rebalance'] else 'off'}  moves "
+                + (f"at most {limit / 1e6:g} MB/s" if limit else "unlimited"))
+        if status.get("paced_s"):
+            line += f"  paused {status['paced_s']:g} s to keep under it"
+        if waiting and not (status["auto_rebalance"] or status["rebalancing"] or status.get("error")):
+            line += f"  {waiting} moves wait for a command (`tellodb cluster rebalance` starts them)"
+        lines.append(line)
     lines.append(f"{'NODE':<16} {'MEMBER':<7} {'UP':<4} {'PRIMARY':>7} {'COPIES':>6} {'MEMORIES':>9} {'MiB':>8}")
     for name, n in sorted(status["members"].items()):
         mib = n.get("bytes", 0) / 2**20
@@ -55,7 +64,7 @@ def follow(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
         status = _get(url, key)
         done = min(total, status["moved_shards"] - base_shards)
         bar.update(done, status["moved_bytes"] - base_bytes)
-        if status["pending_moves"] == 0 and not status["moving"]:
+        if status["pending_moves"] == 0 and not status.get("pending_handovers") and not status["moving"]:
             if done < total:
                 bar.update(total, status["moved_bytes"] - base_bytes)
             return status
@@ -72,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
         if args.cluster_command == "status":
             status = _get(url, key)
             print(json.dumps(status, indent=2) if args.json else format_status(status))
+            return 0
+        if args.cluster_command == "rebalance":
+            started = get_json(f"{url}/admin/rebalance", key, "POST", {})
+            print(f"rebalance at epoch {started['epoch']}; {started['pending_moves']} shard moves, "
+                  f"{started.get('pending_handovers', 0)} primary handovers", file=sys.stderr)
+            if args.no_wait or not (started["pending_moves"] or started.get("pending_handovers")):
+                return 0
+            print(f"done: epoch {follow(url, key, started)['epoch']}", file=sys.stderr)
             return 0
         name = urllib.parse.quote(args.name, safe="")
         if args.cluster_command == "add-node":
@@ -100,9 +117,10 @@ def add_parser(sub) -> None:
     a.add_argument("name")
     r = csub.add_parser("remove-node", help="move every shard of a node to the others")
     r.add_argument("name")
-    for p in (a, r):
+    b = csub.add_parser("rebalance", help="carry out the pending moves and primary handovers (the members stay)")
+    for p in (a, r, b):
         p.add_argument("--no-wait", action="store_true", help="return once the moves are planned")
-    for p in (s, a, r):
+    for p in (s, a, r, b):
         p.add_argument("--url", default="http://127.0.0.1:3000", help="any router (default: %(default)s)")
         p.add_argument("--key", default=os.environ.get("TELLODB_API_KEY"),
                        help="an admin key (default: $TELLODB_API_KEY)")

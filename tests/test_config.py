@@ -60,6 +60,8 @@ def test_config_path_from_env(tmp_path):
         ({"TEMPORAL_MEMORY_DEVICE": "tpu"}, "TEMPORAL_MEMORY_DEVICE"),
         ({"TELLODB_API_KEY": "short"}, "TELLODB_API_KEY"),
         ({"TELLODB_INDEX_MEMORY_MB": "-1"}, "TELLODB_INDEX_MEMORY_MB"),
+        ({"TELLODB_AUTO_REBALANCE": "maybe"}, "TELLODB_AUTO_REBALANCE"),
+        ({"TELLODB_REBALANCE_MAX_BYTES_PER_S": "-1"}, "TELLODB_REBALANCE_MAX_BYTES_PER_S"),
     ],
 )
 def test_bad_environment_values_name_the_variable(env, named):
@@ -101,3 +103,19 @@ def test_nodes_may_be_a_count_or_a_list_of_names(tmp_path):
         cfg.write_text(bad)
         with pytest.raises(ConfigError, match="nodes: names must be distinct"):
             load_config(cfg, env={})
+
+
+def test_rebalancing_on_its_own_is_off_and_moves_are_paced_by_default(tmp_path):
+    """auto_rebalance: data moves when an operator says so, unless turned on; moves copy at most
+    rebalance.max_bytes_per_s (0: no limit)."""
+    c = load_config(None, env={})
+    assert c.auto_rebalance is False and c.rebalance.max_bytes_per_s == 50_000_000
+    c = load_config(None, env={"TELLODB_AUTO_REBALANCE": "true", "TELLODB_REBALANCE_MAX_BYTES_PER_S": "0"})
+    assert c.auto_rebalance is True and c.rebalance.max_bytes_per_s == 0
+    f = tmp_path / "c.yaml"
+    f.write_text("auto_rebalance: yes\nrebalance:\n  max_bytes_per_s: 1000000\n")
+    c = load_config(f, env={})
+    assert c.auto_rebalance is True and c.rebalance.max_bytes_per_s == 1_000_000
+    f.write_text("auto_rebalance: 2\n")
+    with pytest.raises(ConfigError, match="auto_rebalance"):
+        load_config(f, env={})

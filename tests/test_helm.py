@@ -158,6 +158,8 @@ def test_chart_lints_and_renders_valid_manifests(helm, tmp_path, name):
     ({"config": {"head_outage_s": 60}}, "config"),  # the chart sets it from headOutageSeconds
     ({"head": {"gcsFaultTolerance": {"reconnectTimeoutSeconds": 300}}}, "reconnectTimeoutSeconds"),  # now headOutageSeconds
     ({"head": {"gcsFaultTolerance": {"redisPasswordSecret": {"name": "redis", "key": ""}}}}, "key"),
+    ({"autoRebalance": "yes"}, "autoRebalance"),
+    ({"config": {"auto_rebalance": True}}, "config"),  # the chart sets it from autoRebalance
 ])
 def test_values_are_checked(helm, tmp_path, bad, message):
     done = subprocess.run([helm, "template", RELEASE, str(CHART), "-f", str(values_file(tmp_path, bad))],
@@ -543,3 +545,18 @@ def test_ray_port_range_reaches_every_role(helm, tmp_path):
 
     assert ranges({"rayPortRange": "20000-20099"}) == {r: "20000-20099" for r in ("head", "node", "router")}
     assert ranges({}) == {r: None for r in ("head", "node", "router")}
+
+
+def test_auto_rebalance_is_the_heads_and_off_unless_asked_for(helm, tmp_path):
+    """`autoRebalance` reaches the head, where the placement authority runs (TELLODB_AUTO_REBALANCE):
+    with it, `--set node.replicas=4` is a whole scale-up (the new pod joins and gets its share)."""
+    from node.config import ENV_VARS
+
+    assert ("TELLODB_AUTO_REBALANCE", "auto_rebalance") in ENV_VARS
+
+    def auto(values: dict) -> dict[str, str | None]:
+        return {name: {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env", [])}
+                .get("TELLODB_AUTO_REBALANCE") for name, pod in pod_templates(render(helm, tmp_path, values)).items()}
+
+    assert auto({}) == {"rel-head": "false", "rel-node": None, "rel-router": None, "rel-backup": None}
+    assert auto({"autoRebalance": True})["rel-head"] == "true"

@@ -7,6 +7,7 @@ killed half-way; clients of the other see no error, and every acknowledged write
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 from tellodb import TellodbClient
@@ -63,9 +64,9 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     after_add = cluster_status(c, r1.url)
     moved = [s for s in range(16) if after_add["owner"][s] != first["owner"][s]]
     assert moved and all(after_add["owner"][s] == "n4" for s in moved)
-    expected = Placement(16, ("n1", "n2", "n3", "n4")).owner
-    assert tuple(after_add["owner"]) == expected  # the ring's choice: only what must move moved
-    assert 1 <= len(moved) <= 8  # about 1/4 of 16
+    was = Placement(16, ("n1", "n2", "n3", "n4"), replicas=tuple((o,) for o in first["owner"]))
+    assert tuple(after_add["owner"]) == tuple(r[0] for r in was.target())  # the balance's choice
+    assert len(moved) == 4 and sorted(Counter(after_add["owner"]).values()) == [4, 4, 4, 4]  # its share only
     for s in moved:
         assert (c.root / "n4" / "shards" / f"{s:04d}" / "store.sqlite3").exists()
         assert s not in shard_files(c, first["owner"][s])

@@ -181,3 +181,60 @@ async def test_right_after_add_node_a_new_copy_is_joining_or_catching_up_not_dow
     authority.down_since["b"] = 0.0
     status = await authority.status()
     assert status["shards_detail"][0]["copies"][1]["state"] == "down"
+
+
+def test_serve_keeps_its_saved_placement_while_its_nodes_stay_the_same(tmp_path):
+    """A data directory made by an older version (its copies where the ring put them) keeps them:
+    with replicas each node's folder holds the copies that placement gave it."""
+    ring_made = Placement(8, ("node-0", "node-1"), replication=2,
+                          replicas=(("node-1", "node-0"),) * 6 + (("node-0", "node-1"),) * 2)
+    saved(tmp_path, ring_made)
+    again = PlacementAuthority(str(tmp_path), 8, ["node-1", "node-0"], movable=False, replication=2)
+    assert again._placement == ring_made
+
+
+async def test_a_follower_its_primary_reports_down_is_recorded_behind_until_live_again(tmp_path):
+    authority = PlacementAuthority(str(tmp_path), 4, ["a", "b"], replication=2)
+    await authority.join("a", {})
+    await authority.join("b", {})  # every shard has a joined copy: the placement is saved from now on
+    p = authority._placement
+    shard = p.primaries_of("a")[0]
+    epoch = p.epoch
+    await authority._record_behind("a", {shard: {"b": False}})
+    assert authority._placement.behind == ((shard, "b"),) and authority._placement.epoch == epoch + 1
+    await authority._record_behind("b", {shard: {"a": True}})  # b is not that shard's primary: ignored
+    await authority._record_behind("a", {shard: {"b": False}})  # already recorded: no new epoch
+    assert authority._placement.epoch == epoch + 1
+    again = PlacementAuthority(str(tmp_path), 4, ["a", "b"], replication=2)  # saved with the placement
+    assert again._placement.behind == ((shard, "b"),)
+    handed = authority._placement.with_primary(shard, "b")  # a copy that becomes the primary is not behind
+    assert handed.behind == () and Placement.from_json(authority._placement.to_json()) == authority._placement
+    await authority._record_behind("a", {str(shard): {"b": True}})  # live again (JSON keys are strings)
+    assert authority._placement.behind == ()
+
+
+async def test_a_node_that_joins_with_a_zone_puts_it_in_the_placement(tmp_path):
+    authority = PlacementAuthority(str(tmp_path), 8, ["a", "b", "c"], replication=2)
+    for name, zone in (("a", "east"), ("b", "east"), ("c", "west")):
+        await authority.join(name, {"zone": zone})
+    p = authority._placement
+    assert dict(p.zones) == {"a": "east", "b": "east", "c": "west"}
+    target = p.target()
+    assert all({dict(p.zones)[n] for n in copies} == {"east", "west"} for copies in target)  # one copy in each
+    epoch = p.epoch
+    await authority.join("c", {"zone": "west"})  # the same zone again: no new epoch
+    assert authority._placement.epoch == epoch
+
+
+async def test_rebalance_starts_the_pending_moves_with_the_members_as_they_are(tmp_path):
+    uneven = Placement(8, ("a", "b"), owner=("a",) * 7 + ("b",))  # as an older version's ring left it
+    authority = PlacementAuthority(saved(tmp_path, uneven), 8, ["a", "b"])
+    await authority.join("a", {})
+    await authority.join("b", {})
+    assert authority._placement.moves() and authority._rebalance is None  # nothing moves unasked
+    started = await authority.rebalance()
+    assert started["pending_moves"] == 3 and started["rebalancing"] and started["nodes"] == ["a", "b"]
+    authority._rebalance.cancel()
+    serve = PlacementAuthority(str(tmp_path / "serve"), 8, ["a", "b"], movable=False)
+    with pytest.raises(PlacementError, match="cannot move"):
+        await serve.rebalance()

@@ -157,3 +157,49 @@ def test_serve_with_two_copies_survives_a_crashed_node_actor(make_server, tmp_pa
     for memory_id, (entity, text) in load.acked.items():
         assert client.inspect_memory(memory_id)["textual_content"] == text
     assert server.stop() == 0
+
+
+def test_a_follower_that_missed_acknowledged_writes_is_never_promoted(make_server, tmp_path):
+    """`replication: 2`, `min_live_replicas: 1`: node-1 is paused, node-0 acknowledges writes alone,
+    then node-0 stops answering and node-1 comes back. node-1 misses those writes, so the authority
+    must not make it the primary (node-0 would then be re-seeded from it and the writes be gone):
+    the shards wait for node-0, and every acknowledged write is read back."""
+    import os
+    import signal
+
+    from conftest import http_json
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("nodes: 2\nreplication: 2\nfailover_after_s: 2\n")
+    server = make_server(TELLODB_CONFIG=str(config)).start()
+    client = TellodbClient.from_cloud(base_url=server.base_url, api_key=API_KEY)
+    _, stats = http_json(server.base_url, "/stats")
+    pids = {name: stats["nodes"][name]["pid"] for name in ("node-0", "node-1")}
+    os.kill(pids["node-1"], signal.SIGSTOP)
+    try:
+        time.sleep(5)  # node-0 marks node-1 down; the authority hands node-1's primaries to node-0
+        acked = {}
+        for i in range(16):
+            mid = f"user:alone-{i}::s::0"
+            client.ingest(entity_id=f"user:alone-{i}", text=f"written while node-1 sleeps {i}", memory_id=mid)
+            acked[mid] = f"written while node-1 sleeps {i}"
+        os.kill(pids["node-0"], signal.SIGSTOP)
+    finally:
+        os.kill(pids["node-1"], signal.SIGCONT)
+    try:
+        time.sleep(8)  # past failover_after_s: only node-1 answers
+        _, cluster = http_json(server.base_url, "/admin/cluster")
+        assert set(cluster["owner"]) == {"node-0"}, cluster["recent_failovers"]
+        assert sorted(cluster["behind"]) == [[s, "node-1"] for s in range(8)]
+    finally:
+        os.kill(pids["node-0"], signal.SIGCONT)
+    deadline = time.monotonic() + 180
+    while True:  # node-0 answers again and catches node-1 up
+        code, cluster = http_json(server.base_url, "/admin/cluster")
+        if code == 200 and not cluster["under_replicated"] and not cluster["down"] and not cluster["behind"]:
+            break
+        assert time.monotonic() < deadline, cluster
+        time.sleep(1)
+    for memory_id, text in acked.items():
+        assert client.inspect_memory(memory_id)["textual_content"] == text, memory_id
+    assert server.stop() == 0

@@ -28,7 +28,7 @@ FACTS = ["I live in {city}", "My favourite food is {food}", "Our dog is called {
 CITIES, FOODS, DOGS = ["Lisbon", "Oslo", "Lima", "Quito"], ["ramen", "tacos", "pho"], ["Rex", "Bo", "Kiki"]
 KEEP = 5  # the nodes keep only this many changes per shard (beyond pins), so pins matter here
 _serial = itertools.count()
-START = Placement(8, (A, B))
+START = Placement(8, (A, B), owner=(A, B, A, B, B, A, B, B))  # B holds five: its tests take one each
 A_SHARDS, B_SHARDS = START.shards_of(A), START.shards_of(B)  # each test moves shards of its own
 
 

@@ -22,4 +22,5 @@ def start_authority(data_dir: str, config: ClusterConfig, movable: bool,
         options["label_selector"] = label_selector
     return AuthorityActor.options(**options).remote(data_dir, config.shards, config.node_names, movable,
                                                     config.replication, config.failover_after_s,
-                                                    config.rebuild_after_s)
+                                                    config.rebuild_after_s, config.auto_rebalance,
+                                                    config.rebalance.max_bytes_per_s)

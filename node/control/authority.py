@@ -4,7 +4,8 @@ One Ray actor (`node.names.AUTHORITY_NAME`, created by node.control.actor), star
 on the head machine (and by `tellodb serve` inside its own tree), keeps the placement in
 `<data_dir>/placement.json`, so it survives a restart of the head, and changes it only here:
 
-- members: `add_node` / `remove_node` change who should own shards; the shards then travel one
+- members: `add_node` / `remove_node` change who should own shards (with `auto_rebalance` a node
+  that joins becomes a member by itself, node.control.autobalance); the shards then travel one
   at a time to where the consistent-hash ring puts them (`Placement.moves`), so about 1/N of
   them move on an add, and a removed node's shards spread over the others (the move driver,
   node.control.rebalance);
@@ -26,7 +27,8 @@ When the authority itself restarts (its head came back):
   joined copy. Until then no move, failover or member change starts (NotReady, a 503);
 - either way each node found is `settle`d once: a move the old authority left half-done is
   finished (a received copy the placement names is adopted) or undone (others dropped, fences
-  lifted), and the rebalance then starts the pending moves again from the start.
+  lifted), and the rebalance then starts the pending moves again from the start, if a rebalance
+  was asked for and had not finished, or with `auto_rebalance` (node.control.autobalance).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from node.control import health, placement_file
+from node.control.autobalance import AutoBalance
 from node.control.failover import Failover
 from node.control.placement import Placement
 from node.control.rebalance import MoveDriver
@@ -62,28 +65,35 @@ class NotReady(PlacementError):
     """The authority cannot change the cluster yet (the router answers 503 with the reason)."""
 
 
-class PlacementAuthority(MoveDriver, Failover):
+class PlacementAuthority(MoveDriver, Failover, AutoBalance):
     def __init__(self, data_dir: str, shards: int, nodes: list[str], movable: bool = True, replication: int = 1,
-                 failover_after_s: float = 3.0, rebuild_after_s: float = 600.0) -> None:
+                 failover_after_s: float = 3.0, rebuild_after_s: float = 600.0, auto_rebalance: bool = False,
+                 max_bytes_per_s: int = 0) -> None:
         self.path = Path(data_dir) / "placement.json"
         self.failover_after_s = failover_after_s
         self.rebuild_after_s = rebuild_after_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._init_auto(auto_rebalance, max_bytes_per_s)  # node.control.autobalance
         self.movable = movable  # False in `tellodb serve`: its nodes share one data directory
         # True until the placement is known to be the cluster's: a head without placement.json (a
         # new cluster, or a lost disk) takes the highest epoch the joining nodes bring.
         self.recovering = movable and not self.path.exists()
-        if self.path.exists() and movable:
-            self._placement = Placement.from_json(json.loads(self.path.read_text()))
+        saved = Placement.from_json(json.loads(self.path.read_text())) if self.path.exists() else None
+        if saved is not None and (movable or (saved.shards, set(saved.nodes), saved.replication) ==
+                                  (shards, set(nodes), replication)):
+            # `tellodb serve` keeps its saved placement while cluster.yaml names the same nodes and copies:
+            # with replicas each node has its own folder, and the copies are where that placement put them.
+            self._placement = saved
             if self._placement.shards != shards:
                 raise PlacementError(f"shards: the cluster was created with {self._placement.shards} shards, "
                                      f"cluster.yaml says {shards}; the shard count cannot change")
-        else:  # a new cluster; or `tellodb serve`, whose nodes share one data directory: cluster.yaml decides
+        else:  # a new cluster; or `tellodb serve` with other nodes: cluster.yaml decides
             self._placement = Placement(shards, tuple(nodes), replication=replication)
             self._save()
         if self._placement.replication != replication:  # cluster.yaml changed it: copies are added or dropped
             p = self._placement
             self._set(Placement(p.shards, p.nodes, p.epoch + 1, replication=replication, replicas=p.replicas))
+            self._want_rebalance(True)  # cluster.yaml asked for copies to be added or dropped
         self.joined: dict[str, dict[str, Any]] = {}  # node name -> what its process said at join
         self.moving: dict[int, dict[str, Any]] = {}  # shard -> the move in progress
         self.history: deque[dict[str, Any]] = deque(maxlen=STATUS_HISTORY)
@@ -146,13 +156,18 @@ class PlacementAuthority(MoveDriver, Failover):
             self._save()
         self.joined[name] = {**info, "joined_at": time.time()}
         self.down_since.pop(name, None)
+        zones = dict(self._placement.zones)
+        if info.get("zone") and zones.get(name) != info["zone"]:  # copies of a shard go to distinct zones
+            self._set(self._placement.with_zones({**zones, name: str(info["zone"])}))
+            log.info("Node zone name=%s zone=%s moves=%d", name, info["zone"], len(self._placement.moves()))
         self._ensure_watching()
         log.info("Node joined name=%s member=%s", name, name in self._placement.nodes)
         self._check_recovered()
         await self._settle(name)
-        if self._placement.moves() and (self._rebalance is None or self._rebalance.done()) and (
-                not self.error or self.paused):
-            self._start_rebalance()  # a move interrupted by a restart goes on
+        self._auto_add()  # with auto_rebalance a joined node becomes a member (node.control.autobalance)
+        idle = self._rebalance is None or self._rebalance.done()
+        if self._placement.moves() and self._may_resume() and idle and (not self.error or self.paused):
+            self._start_rebalance()  # a rebalance interrupted by a restart, or waiting for this node, goes on
 
     def _check_recovered(self) -> None:
         """Recovery ends (and the placement is saved) once every shard has a copy on a joined node."""
@@ -211,9 +226,17 @@ class PlacementAuthority(MoveDriver, Failover):
         if name not in self.joined:
             raise UnknownNode(f"node {name!r} has not joined: start `tellodb node --name {name}` first")
         self._check_ready()
+        self._removed_by_operator(name, False)
         if name not in self._placement.nodes:
             self._set(self._placement.with_nodes((*self._placement.nodes, name)))
             log.info("Node added name=%s epoch=%d moves=%d", name, self._placement.epoch, len(self._placement.moves()))
+        return self._start_rebalance()
+
+    async def rebalance(self) -> dict[str, Any]:
+        """Carry out the pending moves and handovers, with the members as they are (a cluster
+        upgraded from the ring's placement, or one whose rebalance stopped on an error)."""
+        self._check_movable()
+        self._check_ready()
         return self._start_rebalance()
 
     async def remove_node(self, name: str) -> dict[str, Any]:
@@ -225,6 +248,7 @@ class PlacementAuthority(MoveDriver, Failover):
         if name in p.nodes and len(p.nodes) == 1:
             raise PlacementError(f"node {name!r} is the last member; it cannot be removed")
         self._check_ready()
+        self._removed_by_operator(name, True)  # auto_rebalance does not make it a member again
         if name in p.nodes:
             self._set(p.with_nodes(tuple(n for n in p.nodes if n != name)))
             log.info("Node removed name=%s epoch=%d moves=%d", name, self._placement.epoch,
@@ -242,11 +266,15 @@ class PlacementAuthority(MoveDriver, Failover):
     def _summary(self) -> dict[str, Any]:
         p = self._placement
         return {"epoch": p.epoch, "nodes": list(p.nodes), "pending_moves": len(p.moves()),
+                "pending_handovers": len(p.handovers()),
+                "behind": [list(pair) for pair in p.behind],
                 "moving": list(self.moving.values()), "error": self.error,
                 "rebalancing": self._rebalance is not None and not self._rebalance.done(),
                 "moved_shards": self.moved_shards, "moved_bytes": self.moved_bytes,
                 "replication": p.replication, "down": sorted(self.down_since), "failovers": self.failover_count,
-                "rejoining": sorted(self._expected() - set(self.joined)), "recovering": self.recovering}
+                "rejoining": sorted(self._expected() - set(self.joined)), "recovering": self.recovering,
+                "auto_rebalance": self.auto_rebalance, "max_bytes_per_s": self.max_bytes_per_s,
+                "paced_s": round(self.paced_s, 3)}
 
     async def summary(self) -> dict[str, Any]:
         self._ensure_watching()

@@ -37,6 +37,7 @@ class Failover:
                 if ok:
                     if self.down_since.pop(name, None) is not None:
                         log.info("Node answers again name=%s", name)
+                        self._auto_add()  # taken out for its silence: a member again with auto_rebalance
                     continue
                 since = self.down_since.setdefault(name, now)
                 if since == now:
@@ -45,7 +46,7 @@ class Failover:
                     continue  # no failover before every shard has a known copy
                 if now - since >= self.failover_after_s and name in self._placement.owner:
                     try:
-                        await self._fail_over(name)
+                        await self._fail_over(name, lost=now - since >= self.rebuild_after_s)
                     except Exception as exc:
                         log.error("failover from %s failed: %s", name, exc)
                 if (now - since >= self.rebuild_after_s and name in self._placement.nodes
@@ -59,27 +60,54 @@ class Failover:
         """Whether `name` answers; one that answers with an older placement (it was silent when a
         newer one was pushed: paused, partitioned) is given the current one."""
         try:
-            answer = await asyncio.wait_for(self.handles.get(name).ping.remote(), 1.0)
+            answer = await asyncio.wait_for(self.handles.get(name).ping.remote(watch=True), 1.0)
         except Exception:
             self.handles.forget(name)  # a restarted node is a new actor
             return False
         if answer.get("epoch", self._placement.epoch) < self._placement.epoch:
             await self._push_to(name)
+        await self._record_behind(name, answer.get("followers") or {})
         return True
 
-    async def _fail_over(self, name: str) -> None:
+    async def _record_behind(self, name: str, followers: dict) -> None:
+        """Record the followers `name` reports down for the shards it is primary of as behind (its
+        writes wait for that before they are acknowledged without them), and forget the ones live again."""
+        p = self._placement
+        down, live = set(), set()
+        for shard, links in followers.items():
+            shard = int(shard)
+            if shard < p.shards and p.owner[shard] == name:
+                for follower, up in links.items():
+                    (live if up else down).add((shard, follower))
+        add, drop = down - set(p.behind), live & set(p.behind)
+        if add or drop:
+            changed = p.with_behind(add, drop)
+            if changed is p:  # copies the placement no longer lists as followers
+                return
+            self._set(changed)
+            log.warning("Copies behind their primary: %s", " ".join(f"{s}@{n}" for s, n in changed.behind) or "none")
+            await self._push()
+
+    async def _fail_over(self, name: str, lost: bool = False) -> None:
         """Give each shard whose primary is `name` to its live follower with the highest sequence
-        number (with synchronous replication it holds every acknowledged write)."""
+        number that is not behind (with synchronous replication it holds every acknowledged write).
+        A shard whose live followers are all behind waits for its primary, unless the primary is
+        `lost` (silent past `rebuild_after_s`): then the best of them takes over, and the writes it
+        missed are gone (an unclean failover, logged as an error)."""
         p = self._placement
         changed = []
         for shard in p.primaries_of(name):
-            candidates = [n for n in p.followers(shard) if n in self.joined and n not in self.down_since]
+            candidates = [n for n in p.followers(shard) if n in self.joined and n not in self.down_since
+                          and (lost or not p.is_behind(shard, n))]
             states = await asyncio.gather(*(self._copy_seq(n, shard) for n in candidates))
             live = [(seq, n) for n, seq in zip(candidates, states) if seq is not None]
             if not live:
                 continue  # no copy answers: the shard waits for its primary
-            seq, best = max(live)
-            p = p.with_primary(shard, best)
+            seq, best = max(live, key=lambda found: (not p.is_behind(shard, found[1]), found[0]))
+            if p.is_behind(shard, best):
+                log.error("Unclean failover: shard %d goes to %s, which misses writes %s acknowledged", shard, best,
+                          name)
+            p = p.with_primary(shard, best).with_behind({(shard, name)})  # the old primary: down, so behind
             changed.append({"shard": shard, "from": name, "to": best, "seq": seq, "at": time.time(),
                             "epoch": p.epoch})
         if not changed:

@@ -61,7 +61,7 @@ def shard_health(replicas: list[list[str]], replication: int, found: dict[str, d
             in_step = mine is not None and (their or 0) == (seq or 0)
             live = bool(link.get("live")) if link else in_step  # no link yet: nothing written since it started
             rows.append({"node": f, "role": "follower", "seq": their, "acked": link.get("acked"), "live": live,
-                         "lag": 0 if in_step else link.get("lag")})
+                         "lag": 0 if in_step else link.get("lag"), **({"error": link["error"]} if link.get("error") else {})})
         for row in rows:
             row["state"] = copy_state(row, joined, down)
         lags = [r["lag"] for r in rows[1:]]

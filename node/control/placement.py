@@ -1,37 +1,24 @@
 """Placement: entity -> shard by a stable hash, shard -> node by an explicit owner table with an epoch.
 
-The shard is the unit of placement. A new cluster's owners come from a consistent-hash ring over
-the node names (`uhashring`, ketama-style, virtual nodes), so adding or removing a node moves about
-1/N of the shards and nothing else (`ring_owners`). After that the table changes one shard at a
-time, as each move finishes (`with_owner`), and every change takes a new epoch: a copy of the
+The shard is the unit of placement. Where a shard's copies belong is `node.control.balance.balance`
+of the current copies and members: every node within one copy (and one primary) of the mean, reached
+with the fewest moves, so a join takes about shards/N and nothing moves between the other nodes. A
+new cluster is balanced from nothing (round-robin by load). After that the table changes one shard
+at a time, as each move finishes (`with_owner`), and every change takes a new epoch: a copy of the
 placement says how current it is, and an older one is replaced by a newer one, never the reverse.
+(Earlier versions placed a new cluster's copies on a consistent-hash ring, 1 to 14 shards a node for
+64 shards on 8: such a placement.json is read as it is, and evened out by the next rebalance.)
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
-from uhashring import HashRing
-
+from node.control.balance import balance
 from node.ids import shard_of
-
-VNODES = 160
-
-
-def ring_owners(shards: int, nodes: tuple[str, ...]) -> tuple[str, ...]:
-    """Each shard's node on the consistent-hash ring of `nodes`."""
-    return tuple(r[0] for r in ring_replicas(shards, nodes, 1))
-
-
-def ring_replicas(shards: int, nodes: tuple[str, ...], n: int) -> tuple[tuple[str, ...], ...]:
-    """Each shard's `n` copies (fewer if there are fewer nodes): the distinct nodes met walking the
-    ring from the shard's point, the first being where a single copy would go."""
-    if not nodes:
-        raise ValueError("a placement needs at least one node")
-    ring = HashRing(nodes={node: {"vnodes": VNODES} for node in nodes}, hash_fn="ketama")
-    return tuple(tuple(found["nodename"] for found in ring.range(f"shard-{s}", min(n, len(nodes)), True))
-                 for s in range(shards))
 
 
 @dataclass(frozen=True)
@@ -42,17 +29,23 @@ class Placement:
     owner: tuple[str, ...] = field(default=())  # per shard, its primary copy; derived from `replicas`
     replication: int = 1  # copies per shard (node.replication)
     replicas: tuple[tuple[str, ...], ...] = field(default=())  # per shard, its copies, the primary first
+    zones: tuple[tuple[str, str], ...] = field(default=())  # (node, zone) of the nodes that carry a zone label
+    # (shard, follower) copies that may miss acknowledged writes: their primary wrote without them (they
+    # were down) once the authority had recorded them here, so a failover never promotes one of them.
+    behind: tuple[tuple[int, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise ValueError("a placement needs at least one node")
         if not self.replicas:
             replicas = (tuple((o,) for o in self.owner) if self.owner
-                        else ring_replicas(self.shards, self.nodes, self.replication))
+                        else balance([()] * self.shards, self.nodes, self.replication, dict(self.zones)))
             object.__setattr__(self, "replicas", replicas)
         if len(self.replicas) != self.shards:
             raise ValueError(f"a placement of {self.shards} shards names {len(self.replicas)} copy lists")
         object.__setattr__(self, "owner", tuple(r[0] for r in self.replicas))
+        object.__setattr__(self, "behind", tuple(sorted({(int(s), n) for s, n in self.behind
+                                                         if 0 <= int(s) < self.shards and n in self.replicas[s][1:]})))
 
     def shard_of(self, entity_id: str) -> int:
         return shard_of(entity_id, self.shards)
@@ -90,7 +83,7 @@ class Placement:
     def _with_replicas(self, shard: int, copies: tuple[str, ...]) -> Placement:
         replicas = list(self.replicas)
         replicas[shard] = copies
-        return replace(self, replicas=tuple(replicas), owner=(), epoch=self.epoch + 1)
+        return self._same_plan(replace(self, replicas=tuple(replicas), owner=(), epoch=self.epoch + 1))
 
     def with_owner(self, shard: int, node: str) -> Placement:
         """This placement with `shard`'s single copy on `node`, at the next epoch."""
@@ -122,13 +115,51 @@ class Placement:
         """The same copies with another member list, at the next epoch (shards move one by one after)."""
         return replace(self, nodes=tuple(nodes), owner=(), epoch=self.epoch + 1)
 
+    def is_behind(self, shard: int, node: str) -> bool:
+        return (shard, node) in self.behind
+
+    def with_behind(self, add: set[tuple[int, str]] = frozenset(), drop: set[tuple[int, str]] = frozenset()
+                    ) -> Placement:
+        """These follower copies recorded as missing writes (`add`) or in sync again (`drop`), at the
+        next epoch if that changes anything."""
+        behind = (set(self.behind) | set(add)) - set(drop)
+        changed = self._same_plan(replace(self, behind=tuple(behind), owner=(), epoch=self.epoch + 1))
+        return self if changed.behind == self.behind else changed
+
+    def with_zones(self, zones: dict[str, str]) -> Placement:
+        """The nodes' zones (replicas of a shard go to distinct zones), at the next epoch if they changed."""
+        pairs = tuple(sorted((n, z) for n, z in zones.items() if z))
+        return self if pairs == self.zones else replace(self, zones=pairs, owner=(), epoch=self.epoch + 1)
+
     def target(self) -> tuple[tuple[str, ...], ...]:
-        """Where each shard's copies belong on the ring of the current members."""
-        return ring_replicas(self.shards, self.nodes, self.replication)
+        """Where each shard's copies belong, the primary first (balanced from where they are)."""
+        return self._target
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_target"}  # pushed to nodes without the plan
+
+    def _same_plan(self, changed: Placement) -> Placement:
+        """`changed` (the same members, replication and zones: a copy moved, added or dropped, a
+        primary handed over) keeps this placement's target once it is known: the rest of the same
+        plan, still balanced, without asking `balance` again after every move (seconds at 16k
+        shards on a few nodes)."""
+        if "_target" in self.__dict__:
+            changed.__dict__["_target"] = self.__dict__["_target"]
+        return changed
+
+    @cached_property
+    def _target(self) -> tuple[tuple[str, ...], ...]:
+        return balance(self.replicas, self.nodes, self.replication, dict(self.zones))
+
+    def handovers(self) -> list[tuple[int, str, str]]:
+        """(shard, from, to) for each shard whose copies are where they belong but whose primary
+        should be another of them (no data moves: the primary role changes hands)."""
+        return [(s, now[0], want[0]) for s, (now, want) in enumerate(zip(self.replicas, self.target()))
+                if set(now) == set(want) and now[0] != want[0]]
 
     def moves(self) -> list[tuple[int, str | None, str | None]]:
-        """(shard, from, to) for each copy not on one of its ring nodes yet; `from` None: a copy to
-        add (the replication grew), `to` None: a copy to drop (it shrank)."""
+        """(shard, from, to) for each copy not where it belongs yet; `from` None: a copy to add (the
+        replication grew, a node left), `to` None: a copy to drop (it shrank)."""
         found: list[tuple[int, str | None, str | None]] = []
         for s, (now, want) in enumerate(zip(self.replicas, self.target())):
             leaving = [n for n in now if n not in want]
@@ -149,10 +180,18 @@ class Placement:
         return self._with_replicas(shard, rest)
 
     def to_json(self) -> dict:
-        return {"shards": self.shards, "nodes": list(self.nodes), "epoch": self.epoch, "owner": list(self.owner),
-                "replication": self.replication, "replicas": [list(r) for r in self.replicas]}
+        found = {"shards": self.shards, "nodes": list(self.nodes), "epoch": self.epoch, "owner": list(self.owner),
+                 "replication": self.replication, "replicas": [list(r) for r in self.replicas]}
+        if self.behind:
+            found["behind"] = [list(pair) for pair in self.behind]
+        return {**found, "zones": dict(self.zones)} if self.zones else found
 
     @classmethod
     def from_json(cls, data: dict) -> Placement:
-        return cls(int(data["shards"]), tuple(data["nodes"]), int(data["epoch"]), tuple(data["owner"]),
-                   int(data.get("replication", 1)), tuple(tuple(r) for r in data.get("replicas", ())))
+        """A placement read from JSON; each node name is one string object (`sys.intern`), as in a
+        placement built here, so pickling it for the nodes writes each name once, not per copy."""
+        name = sys.intern
+        return cls(int(data["shards"]), tuple(map(name, data["nodes"])), int(data["epoch"]),
+                   tuple(map(name, data["owner"])), int(data.get("replication", 1)),
+                   tuple(tuple(map(name, r)) for r in data.get("replicas", ())),
+                   tuple(sorted(data.get("zones", {}).items())), tuple(tuple(p) for p in data.get("behind", ())))

@@ -8,7 +8,10 @@ both copies serve nothing new: the target pulls a snapshot and the change log af
 the owner flips at a new epoch and is saved before anyone is told, and only then does the source
 delete its copy. A failure before the flip rolls back (the target's copy dropped, the source
 unfenced) and is reported; the flip is the one point of no return, so a shard always has exactly
-one owner. Every new placement is pushed to the joined nodes (`_push`).
+one owner. When every copy is in place, primaries are handed to other copies where the balance
+wants them (`_hand_over`: a fence, equal copies checked, a flip; no data moves). Every new placement
+is pushed to the joined nodes (`_push`). After a move that copied data the rebalance waits to keep
+under `rebalance.max_bytes_per_s` (`_pace`, node.control.autobalance).
 """
 
 from __future__ import annotations
@@ -19,27 +22,49 @@ import time
 from typing import Any
 
 log = logging.getLogger("tellodb")
+HANDOVER_ROUNDS = 3  # handover plans carried out before a rebalance that does not settle stops and says so
 
 
 class MoveDriver:
     def _start_rebalance(self) -> dict[str, Any]:
         if self._rebalance is None or self._rebalance.done():
             self.error = None
+            self._want_rebalance(True)  # a restarted head goes on with it (node.control.autobalance)
             self._rebalance = asyncio.get_running_loop().create_task(self._run_rebalance())
+            self._rebalance.add_done_callback(self._rebalance_ended)
         return self._summary()
 
     async def _run_rebalance(self) -> None:
-        """Move shards to their ring node, one at a time, until none is left or one fails."""
+        """Move copies to where the placement puts them, one at a time (asking again after each:
+        each move lowers the excess over the quotas by one), then hand primaries over: the whole
+        handover plan as it was asked for, since asked again after each handover it can go round
+        (a chain of handovers only helps once all of it is done), until none is left or one fails."""
         self.paused = False
         await self._unfence_all()
+        plan: list[tuple[int, str, str]] = []
+        rounds = 0
         while True:
             moves = self._placement.moves()
-            if not moves:
+            if moves:
+                plan, rounds = [], 0
+            elif not plan:
+                plan, rounds = self._placement.handovers(), rounds + 1
+                if plan and rounds > HANDOVER_ROUNDS:
+                    self.error = f"{len(plan)} primary handovers still planned after {HANDOVER_ROUNDS} rounds"
+                    log.error("Rebalance stopped: %s", self.error)
+                    return
+            steps = moves or plan
+            if not steps:
                 return
+            if not moves:
+                shard, source, target = plan[0]
+                if self._placement.owner[shard] != source or target not in self._placement.replicas[shard]:
+                    plan.pop(0)  # the copies changed since the plan (a failover): the next round sees to it
+                    continue
             if self.recovering:
                 self.error, self.paused = "waiting for the nodes to rebuild the placement", True
                 return
-            shard, source, target = moves[0]
+            shard, source, target = steps[0]
             primary = self._placement.owner[shard]
             missing = [n for n in (primary, target) if n is not None and (n not in self.joined or n in self.down_since)]
             if missing:
@@ -48,9 +73,14 @@ class MoveDriver:
                 log.warning("Rebalance paused: %s", self.error)
                 return
             try:
-                await self._move(shard, source, target)
+                if moves:
+                    await self._move(shard, source, target)
+                else:
+                    await self._hand_over(shard, source, target)
+                    plan.pop(0)
             except Exception as exc:
-                self.error = f"moving shard {shard} from {source} to {target} failed: {exc}"
+                what = "moving shard" if moves else "handing the primary of shard"
+                self.error = f"{what} {shard} from {source} to {target} failed: {exc}"
                 log.error("Rebalance stopped: %s", self.error)
                 return
 
@@ -116,6 +146,43 @@ class MoveDriver:
         log.info("Shard moved shard=%d from=%s to=%s bytes=%s fence_ms=%s seconds=%s epoch=%d", shard, source,
                  target, move.get("bytes"), move.get("fence_ms"), move["seconds"], self._placement.epoch)
         self._finish(move)
+        await self._pace(move)  # rebalance.max_bytes_per_s (node.control.autobalance)
+
+    async def _hand_over(self, shard: int, source: str, target: str) -> None:
+        """Make `target`, a follower copy of `shard`, its primary in place of `source` (no data
+        copied): the primary is fenced (new writes refused, those in flight finish; routers retry),
+        the follower must hold exactly the same last change (seq and digest: writes are acknowledged
+        by every live copy, so it does unless it was marked down), the placement flips at a new
+        epoch and is pushed, and the old primary, unfenced, serves on as a follower."""
+        move = {"shard": shard, "from": source, "to": target, "state": "handing over", "handover": True,
+                "started_at": time.time()}
+        self.moving[shard] = move
+        started = time.perf_counter()
+        old = self.handles.get(source)
+        try:
+            await old.fence.remote(shard)
+            have, want = await asyncio.gather(self.handles.get(target).copy_state.remote(shard),
+                                              old.copy_state.remote(shard))
+            if tuple(have) != tuple(want):
+                raise RuntimeError(f"the copy on {target} is at seq {have[0]}, the primary at {want[0]}: "
+                                   "not handed over (it is caught up in the background; try again)")
+            self._set(self._placement.with_primary(shard, target))
+            await self._push()
+        except BaseException as exc:
+            move.update(state="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            raise
+        finally:
+            try:
+                await old.unfence.remote(shard)
+            except Exception as exc:  # it is gone: no fence is left behind with it
+                log.warning("shard %d: unfencing %s after the handover failed: %s", shard, source, exc)
+            move["fence_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            if move["state"] != "failed":
+                move["state"] = "done"
+                move["seconds"] = round(time.perf_counter() - started, 3)
+                log.info("Primary handed over shard=%d from=%s to=%s fence_ms=%s epoch=%d", shard, source, target,
+                         move["fence_ms"], self._placement.epoch)
+            self._finish(move)
 
     async def _release(self, shard: int, source: str, move: dict[str, Any]) -> None:
         try:
