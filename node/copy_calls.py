@@ -170,9 +170,18 @@ class CopyCalls:
         self._start()
         return await self.moves.reseed(shard, source)
 
-    async def ping(self) -> dict[str, Any]:
-        """A cheap answer for health checks (on the event loop, no store thread, no model)."""
-        return {"node": self.name, "epoch": self.copies.placement.epoch}
+    async def ping(self, watch: bool = False) -> dict[str, Any]:
+        """A cheap answer for health checks (on the event loop, no store thread, no model), with the
+        live flag of each follower of the shards this node is primary of: the placement authority
+        records a down one as behind (`Placement.behind`) before this node acknowledges writes
+        without it, and forgets it once live again. `watch`: the caller is the authority, which does
+        that from now on (a node no authority watches has no failover that could promote a follower)."""
+        if not watch:
+            return {"node": self.name, "epoch": self.copies.placement.epoch}
+        self.replication.watched = True
+        self._start()  # a restarted node catches its followers up without waiting for a client's request
+        followers = {s: {f: link.live for f, link in links.items()} for s, links in self.replication.links.items()}
+        return {"node": self.name, "epoch": self.copies.placement.epoch, "followers": followers}
 
     async def replication_status(self) -> dict[str, Any]:
         """Per shard here: its role, seq, and for a primary each follower's acked seq, live flag and

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from node.config import ConfigError
+from node.lru import LRU
 from node.tuning import SMALL_JOB
 
 log = logging.getLogger("tellodb.embedder")
@@ -104,6 +105,42 @@ def check_embedder(model: str, backend: str, data_dir: str) -> str:
 
 
 
+class EmbeddingCache:
+    """The vectors of recently embedded query texts, least recently used out first (the upstream
+    engine keeps one too): an agent asks the same questions again, and a warm query then skips the
+    model. Keyed by model and text, so a node that changes model never answers from the old one."""
+
+    def __init__(self, model: str, max_entries: int) -> None:
+        self.model = model
+        self.max_entries = max_entries
+        self._lru: LRU[tuple[str, str], np.ndarray] = LRU(max_entries)
+        self._vectors = self._lru.entries  # (model, text) -> vector, least recently used first
+
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
+
+    @property
+    def misses(self) -> int:
+        return self._lru.misses
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, text: str) -> np.ndarray | None:
+        return self._lru.get((self.model, text))
+
+    def put(self, text: str, vector: np.ndarray) -> None:
+        if self.max_entries <= 0:
+            return
+        vector = vector.copy()
+        vector.flags.writeable = False  # shared by every caller that hits it
+        self._lru.put((self.model, text), vector)
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self)}
+
+
 class _Job:
     """One `embed` call: its texts, how many are done, and the vectors so far."""
 
@@ -128,8 +165,9 @@ class BatchingEmbedder:
     texts left first."""
 
     def __init__(self, embedder: Embedder, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 max_chars: int = 4096) -> None:
+                 max_chars: int = 4096, cache_entries: int = 0) -> None:
         self.embedder = embedder
+        self.cache = EmbeddingCache(str(getattr(embedder, "model_path", "")), cache_entries)
         self.max_batch = max_batch
         self.max_chars = max_chars
         self.max_wait = max_wait_ms / 1000.0
@@ -156,6 +194,14 @@ class BatchingEmbedder:
         self._waiting.append(_Job(list(texts), future))
         self._arrived.set()
         return await future
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """One query text's vector, from the cache when it was embedded lately (`EmbeddingCache`)."""
+        vector = self.cache.get(text)
+        if vector is None:
+            vector = (await self.embed([text]))[0]
+            self.cache.put(text, vector)
+        return vector
 
     def _plan(self) -> list[tuple[_Job, int]]:
         """The next pass: (job, how many of its next texts), within max_batch texts and max_chars.

@@ -10,6 +10,14 @@ torch nor the model package finds and runs it (node.model_files.find_export; doc
 `OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
 pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
 sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
+
+Memory (loadtest/results/serve-memory-2core.md): the export runs in a child process, so a node
+that exported on its first start does not keep torch (about 350 MiB) for its life; the session
+runs a copy of the model whose weights stay in a file next to it (`mapped_model`), which ONNX
+Runtime maps instead of copying: the 47 MiB word-embedding table is read only where texts touch
+it, and its pages are shared by every node of the machine; and ONNX Runtime's memory arena is
+off: it kept the largest batch's buffers (about 100 MiB for 64 texts) for good, at no measured
+cost in speed.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -96,18 +106,83 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "export.lock", "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
-        if not fp32.exists():
-            _export_fp32(model_dir, fp32)
-        if backend == "onnx-int8" and not target.exists():
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
-            log.info("Quantising the embedding model to int8 path=%s", target)
-            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-            os.replace(tmp, target)
+        if not target.exists():
+            if not fp32.exists():
+                log.info("Exporting the embedding model to ONNX (once per data directory) path=%s", fp32)
+            if target != fp32:
+                log.info("Quantising the embedding model to int8 path=%s", target)
+            _in_child("_build", model_dir, str(out), backend)
         if out != Path(model_dir):
             _copy_model_files(model_dir, out, model)
     return target
+
+
+def _in_child(function: str, *args: str) -> None:
+    """Run this module's `function(*args)` in a child process: what it imports (torch, transformers,
+    onnx) or leaves in the heap (a whole model's copy) stays out of this one, a node actor that
+    lives on and would keep it (torch: about 350 MiB)."""
+    code = f"import sys; from node import onnx_embedder; onnx_embedder.{function}(*sys.argv[1:])"
+    root = str(Path(__file__).resolve().parent.parent)  # where this `node` package is, for the child's import
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{function}{args} failed in a child process (exit {done.returncode}); its error is above")
+
+
+def _build(model_dir: str, folder: str, backend: str) -> None:
+    """(In a child process, under the export's lock.) Export, then quantise."""
+    out = Path(folder)
+    fp32 = out / "model.onnx"
+    if not fp32.exists():
+        _export_fp32(model_dir, fp32)
+    target = out / "model-int8.onnx"
+    if backend == "onnx-int8" and not target.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(tmp, target)
+
+
+def mapped_model(onnx_path: Path) -> Path:
+    """A copy of `onnx_path` that ONNX Runtime maps rather than reads: its graph optimised once
+    (the level whose saved form runs on any CPU) and its weights in a file beside it, which the
+    runtime maps into memory (clean pages, shared between the processes that map them, read where
+    touched). Made once per export folder and ONNX Runtime version, in a child process, under the
+    export's lock; in a folder this process cannot write, the export itself."""
+    import onnxruntime as ort
+
+    mapped = onnx_path.with_name(f"{onnx_path.stem}.mapped-{ort.__version__}.onnx")
+    if mapped.exists():
+        return mapped
+    try:
+        with open(onnx_path.parent / "export.lock", "ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not mapped.exists():
+                _in_child("_write_mapped", str(onnx_path), str(mapped))
+    except OSError as exc:
+        log.info("Running the export as it is (no mapped copy beside it: %s) path=%s", exc, onnx_path)
+        return onnx_path
+    return mapped
+
+
+def _write_mapped(source: str, target: str) -> None:
+    """(In a child process, under the export's lock.) `mapped_model`'s copy of `source`."""
+    import onnxruntime as ort
+
+    mapped = Path(target)
+    for stale in mapped.parent.glob(f".{mapped.stem}.*"):  # a process that died making one
+        shutil.rmtree(stale, ignore_errors=True)
+    work = mapped.parent / f".{mapped.stem}.{os.getpid()}"
+    work.mkdir()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(work / mapped.name)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{mapped.stem}.data")
+    ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    os.replace(work / f"{mapped.stem}.data", mapped.with_suffix(".data"))
+    os.replace(work / mapped.name, mapped)  # last: the .onnx marks the copy complete
+    work.rmdir()
 
 
 def _copy_model_files(model_dir: str, out: Path, model: str) -> None:
@@ -130,7 +205,6 @@ def _export_fp32(model_dir: str, path: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    log.info("Exporting the embedding model to ONNX (once per data directory) path=%s", path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     sample = tokenizer(["an example sentence", "another, somewhat longer example sentence"], padding=True,
@@ -172,7 +246,8 @@ class OnnxEmbedder:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        options.enable_cpu_mem_arena = False  # the arena kept the largest batch's buffers for good
+        self.session = ort.InferenceSession(str(mapped_model(onnx_path)), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         folder = Path(model_dir)
         max_len = 256

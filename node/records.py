@@ -4,7 +4,8 @@ An `IngestItem` is one validated write: the router builds it from a request (rou
 places it on its shard (router.cluster.Cluster.ingest) and a node stores it. Frozen: the router
 places an item by making a copy (`placed`), so nothing changes an item under a caller's feet.
 Hits and other answers stay plain dicts: they are the HTTP wire format, built by the shard store
-and shaped for the client by router.responses.
+and shaped for the client by router.responses. A query's hits travel as `Hits`: that list, and
+the seconds the query spent per stage (the router sends them as the x-tm-* headers).
 """
 
 from __future__ import annotations
@@ -30,3 +31,21 @@ class IngestItem:
 
     def placed(self, shard: int) -> IngestItem:
         return replace(self, shard=shard)
+
+
+class Hits(list):
+    """A query's hits (dicts), best first, and `stages`: seconds per stage (embed, ann, fts, fuse,
+    hydrate, storage: router/timing.py). Pickles as a list with an attribute, so it crosses Ray."""
+
+    def __init__(self, hits=(), stages: dict[str, float] | None = None) -> None:
+        super().__init__(hits)
+        self.stages = dict(stages or {})
+
+    @classmethod
+    def merged(cls, parts: list[Hits], hits: list) -> Hits:
+        """`hits` chosen from parts that ran side by side: each stage took as long as its slowest part."""
+        stages: dict[str, float] = {}
+        for part in parts:
+            for stage, seconds in getattr(part, "stages", {}).items():
+                stages[stage] = max(stages.get(stage, 0.0), seconds)
+        return cls(hits, stages)

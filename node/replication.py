@@ -11,7 +11,10 @@ follower, holds its changes (erases leave gaps in the log, so a seq target could
 
 A follower that fails or does not answer within `replica_timeout_s` is marked down: writes stop
 waiting for it, and fail with TooFewReplicas (after their local commit) when fewer than
-`min_live_replicas` copies stay live. A catch-up task then retries about every second with a fresh
+`min_live_replicas` copies stay live. Before a write is acknowledged without a down follower, the
+placement authority records that copy as behind (it learns of it from this node's answer to its
+ping and pushes the placement back): a failover never promotes a copy that misses acknowledged
+writes (Kafka's in-sync replicas). A catch-up task then retries about every second with a fresh
 actor handle (a restarted node is a new actor): it compares the follower's `copy_state` with this
 log; a copy ahead of it, diverged (an ex-primary's writes never replicated) or older than the log
 reaches is re-seeded (`Node.reseed`: a snapshot of this copy and the log after it), any other is
@@ -226,6 +229,9 @@ class Replication:
         self.waited = 0  # writes that waited for followers
         self.marked_down = 0  # followers marked down
         self.reseeds = 0  # followers re-seeded from here
+        # Pinged by a placement authority: a down follower must be recorded behind before a write is
+        # acknowledged without it (a node no authority watches has no failover that could promote it).
+        self.watched = False
 
     def sync(self, force: bool = False) -> None:
         """Make the links follow the node's placement view (needs the running loop): a link for
@@ -270,6 +276,26 @@ class Replication:
                     raise TooFewReplicas(
                         f"shard {s}: {live} live cop{'y' if live == 1 else 'ies'}, fewer than min_live_replicas "
                         f"({minimum}); the write is stored on {self.shards.name} but not acknowledged")
+        if self.watched:
+            await self._recorded_behind(followers)
+
+    async def _recorded_behind(self, followers: dict[int, list[Link]]) -> None:
+        """Wait (up to `replica_timeout_s`) until the authority's placement, pushed here, records each
+        down follower of these shards as behind: until then a failover could make it the primary and
+        the writes it missed would be lost. TooFewReplicas if it does not come (the head is away)."""
+        deadline = time.monotonic() + self.config.replica_timeout_s
+        while True:
+            view = self.shards.placement
+            missing = [(s, link.follower) for s, found in followers.items() for link in found
+                       if not link.live and not view.is_behind(s, link.follower)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                s, follower = missing[0]
+                raise TooFewReplicas(
+                    f"shard {s}: follower {follower} is down and the placement authority has not recorded that "
+                    f"it misses writes; the write is stored on {self.shards.name} but not acknowledged")
+            await asyncio.sleep(0.02)
 
     def _links_of(self, shard: int) -> list[Link]:
         replica = self.shards.replicas.get(shard)

@@ -32,6 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from node import graph_walk
 from node.config import ClusterConfig, normalized_backend, resolve_model_path
 from node.copy_calls import CopyCalls
@@ -44,33 +46,19 @@ from node.indexer import Indexer
 from node.moves import Moves
 from node.names import Handles
 from node.ranking import RankingConfig, best_first, oldest_first
-from node.records import IngestItem
+from node.records import Hits, IngestItem
 from node.replication import Replication
 from node.control.placement import Placement
 from node.shard_set import ShardSet
+from node.node_stats import node_stats
 from node.snapshots import Snapshots
 from node.store import MemoryRecord, ShardStore, upsert_together
+from node.store.search import Stopwatch
 from node.store_thread import StoreThread
 from node.vector_cache import VectorCache
 from node.writer import GroupWriter
 
 log = logging.getLogger("tellodb")
-
-STAT_KEYS = ("memories", "entities", "facts_current", "facts_stale", "edges", "edges_valid", "measurements",
-             "unindexed", "vectors")
-
-
-def own_memory_bytes() -> int | None:
-    """This process's own (anonymous) resident memory, from /proc (None where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
 
 class Node(CopyCalls):
     def __init__(self, name: str, config: ClusterConfig, shards: list[int], threads: int = 1,
@@ -87,6 +75,7 @@ class Node(CopyCalls):
             max_batch=config.embedding.batch_size,
             max_wait_ms=config.embedding.max_wait_ms,
             max_chars=config.embedding.batch_chars,
+            cache_entries=config.embedding.cache_entries,
         )
         self.embedder_seconds = time.monotonic() - started
         self.store_thread = StoreThread(name)
@@ -191,7 +180,7 @@ class Node(CopyCalls):
             "ranking": asdict(self.ranking),
         }
 
-    MERGEABLE = ("ingest", "query")
+    MERGEABLE = ("embed_query", "ingest", "query")
 
     async def many(self, method: str, calls: list[tuple]) -> list[Any]:
         """Run requests the router merged into one Ray call (`router.coalesce`) concurrently, so they
@@ -244,34 +233,44 @@ class Node(CopyCalls):
                 return near[0]
         return None
 
+    async def embed_query(self, text: str) -> np.ndarray:
+        """A query text's vector (cached: node.embedder.EmbeddingCache). A query that spans nodes
+        is embedded once, by one of them, and the vector goes to every node (`query(vector=)`)."""
+        return await self.embedder.embed_query(text)
+
     async def query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
                     window: tuple[int | None, int | None] | None = None,
-                    prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+                    prefixes: tuple[str, ...] | None = None, vector: np.ndarray | None = None) -> list[dict[str, Any]]:
         """Hits from one shard (an entity's), from a list of shards, or from every shard here
         (`shard=None`), only entities starting with one of `prefixes` if given, best first, created
         within `window` if given. Without `text`: the window's memories, oldest first. A named
-        shard that is not owned here: NotOwnedError."""
+        shard that is not owned here: NotOwnedError. `vector`: the text's, embedded already."""
         async with self.store_thread.searching():
-            return await self._query(text, entity_id, shard, limit, window, prefixes)
+            return await self._query(text, entity_id, shard, limit, window, prefixes, vector)
 
     async def _query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
                      window: tuple[int | None, int | None] | None,
-                     prefixes: tuple[str, ...] | None) -> list[dict[str, Any]]:
+                     prefixes: tuple[str, ...] | None, vector: np.ndarray | None) -> list[dict[str, Any]]:
         started = time.perf_counter()
         shards = self._shard_list(shard)
-        vector = (await self.embedder.embed([text]))[0] if text is not None else None
+        stages: dict[str, float] = {}
+        if text is not None and vector is None:
+            vector = await self.embedder.embed_query(text)
+            stages["embed"] = time.perf_counter() - started
 
-        def search() -> list[dict[str, Any]]:
+        def search() -> Hits:
             hits: list[dict[str, Any]] = []
-            for s in self.copies.readable(shards):
+            readable = self.copies.readable(shards)
+            for s in readable:
                 store = self.copies.store(s)
-                hits.extend(store.search(vector, text, entity_id, limit, window, prefixes) if text is not None
-                            else store.in_window(entity_id, window, limit, prefixes))
-            if text is None:
-                hits.sort(key=oldest_first)
-            else:
-                hits.sort(key=best_first)
-            return hits[:limit]
+                if text is not None:
+                    hits.extend(store.search(vector, text, entity_id, limit, window, prefixes, len(readable), stages))
+                else:
+                    clock = Stopwatch(stages)
+                    hits.extend(store.in_window(entity_id, window, limit, prefixes))
+                    clock.lap("storage")
+            hits.sort(key=oldest_first if text is None else best_first)
+            return Hits(hits[:limit], stages)
 
         try:
             return await self.copies.run(search, busy="search")
@@ -396,28 +395,7 @@ class Node(CopyCalls):
             await self.free_ids.mark_registered(shards)
 
     async def stats(self) -> dict[str, Any]:
-        def collect() -> dict[str, Any]:
-            per_shard = {s: {**store.stats(), "role": "primary" if self.copies.is_primary(s) else "follower"}
-                         for s, store in sorted(self.shards.items())}
-            # Totals count primary copies only, so a cluster's sum over nodes counts each memory once.
-            totals = {k: sum(v[k] for v in per_shard.values() if v["role"] == "primary") for k in STAT_KEYS}
-            return {"node": self.name, "pid": os.getpid(), "shards_owned": len(self.copies.held), "shards_open": len(self.shards),
-                    **totals, "bytes": sum(v["bytes"] for v in per_shard.values()), "per_shard": per_shard,
-                    "embedder_passes": self.embedder.passes, "queries": self.queries,
-                    "vector_cache": {"mb": round(self.vector_cache.bytes / 2**20, 1), "hits": self.vector_cache.hits,
-                                     "misses": self.vector_cache.misses},
-                    "vector_indexes": self.index_budget.stats(), "memory_bytes": own_memory_bytes(),
-                    "query_seconds": round(self.query_seconds, 3),
-                    "index_yielded_seconds": round(self.store_thread.yielded_seconds, 3),  # chunks waiting for searches
-                    "busy_seconds": {"embed": round(self.embedder.busy_seconds, 3),
-                                     **{k: round(v, 3) for k, v in self.store_thread.busy.items()}},
-                    "group_commits": self.writer.group_commits, "grouped_writes": self.writer.grouped_writes,
-                    "placement_epoch": self.copies.placement.epoch, "moves": self.moves.state(),
-                    "replication": {**self.replication.summary(), "lag_max": max(
-                        (r.store.last_seq() - link.acked for r in self.copies.replicas.values() if r.store is not None
-                         for link in r.links.values() if link.acked is not None), default=0)}}
-
-        return await self.copies.run(collect)
+        return await self.copies.run(lambda: node_stats(self))
 
     async def profile(self, entity_id: str, shard: int, recent: int) -> dict[str, Any] | None:
         def collect() -> dict[str, Any] | None:

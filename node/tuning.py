@@ -29,6 +29,7 @@ CHROMA_BATCH = 256  # vectors per Chroma upsert
 
 # ---- Search (node.store.search) ----------------------------------------------------------------------
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
+SHARD_EXACT_SCAN = 16384  # a whole shard up to this many is scanned exactly from its cached matrix (25 MB)
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
 
 # ---- Free-form ids (node.free_ids) -------------------------------------------------------------------

@@ -4,15 +4,20 @@ Scanning an entity's vectors out of SQLite costs 0.7-2 ms for 1,000 memories (it
 with other entities' rows); the same scan over a matrix already in memory costs 0.1 ms. A node
 keeps one `VectorCache` for all its shards: least recently used entities leave first once it holds
 `max_bytes`. A shard drops an entity's entry whenever it writes that entity, so an entry is never
-stale; the next query loads it again.
+stale; the next query loads it again. A query without an entity scans a whole shard: its matrix is
+an entry too (`WHOLE_SHARD`), dropped by any write to the shard.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
+
+from node.lru import LRU
+
+
+WHOLE_SHARD = None  # the entity key of a shard's entry for all its memories (queries without an entity)
 
 
 class EntityVectors(NamedTuple):
@@ -28,36 +33,48 @@ class EntityVectors(NamedTuple):
 class VectorCache:
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[tuple[int, str], EntityVectors] = OrderedDict()
+        self.shard_bytes = 0  # of `bytes`, whole shards' entries: at most half (`room_for_shard`)
+        self._entries: LRU[tuple[int, str | None], EntityVectors] = LRU(
+            max_bytes, weigh=lambda entry: entry.nbytes, removed=self._removed)
 
-    def get(self, shard: int, entity_id: str) -> EntityVectors | None:
-        entry = self._entries.get((shard, entity_id))
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end((shard, entity_id))
-        return entry
+    @property
+    def bytes(self) -> int:
+        return self._entries.size
 
-    def put(self, shard: int, entity_id: str, entry: EntityVectors) -> None:
-        if entry.nbytes > self.max_bytes:
-            return
-        self.drop(shard, entity_id)
-        self._entries[(shard, entity_id)] = entry
-        self.bytes += entry.nbytes
-        while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.nbytes
+    @property
+    def hits(self) -> int:
+        return self._entries.hits
+
+    @property
+    def misses(self) -> int:
+        return self._entries.misses
+
+    def get(self, shard: int, entity_id: str | None) -> EntityVectors | None:
+        return self._entries.get((shard, entity_id))
+
+    def __contains__(self, key: tuple[int, str | None]) -> bool:
+        return key in self._entries  # not counted as a hit or a miss
+
+    def room_for_shard(self, nbytes: int) -> bool:
+        """Whether a whole shard's entry of `nbytes` may come in: whole shards hold at most half the
+        cache, so queries without an entity never push every entity out (and a node whose shards do
+        not fit scans the rest as before, instead of cycling them through the cache)."""
+        return self.shard_bytes + nbytes <= self.max_bytes // 2
+
+    def put(self, shard: int, entity_id: str | None, entry: EntityVectors) -> None:
+        if self._entries.put((shard, entity_id), entry) and entity_id is WHOLE_SHARD:
+            self.shard_bytes += entry.nbytes
 
     def drop(self, shard: int, entity_id: str) -> None:
-        entry = self._entries.pop((shard, entity_id), None)
-        if entry is not None:
-            self.bytes -= entry.nbytes
+        """Forget an entity's entry, and its shard's whole-shard one (`WHOLE_SHARD`): it wrote."""
+        self._entries.pop((shard, entity_id))
+        self._entries.pop((shard, WHOLE_SHARD))
 
     def drop_shard(self, shard: int) -> None:
         """Forget a shard's entries: it left this node, or came back with writes made elsewhere."""
-        for key in [k for k in self._entries if k[0] == shard]:
-            self.bytes -= self._entries.pop(key).nbytes
+        for key in [k for k in self._entries.entries if k[0] == shard]:
+            self._entries.pop(key)
+
+    def _removed(self, key: tuple[int, str | None], entry: EntityVectors) -> None:
+        if key[1] is WHOLE_SHARD:
+            self.shard_bytes -= entry.nbytes

@@ -1,5 +1,5 @@
-"""Operator routes: the cluster's shape and its changes (`tellodb cluster`), what it holds, and
-shard snapshots for `tellodb backup`.
+"""Operator routes: the cluster's shape and its changes (`tellodb cluster`), what it holds, shard
+snapshots for `tellodb backup`, and the upstream engine's reset of all data.
 
 `GET /admin/shards` describes the cluster (version, shard count, model, dimension, the node of each
 shard). `POST /admin/shards/{shard}/snapshot` takes a consistent copy of one shard while it serves
@@ -10,14 +10,18 @@ filesystem shared with the node's machine.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
 
 from router import __version__, tuning
-from router.errors import NotFound
+from router.cluster import Cluster
+from router.errors import ApiError, BadRequest, NotFound
 from router.http import CLUSTER, audit, read_json
-from router.schemas import NodeRequest, parse
+from router.schemas import RESET_PHRASES, NodeRequest, ResetRequest, parse
+
+log = logging.getLogger("tellodb.router")
 
 
 async def cluster_status(request: web.Request) -> web.Response:
@@ -38,6 +42,13 @@ async def remove_node(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     started = await request.app[CLUSTER].remove_node(name)
     audit(request, "remove_node", 202, node=name, epoch=started["epoch"])
+    return web.json_response(started, status=202)
+
+
+async def rebalance(request: web.Request) -> web.Response:
+    """POST /admin/rebalance: the pending moves and handovers start (the members stay as they are)."""
+    started = await request.app[CLUSTER].rebalance()
+    audit(request, "rebalance", 202, epoch=started["epoch"], pending_moves=started["pending_moves"])
     return web.json_response(started, status=202)
 
 
@@ -77,3 +88,43 @@ async def snapshot(request: web.Request) -> web.StreamResponse:
     audit(request, "snapshot", 200, shard=int(raw), seq=info["seq"])
     return response
 
+
+async def reset(request: web.Request) -> web.Response:
+    """POST /admin/reset {"confirm": "delete-all-data"}: erase every entity on every node."""
+    req = parse(ResetRequest, await read_json(request))
+    if req.confirm not in RESET_PHRASES:
+        audit(request, "reset", 400)
+        raise BadRequest(f'confirm: a reset erases every memory of every entity; send {{"confirm": '
+                         f'"{RESET_PHRASES[0]}"}} to do it')
+    erased = {"entities": 0, "memories": 0, "relations": 0, "measurements": 0}
+    started = time.monotonic()
+    try:
+        await erase_everything(request.app[CLUSTER], erased)
+    except ApiError as exc:
+        audit(request, "reset", exc.status, **erased)
+        raise
+    audit(request, "reset", 200, **erased)
+    log.info("reset: every entity erased entities=%d memories=%d seconds=%.1f", erased["entities"],
+             erased["memories"], time.monotonic() - started)
+    return web.json_response({"reset": True, **erased})
+
+
+async def erase_everything(cluster: Cluster, erased: dict[str, int]) -> None:
+    """Erase entity after entity through `Cluster.erase_entity` (every trace, on every node), adding
+    to `erased` as it goes. The entities come from the oldest memories left (a time-ordered read of
+    every node, as a temporal query without text does), a page at a time, until a page names none
+    this reset has not erased: a follower may still show an erased entity until it catches up, and
+    memories written meanwhile by other clients may stay or go."""
+    done: set[str] = set()
+    while True:
+        page = await cluster.query(None, None, tuning.RESET_PAGE)
+        found = sorted({hit["entity_id"] for hit in page} - done)
+        if not found:
+            return
+        for entity in found:
+            removed = await cluster.erase_entity(entity)
+            done.add(entity)
+            erased["entities"] += 1
+            for counts in removed.values():
+                for kind in ("memories", "relations", "measurements"):
+                    erased[kind] += counts[kind]

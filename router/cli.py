@@ -17,7 +17,7 @@ import time
 
 from node.config import ConfigError, load_config
 from router import __version__, cluster_cli, datadir, ray_local, roles
-from router.serving import check_embedder, claim_data_dir, resolve_api_key, serve, setup_logging
+from router.serving import check_embedder, claim_data_dir, reserve_port, resolve_api_key, serve, setup_logging
 
 log = logging.getLogger("tellodb")
 
@@ -56,6 +56,7 @@ def run_server(config_path: str | None, overrides: dict) -> int:
         return 2
     try:
         claim_data_dir(config)
+        socks = reserve_port(config)
         check_embedder(config)
     except ConfigError as exc:
         log.error("%s", exc)
@@ -81,7 +82,7 @@ def run_server(config_path: str | None, overrides: dict) -> int:
     try:
         cluster.start()
         log.info("Cluster ready seconds=%.1f", time.monotonic() - started)
-        asyncio.run(serve(config, cluster))
+        asyncio.run(serve(config, cluster, socks))
     except ConfigError as exc:
         log.error("%s", exc)
         code = 2

@@ -27,7 +27,7 @@ from node import graph_walk
 from node.config import ClusterConfig
 from node.ids import parse_memory_id
 from node.ranking import best_first, oldest_first
-from node.records import IngestItem
+from node.records import Hits, IngestItem
 from node.control.placement import Placement
 from router import ray_cluster
 from router.control_client import ControlClient
@@ -234,6 +234,14 @@ class Cluster:
             if isinstance(result, BaseException):
                 log.error("a failed batch's items on %s could not be taken back: %s", node, result)
 
+    async def embed_once(self, text: str) -> Any:
+        """The vector of a query that every node answers, embedded by one node for all of them
+        (not once per node). The node is the one that holds the shard the text hashes to, so a
+        repeated text meets its cached vector (node.embedder.EmbeddingCache); a read, so a
+        follower answers when that node does not."""
+        shard = self.placement.shard_of(text)
+        return await self.routing.execute(shard, lambda node: node.embed_query(text), read=True)
+
     async def query(self, text: str | None, entity_id: str | None, limit: int,
                     window: tuple[int | None, int | None] | None = None,
                     prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -243,10 +251,18 @@ class Cluster:
             q = Query(text, entity_id, limit, window)
             return await self.routing.execute(shard, lambda node: node.query(q, shard), read=True)
         q = Query(text, None, limit, window, prefixes)
-        parts = await self.routing.everywhere(lambda node, shards: node.query(q, shards), read=True)
+        vector, embedded = None, 0.0
+        if text is not None and len(set(self.placement.owner)) > 1:  # primaries on more than one node
+            started = time.perf_counter()
+            vector = await self.embed_once(text)
+            embedded = time.perf_counter() - started
+        parts = await self.routing.everywhere(lambda node, shards: node.query(q, shards, vector), read=True)
         hits = [h for part in parts for h in part]
         hits.sort(key=oldest_first if text is None else best_first)
-        return hits[:limit]
+        merged = Hits.merged(parts, hits[:limit])
+        if embedded:
+            merged.stages["embed"] = embedded
+        return merged
 
     async def edges(self, nodes: list[str], direction: str, edge_types: list[str] | None, per_node: int,
                     entity_id: str | None) -> list[dict[str, Any]]:
@@ -347,6 +363,9 @@ class Cluster:
 
     async def remove_node(self, name: str) -> dict[str, Any]:
         return await self.control.remove_node(name)
+
+    async def rebalance(self) -> dict[str, Any]:
+        return await self.control.rebalance()
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         return await self.control.stats(timeout)

@@ -5,8 +5,11 @@ storing a memory, and under load the engine gets hundreds of single ingests and 
 A `Coalescer` sends a node's first request at once; while `max_in_flight` calls are out, new
 requests queue, and when one comes back everything queued goes in the next call (at most
 `max_calls`). Nothing waits on a timer: when idle a request costs the same as before, under load
-one Ray call carries many. The node runs the merged requests concurrently (`Node.many`), so they
-still share embedding passes and group commits, and each gets its own result or its own error.
+one Ray call carries many. A request that goes at once is sent from its caller's own task (no task
+of its own, fewer turns of the event loop: loadtest/hops.py); a call counts as out until Ray
+answers it, even when its caller gave up first. The node runs the merged requests concurrently
+(`Node.many`), so they still share embedding passes and group commits, and each gets its own
+result or its own error.
 """
 
 from __future__ import annotations
@@ -29,10 +32,33 @@ class Coalescer:
 
     async def call(self, args: tuple) -> Any:
         """The result of one request (its arguments); raises the error that request alone got."""
+        if not self._queued and self._in_flight < self.max_in_flight:
+            return await self._alone(args)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queued.append((args, future))
         self._pump()
         return await future
+
+    async def _alone(self, args: tuple) -> Any:
+        """One request in a call of its own, awaited here. Its slot is taken until Ray answers, even
+        when this caller is cancelled first (a timeout): `shield` keeps the call's own future."""
+        self.calls += 1
+        self.requests += 1
+        self._in_flight += 1
+        try:
+            answer = asyncio.ensure_future(self._send([args]))
+        except BaseException:
+            self._done()
+            raise
+        answer.add_done_callback(self._done)
+        [result] = await asyncio.shield(answer)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _done(self, _: Any = None) -> None:
+        self._in_flight -= 1
+        self._pump()
 
     def _pump(self) -> None:
         while self._queued and self._in_flight < self.max_in_flight:

@@ -123,6 +123,9 @@ class ControlClient:
     async def remove_node(self, name: str) -> dict[str, Any]:
         return await self._ask_authority("remove_node", name)
 
+    async def rebalance(self) -> dict[str, Any]:
+        return await self._ask_authority("rebalance")
+
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         """Per-node stats; a node that does not answer within `timeout` maps to None."""
 

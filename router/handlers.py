@@ -16,8 +16,8 @@ from aiohttp import web
 
 from node.ids import new_memory_id, parse_memory_id
 from node.records import IngestItem
-from node.service import STAT_KEYS
-from router import __version__, access, tuning
+from node.node_stats import STAT_KEYS
+from router import __version__, access, timing, tuning
 from router.access import prefixes, require_entity
 from router.errors import ApiError, Forbidden, NotFound, ValidationFailed
 from router.http import CLUSTER, CONFIG, METRICS, OPENAPI, audit, query_params, read_json
@@ -87,11 +87,12 @@ async def ingest(request: web.Request) -> web.Response:
     require_entity(request, req.entity_id)
     check_ingest(request.app[CONFIG], [req])
     item = to_item(req)
-    [duplicate_of] = await request.app[CLUSTER].ingest([item])
+    with timing.measure(request, "cluster"):
+        [duplicate_of] = await request.app[CLUSTER].ingest([item])
     if duplicate_of is None:
         request.app[METRICS].ingest_total.inc()
     return web.json_response({"status": "ok", "memory_id": item.memory_id, "entity_id": item.entity_id,
-                              "deduplicated": duplicate_of is not None, "duplicate_of": duplicate_of})
+                              "deduplicated": duplicate_of is not None, "duplicate_of": duplicate_of}, status=201)
 
 
 async def ingest_batch(request: web.Request) -> web.Response:
@@ -103,13 +104,14 @@ async def ingest_batch(request: web.Request) -> web.Response:
     for i, r in enumerate(body.items):
         require_entity(request, r.entity_id, f"items.{i}.entity_id")
     items = [to_item(r, f"items.{i}.memory_id") for i, r in enumerate(body.items)]
-    duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
+    with timing.measure(request, "cluster"):
+        duplicate_of = await request.app[CLUSTER].ingest(items) if items else []
     duplicates = {it.memory_id: dup for it, dup in zip(items, duplicate_of) if dup is not None}
     stored = len(items) - len(duplicates)
     if stored:
         request.app[METRICS].ingest_total.inc(stored)
     return web.json_response({"status": "ok", "ingested": stored, "memory_ids": [i.memory_id for i in items],
-                              "duplicates": duplicates})
+                              "duplicates": duplicates}, status=201)
 
 
 async def query(request: web.Request) -> web.Response:
@@ -143,7 +145,10 @@ async def scoped_query(request: web.Request, text: str | None, entity_id: str | 
     """A query within what the key may see: its entity, or without one every entity of its prefixes."""
     if entity_id is not None:
         require_entity(request, entity_id)
-    return await request.app[CLUSTER].query(text, entity_id, limit, window, prefixes(request))
+    with timing.measure(request, "cluster"):
+        hits = await request.app[CLUSTER].query(text, entity_id, limit, window, prefixes(request))
+    timing.add(request, getattr(hits, "stages", {}))  # the nodes' stages (node.records.Hits)
+    return hits
 
 
 def require_user(request: web.Request, user_id: str | None) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import ray
 
 from node.names import NAMESPACE
+
+
+T = TypeVar("T")
 
 
 class Lost(Exception):
@@ -28,15 +31,17 @@ class Link:
         self.authority_up = True  # the authority answered the last check
         self.joined = asyncio.Event()
         self.joined.set()
-        self._lost: asyncio.Future | None = None  # set when this router loses the cluster
+        self._waiting: set[_Waiting] = set()  # calls waiting in `answer`
         self._lookups = ThreadPoolExecutor(4, thread_name_prefix="tellodb-lookup")
 
     def lose(self, reason: str) -> None:
         """The cluster is lost: calls waiting on it give up now, new ones wait for `rejoined`."""
         self.rejoining = reason
         self.joined.clear()
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
+        for waiting in self._waiting:
+            if not waiting.lost:
+                waiting.lost = True
+                waiting.task.cancel()
 
     def not_ready(self) -> str | None:
         """Why this router cannot route now: only while it joins the cluster again."""
@@ -46,24 +51,24 @@ class Link:
         self.rejoining = None
         self.joined.set()
 
-    async def answer(self, call: Any, timeout: float) -> Any:
+    async def answer(self, call: Awaitable[T], timeout: float) -> T:
         """Await a Ray call for at most `timeout` (asyncio.TimeoutError), or until this router loses
-        the cluster (Lost)."""
-        lost = self._lost
-        if lost is None or lost.done():
-            lost = self._lost = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(call)
+        the cluster (Lost). In the caller's own task, no task per call: `lose` cancels the tasks
+        waiting here, and that cancel is turned into Lost (as asyncio.timeout turns its own into
+        TimeoutError)."""
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = _Waiting(task)
+        self._waiting.add(waiting)
         try:
-            done, _ = await asyncio.wait({task, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if task in done:
-            return task.result()
-        task.cancel()
-        if lost in done:
-            raise Lost()
-        raise asyncio.TimeoutError()
+            async with asyncio.timeout(timeout):
+                return await call
+        except asyncio.CancelledError:
+            if not waiting.lost or task.uncancel() > 0:  # not ours, or cancelled by its caller too
+                raise
+            raise Lost() from None
+        finally:
+            self._waiting.discard(waiting)
 
     async def lookup(self, name: str, timeout: float = 3.0) -> Any:
         """A named actor's handle, or None (not there, or the head does not answer in time). On a
@@ -73,3 +78,13 @@ class Link:
             return await asyncio.wait_for(loop.run_in_executor(self._lookups, ray.get_actor, name, NAMESPACE), timeout)
         except Exception:
             return None
+
+
+class _Waiting:
+    """A call waiting in `Link.answer`: its caller's task, and whether `lose` cancelled it."""
+
+    __slots__ = ("task", "lost")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.lost = False

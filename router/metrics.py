@@ -46,9 +46,15 @@ class Metrics:
         self.node_index_loads = Gauge(
             "tellodb_node_index_loads", "Shard indexes a node loaded since it started; a steady rise means the "
             "index_memory_mb budget is smaller than the shards in use.", ["node"], registry=r)
+        self.node_embedding_passes = Gauge(
+            "tellodb_node_embedding_passes", "Model passes a node has made since it started (a pass embeds a batch).",
+            ["node"], registry=r)
+        self.node_embedding_cache = Gauge(
+            "tellodb_node_embedding_cache", "Query texts a node found in its embedding cache (hit) or embedded "
+            "(miss) since it started.", ["node", "result"], registry=r)
         self.placement_epoch = Gauge("tellodb_placement_epoch", "The placement's epoch (it grows with every "
                                      "member change and shard move).", registry=r)
-        self.pending_moves = Gauge("tellodb_shard_moves_pending", "Shards not on their ring node yet.", registry=r)
+        self.pending_moves = Gauge("tellodb_shard_moves_pending", "Shard copies not where the balanced placement puts them yet.", registry=r)
         self.moved_shards = Gauge("tellodb_shards_moved", "Shards moved since the placement authority started.",
                                   registry=r)
         self.move_failed = Gauge("tellodb_shard_move_failed", "1 while the last rebalance stopped on an error.",
@@ -99,6 +105,9 @@ class Metrics:
                 replication = s.get("replication") or {}
                 self.copies_down.labels(node).set(replication.get("followers_down", 0))
                 self.replication_lag.labels(node).set(replication.get("lag_max", 0))
+                self.node_embedding_passes.labels(node).set(s["embedder_passes"])
+                for result, key in (("hit", "hits"), ("miss", "misses")):
+                    self.node_embedding_cache.labels(node, result).set(s["embedding_cache"][key])
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
 

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 from typing import Any, Callable
 
+import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -110,8 +111,9 @@ class NodeClient:
         self.actor = actor
         self.timeout_s = timeout_s
         self._nodes = nodes
-        self.coalescers = {method: Coalescer(lambda calls, method=method: actor.many.remote(method, calls))
-                           for method in Node.MERGEABLE}
+        # Each merged call as the asyncio future of its Ray answer (what `await ref` makes), no task.
+        self.coalescers = {method: Coalescer(lambda calls, method=method: asyncio.wrap_future(
+                           actor.many.remote(method, calls).future())) for method in Node.MERGEABLE}
 
     def within(self, timeout_s: float) -> NodeClient:
         """The same node (and merged calls), each call given at most `timeout_s`."""
@@ -127,8 +129,11 @@ class NodeClient:
     async def ingest_free(self, items: list[IngestItem], deadline: float) -> list[str | None]:
         return await self._call("ingest_free", items, deadline)
 
-    async def query(self, q: Query, shards: Shards) -> list[dict[str, Any]]:
-        return await self._call("query", q.text, q.entity_id, shards, q.limit, q.window, q.prefixes)
+    async def embed_query(self, text: str) -> np.ndarray:
+        return await self._call("embed_query", text)
+
+    async def query(self, q: Query, shards: Shards, vector: np.ndarray | None = None) -> list[dict[str, Any]]:
+        return await self._call("query", q.text, q.entity_id, shards, q.limit, q.window, q.prefixes, vector)
 
     async def edges(self, q: EdgesQuery, shards: Shards) -> list[dict[str, Any]]:
         return await self._call("edges", q.entity_id, shards, q.nodes, q.direction, q.edge_types, q.per_node)

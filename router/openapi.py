@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from router import __version__
+from router import __version__, timing
 from router import responses as r
 from router.routes import ROUTES
 
@@ -31,6 +31,9 @@ ERRORS = {
          "again); see Retry-After",
     507: "insufficient storage: a node's disk is full",
 }
+STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted"}  # the success statuses of the route table
+
+
 def _ref(schema: dict) -> dict:
     return {"$ref": schema["$ref"]}
 
@@ -90,7 +93,9 @@ def build(max_query_limit: int, max_batch_items: int) -> dict[str, Any]:
             if route.hits:
                 shapes = [{"type": "array", "items": _ref(refs[(r.Hit, "serialization")])}]
             schema = shapes[0] if len(shapes) == 1 else {"oneOf": shapes}
-            ok = {"description": "OK", "content": {"application/json": {"schema": schema}}}
+            ok = {"description": STATUS_TEXT[route.ok], "content": {"application/json": {"schema": schema}}}
+        if route.stages is not None:
+            ok["headers"] = timing.documented(route.stages)
         op["responses"][str(route.ok)] = ok
         for status in sorted(route.errors):
             op["responses"][str(status)] = {**error, "description": ERRORS[status]}

@@ -45,10 +45,13 @@ def set_node_environment() -> None:
     """Settings node actors inherit from the process that starts them: no hub access, no tokenizer
     threads, no progress bars in logs. MALLOC_ARENA_MAX: glibc gives each of a node's many threads
     (Chroma's runtimes, SQLite, ONNX, Ray) its own heap arena by default, and the node's memory kept
-    growing with them."""
+    growing with them. OPENBLAS_NUM_THREADS/OMP_NUM_THREADS: NumPy's BLAS would start a thread per
+    core in every node for the vector scans, small products where the threads cost more than they
+    save and the nodes fight over the same cores (a whole-shard scan took 11 ms with them and 2 ms
+    without, docs/benchmarks.md); the model sets its own threads (`threads` per node)."""
     for var, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
-                       ("MALLOC_ARENA_MAX", "2")):
+                       ("MALLOC_ARENA_MAX", "2"), ("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1")):
         os.environ.setdefault(var, value)
 
 
@@ -83,10 +86,10 @@ def init_ray(cfg: ClusterConfig) -> bool:
     owns = not cfg.ray_address
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
-    else:  # private: loopback only, token required (router/ray_local.py)
-        ray.init(address="local", namespace=NAMESPACE, num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True, object_store_memory=256 * 1024 * 1024,
-                 **ray_local.prepare(cfg.data_dir))
+    else:  # private: loopback only, token required, only the processes the engine uses (router/ray_local.py)
+        extra = ray_local.prepare(cfg.data_dir)
+        ray.init(address=ray_local.start(os.cpu_count() or 1), namespace=NAMESPACE, logging_level=logging.WARNING,
+                 log_to_driver=True, **extra)
     log.info("Ray ready address=%s cpus=%s seconds=%.1f", cfg.ray_address or "local",
              ray.cluster_resources().get("CPU"), time.monotonic() - started)
     return owns
@@ -176,9 +179,11 @@ def wait_for_nodes(actors: dict[str, Any]) -> list[dict]:
 def stop(actors: dict[str, Any]) -> None:
     """Stop these node actors and the Ray this process started (outside the event loop)."""
     if not ray.is_initialized():
+        ray_local.stop()
         return
     t = time.monotonic()
     for actor in actors.values():
         ray.kill(actor)
     ray.shutdown()
+    ray_local.stop()
     log.info("Ray stopped seconds=%.1f", time.monotonic() - t)

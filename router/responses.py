@@ -207,6 +207,11 @@ class ErasedCounts(BaseModel):
     measurements: int
 
 
+class ResetResult(ErasedCounts):
+    reset: Literal[True]
+    entities: int = Field(description="entities erased (each on every node, as /entity/erase does)")
+
+
 class EraseResult(ErasedCounts):
     entity_id: str
     erased: Literal[True]
@@ -231,12 +236,18 @@ class ShardsInfo(BaseModel):
 class ClusterChange(BaseModel):
     epoch: int = Field(description="the placement's epoch: it grows with every change")
     nodes: list[str] = Field(description="the members: nodes that own shards or are to receive some")
-    pending_moves: int = Field(description="shards not on their ring node yet")
+    pending_moves: int = Field(description="copies not where the balanced placement puts them yet")
+    pending_handovers: int = Field(0, description="primaries to hand to another copy once the copies are in place")
+    behind: list[list[Any]] = Field([], description="[shard, node] follower copies that may miss acknowledged writes "
+                                                     "(their primary wrote without them): never promoted by a failover")
     moving: list[dict[str, Any]] = Field(description="the move in progress: shard, from, to, state, bytes")
     error: str | None = Field(description="why the last rebalance stopped, if it did")
     rebalancing: bool
     moved_shards: int = Field(description="shards moved since the placement authority started")
     moved_bytes: int
+    auto_rebalance: bool = Field(False, description="a node that joins becomes a member and gets its share by itself")
+    max_bytes_per_s: int = Field(0, description="the moves' average copy rate is kept under this; 0: no limit")
+    paced_s: float = Field(0.0, description="seconds the rebalance waited to keep under max_bytes_per_s")
 
 
 class ClusterStatus(ClusterChange):

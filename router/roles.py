@@ -31,7 +31,7 @@ from node.config import ClusterConfig, ConfigError, load_config, port_range
 from node.names import NAMESPACE  # not node.actor: Ray is imported only once its settings are made
 from router import datadir, tuning
 from router.membership import Membership, Stopped
-from router.serving import claim_data_dir, resolve_api_key, serve, setup_logging
+from router.serving import claim_data_dir, reserve_port, resolve_api_key, serve, setup_logging
 from router.ray_node import (NODE_LABEL, ROLE_LABEL, LogForwarder, RayNode, RayTokenMissing, port_plan, temp_dir,
                              tolerate_head_outage, use_address, use_token)
 
@@ -186,7 +186,8 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
     actor = start_node_actor(args.name, config, placement, cpus, max(1, int(cpus)), {NODE_LABEL: args.name})
     info = ray.get(actor.info.remote(), timeout=tuning.NODE_START_S)
     found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
-    me = {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir, "actor_pid": info["pid"]}
+    me = {"host": args.node_ip, "pid": os.getpid(), "data_dir": config.data_dir, "actor_pid": info["pid"],
+          **({"zone": args.zone} if getattr(args, "zone", None) else {})}
     ray.get(found.join.remote(args.name, me, ray.get(actor.get_placement.remote(), timeout=tuning.NODE_CALL_S)),
             timeout=tuning.AUTHORITY_CALL_S)
     log.info("Node ready name=%s shards=%d reindexed=%d member=%s data_dir=%s joins=%d", args.name,
@@ -241,6 +242,7 @@ def run_router(args: argparse.Namespace) -> int:
     tolerate_head_outage(config.head_outage_s)
     _stop_on_signal()
     ports = _port_range(config)
+    socks = reserve_port(config)  # before Ray's processes start and take free ports
     member = Membership(lambda: RayNode(args.node_ip, temp_dir(f"router:{config.host}:{config.port}:{os.getpid()}"),
                                         address=args.address, cpus=0, labels={ROLE_LABEL: "router"},
                                         port_range=ports),
@@ -250,7 +252,7 @@ def run_router(args: argparse.Namespace) -> int:
         cluster = Cluster(config)
         cluster.membership = member  # it joins again by itself when the cluster is lost (Cluster.watch)
         cluster.join()
-        asyncio.run(serve(config, cluster))
+        asyncio.run(serve(config, cluster, socks))
     finally:
         member.leave()
     return 0
@@ -308,6 +310,9 @@ def add_parsers(sub) -> None:
     n.add_argument("--name", required=True, help="the node's name (a restart with the same name and data resumes)")
     n.add_argument("--data-dir", required=True, help="this node's shards")
     n.add_argument("--cpus", type=float, help="CPUs this node uses (default: all of this machine's)")
+    n.add_argument("--zone", default=os.environ.get("TELLODB_ZONE") or None,
+                   help="this machine's failure domain (a zone, a rack; default: $TELLODB_ZONE): the copies of a "
+                        "shard go to distinct zones while there are as many zones as copies")
     r = sub.add_parser("router", help="a stateless HTTP router of a cluster (run any number)")
     r.add_argument("--address", required=True, help="the head, HOST:PORT")
     r.add_argument("--port", type=int, help="HTTP port (default: port in cluster.yaml, 3000)")

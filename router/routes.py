@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from router import admin, handlers as h
 from router import responses as r
 from router import schemas as q
+from router import timing
+from router.timing import INGEST_STAGES, QUERY_STAGES
 
 KEYED = (401, 403, 429)  # every route that needs a key
 BODY_ERRORS = (400, *KEYED, 413, 415, 422, 503, 507)
@@ -39,6 +41,7 @@ class Route:
     params: tuple[dict, ...] = ()  # path parameters, as OpenAPI parameter objects
     ok: int = 200  # the success status
     hits: bool = False  # 200 is a JSON array of hits
+    stages: tuple[str, ...] | None = None  # timing headers of these stages and the total (router.timing)
 
     @property
     def open(self) -> bool:
@@ -46,19 +49,19 @@ class Route:
 
 
 ROUTES = (
-    Route("get", ("/health", "/v1/health"), h.health, "open", "Liveness", r.Health),
+    Route("get", ("/health", "/v1/health", "/healthz"), h.health, "open", "Liveness", r.Health),
     Route("get", ("/ready",), h.ready, "open",
           "Readiness: 200 when this router can route now, else 503 with this body and the reason", r.Ready),
     Route("get", ("/version", "/v1/version"), h.version, "read", "Engine and API version", r.Version, errors=KEYED),
     Route("post", ("/ingest",), h.ingest, "write", "Store one memory", r.IngestResult, q.IngestRequest,
-          errors=BODY_ERRORS),
-    Route("post", ("/ingest/batch",), h.ingest_batch, "write", "Store many memories", r.BatchResult,
-          q.IngestBatchRequest, errors=BODY_ERRORS),
+          errors=BODY_ERRORS, ok=201, stages=INGEST_STAGES),
+    Route("post", ("/ingest/batch", "/batch-ingest"), h.ingest_batch, "write", "Store many memories", r.BatchResult,
+          q.IngestBatchRequest, errors=BODY_ERRORS, ok=201, stages=INGEST_STAGES),
     Route("post", ("/query/semantic", "/query"), h.query, "read", "Best memories for a text (hybrid ranking)", None,
-          q.QueryRequest, errors=BODY_ERRORS, hits=True),
+          q.QueryRequest, errors=BODY_ERRORS, hits=True, stages=QUERY_STAGES),
     Route("get", ("/temporal/query",), h.temporal_query, "read",
           "Best memories within a time window; without text, newest first", None, query=q.TemporalQuery,
-          errors=QUERY_ERRORS, hits=True),
+          errors=QUERY_ERRORS, hits=True, stages=QUERY_STAGES),
     Route("post", ("/graph/query",), h.graph_query, "read", "Edges of one node", r.GraphQueryResult,
           q.GraphQueryRequest, errors=BODY_ERRORS),
     Route("post", ("/graph/walk",), h.graph_walk, "read", "Breadth-first walk", r.GraphWalkResult, q.GraphWalkRequest,
@@ -71,9 +74,9 @@ ROUTES = (
           q.EntityRequest, errors=BODY_ERRORS, media=("application/x-ndjson", r.EXPORT_DESCRIPTION)),
     Route("post", ("/entity/erase",), h.erase_entity, "write", "Erase an entity everywhere", r.EraseResult,
           q.EntityRequest, errors=BODY_ERRORS),
-    Route("post", ("/memory/inspect",), h.inspect, "read", "One memory, optionally with its session's turns",
+    Route("post", ("/memory/inspect", "/v1/memory/inspect"), h.inspect, "read", "One memory, optionally with its session's turns",
           r.InspectResult, q.InspectRequest, errors=(*BODY_ERRORS, 404)),
-    Route("post", ("/memory/delete",), h.delete, "write", "Delete one memory", r.DeleteResult, q.DeleteRequest,
+    Route("post", ("/memory/delete", "/v1/memory/delete"), h.delete, "write", "Delete one memory", r.DeleteResult, q.DeleteRequest,
           errors=BODY_ERRORS),
     Route("get", ("/stats",), h.stats, "admin", "Engine counts, per node and shard", r.Stats, errors=(*KEYED, 503)),
     Route("get", ("/profile",), h.profile, "read",
@@ -94,6 +97,9 @@ ROUTES = (
     Route("delete", ("/admin/nodes/{name}",), admin.remove_node, "admin", "Move every shard of a node to the others",
           r.ClusterChange, errors=(*KEYED, 404, 409, 503), ok=202,
           params=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},)),
+    Route("post", ("/admin/rebalance",), admin.rebalance, "admin", "Start the pending moves and primary handovers "
+          "with the members as they are (follow with GET /admin/cluster)", r.ClusterChange,
+          errors=(*KEYED, 409, 503), ok=202),
     Route("get", ("/admin/shards",), admin.shards, "admin", "The cluster's shards, model and placement (for backups)",
           r.ShardsInfo, errors=KEYED),
     Route("post", ("/admin/shards/{shard}/snapshot",), admin.snapshot, "admin", "A consistent copy of one shard's "
@@ -101,16 +107,20 @@ ROUTES = (
           errors=(*KEYED, 404, 503, 507),
           media=("application/octet-stream", "the shard's SQLite file at sequence X-Tellodb-Seq"),
           params=({"name": "shard", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},)),
+    Route("post", ("/admin/reset", "/v1/admin/reset", "/reset"), admin.reset, "admin",
+          'Erase every memory of every entity on every node; refused (400) without {"confirm": "delete-all-data"}',
+          r.ResetResult, q.ResetRequest, errors=BODY_ERRORS, stages=()),
 )
 
 
 def add_routes(app: web.Application) -> None:
     for route in ROUTES:
+        handler = route.handler if route.stages is None else timing.timed(route.handler, route.stages)
         for path in route.paths:
             if route.method == "get":
-                app.router.add_get(path, route.handler)  # and HEAD
+                app.router.add_get(path, handler)  # and HEAD
             else:
-                app.router.add_route(route.method.upper(), path, route.handler)
+                app.router.add_route(route.method.upper(), path, handler)
 
 
 def roles() -> dict[tuple[str, str], str]:

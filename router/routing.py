@@ -10,7 +10,7 @@ router's placement: during a move each shard is asked of one node only). Both:
 - for a read (`read=True`), ask a follower copy when the primary does not answer within
   `read_failover_s`, and when every copy is slow (a busy machine) but none is gone, wait for one;
 - give an attempt up as soon as the authority has handed a silent node's shards to followers (a
-  failover: `_watched`, a task per request that polls the authority while the attempt waits);
+  failover: `_watched`; one watch per router polls the authority while attempts wait long);
 - while this router joins the cluster again (router.link), wait a little for it first.
 """
 
@@ -32,6 +32,7 @@ from router.tuning import REJOIN_WAIT_S
 log = logging.getLogger("tellodb")
 
 T = TypeVar("T")
+WATCH_S = 1.0  # an attempt waiting this long is checked against the authority's failovers, this often
 Work = Callable[[NodeClient], Awaitable[T]]
 PartWork = Callable[[NodeClient, list[int]], Awaitable[T]]
 
@@ -46,6 +47,8 @@ class Routing:
         self.moved_retries = 0  # requests sent again after a node said a shard moved
         self.read_failovers = 0  # reads answered by (or tried on) a follower copy
         self._refresh_lock = asyncio.Lock()
+        self._waiting: set[_Waiting] = set()  # attempts in `_watched`
+        self._watch: asyncio.Task | None = None  # the one watch of the authority's failovers, while attempts wait
 
     async def refresh_placement(self) -> Placement:
         """Read the placement again (a node said it does not own a shard); one read at a time. When
@@ -143,21 +146,55 @@ class Routing:
                 delay = min(delay * 2, 0.25)
 
     async def _watched(self, work: Awaitable[T], deadline: float) -> T:
-        """Await `work`; every second it takes, ask the authority whether a node is down and the
-        placement moved on, and if so drop the attempt (NodeDown) so it is made again elsewhere.
-        (A task per request: the one piece to replace with a shared watch of the authority.)"""
-        task = asyncio.ensure_future(work)
-        epoch = self.placement.epoch
+        """Await `work` in the caller's own task (no task per request); while it waits, the router's
+        one watch (`_watch_failovers`) may drop it with NodeDown, so it is made again elsewhere."""
+        if self.control.authority is None:
+            return await work
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = _Waiting(task, self.placement.epoch, time.monotonic(), deadline)
+        self._waiting.add(waiting)
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.done() or self._watch.get_loop() is not loop:  # (a loop's end ends it)
+            self._watch = loop.create_task(self._watch_failovers())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=max(0.01, min(1.0, deadline - time.monotonic())))
-                if done:
-                    return task.result()
-                if time.monotonic() >= deadline or self.control.authority is None:
-                    return await task
-                summary = await self.control.summary(timeout=1)
-                if summary and summary["down"] and summary["epoch"] > epoch:
-                    raise NodeDown(f"node {', '.join(summary['down'])} is down")
+            result = await work
+        except asyncio.CancelledError:
+            if waiting.dropped is None or task.uncancel() > 0:  # not ours, or cancelled by its caller too
+                raise
+            raise NodeDown(waiting.dropped) from None
         finally:
-            if not task.done():
-                task.cancel()
+            self._waiting.discard(waiting)
+        if waiting.dropped is not None:  # the work swallowed the drop and answered: its answer stands
+            task.uncancel()
+        return result
+
+    async def _watch_failovers(self) -> None:
+        """The router's one watch, while attempts wait: every WATCH_S, when one has waited that long,
+        ask the authority whether a node is down and the placement moved on since the attempt
+        began; if so drop it (cancel its task: `_watched` turns that into NodeDown, the way
+        asyncio.timeout turns its cancel into TimeoutError). Ends when no attempt waits."""
+        while self._waiting:
+            await asyncio.sleep(WATCH_S)
+            now = time.monotonic()
+            due = [w for w in self._waiting if now - w.since >= WATCH_S and now < w.deadline]
+            if not due or self.control.authority is None:
+                continue
+            summary = await self.control.summary(timeout=WATCH_S)
+            if not summary or not summary["down"]:
+                continue
+            for w in due:
+                if summary["epoch"] > w.epoch and w in self._waiting and w.dropped is None:
+                    w.dropped = f"node {', '.join(summary['down'])} is down"
+                    w.task.cancel()
+
+
+class _Waiting:
+    """An attempt waiting in `Routing._watched`: its task, the placement epoch it was routed by,
+    since when it waits, its request's deadline, and why the watch dropped it (if it did)."""
+
+    __slots__ = ("task", "epoch", "since", "deadline", "dropped")
+
+    def __init__(self, task: asyncio.Task, epoch: int, since: float, deadline: float) -> None:
+        self.task, self.epoch, self.since, self.deadline = task, epoch, since, deadline
+        self.dropped: str | None = None

@@ -83,7 +83,8 @@ class QueryRequest(_Body):
     limit: Annotated[StrictInt, Field(ge=1, validation_alias=AliasChoices("limit", "top_k"))] = 10
     entity_id: Id | None = None
     point_in_time_ms: Annotated[StrictInt, Field(ge=0, le=MAX_TIMESTAMP_MS)] | None = None  # as of this instant
-    # Accepted for SDK compatibility; ranking is always hybrid, these change nothing yet.
+    # Accepted for SDK compatibility; ranking is always hybrid, these change nothing (no cross-encoder
+    # for a rerank: router.timing.RERANK_APPLIED, docs/guide/api.md).
     enable_neural_rerank: StrictBool | None = None
     include_evidence: StrictBool | None = None
 
@@ -190,3 +191,12 @@ def parse(model: type[M], data: Any) -> M:
 class NodeRequest(_Body):
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                                description="the name its `tellodb node --name` process joined with")]
+
+
+RESET_PHRASES = ("delete-all-data", "RESET_DATA_DANGEROUS")  # the upstream engine's (src/api/utils.rs, handlers/system.rs)
+
+
+class ResetRequest(_Body):
+    confirm: Annotated[str, Field(max_length=64, description="`delete-all-data`: without it the reset is refused "
+                                  "(400)")] | None = None
+    clear_embedding_cache: StrictBool | None = None  # the upstream's; this engine keeps no embedding cache

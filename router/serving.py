@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -70,7 +71,34 @@ def reload_keys(app: web.Application) -> None:
         log.error("Keys not reloaded, the previous ones stay: %s", exc)
 
 
-async def serve(config: ClusterConfig, cluster) -> None:
+def reserve_port(config: ClusterConfig) -> list[socket.socket]:
+    """Bind the HTTP port before Ray starts, without listening yet. Ray's processes take free ports as
+    they come up, and one took the port a client had been told to poll (it then read Ray's gRPC as a
+    broken HTTP status line); a port someone else holds is refused now, not after the Ray start.
+    Bound but not listening, the port refuses connections until `serve` is ready. One socket per
+    address the host resolves to (`localhost`: both loopbacks), as aiohttp's TCPSite binds."""
+    try:
+        found = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"host: cannot resolve {config.host}: {exc.strerror}") from None
+    socks: list[socket.socket] = []
+    for family, kind, proto, _, address in dict.fromkeys(found):
+        sock = socket.socket(family, kind, proto)
+        socks.append(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    return socks
+
+
+async def serve(config: ClusterConfig, cluster, socks: list[socket.socket] | None = None) -> None:
+    """Serve the app until SIGTERM, on `socks` (from `reserve_port`) or on sockets bound now."""
     from router.app import create_app
 
     app = create_app(config, cluster)
@@ -81,11 +109,13 @@ async def serve(config: ClusterConfig, cluster) -> None:
     app.on_cleanup.append(close_cluster)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=tuning.SHUTDOWN_GRACE_S, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:
-        await site.start()
-    except OSError as exc:
+        for sock in socks or reserve_port(config):
+            await web.SockSite(runner, sock).start()
+    except (OSError, ConfigError) as exc:
         await runner.cleanup()
+        if isinstance(exc, ConfigError):
+            raise
         raise ConfigError(f"port: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
     host, port = runner.addresses[0][:2]
     log.info("Router ready routes=%d max_body_bytes=%d", len(app.router.routes()), config.max_body_bytes)

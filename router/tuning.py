@@ -12,6 +12,7 @@ METRICS_TIMEOUT_S = 2.0  # GET /metrics: a scrape must not hang on a slow node
 WALK_EDGES_PER_RESULT = 10  # a graph walk reads at most this many edges per node (or result) it may return
 SHUTDOWN_GRACE_S = 20.0  # in-flight requests finish within this after SIGTERM
 MCP_MAX_RESULTS = 100  # most memories an MCP tool (recall, profile) returns
+RESET_PAGE = 1000  # POST /admin/reset finds the entities left in pages of this many oldest memories
 
 # ---- Keys and abuse (router.access, router.keys) --------------------------------------------
 FAILURE_WINDOW_S = 60.0  # wrong keys of a client are counted over this window

@@ -49,14 +49,14 @@ async def post(api, path: str, body, headers=AUTH):
 
 async def ingest(api, entity_id: str, text: str, **extra) -> dict:
     status, body = await post(api, "/ingest", {"entity_id": entity_id, "textual_content": text, **extra})
-    assert status == 200, body
+    assert status == 201, body
     assert body["status"] == "ok" and body["entity_id"] == entity_id
     return body
 
 
 async def ingest_batch(api, items: list[dict]) -> dict:
     status, body = await post(api, "/ingest/batch", {"items": items})
-    assert status == 200, body
+    assert status == 201, body
     return body
 
 
@@ -109,7 +109,7 @@ async def test_metrics_open_and_complete(api):
     assert sample(r"^tellodb_query_total (\S+)$") >= 1
     # labelled by route template, method and status
     assert sample(r'^tellodb_http_requests_total\{(?=[^}]*route="/ingest")(?=[^}]*method="POST")'
-                  r'(?=[^}]*status="200")[^}]*\} (\S+)$') >= 1
+                  r'(?=[^}]*status="201")[^}]*\} (\S+)$') >= 1
     assert sample(r'^tellodb_http_requests_total\{(?=[^}]*route="/query/semantic")'
                   r'(?=[^}]*status="200")[^}]*\} (\S+)$') >= 1
     assert sample(r'^tellodb_http_requests_total\{(?=[^}]*status="404")[^}]*\} (\S+)$') >= 1
@@ -202,7 +202,7 @@ async def test_ingest_accepts_sdk_payload(api):
         "entity_id": ent, "memory_id": mid, "timestamp": 1700000000000, "text": "SDK payload memory",
         "relations": [], "kind": None, "enable_semantic_dedup": None, "enable_consolidation": None,
     })
-    assert status == 200 and body["memory_id"] == mid
+    assert status == 201 and body["memory_id"] == mid
     status, mem = await inspect(api, mid)
     assert status == 200
     assert mem["created_at_ms"] == 1700000000000 and mem["textual_content"] == "SDK payload memory"

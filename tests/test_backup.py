@@ -56,7 +56,7 @@ def backed_up(tmp_path_factory):
               "textual_content": f.format(city=["Lisbon", "Oslo", "Lima"][i % 3], food=["ramen", "tacos"][i % 2],
                                           dog=["Rex", "Bo"][i % 2], n=4000 + i)}
              for i, e in enumerate(fixed) for k, f in enumerate(FACTS)]
-    assert http_json(base, "/ingest/batch", {"items": items})[0] == 200
+    assert http_json(base, "/ingest/batch", {"items": items})[0] == 201
 
     acked: list[tuple[float, str]] = []  # (time acknowledged, memory id) of the writers' ingests
     stop = threading.Event()
@@ -67,7 +67,7 @@ def backed_up(tmp_path_factory):
             mid = f"{entity}::w::{k}"
             status, _ = http_json(base, "/ingest", {"entity_id": entity, "memory_id": mid,
                                                "textual_content": f"note {k} written during the backup"})
-            assert status == 200
+            assert status == 201
             acked.append((time.monotonic(), mid))
             k += 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from node.config import ENV_VARS, ClusterConfig, EmbeddingConfig, HnswConfig
+from node.config import ENV_VARS, ClusterConfig, EmbeddingConfig, HnswConfig, RebalanceConfig
 
 README = ROOT / "README.md"
 DOCS = sorted([README, ROOT / "helm" / "tellodb" / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -85,9 +85,10 @@ def test_every_shell_variable_of_a_sample_is_set_before_it_is_used(doc):
 
 def test_every_configuration_key_and_variable_is_in_the_configuration_guide():
     guide = (ROOT / "docs" / "guide" / "configuration.md").read_text(encoding="utf-8")
-    keys = [f for f in ClusterConfig.__dataclass_fields__ if f not in ("embedding", "hnsw", "node_list")]
+    keys = [f for f in ClusterConfig.__dataclass_fields__ if f not in ("embedding", "hnsw", "rebalance", "node_list")]
     keys += [f"embedding.{f}" for f in EmbeddingConfig.__dataclass_fields__]
     keys += [f"hnsw.{f}" for f in HnswConfig.__dataclass_fields__]
+    keys += [f"rebalance.{f}" for f in RebalanceConfig.__dataclass_fields__]
     missing = [k for k in keys if f"`{k}`" not in guide]
     missing += [v for v, _ in ENV_VARS if f"`{v}`" not in guide]
     assert not missing, f"docs/guide/configuration.md does not document {missing}"

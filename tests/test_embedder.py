@@ -4,7 +4,7 @@ import asyncio
 
 import numpy as np
 
-from node.embedder import BatchingEmbedder
+from node.embedder import BatchingEmbedder, EmbeddingCache
 
 
 async def test_concurrent_requests_are_batched_in_order(embedder):
@@ -101,3 +101,30 @@ async def test_no_bulk_call_starves_while_others_keep_coming(embedder):
     # a few; a call that gets one text per pass needs about 24.
     assert max(waits) <= 6, sorted(waits)
     await batcher.close()
+
+
+async def test_a_repeated_query_text_skips_the_model_and_the_oldest_leaves_first(embedder):
+    b = BatchingEmbedder(embedder, cache_entries=2)
+    first = await b.embed_query("where do I live?")
+    assert b.passes == 1 and np.allclose(first, (await b.embed(["where do I live?"]))[0])
+    again = await b.embed_query("where do I live?")
+    assert b.passes == 2 and np.array_equal(first, again)  # the second pass was embed(), not embed_query()
+    await b.embed_query("what do I eat?")
+    await b.embed_query("where do I live?")  # now the most recent
+    await b.embed_query("who are my friends?")  # evicts "what do I eat?"
+    assert b.cache.stats() == {"hits": 2, "misses": 3, "entries": 2}
+    await b.embed_query("what do I eat?")
+    assert b.cache.stats()["misses"] == 4 and b.passes == 5
+    with np.testing.assert_raises(ValueError):
+        again[0] = 1.0  # a cached vector is shared: nobody may change it
+    await b.close()
+
+
+def test_the_cache_is_keyed_by_model_and_can_be_off():
+    vector = np.ones(3, dtype=np.float32)
+    a, b, off = EmbeddingCache("model-a", 8), EmbeddingCache("model-b", 8), EmbeddingCache("model-a", 0)
+    a.put("hi", vector)
+    off.put("hi", vector)
+    assert a.get("hi") is not None and off.get("hi") is None and len(off) == 0
+    b._vectors.update(a._vectors)  # the same text's entry, made with another model, is not model-b's
+    assert b.get("hi") is None

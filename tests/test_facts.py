@@ -108,7 +108,7 @@ async def test_semantic_dedup_stores_a_near_duplicate_once(api):
     e = uid("dedup")
     status, first = await post(api, "/ingest", {"entity_id": e, "textual_content": "I am allergic to peanuts",
                                                 "memory_id": f"{e}::s::0", "enable_semantic_dedup": True})
-    assert status == 200 and first["deduplicated"] is False and first["duplicate_of"] is None
+    assert status == 201 and first["deduplicated"] is False and first["duplicate_of"] is None
     status, again = await post(api, "/ingest", {"entity_id": e, "textual_content": "I am allergic to peanuts!",
                                                 "memory_id": f"{e}::s::1", "enable_semantic_dedup": True})
     assert again["deduplicated"] is True and again["duplicate_of"] == f"{e}::s::0"
@@ -164,7 +164,8 @@ async def test_profile_shows_current_facts_and_recent_activity(api):
 
 
 def test_question_cues_grow_linearly_with_the_question():
-    """A cue with a gap (`did ... live`, `where ... work`) must not rescan the question from every word."""
+    """A cue with a gap (`did ... live`, `where ... work`) must not rescan the question from every word.
+    CPU time of this process (`process_time`), not wall time: other work on a busy machine does not count."""
     import time
 
     from node.facts import asked_predicates, asks_about_the_past
@@ -172,10 +173,10 @@ def test_question_cues_grow_linearly_with_the_question():
     def seconds(q: str) -> float:
         best = float("inf")
         for _ in range(3):
-            started = time.perf_counter()
+            started = time.process_time()
             asked_predicates(q)
             asks_about_the_past(q)
-            best = min(best, time.perf_counter() - started)
+            best = min(best, time.process_time() - started)
         return best
 
     for word in ("did ", "where "):

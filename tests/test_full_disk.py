@@ -57,7 +57,7 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
     entities = [f"user-{i}" for i in range(40)]
     status, _ = http_json(base, "/ingest", {"entity_id": entities[0], "memory_id": "user-0::s::0",
                                         "textual_content": "written before the disk filled up"})
-    assert status == 200
+    assert status == 201
 
     filler = small_disk / "filler"
     fill(filler)
@@ -71,8 +71,8 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
         status, body = http_json(base, "/ingest/batch", {"items": items})
         stored = [held(base, it["memory_id"]) for it in items]
         answers.append((status, body, stored))
-        assert status in (200, 507), body
-        assert stored == [status == 200] * len(items), (status, stored)
+        assert status in (201, 507), body
+        assert stored == [status == 201] * len(items), (status, stored)
         if status == 507:
             assert body["error"]["code"] == "insufficient_storage", body
             break
@@ -84,7 +84,7 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
         marker = f"crossing batch number {attempt}"
         status, body = http_json(base, "/ingest/batch", {"items": [{"entity_id": e, "textual_content": f"{text} {marker}"}
                                                                 for e in both]})
-        assert status in (200, 507), body
+        assert status in (201, 507), body
         if status == 507:
             break
     assert status == 507
@@ -98,5 +98,5 @@ def test_a_full_disk_answers_507_keeps_reads_and_recovers(make_server, small_dis
     os.remove(filler)
     items = [{"entity_id": e, "memory_id": f"{e}::after::0", "textual_content": "space is back"} for e in entities[:12]]
     status, body = http_json(base, "/ingest/batch", {"items": items})
-    assert status == 200, body  # no restart needed
+    assert status == 201, body  # no restart needed
     assert all(held(base, it["memory_id"]) for it in items)

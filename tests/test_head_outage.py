@@ -208,7 +208,7 @@ def test_a_head_killed_during_a_move_and_one_on_an_empty_disk(replicated):
         code, answer = http_json(r1.url, "/ingest/batch", {"items": [
             {"entity_id": f"bulk:user-{e}", "text": f"bulk memory {i} of user {e} about tea and maps"}
             for i in range(150)]})
-        assert code == 200, answer
+        assert code == 201, answer
     load = MixedLoad([r1.url, r2.url], API_KEY, entities=12).start()
     c.start_nodes(["n4"])
     code, answer = http_json(r1.url, "/admin/nodes", {"name": "n4"})

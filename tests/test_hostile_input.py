@@ -84,7 +84,7 @@ async def test_out_of_range_metrics_are_422_or_stored(api, value):
     """Floats that overflow to infinity are refused; big integers are stored as floats or refused."""
     body = b'{"entity_id": "' + uid().encode() + b'", "textual_content": "weight", "metrics": {"w": ' + value + b"}}"
     status, payload = await post_bytes(api, "/ingest", body)
-    if status != 200:
+    if status != 201:
         assert_error(status, payload, 422, "validation_error")
         assert "metrics" in payload["error"]["message"], payload
 
@@ -230,7 +230,7 @@ async def test_analytics_that_overflow_a_double_answer_null_not_infinity(api):
     for _ in range(2):
         status, payload = await post_bytes(api, "/ingest", json.dumps(
             {"entity_id": entity, "textual_content": "huge", "metrics": {"x": 1.7e308}}).encode())
-        assert status == 200, payload
+        assert status == 201, payload
     for bucket in (None, "day"):
         resp = await api.post("/analytics/query", json={"entity_id": entity, "label": "x", "bucket": bucket},
                               headers=AUTH)

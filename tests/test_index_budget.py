@@ -18,7 +18,7 @@ def shards(tmp_path, embedder):
     stores = []
     for shard in range(3):
         store = ShardStore(tmp_path / f"{shard:04d}", shard, embedder.dimension, index_budget=budget)
-        store.exact_scan = 0  # search through Chroma, so a query needs the index loaded
+        store.exact_scan = store.shard_exact_scan = 0  # search through Chroma, so a query needs the index loaded
         vectors = embedder.encode(TEXTS)
         store.upsert([MemoryRecord(f"e{shard}::s1::{i}", f"e{shard}", "s1", i, 1_000 + i, None, text, (), vector)
                       for i, (text, vector) in enumerate(zip(TEXTS, vectors))])

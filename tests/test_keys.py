@@ -47,9 +47,9 @@ async def call(client, key: str, path: str, body=None, method: str = "POST"):
 async def test_a_scoped_key_cannot_touch_another_tenants_entities(tenants):
     client, k, _, _, run = tenants
     acme, globex = f"acme:{run}", f"globex:{run}"
-    assert (await call(client, k["acme"], "/ingest", {"entity_id": acme, "textual_content": "acme roadmap secret"}))[0] == 200
+    assert (await call(client, k["acme"], "/ingest", {"entity_id": acme, "textual_content": "acme roadmap secret"}))[0] == 201
     assert (await call(client, k["globex"], "/ingest", {"entity_id": globex,
-                                                       "textual_content": "globex roadmap secret"}))[0] == 200
+                                                       "textual_content": "globex roadmap secret"}))[0] == 201
     for path, body in [("/query", {"textual_query": "roadmap", "entity_id": globex}),
                        ("/ingest", {"entity_id": globex, "textual_content": "x"}),
                        ("/entity/export", {"entity_id": globex}),
@@ -66,7 +66,7 @@ async def test_a_scoped_key_cannot_touch_another_tenants_entities(tenants):
     # a free-form id of another tenant reads as absent, and is not deleted
     free = f"free-{run}"
     assert (await call(client, k["globex"], "/ingest", {"entity_id": globex, "memory_id": free,
-                                                       "textual_content": "globex private"}))[0] == 200
+                                                       "textual_content": "globex private"}))[0] == 201
     assert (await call(client, k["acme"], "/memory/inspect", {"memory_id": free}))[0] == 404
     assert (await call(client, k["acme"], "/memory/delete", {"memory_id": free}))[1]["deleted"] is False
     assert (await call(client, k["globex"], "/memory/inspect", {"memory_id": free}))[0] == 200
@@ -123,7 +123,7 @@ async def test_the_audit_trail_records_an_erase_with_the_keys_name(tenants):
     client, k, _, audit, run = tenants
     entity = f"acme:{run}-audit"
     assert (await call(client, k["acme"], "/ingest", {"entity_id": entity,
-                                                     "textual_content": "zebracorn audit text"}))[0] == 200
+                                                     "textual_content": "zebracorn audit text"}))[0] == 201
     assert (await call(client, k["acme"], "/entity/erase", {"entity_id": entity}))[0] == 200
     assert (await call(client, k["acme"], "/entity/erase", {"entity_id": f"globex:{run}"}))[0] == 403
     lines = [json.loads(line) for line in audit.read_text().splitlines()]

@@ -19,7 +19,7 @@ async def _count(api, entity: str) -> int:
 async def test_text_length_limit(api):
     e = uid("limits")
     status, out = await post(api, "/ingest", {"entity_id": e, "textual_content": "a" * LIMITS.max_text_chars})
-    assert status == 200, out
+    assert status == 201, out
     status, out = await post(api, "/ingest", {"entity_id": e, "textual_content": "a" * (LIMITS.max_text_chars + 1)})
     assert_error(status, out, 422, "validation_error")
     assert out["error"]["message"].startswith("textual_content:") and "max_text_chars" in out["error"]["message"]
@@ -34,7 +34,7 @@ async def test_relations_and_metrics_limits(api):
     e = uid("limits")
     rels = [["knows", f"p{i}"] for i in range(LIMITS.max_relations)]
     status, out = await post(api, "/ingest", {"entity_id": e, "textual_content": "t", "relations": rels})
-    assert status == 200, out
+    assert status == 201, out
     status, out = await post(api, "/ingest", {"entity_id": e, "textual_content": "t",
                                               "relations": rels + [["knows", "one-more"]]})
     assert_error(status, out, 422, "validation_error")

@@ -350,3 +350,48 @@ async def test_an_erased_entitys_free_form_id_records_go_from_every_copy(trio):
         assert not about(await trio.actors[name].changes_since.remote(home, since, 10_000)), name
         assert await trio.actors[name].inspect.remote(mid, [home], False, 0) is None
     assert await trio.actors[B].copy_state.remote(home) == await trio.actors[A].copy_state.remote(home)
+
+
+async def test_a_primary_handed_over_under_writes_keeps_every_acknowledged_write(trio, tmp_path):
+    """The authority's handover (MoveDriver._hand_over): the primary role of a shard goes to its
+    follower while a writer retries as a router does; every acknowledged write is on both copies,
+    the new primary takes writes and the old one, a follower now, refuses them."""
+    from node.control.authority import PlacementAuthority
+
+    await trio.all_caught_up()
+    shard = 1
+    old, new = trio.placement.replicas[shard][:2]
+    authority = PlacementAuthority(str(tmp_path), trio.placement.shards, list(trio.placement.nodes))
+    authority._set(dataclasses.replace(trio.placement, epoch=trio.placement.epoch + 1, owner=()))
+    authority.joined = {name: {} for name in trio.actors}
+    entity = entities_on(trio.placement, shard, "handed", 1)[0]
+    acknowledged: list[str] = []
+    done = asyncio.Event()
+
+    async def writer() -> None:
+        k = 0
+        while not done.is_set():
+            mid = f"{entity}::s1::{k}"
+            try:
+                await trio.write(entity, mid, f"written while the primary is handed over {k}")
+                acknowledged.append(mid)
+                k += 1
+            except (NotOwnedError, NodeError):  # fenced, or no longer the primary: the router's retry
+                trio.placement = authority._placement
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(writer())
+    await asyncio.sleep(0.5)
+    await authority._hand_over(shard, old, new)
+    trio.placement = authority._placement
+    await asyncio.sleep(0.5)
+    done.set()
+    await task
+    assert authority._placement.replicas[shard][:2] == (new, old) and authority.history[-1]["state"] == "done"
+    assert len(acknowledged) > 2
+    await trio.all_caught_up()
+    for name in (old, new):
+        held = {m for m, _ in await trio.memories(name, shard)}
+        assert set(acknowledged) <= held, (name, set(acknowledged) - held)
+    with pytest.raises(NotOwnedError):
+        await trio.actors[old].ingest.remote([item(trio.placement, entity, f"{entity}::s1::x", "to the old one")])

@@ -29,7 +29,7 @@ def dense_path(request):
 
 
 def _hnsw_only(store):
-    store.exact_scan = 0
+    store.exact_scan = store.shard_exact_scan = 0
     return store
 
 
@@ -318,6 +318,45 @@ def test_cached_entity_vectors_follow_every_write(make_store, embedder):
     assert [h["textual_content"] for h in search(s, embedder, "brass instrument", "e")] == ["My car is blue"]
     s.erase("e")
     assert search(s, embedder, "brass instrument", "e") == []
+
+
+def test_a_whole_shards_cached_matrix_follows_every_write_of_any_entity(make_store, embedder):
+    """A query without an entity scans the shard's matrix from the cache (WHOLE_SHARD); a write of
+    any entity, a delete or an erase drops it."""
+    from node.vector_cache import WHOLE_SHARD
+
+    s = make_store()
+    s.upsert(records(embedder, "e", ["I play the cello", "My car is blue"]))
+    assert search(s, embedder, "musical instrument", None)[0]["textual_content"] == "I play the cello"
+    assert s.vector_cache.get(0, WHOLE_SHARD) is not None  # the scan loaded it
+    s.upsert(records(embedder, "f", ["I play the trumpet"]))  # another entity
+    assert s.vector_cache.get(0, WHOLE_SHARD) is None
+    assert search(s, embedder, "brass instrument", None)[0]["textual_content"] == "I play the trumpet"
+    s.delete("f::s1::0")
+    assert "I play the trumpet" not in [h["textual_content"] for h in search(s, embedder, "brass instrument", None)]
+    s.erase("e")
+    assert search(s, embedder, "musical instrument", None) == []
+
+
+def test_whole_shards_take_at_most_half_the_vector_cache_and_entity_reads_keep_them():
+    from node.vector_cache import WHOLE_SHARD, EntityVectors, VectorCache
+
+    def entry(rows: int) -> EntityVectors:
+        return EntityVectors(np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros((rows, 4), np.float32))
+
+    size = entry(10).nbytes  # 320 bytes
+    cache = VectorCache(max_bytes=4 * size)
+    assert cache.room_for_shard(size) and cache.room_for_shard(2 * size) and not cache.room_for_shard(2 * size + 1)
+    cache.put(0, WHOLE_SHARD, entry(10))
+    cache.put(0, "e", entry(10))  # an entity's read of the same shard does not drop the shard's matrix
+    assert (0, WHOLE_SHARD) in cache and cache.shard_bytes == size and cache.bytes == 2 * size
+    assert cache.room_for_shard(size) and not cache.room_for_shard(size + 1)
+    cache.put(1, WHOLE_SHARD, entry(10))
+    cache.put(1, "f", entry(10))
+    cache.put(2, "g", entry(10))  # over budget: the oldest entry, shard 0's matrix, leaves
+    assert (0, WHOLE_SHARD) not in cache and cache.shard_bytes == size and cache.bytes == 4 * size
+    cache.drop(1, "f")  # a write of shard 1 drops its matrix too
+    assert cache.shard_bytes == 0 and cache.bytes == 2 * size and cache.hits == cache.misses == 0
 
 
 def test_the_vector_cache_stays_within_its_budget(tmp_path, embedder):

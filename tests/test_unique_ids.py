@@ -32,7 +32,7 @@ async def test_concurrent_writers_of_one_free_form_id_leave_one_memory(api):
         answers = await asyncio.gather(*(post(api, "/ingest", {"entity_id": e, "memory_id": mid,
                                                                "textual_content": f"the shared note, by {e}"})
                                          for e in entities))
-        assert all(status == 200 for status, _ in answers), answers
+        assert all(status == 201 for status, _ in answers), answers
         held = await copies(api, mid, entities)
         assert len(held) == 1, f"round {round_}: {mid} is held by {len(held)} entities"
         status, found = await inspect(api, mid)
@@ -47,7 +47,7 @@ async def test_batches_racing_on_free_form_ids_leave_one_memory_each(api):
     answers = await asyncio.gather(*(post(api, "/ingest/batch", {"items": [
         {"entity_id": e, "memory_id": m, "textual_content": f"the shared note {m} by {e}"} for m in ids]})
         for e in entities))
-    assert all(status == 200 for status, _ in answers), answers
+    assert all(status == 201 for status, _ in answers), answers
     for m in ids:
         assert len(await copies(api, m, entities)) == 1, m
 
@@ -57,7 +57,7 @@ async def test_a_free_form_id_moves_and_is_deleted_in_one_piece(api):
     mid = f"mover-{uuid.uuid4().hex}"
     for e in (a, b, a, b):
         status, _ = await post(api, "/ingest", {"entity_id": e, "memory_id": mid, "textual_content": "the shared note"})
-        assert status == 200
+        assert status == 201
     assert await copies(api, mid, [a, b]) == [b]
     status, body = await post(api, "/memory/delete", {"memory_id": mid})
     assert status == 200 and body["deleted"] is True
@@ -70,7 +70,7 @@ async def test_a_free_form_id_moves_and_is_deleted_in_one_piece(api):
 async def test_erasing_an_entity_forgets_where_its_free_form_ids_lived(api, cluster):
     e = uid("erased")
     mid = f"secret-{uuid.uuid4().hex}"
-    assert (await post(api, "/ingest", {"entity_id": e, "memory_id": mid, "textual_content": "the note"}))[0] == 200
+    assert (await post(api, "/ingest", {"entity_id": e, "memory_id": mid, "textual_content": "the note"}))[0] == 201
     status, _ = await post(api, "/entity/erase", {"entity_id": e})
     assert status == 200
     home = cluster.placement.id_home(mid)
@@ -99,7 +99,7 @@ def test_a_stalled_node_holds_up_only_its_own_writes(make_server, tmp_path):
         for version in range(2):  # a new id, then an upsert of it
             status, body = http_json(base, "/ingest", {"entity_id": entity, "memory_id": mid,
                                                    "textual_content": f"written while a node is stalled {version}"})
-            assert status == 200, body
+            assert status == 201, body
         status, found = http_json(base, "/memory/inspect", {"memory_id": mid})
         assert status == 200 and found["textual_content"].endswith("1"), found
         far = next(m for m in (f"far-{i}" for i in range(1000))

@@ -22,9 +22,26 @@ from node.store.records import MEMORY_COLUMNS, entity_count, row_to_memory
 from node.store.schema import LEXICAL_SOURCES
 from node.store.scope import Scope, Window
 from node.store.vector_index import VectorIndex
-from node.vector_cache import EntityVectors, VectorCache
-from node.tuning import EXACT_SCAN, LEXICAL_SCAN
+from node.tuning import EXACT_SCAN, LEXICAL_SCAN, SHARD_EXACT_SCAN
+from node.vector_cache import WHOLE_SHARD, EntityVectors, VectorCache
 
+
+
+class Stopwatch:
+    """Adds the seconds since its last lap to a stage of `stages` (the x-tm-* headers' stages:
+    router/timing.py); with `stages=None` it measures nothing."""
+
+    __slots__ = ("stages", "last")
+
+    def __init__(self, stages: dict[str, float] | None) -> None:
+        self.stages = stages
+        self.last = time.perf_counter() if stages is not None else 0.0
+
+    def lap(self, stage: str) -> None:
+        if self.stages is not None:
+            now = time.perf_counter()
+            self.stages[stage] = self.stages.get(stage, 0.0) + now - self.last
+            self.last = now
 
 
 class Search:
@@ -37,6 +54,7 @@ class Search:
         self.shard_id = shard_id
         self.dimension = dimension
         self.exact_scan = EXACT_SCAN
+        self.shard_exact_scan = SHARD_EXACT_SCAN
 
     def nearest(self, entity_id: str, vector: np.ndarray, exclude: str) -> tuple[str, float] | None:
         """The entity's memory closest to `vector` (other than `exclude`) and its exact cosine."""
@@ -54,12 +72,18 @@ class Search:
         return max(scored, key=lambda x: x[1], default=None)
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
-               window: Window = None, prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+               window: Window = None, prefixes: tuple[str, ...] | None = None, of_shards: int = 1,
+               stages: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """The best `limit` memories (of `entity_id`, or of all entities here) for the query,
         created within `window` (start_ms, end_ms; either end may be None) when one is given.
 
-        Returns exactly min(limit, memories in scope) hits, best first.
+        Returns exactly min(limit, memories in scope) hits, best first. `of_shards`: this shard is
+        one of that many searched for the same query, whose hits are merged; each retriever then
+        proposes its share of the candidate pool (at least `limit`), not the whole pool, so the
+        merged query scores about as many candidates as a query of one shard. `stages`: seconds
+        spent per stage are added to it (`Stopwatch`).
         """
+        clock = Stopwatch(stages)
         scope = Scope.of(entity_id, window, prefixes)
         where, args = scope.sql()
         in_scope = (entity_count(self.db, entity_id) if scope.every_row else
@@ -67,8 +91,10 @@ class Search:
         want = min(limit, in_scope)
         if want == 0:
             return []
-        pool = max(limit, self.ranking.candidate_pool)
+        pool = max(limit, -(-self.ranking.candidate_pool // max(1, of_shards)))
+        clock.lap("storage")
         candidates = self._dense_candidates(query_vector, scope, in_scope, pool)
+        clock.lap("ann")
 
         # Lexical candidates from both FTS5 tables: the best `pool` of each. The scores of the
         # best LEXICAL_SCAN matches are kept, so every candidate is scored exactly on both.
@@ -79,6 +105,7 @@ class Search:
                 scores = self._bm25(table, column, match, scope, max(pool, LEXICAL_SCAN))
                 lexical.append(scores)
                 candidates.update(list(scores)[:pool])
+        clock.lap("fts")
 
         # Safety net: if the index missed some (filtered HNSW search can), score the rest exactly.
         if len(candidates) < want:
@@ -89,20 +116,25 @@ class Search:
             candidates.update(self._slot_mates(entity_id, candidates, scope))
 
         turn, window_bm25 = lexical if lexical else ({}, {})
+        clock.lap("storage")
         return self._score(sorted(candidates), query_vector, turn, window_bm25, want, scope.end_ms,
-                           asks_about_the_past(query_text), asked_predicates(query_text))
+                           asks_about_the_past(query_text), asked_predicates(query_text), clock)
 
     def _dense_candidates(self, query_vector: np.ndarray, scope: Scope, in_scope: int, pool: int) -> set[int]:
         """Rowids of the `pool` memories in scope nearest to the query vector.
 
         A scope of at most EXACT_SCAN memories (most entities) is scanned exactly from the vectors
         in SQLite: 1.2 ms for 1,000 here, against 3.5 ms for Chroma's filtered HNSW search, and
-        exact. Larger scopes ask Chroma's HNSW index.
+        exact. So is a whole shard (a query without an entity, maybe within a window) of at most
+        SHARD_EXACT_SCAN, from its matrix in the node's vector cache: one product, no SQLite.
+        Larger scopes ask Chroma's HNSW index.
         """
         q = np.asarray(query_vector, dtype=np.float32)
-        if in_scope <= self.exact_scan:
-            if scope.entity_id is not None:
-                vectors = self._entity_vectors(scope.entity_id)
+        whole_shard = (scope.entity_id is None and not scope.prefixes
+                       and self._may_cache_shard(in_scope if scope.every_row else None))
+        if in_scope <= self.exact_scan or whole_shard:
+            if scope.entity_id is not None or whole_shard:
+                vectors = self._entity_vectors(WHOLE_SHARD if whole_shard else scope.entity_id)
                 rowids, matrix = vectors.rowids, vectors.matrix
                 if not scope.timeless:
                     keep = scope.mask(vectors.created_at_ms)
@@ -128,13 +160,24 @@ class Search:
                 chunk) if scope.admits(entity, created))
         return found
 
-    def _entity_vectors(self, entity_id: str) -> EntityVectors:
-        """All of an entity's vectors, from the node's cache or loaded into it."""
+    def _may_cache_shard(self, rows: int | None = None) -> bool:
+        """Whether this shard's matrix is in the node's vector cache, or small enough to scan and
+        may come in (SHARD_EXACT_SCAN rows, and room: VectorCache.room_for_shard). `rows`: the
+        shard's row count when the caller has it already (`search`'s count of an every-row scope)."""
+        if (self.shard_id, WHOLE_SHARD) in self.vector_cache:
+            return True
+        if rows is None:
+            rows = entity_count(self.db, None)
+        return rows <= self.shard_exact_scan and self.vector_cache.room_for_shard(rows * (self.dimension * 4 + 16))
+
+    def _entity_vectors(self, entity_id: str | None) -> EntityVectors:
+        """All of an entity's vectors (WHOLE_SHARD: all the shard's), from the node's cache or loaded into it."""
         cached = self.vector_cache.get(self.shard_id, entity_id)
         if cached is not None:
             return cached
-        rows = self.db.execute("SELECT rowid, created_at_ms, vector FROM memories WHERE entity_id = ?",
-                               (entity_id,)).fetchall()
+        rows = self.db.execute("SELECT rowid, created_at_ms, vector FROM memories" +
+                               ("" if entity_id is WHOLE_SHARD else " WHERE entity_id = ?"),
+                               () if entity_id is WHOLE_SHARD else (entity_id,)).fetchall()
         entry = EntityVectors(
             np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
             np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension))
@@ -179,7 +222,7 @@ class Search:
 
     def _score(self, rowids: list[int], query_vector: np.ndarray, turn: dict[int, float],
                window: dict[int, float], want: int, as_of: int | None = None,
-               past: bool = False, asked: set[str] = frozenset()) -> list[dict[str, Any]]:
+               past: bool = False, asked: set[str] = frozenset(), clock: Stopwatch | None = None) -> list[dict[str, Any]]:
         """Score every candidate on all signals, apply fact validity and recency, then load and
         return the best `want` in full.
 
@@ -209,7 +252,11 @@ class Search:
         apply_validity(self.db, scored, as_of, past, asked, self.ranking.stale_factor)
         scored.sort(key=Candidate.rank_key)
         best = scored[:want]
+        clock = clock or Stopwatch(None)
+        clock.lap("fuse")
         full = {r["rowid"]: r for r in self.db.execute(
             f"SELECT rowid, {MEMORY_COLUMNS} FROM memories WHERE rowid IN ({','.join('?' * len(best))})",
             [c.rowid for c in best])}
-        return [dict(row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
+        hits = [dict(row_to_memory(full[c.rowid]), similarity=min(1.0, c.score)) for c in best]
+        clock.lap("hydrate")
+        return hits

@@ -67,6 +67,7 @@ class ShardStore:
         self.searcher = Search(self.db, self.index, self.ranking, self.vector_cache, shard_id, dimension)
 
     exact_scan = _forward("searcher", "exact_scan", "Scopes up to this many memories are searched exactly.")
+    shard_exact_scan = _forward("searcher", "shard_exact_scan", "A whole shard up to this many is searched exactly.")
     unindexed = _forward("index", "unindexed", "Committed rows not in Chroma yet (an upper bound).")
     collection = _forward("index", "collection", "The Chroma collection.")
 
@@ -157,11 +158,12 @@ class ShardStore:
         return records.profile(self.db, entity_id, recent)
 
     def search(self, query_vector: np.ndarray, query_text: str, entity_id: str | None, limit: int,
-               window: Window = None, prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+               window: Window = None, prefixes: tuple[str, ...] | None = None, of_shards: int = 1,
+               stages: dict[str, float] | None = None) -> list[dict[str, Any]]:
         """The best `limit` memories (of `entity_id`, or of all entities here, or of those whose ids
         start with one of `prefixes`) for the query, created within `window` when one is given:
-        exactly min(limit, memories in scope) hits, best first."""
-        return self.searcher.search(query_vector, query_text, entity_id, limit, window, prefixes)
+        exactly min(limit, memories in scope) hits, best first (`of_shards`, `stages`: node/store/search.py)."""
+        return self.searcher.search(query_vector, query_text, entity_id, limit, window, prefixes, of_shards, stages)
 
     def in_window(self, entity_id: str | None, window: Window, limit: int,
                   prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
