@@ -52,12 +52,12 @@ def build_app(data_dir: str, key: str, backend: str) -> web.Application:
     async def ingest(request: web.Request) -> web.Response:
         check(request)
         [memory_id] = await store([await request.json()])
-        return web.json_response({"status": "ok", "memory_id": memory_id})
+        return web.json_response({"status": "ok", "memory_id": memory_id}, status=201)
 
     async def ingest_batch(request: web.Request) -> web.Response:
         check(request)
         ids = await store((await request.json())["items"])
-        return web.json_response({"status": "ok", "ingested": len(ids), "memory_ids": ids})
+        return web.json_response({"status": "ok", "ingested": len(ids), "memory_ids": ids}, status=201)
 
     async def query(request: web.Request) -> web.Response:
         check(request)

@@ -43,7 +43,7 @@ def log(msg: str) -> None:
 async def post(session: aiohttp.ClientSession, url: str, body: dict) -> object:
     async with session.post(url, json=body) as r:
         data = await r.json()
-        if r.status != 200:
+        if r.status not in (200, 201):  # 201: ingests
             raise RuntimeError(f"{url} -> {r.status}: {data}")
         return data
 
@@ -143,11 +143,12 @@ class Engine:
     """The engine a benchmark measures: the one at `--url`, or with `--spawn` a `tellodb serve` of
     its own on a free port and a temporary data directory, stopped and removed on exit."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, data_dir: str | None = None, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.base = args.url
         self.proc: subprocess.Popen | None = None
-        self.tmp: str | None = None
+        self.tmp: str | None = data_dir  # a data directory made for the run (removed on exit), or a new one
+        self.env = env or {}  # more of the spawned engine's environment
         self.startup_seconds: float | None = None
 
     def __enter__(self) -> "Engine":
@@ -155,10 +156,11 @@ class Engine:
             return self
         import urllib.request
 
-        self.tmp = tempfile.mkdtemp(prefix="tellodb-bench-")
+        self.tmp = self.tmp or tempfile.mkdtemp(prefix="tellodb-bench-")
         port = free_port()
         env = dict(os.environ, TEMPORAL_MEMORY_PORT=str(port), TEMPORAL_MEMORY_DATA_DIR=self.tmp,
-                   TEMPORAL_MEMORY_API_KEY=self.args.key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1")
+                   TEMPORAL_MEMORY_API_KEY=self.args.key, TEMPORAL_MEMORY_HOST="127.0.0.1", HF_HUB_OFFLINE="1",
+                   **self.env)
         if self.args.backend:
             env["TEMPORAL_MEMORY_EMBEDDING_BACKEND"] = self.args.backend
         env.pop("PORT", None)

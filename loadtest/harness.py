@@ -130,7 +130,7 @@ async def preload_memories(s: aiohttp.ClientSession, base: str, names: list[str]
                      | ({"memory_id": steady_id(names, j)} if fixed_ids else {})
                      for j in range(k, min(k + batch, end))]
             async with s.post(f"{base}/ingest/batch", json={"items": items}) as r:
-                if r.status != 200:
+                if r.status != 201:
                     raise SystemExit(f"preload failed: {r.status} {await r.text()}")
             done += len(items)
             if time.perf_counter() - last >= 5:
@@ -166,7 +166,7 @@ async def run(base: str, key: str, scenario: str, duration: float, concurrency: 
             try:
                 async with s.post(f"{base}{path}", json=body) as r:
                     await r.read()
-                    ok = r.status == 200
+                    ok = r.status in (200, 201)  # 201: ingests
                     if not ok and len(result.errors) < 20:
                         result.errors.append(f"{op} -> HTTP {r.status}")
             except Exception as exc:  # a failed request is a data point, not a crash

@@ -16,6 +16,18 @@ entity's scope, and whole-shard scopes that go through HNSW), and reads:
   what closing the same clients freed when their shards were empty.
 
 JSON, Markdown and a PNG (memory per part against memories) go to `--out-dir`.
+
+`--serve` measures the whole engine instead: what `tellodb serve --config cluster.yaml` holds
+before its first request, summed over every process it starts (router, Ray's GCS, raylet and
+helpers, the placement authority, node actors, idle workers), by process kind:
+
+    python loadtest/memory_profile.py --serve --label after
+
+PSS (`/proc/PID/smaps_rollup`: shared pages split between the processes that map them; the sum
+of RSS would count Ray's and Python's shared libraries once per process), RSS and the processes'
+own (anonymous) memory, for a first start (which exports the model) and a later start. Each
+`--label` (`--repo` serves another checkout, for a "before") is kept in
+`<out-dir>/serve-memory-2core.json` and rendered side by side in its `.md`.
 """
 
 from __future__ import annotations
@@ -28,6 +40,9 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -90,7 +105,15 @@ def main() -> None:
     ap.add_argument("--name", default="memory-profile-2core")
     ap.add_argument("--cold-only", action="store_true",
                     help="only measure cold shards' first queries, on the shards already in --data-dir")
+    ap.add_argument("--serve", action="store_true", help="measure a whole `tellodb serve` before its first request")
+    ap.add_argument("--label", default="after", help="--serve: the name this run is kept under (before, after, ...)")
+    ap.add_argument("--repo", default=str(ROOT), help="--serve: the checkout to serve (default: this one)")
+    ap.add_argument("--config", default=str(ROOT / "cluster.yaml"), help="--serve: the configuration")
+    ap.add_argument("--settle", type=float, default=10.0, help="--serve: seconds between /ready and measuring")
     args = ap.parse_args()
+    if args.serve:
+        measure_serve(args)
+        return
     marks = sorted(int(m) for m in args.marks.split(","))
     if args.cold_only:
         stores = [ShardStore(p, int(p.name), 384) for p in sorted(Path(args.data_dir, "shards").iterdir())]
@@ -256,6 +279,188 @@ def write_reports(result: dict, out: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
+
+
+# --serve: the whole engine before its first request ------------------------------------------
+
+KINDS = (  # (kind, a piece of the process's command line); the first that matches names it
+    ("ray_gcs", "gcs_server"), ("ray_raylet", "raylet/raylet"), ("ray_dashboard", "dashboard/dashboard.py"),
+    ("ray_monitor", "autoscaler/_private/monitor.py"), ("ray_log_monitor", "log_monitor.py"),
+    ("ray_dashboard_agent", "DashboardAgent"), ("ray_dashboard_agent", "dashboard/agent.py"),
+    ("ray_runtime_env_agent", "RuntimeEnvAgent"), ("ray_runtime_env_agent", "runtime_env/agent/main.py"),
+    ("ray_reaper", "ray_process_reaper"), ("placement_authority", "PlacementAuthority"),
+    ("node_actor", "ExposedNode"), ("idle_worker", "ray::IDLE"), ("idle_worker", "default_worker.py"))
+
+
+def process_kind(cmdline: str) -> str:
+    return next((kind for kind, piece in KINDS if piece in cmdline), "other")
+
+
+def proc_memory(pid: int) -> dict[str, float] | None:
+    """PSS, RSS, and own (anonymous) memory of one process in MiB, from smaps_rollup."""
+    try:
+        fields = {}
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            parts = line.split()
+            if len(parts) >= 3 and parts[0].endswith(":") and parts[1].isdigit():
+                fields[parts[0][:-1]] = int(parts[1]) / 1024
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return {"pss_mib": fields.get("Pss", 0.0), "rss_mib": fields.get("Rss", 0.0),
+            "anon_mib": fields.get("Anonymous", 0.0), "cmdline": cmdline}
+
+
+def engine_pids(root: int) -> list[int]:
+    """The engine's processes: `root`'s descendants, and any process naming the Ray session one of
+    them runs (Ray could start a helper outside the tree), with its descendants."""
+    children: dict[int, list[int]] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                cmdlines[int(entry)] = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+
+    def tree(pids: list[int]) -> set[int]:
+        found, todo = set(), list(pids)
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    pids = tree([root])
+    sessions = {part.split("/logs")[0] for pid in pids for part in cmdlines.get(pid, "").split("\0")
+                if "/session_" in part and part.startswith(("--log_dir=", "--session-dir=", "--logs-dir="))}
+    sessions = {s.split("=", 1)[1] for s in sessions}
+    if sessions:
+        pids |= tree([pid for pid, cmd in cmdlines.items() if any(s in cmd for s in sessions)])
+    return sorted(pids)
+
+
+def engine_memory(root: int) -> dict:
+    """Every process of the engine with its kind and memory, and the sums by kind."""
+    processes = []
+    for pid in engine_pids(root):
+        found = proc_memory(pid)
+        if found is not None:
+            kind = "router" if pid == root else process_kind(found["cmdline"])
+            processes.append({"pid": pid, "kind": kind, **{k: round(v, 1) for k, v in found.items() if k != "cmdline"},
+                              "cmdline": found["cmdline"][:120]})
+    by_kind: dict[str, dict[str, float]] = {}
+    for p in processes:
+        into = by_kind.setdefault(p["kind"], {"count": 0, "pss_mib": 0.0, "rss_mib": 0.0, "anon_mib": 0.0})
+        into["count"] += 1
+        for key in ("pss_mib", "rss_mib", "anon_mib"):
+            into[key] = round(into[key] + p[key], 1)
+    totals = {key: round(sum(p[key] for p in processes), 1) for key in ("pss_mib", "rss_mib", "anon_mib")}
+    return {**totals, "processes": len(processes), "by_kind": dict(sorted(by_kind.items())), "detail": processes}
+
+
+def serve_once(args: argparse.Namespace, data_dir: str) -> dict:
+    """Start `tellodb serve`, wait for /ready and `--settle` seconds, measure it, stop it."""
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=args.repo)
+    for var in ("PORT", "TEMPORAL_MEMORY_PORT", "TEMPORAL_MEMORY_DATA_DIR", "TELLODB_DATA_DIR"):
+        env.pop(var, None)
+    exe = str(Path(sys.executable).parent / "tellodb")
+    cmd = [exe, "serve", "--config", args.config, "--port", str(port), "--data-dir", data_dir]
+    started = time.perf_counter()
+    with open(Path(data_dir).parent / f"serve-{port}.log", "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=args.repo, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"tellodb serve exited with {proc.returncode}: see {out.name}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        ready = time.perf_counter() - started
+        time.sleep(args.settle)
+        samples = []
+        for _ in range(3):  # the median of three, a second apart
+            samples.append(engine_memory(proc.pid))
+            time.sleep(1)
+        found = sorted(samples, key=lambda m: m["pss_mib"])[1]
+        found["ready_seconds"] = round(ready, 1)
+        log(f"serve: {found['pss_mib']:.0f} MiB PSS ({found['rss_mib']:.0f} RSS) in {found['processes']} processes, "
+            f"ready after {ready:.1f} s")
+        return found
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of its session, if anything
+        except ProcessLookupError:
+            pass
+
+
+def measure_serve(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="tdb-servemem-"))
+    data_dir = str(work / "data")
+    commit = subprocess.run(["git", "-C", args.repo, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", args.repo, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
+    run = {"commit": commit + ("+changes" if dirty else ""), "config": os.path.relpath(args.config, args.repo),
+           "measured": time.strftime("%Y-%m-%d %H:%M"),
+           "first_start": serve_once(args, data_dir), "later_start": serve_once(args, data_dir)}
+    shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "serve-memory-2core.json"
+    result = json.loads(path.read_text()) if path.exists() else {
+        "name": "serve-memory-2core", "goal_mib": 1000,
+        "what": "memory of `tellodb serve` before its first request, summed over every process it starts"}
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    result.setdefault("runs", {})[args.label] = run
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_serve_report(result, out / "serve-memory-2core.md")
+    print(json.dumps({label: {start: r[start]["pss_mib"] for start in ("first_start", "later_start")}
+                      for label, r in result["runs"].items()}))
+
+
+def write_serve_report(result: dict, path: Path) -> None:
+    runs = result["runs"]
+    labels = list(runs)
+    kinds = sorted({k for r in runs.values() for start in ("first_start", "later_start") for k in r[start]["by_kind"]},
+                   key=lambda k: -max(r["later_start"]["by_kind"].get(k, {}).get("pss_mib", 0) for r in runs.values()))
+
+    def cell(r: dict, kind: str) -> str:
+        k = r["by_kind"].get(kind)
+        return f"{k['pss_mib']:.0f} ({k['count']})" if k else "-"
+
+    lines = [f"# `tellodb serve` before its first request ({result['machine']['cpus']} cores)", "",
+             f"{result['what']}; goal: at most {result['goal_mib']} MiB. PSS in MiB (processes of the kind in "
+             "parentheses), measured by `python loadtest/memory_profile.py --serve --label LABEL` "
+             "on " + ", ".join(f"{label}: commit {runs[label]['commit']}" for label in labels) + ".", ""]
+    for start, title in (("later_start", "A later start (the model exported already)"),
+                         ("first_start", "The first start (exports the model)")):
+        lines += [f"## {title}", "", "| process kind | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        lines += [f"| {kind} | " + " | ".join(cell(runs[label][start], kind) for label in labels) + " |" for kind in kinds]
+        for key, name in (("pss_mib", "**total PSS**"), ("rss_mib", "total RSS (shared pages counted per process)"),
+                          ("anon_mib", "total anonymous")):
+            lines.append(f"| {name} | " + " | ".join(f"{runs[label][start][key]:,.0f}" for label in labels) + " |")
+        lines.append("| ready after (s, a busy shared machine) | " + " | ".join(f"{runs[label][start]['ready_seconds']}" for label in labels)
+                     + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

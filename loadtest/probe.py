@@ -127,7 +127,7 @@ async def heavy_inputs(client: Client, limits: dict[str, int] | None = None, bas
     heavy, side, node = client.same_node_entities(placement, prefix)
     status, body, _ = await client.post("/ingest/batch", {"items": [
         {"entity_id": side, "textual_content": f"side memory {i}: {words_text(80, i)}"} for i in range(20)]})
-    if status != 200:
+    if status != 201:
         raise RuntimeError(f"seeding the side entity failed: {status} {body}")
     query = {"textual_query": "river garden coffee", "entity_id": side, "limit": 5}
 
@@ -162,7 +162,7 @@ async def heavy_inputs(client: Client, limits: dict[str, int] | None = None, bas
             heavy_results.append({"name": name, "status": status, "seconds": round(took, 3),
                                   "side_max_ms": round(max(during) * 1000, 1) if during else None,
                                   "body_bytes": len(json.dumps(payload)),
-                                  **({"error": body.get("error")} if isinstance(body, dict) and status != 200 else {})})
+                                  **({"error": body.get("error")} if isinstance(body, dict) and status >= 300 else {})})
     finally:
         stop.set()
         await side_task
@@ -243,7 +243,7 @@ async def one_id_races(client: Client, writers: int = 16, rounds: int = 3, prefi
         results.append({"memory_id": memory_id, "statuses": sorted({a[0] for a in answers}), "holders": len(holders),
                         "inspect_agrees": status == 200 and [found.get("entity_id")] == holders})
     return {"rounds": results, "defects": [r for r in results if r["holders"] != 1 or not r["inspect_agrees"]
-                                           or r["statuses"] != [200]]}
+                                           or r["statuses"] != [201]]}
 
 
 Probe = Callable[..., Awaitable[dict[str, Any]]]
