@@ -41,6 +41,7 @@ def wait_healed(c: LocalCluster, url: str, timeout: float = 120) -> dict:
                             for s in last["shards_detail"])):
                 return last
         time.sleep(0.5)
+    still_running(c)  # a role that died says why
     raise AssertionError(f"not healed within {timeout:g} s: {json.dumps(last)[:2000] if last else done.stderr}")
 
 
@@ -239,10 +240,14 @@ def test_a_head_killed_during_a_move_and_one_on_an_empty_disk(replicated):
     shutil.rmtree(c.root / "head")
     c.start_head(args=("--ray-token-file", str(token)))
     rebuilt = wait_healed(c, r1.url, timeout=90)
-    assert (rebuilt["epoch"], rebuilt["owner"], rebuilt["replicas"]) == (
-        moved["epoch"], moved["owner"], moved["replicas"])
+    head_log = c.procs["head"].log_text()  # the rebuilt placement is the one the nodes brought
+    assert any(f"Placement taken from node {n} epoch={moved['epoch']} " in head_log for n in stats), head_log[-3000:]
+    if rebuilt["epoch"] == moved["epoch"]:  # else a node slow to answer after the restart was failed over since
+        assert (rebuilt["owner"], rebuilt["replicas"]) == (moved["owner"], moved["replicas"])
+    assert rebuilt["epoch"] >= moved["epoch"]
     assert not rebuilt["recovering"] and (c.root / "head" / "placement.json").exists()
     time.sleep(2)
     load.stop()
+    still_running(c)
     assert not [e for e in load.errors if "HTTP 503" not in e[2]], load.errors[:5]
     all_acked_present(c, r2.url, load)
