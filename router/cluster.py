@@ -29,7 +29,7 @@ from node.ids import parse_memory_id
 from node.ranking import best_first, oldest_first
 from node.records import Hits, IngestItem
 from node.control.placement import Placement
-from router import ray_cluster
+from router import ray_cluster, tuning
 from router.control_client import ControlClient
 from router.errors import ApiError
 from router.link import Link
@@ -138,6 +138,11 @@ class Cluster:
         log.warning("Router lost the cluster (%s); joining again", reason)
         started = time.monotonic()
         try:
+            # Ray's driver is shut down here, on the event loop's own thread: no request handler can
+            # use it meanwhile (that would end the process; router.membership.Membership.disconnect).
+            await self.link.lookups_done(timeout=tuning.REJOIN_LOOKUP_WAIT_S)
+            self.membership.disconnect()
+            log.info("Router left the lost cluster seconds=%.1f", time.monotonic() - started)
             await asyncio.to_thread(self.membership.leave)
             await asyncio.to_thread(self.membership.join)
             found = await asyncio.to_thread(ray_cluster.find, self.placement)

@@ -33,6 +33,7 @@ class Link:
         self.joined.set()
         self._waiting: set[_Waiting] = set()  # calls waiting in `answer`
         self._lookups = ThreadPoolExecutor(4, thread_name_prefix="tellodb-lookup")
+        self._looking = 0  # look-ups running in `_lookups` (each inside Ray's driver)
 
     def lose(self, reason: str) -> None:
         """The cluster is lost: calls waiting on it give up now, new ones wait for `rejoined`."""
@@ -71,13 +72,31 @@ class Link:
             self._waiting.discard(waiting)
 
     async def lookup(self, name: str, timeout: float = 3.0) -> Any:
-        """A named actor's handle, or None (not there, or the head does not answer in time). On a
-        few threads of its own: a look-up the head does not answer can take long to give up."""
+        """A named actor's handle, or None (not there, the head does not answer in time, or this
+        router is joining again). On a few threads of its own: a look-up the head does not answer
+        can take long to give up."""
+        if self.rejoining:
+            return None
         loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self._lookups, ray.get_actor, name, NAMESPACE), timeout)
+            return await asyncio.wait_for(loop.run_in_executor(self._lookups, self._get_actor, name), timeout)
         except Exception:
             return None
+
+    def _get_actor(self, name: str) -> Any:
+        self._looking += 1
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        finally:
+            self._looking -= 1
+
+    async def lookups_done(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until no look-up runs in Ray's driver: it is about to be shut down,
+        and a thread still inside it then ends the whole process (Ray: "the core worker has already
+        been shutdown... The process will exit")."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._looking and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
 
 
 class _Waiting:

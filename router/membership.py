@@ -17,6 +17,7 @@ actors go on. Either way the Ray processes here wait `head_outage_s` for the hea
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -108,11 +109,29 @@ class Membership:
     def head_answers(self) -> bool:
         return head_cluster_id(self.head, timeout_s=3.0) is not None
 
-    def leave(self) -> None:
-        """Disconnect and stop this process's Ray processes (quick, also when the head is away)."""
+    def disconnect(self) -> None:
+        """End this process's Ray driver, on the thread that calls it (a router's event loop: see
+        router.cluster.Cluster._rejoin). While Ray shuts its driver down, any other use of it in
+        this process ends the process (Ray: "the core worker has already been shutdown... The
+        process will exit"): a call, or a reference to a result being dropped, which garbage
+        collection can do on any thread; so that is paused meanwhile."""
+        import ray
+
         if self._logs is not None:
             self._logs.stop()
             self._logs = None
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def leave(self) -> None:
+        """Disconnect and stop this process's Ray processes (quick, also when the head is away)."""
+        self.disconnect()
         if self.node is not None:
             self.node.stop()
             self.node = None

@@ -37,6 +37,7 @@ NODE_CALL_S = 60.0  # a role's other calls to its own node actor
 NODE_CLOSE_S = 60.0  # a stopping node's checkpoint of its shards
 
 # ---- Routing and writes (router.routing, router.cluster) -----------------------------------
+REJOIN_LOOKUP_WAIT_S = 5.0  # a router joining again waits this long for its actor look-ups to end (router.link)
 REJOIN_WAIT_S = 20.0  # a request waits this long (within its timeout) for a router joining the cluster again
 DEADLINE_MARGIN_S = 0.5  # a write must reach its commit this long before the router gives up on it
 
