@@ -49,7 +49,7 @@ run: install
 	$(VENV)/bin/tellodb serve --config cluster.yaml
 
 test: test-install ops-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 # Only the lean-install check (part of `make test` too): a fresh venv without torch serves the SDK.
 lean-test: test-install
