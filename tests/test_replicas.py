@@ -175,6 +175,16 @@ def test_a_follower_that_missed_acknowledged_writes_is_never_promoted(make_serve
     client = TellodbClient.from_cloud(base_url=server.base_url, api_key=API_KEY)
     _, stats = http_json(server.base_url, "/stats")
     pids = {name: stats["nodes"][name]["pid"] for name in ("node-0", "node-1")}
+    # From a settled cluster: a node slow to start (CI: 14 s exporting the model) leaves its copies
+    # recorded behind until its primary reports them caught up, and a copy recorded behind is, rightly,
+    # never promoted; pausing that primary first would leave its shards waiting, not failed over.
+    deadline = time.monotonic() + 60
+    while True:
+        code, cluster = http_json(server.base_url, "/admin/cluster")
+        if code == 200 and not cluster["under_replicated"] and not cluster["down"] and not cluster["behind"]:
+            break
+        assert time.monotonic() < deadline, cluster
+        time.sleep(0.5)
     os.kill(pids["node-1"], signal.SIGSTOP)
     try:
         time.sleep(5)  # node-0 marks node-1 down; the authority hands node-1's primaries to node-0
