@@ -26,10 +26,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from node.control import placement_file
 
 log = logging.getLogger("tellodb")
 STATE_FILE = "rebalance.json"
@@ -58,18 +58,7 @@ def load_state(data_dir: str | Path) -> dict[str, Any]:
 
 
 def save_state(data_dir: str | Path, state: dict[str, Any]) -> None:
-    """Write atomically (a crash leaves the old file or the new one)."""
-    path = Path(data_dir) / STATE_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    placement_file.write_json(Path(data_dir) / STATE_FILE, state)
 
 
 class AutoBalance:

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from node.control.placement import Placement
 
@@ -17,13 +18,17 @@ NODE_COPY = "last_placement.json"
 
 
 def save(path: str | Path, placement: Placement) -> None:
+    write_json(path, placement.to_json())
+
+
+def write_json(path: str | Path, data: Any) -> None:
     """Write atomically (a crash leaves the old file or the new one), under a unique temporary
     name so two writers never share one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(placement.to_json(), f)
+            json.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
