@@ -130,6 +130,11 @@ class ClusterConfig:
     # evening it out unasked). The Helm chart's autoRebalance turns it on, so that scaling the nodes'
     # StatefulSet up needs no other command (node.control.autobalance, docs/ops/many-machines.md).
     auto_rebalance: bool = False
+    # A primary shard larger than this (bytes on disk: SQLite and its vector index) is split in two
+    # while it serves, one at a time (node.control.splitting). 0, the default: shards split only on
+    # `tellodb cluster split`; a split copies the shard on its node, so it is the operator's call
+    # unless asked for here.
+    max_shard_bytes: Int = 0
     embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
     hnsw: HnswConfig = dataclasses.field(default_factory=HnswConfig)
     rebalance: RebalanceConfig = dataclasses.field(default_factory=RebalanceConfig)
@@ -308,6 +313,7 @@ def validate(config: ClusterConfig) -> list[tuple[str, str]]:
     check(config.rate_burst >= 0, "rate_burst", "must be 0 or more")
     check(config.min_free_mb >= 0, "min_free_mb", "must be 0 or more")
     check(config.changelog_keep >= 0, "changelog_keep", "must be 0 or more")
+    check(config.max_shard_bytes >= 0, "max_shard_bytes", "must be 0 (no size policy) or more")
     check(config.rebalance.max_bytes_per_s >= 0, "rebalance.max_bytes_per_s", "must be 0 (no limit) or more")
     emb = config.embedding
     backend = BACKEND_ALIASES.get(emb.backend.lower(), emb.backend.lower())

@@ -85,6 +85,28 @@ class CopyCalls:
         """Undo `fence`: writes to `shard` resume here, its move's log pin is released (idempotent)."""
         await self.moves.unfence(shard)
 
+    # ---- shard splits (node.splits) --------------------------------------------------------------
+
+    async def prepare_split(self, shard: int, after: Placement) -> dict[str, Any]:
+        """Copy `shard`, the primary here, into the two halves `after` gives it and a new shard,
+        while it serves: {"shard", "child", "seq", "bytes", "memories", "entities", "copy_seconds", "seconds"}."""
+        self._start()
+        return await self.splits.prepare(shard, after)
+
+    async def catch_up_split(self, shard: int) -> int:
+        """Once `shard` is fenced: its last changes into the halves; the seq they reached."""
+        return await self.splits.catch_up(shard)
+
+    async def adopt_split(self, shard: int, after: Placement) -> None:
+        """Serve the halves (the authority saved `after`): `shard` holds its half, the new shard the other."""
+        await self.splits.adopt(shard, after)
+        self._keep_placement()
+        self.replication.sync(force=True)
+
+    async def abort_split(self, shard: int) -> None:
+        """Undo `prepare_split` (idempotent); the authority unfences the shard."""
+        await self.splits.abort(shard)
+
     async def set_placement(self, placement: Placement, down: tuple[str, ...] = ()) -> int:
         """Take a newer placement (a higher epoch; an older one is ignored) as this node's view of
         where shards live, and of which copies here are primaries (they replicate to the followers
@@ -123,6 +145,9 @@ class CopyCalls:
             else:
                 await self.abort_incoming(shard)
                 dropped.append(shard)
+        for shard in sorted(set(self.splits.pending) - set(moving)):
+            await self.abort_split(shard)
+            dropped.append(shard)
         for shard in sorted(self.copies.fenced() - set(moving)):
             await self.unfence(shard)
             unfenced.append(shard)

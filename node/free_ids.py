@@ -113,18 +113,28 @@ class FreeIds:
 
         await self._on_store(write)
 
-    async def _holds(self, memory_id: str, shard: int) -> bool:
-        return await self.call_shard(shard, "inspect", memory_id, [shard], False, 0) is not None
+    # A home record names the shard the memory was written to; a split since may have moved it to a
+    # shard split from that one (`Placement.family`), so the memory is looked for there too.
 
-    async def _delete_at(self, memory_id: str, shard: int) -> bool:
-        return await self.call_shard(shard, "delete", memory_id, [shard])
+    async def _holds(self, memory_id: str, shard: int) -> int | None:
+        """The shard of `shard`'s family that holds the memory, or None."""
+        for s in self.placement.family(shard):
+            if await self.call_shard(s, "inspect", memory_id, [s], False, 0) is not None:
+                return s
+        return None
+
+    async def _delete_at(self, memory_id: str, shard: int, keep: int | None = None) -> bool:
+        """Delete the memory from `shard` and its family, but from `keep` (where its new copy is)."""
+        return any([await self.call_shard(s, "delete", memory_id, [s])
+                    for s in self.placement.family(shard) if s != keep])
 
     async def _settle(self, memory_id: str, home: id_homes.Home) -> id_homes.Home:
         """Finish a move a crash interrupted: keep the new copy if it was written, else the old."""
         if home.moving_from is None:
             return home
-        if await self._holds(memory_id, home.shard):
-            await self._delete_at(memory_id, home.moving_from)
+        held = await self._holds(memory_id, home.shard)
+        if held is not None:
+            await self._delete_at(memory_id, home.moving_from, keep=held)
             settled = id_homes.Home(home.shard, None)
         else:
             settled = id_homes.Home(home.moving_from, None)
@@ -154,7 +164,7 @@ class FreeIds:
                     final[m] = homes.get(m)
                     continue
                 if intent.moving_from is not None:
-                    await self._delete_at(m, intent.moving_from)
+                    await self._delete_at(m, intent.moving_from, keep=intent.shard)
                 final[m] = id_homes.Home(intent.shard, None)
             await self._record_homes(final)
             return [answer[m] for m in ids]
@@ -190,8 +200,8 @@ class FreeIds:
         if home is None:
             return None
         for shard in (home.shard, home.moving_from):
-            if shard is not None:
-                found = await self.call_shard(shard, "inspect", memory_id, [shard], include_window, radius)
+            for s in self.placement.family(shard) if shard is not None else ():
+                found = await self.call_shard(s, "inspect", memory_id, [s], include_window, radius)
                 if found is not None:
                     return found
         return None

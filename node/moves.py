@@ -133,7 +133,7 @@ class Moves:
             self.vector_cache.drop_shard(shard)
 
         await self.shards.run(drop)
-        await _in_thread(shutil.rmtree, self.shards.root(shard), True)
+        await in_thread(shutil.rmtree, self.shards.root(shard), True)
 
     async def changes_since(self, shard: int, after: int, limit: int) -> list:
         def read() -> list:
@@ -168,8 +168,8 @@ class Moves:
             await self._discard(inc)
             if self.incoming.get(shard) is inc or (shard not in self.incoming and shard not in shards.held):
                 self.incoming.pop(shard, None)
-                await _in_thread(shutil.rmtree, shards.root(shard), True)
-            await _in_thread(shutil.rmtree, staging_dir(shards.data_dir, shard), True)
+                await in_thread(shutil.rmtree, shards.root(shard), True)
+            await in_thread(shutil.rmtree, staging_dir(shards.data_dir, shard), True)
             raise
         return {"shard": shard, "seq": seq, "bytes": size, "memories": memories,
                 "seconds": round(time.monotonic() - started, 3), "copy_seconds": round(copied - started, 3),
@@ -181,7 +181,7 @@ class Moves:
         snap = await peer.snapshot.remote(shard, pin)
         staging = staging_dir(shards.data_dir, shard)
         try:
-            await _in_thread(_fresh_folder, staging)
+            await in_thread(fresh_folder, staging)
             digest = hashlib.sha256()
             with open(staging / "store.sqlite3", "wb") as f:
                 for offset in range(0, snap["bytes"], MOVE_SNAPSHOT_CHUNK_BYTES):
@@ -191,14 +191,14 @@ class Moves:
                         raise NodeError(f"shard {shard}: the snapshot from {inc.source} ended at {offset} of "
                                         f"{snap['bytes']} bytes")
                     digest.update(data)
-                    await _in_thread(f.write, data)
-                await _in_thread(_sync, f)
+                    await in_thread(f.write, data)
+                await in_thread(_sync, f)
             if digest.hexdigest() != snap["sha256"]:
                 raise NodeError(f"shard {shard}: the copy from {inc.source} does not match its sha256")
         finally:
             await peer.drop_snapshot.remote(snap["id"])
         self._alive(inc)
-        await _in_thread(_replace_folder, staging, shards.root(shard))
+        await in_thread(_replace_folder, staging, shards.root(shard))
         inc.replica.store = await shards.run(shards.open_store, shard)
         self._alive(inc)
         return int(snap["bytes"])
@@ -271,8 +271,8 @@ class Moves:
                 raise NodeError(f"{shards.name} will not drop shard {shard}: its placement (epoch "
                                 f"{shards.placement.epoch}) names it the owner or a copy")
             await self._disown(shard)
-        await _in_thread(shutil.rmtree, staging_dir(shards.data_dir, shard), True)
-        await _in_thread(shutil.rmtree, shards.root(shard), True)
+        await in_thread(shutil.rmtree, staging_dir(shards.data_dir, shard), True)
+        await in_thread(shutil.rmtree, shards.root(shard), True)
 
     async def _discard(self, inc: Incoming) -> None:
         await self.shards.run(inc.replica.close)
@@ -283,11 +283,11 @@ class Moves:
             raise NodeError(f"receiving shard {inc.shard} was aborted")
 
 
-async def _in_thread(fn, *args):
+async def in_thread(fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-def _fresh_folder(path: Path) -> None:
+def fresh_folder(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
 

@@ -40,7 +40,7 @@ def node_stats(node: Any) -> dict[str, Any]:
             "busy_seconds": {"embed": round(node.embedder.busy_seconds, 3),
                              **{k: round(v, 3) for k, v in node.store_thread.busy.items()}},
             "group_commits": node.writer.group_commits, "grouped_writes": node.writer.grouped_writes,
-            "placement_epoch": node.copies.placement.epoch, "moves": node.moves.state(),
+            "placement_epoch": node.copies.placement.epoch, "moves": {**node.moves.state(), **node.splits.state()},
             "replication": {**node.replication.summary(), "lag_max": max(
                 (r.store.last_seq() - link.acked for r in node.copies.replicas.values() if r.store is not None
                  for link in r.links.values() if link.acked is not None), default=0)}}

@@ -49,3 +49,14 @@ class Hits(list):
             for stage, seconds in getattr(part, "stages", {}).items():
                 stages[stage] = max(stages.get(stage, 0.0), seconds)
         return cls(hits, stages)
+
+
+class ShardList(list):
+    """The shards a router asks a node for, and `of`: how many shards its placement has. A node
+    whose placement has another count refuses the request (a split happened that one of them has
+    not seen: `ShardSet.check_shard_count`), so a router never merges an answer that misses a
+    half. Pickles as a list with an attribute, as `Hits` does."""
+
+    def __init__(self, shards=(), of: int = 0) -> None:
+        super().__init__(shards)
+        self.of = of

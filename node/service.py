@@ -44,6 +44,7 @@ from node.ids import parse_memory_id
 from node.index_budget import IndexBudget
 from node.indexer import Indexer
 from node.moves import Moves
+from node.splits import Splits
 from node.names import Handles
 from node.ranking import RankingConfig, best_first, oldest_first
 from node.records import Hits, IngestItem
@@ -93,6 +94,7 @@ class Node(CopyCalls):
         self.peers = Handles()
         self.free_ids = FreeIds(self.copies, self.peers, self)
         self.moves = Moves(self.copies, self.peers, self.vector_cache)
+        self.splits = Splits(self.copies, self.vector_cache, self._open_store)
         self.replication = Replication(self.copies, self.peers, config)
         self.snapshots = Snapshots(self.data_dir, name)
         self.queries = 0
@@ -124,10 +126,10 @@ class Node(CopyCalls):
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _open_store(self, shard: int) -> ShardStore:
-        """Open (or create) the shard's folder here, owned or not (on the store thread)."""
+    def _open_store(self, shard: int, root: Path | None = None) -> ShardStore:
+        """Open (or create) the shard's folder here (or `root`: a split's half), owned or not (on the store thread)."""
         h = self.config.hnsw
-        root = self.copies.root(shard)
+        root = root or self.copies.root(shard)
         new = not root.exists()
         try:
             return ShardStore(
@@ -151,12 +153,19 @@ class Node(CopyCalls):
             yield
             await self.replication.wait(shards)
 
-    @staticmethod
-    def _shard_list(shard: int | list[int] | tuple[int, ...] | None) -> list[int] | None:
-        """A request's shards: one, several, or None (every shard owned here)."""
+    def _shard_list(self, shard: int | list[int] | tuple[int, ...] | None, entity_id: str | None = None
+                    ) -> list[int] | None:
+        """A request's shards: one (checked to hold `entity_id` when given), several (from a router's
+        placement with as many shards as this view: node.records.ShardList), or None (every shard
+        owned here)."""
         if shard is None:
             return None
-        return [int(shard)] if isinstance(shard, int) else [int(s) for s in shard]
+        if isinstance(shard, int):
+            if entity_id is not None:
+                self.copies.check_entity(entity_id, shard)
+            return [int(shard)]
+        self.copies.check_shard_count(shard)
+        return [int(s) for s in shard]
 
     # ---- API ----------------------------------------------------------------------------------
 
@@ -199,6 +208,8 @@ class Node(CopyCalls):
         and it must not land later. A volume below the free-space reserve: StorageFull.
         """
         self._start()
+        for it in items:
+            self.copies.check_entity(it.entity_id, it.shard)
         shards = self.copies.check_writable(it.shard for it in items)
         self.writer.check_space()
         vectors = await self.embedder.embed([it.textual_content for it in items])
@@ -252,7 +263,7 @@ class Node(CopyCalls):
                      window: tuple[int | None, int | None] | None,
                      prefixes: tuple[str, ...] | None, vector: np.ndarray | None) -> list[dict[str, Any]]:
         started = time.perf_counter()
-        shards = self._shard_list(shard)
+        shards = self._shard_list(shard, entity_id)
         stages: dict[str, float] = {}
         if text is not None and vector is None:
             vector = await self.embedder.embed_query(text)
@@ -280,7 +291,7 @@ class Node(CopyCalls):
 
     async def edges(self, entity_id: str | None, shard: int | list[int] | None, nodes: list[str], direction: str,
                     edge_types: list[str] | None, per_node: int) -> list[dict[str, Any]]:
-        shards = self._shard_list(shard)
+        shards = self._shard_list(shard, entity_id)
 
         def collect() -> list[dict[str, Any]]:
             found: list[dict[str, Any]] = []
@@ -292,6 +303,8 @@ class Node(CopyCalls):
 
     async def analytics(self, entity_id: str, shard: int, label: str, start_ms: int | None, end_ms: int | None,
                         bucket: str | None) -> dict[str, Any]:
+        self.copies.check_entity(entity_id, shard)
+
         def compute() -> dict[str, Any]:
             if not self.copies.readable([shard]):
                 return self._empty_analytics(bucket)
@@ -305,6 +318,8 @@ class Node(CopyCalls):
         return {**empty, "buckets": []} if bucket else empty
 
     async def export_page(self, entity_id: str, shard: int, after_rowid: int, limit: int) -> list[dict[str, Any]]:
+        self.copies.check_entity(entity_id, shard)
+
         def page() -> list[dict[str, Any]]:
             shards = self.copies.readable([shard])
             return self.copies.store(shard).export_page(entity_id, after_rowid, limit) if shards else []
@@ -313,7 +328,7 @@ class Node(CopyCalls):
 
     async def erase(self, entity_id: str, shard: int | list[int] | None = None) -> dict[str, Any]:
         """Erase an entity from the given shards, or every shard here; per-shard counts of what was removed."""
-        shards = self._shard_list(shard)
+        shards = self._shard_list(shard, entity_id)
         async with self._writing(self.copies.primaries() if shards is None else shards):
             return await self._erase(entity_id, shards)
 
@@ -333,6 +348,8 @@ class Node(CopyCalls):
         return removed
 
     async def inspect(self, memory_id: str, shards: list[int] | None, include_window: bool, radius: int) -> dict | None:
+        self.copies.check_named(memory_id, shards)
+
         def find() -> dict | None:
             for s in self.copies.readable(shards):
                 store = self.copies.store(s)
@@ -352,6 +369,8 @@ class Node(CopyCalls):
             return await self.copies.run(lambda: sum(self.copies.store(s).delete(m) for m, s in pairs))
 
     async def delete(self, memory_id: str, shards: list[int] | None) -> bool:
+        self.copies.check_named(memory_id, shards)
+
         def remove() -> bool:
             return any([self.copies.store(s).delete(memory_id) for s in self.copies.readable(shards)])
 
@@ -398,6 +417,8 @@ class Node(CopyCalls):
         return await self.copies.run(lambda: node_stats(self))
 
     async def profile(self, entity_id: str, shard: int, recent: int) -> dict[str, Any] | None:
+        self.copies.check_entity(entity_id, shard)
+
         def collect() -> dict[str, Any] | None:
             return self.copies.store(shard).profile(entity_id, recent) if self.copies.readable([shard]) else None
 
@@ -414,6 +435,9 @@ class Node(CopyCalls):
             for replica in [*self.copies.replicas.values(), *(i.replica for i in self.moves.incoming.values())]:
                 store, replica.store = replica.store, None
                 if store is not None:
+                    store.close()
+            for halves in self.splits.pending.values():
+                for store in halves.stores.values():
                     store.close()
 
         await self.copies.run(close_all)

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from node.control.placement import Placement
 from node.errors import NotOwnedError
+from node.ids import parse_memory_id
 from node.replica import ROLES, Replica, ReplicaState
 from node.store import ShardStore
 from node.store_thread import StoreThread
@@ -166,6 +167,28 @@ class ShardSet:
         for s in shards:
             self.check_held(s)
         return [s for s in shards if self.replicas[s].store is not None or self.on_disk(s)]
+
+    def check_entity(self, entity_id: str, shard: int) -> None:
+        """NotOwnedError when this view places `entity_id` on another shard: a split moved it, and the
+        caller's placement (or this view) does not know it yet. Free of cost in a cluster never split."""
+        p = self.placement
+        if p.shards != p.created_shards and (found := p.shard_of(entity_id)) != shard:
+            raise NotOwnedError(f"entity {entity_id!r} is on shard {found}, not {shard}, since a split (placement "
+                                f"epoch {p.epoch} of {self.name}); read the placement again")
+
+    def check_named(self, memory_id: str, shards: list[int] | None) -> None:
+        """An id that names its entity, asked of one shard: that shard must hold the entity (a split)."""
+        entity = parse_memory_id(memory_id).entity_prefix
+        if entity is not None and shards is not None and len(shards) == 1:
+            self.check_entity(entity, shards[0])
+
+    def check_shard_count(self, shards: list[int]) -> None:
+        """NotOwnedError when a router's list of shards comes from a placement with another shard
+        count than this view (node.records.ShardList): one of them has not seen a split yet."""
+        of = getattr(shards, "of", 0)
+        if of and of != self.placement.shards:
+            raise NotOwnedError(f"the caller's placement has {of} shards, {self.name}'s (epoch "
+                                f"{self.placement.epoch}) {self.placement.shards}: a split; read the placement again")
 
     def check_writable(self, shards: Iterable[int]) -> set[int]:
         """NotOwnedError unless this node holds the primary copy of every shard and none is fenced

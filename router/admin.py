@@ -19,7 +19,7 @@ from router import __version__, tuning
 from router.cluster import Cluster
 from router.errors import ApiError, BadRequest, NotFound
 from router.http import CLUSTER, audit, read_json
-from router.schemas import RESET_PHRASES, NodeRequest, ResetRequest, parse
+from router.schemas import RESET_PHRASES, NodeRequest, ResetRequest, SplitRequest, parse
 
 log = logging.getLogger("tellodb.router")
 
@@ -34,6 +34,14 @@ async def add_node(request: web.Request) -> web.Response:
     req = parse(NodeRequest, await read_json(request))
     started = await request.app[CLUSTER].add_node(req.name)
     audit(request, "add_node", 202, node=req.name, epoch=started["epoch"])
+    return web.json_response(started, status=202)
+
+
+async def split(request: web.Request) -> web.Response:
+    """POST /admin/shards/split {"shard"}: the shard (or the largest) splits in two while it serves."""
+    req = parse(SplitRequest, await read_json(request))
+    started = await request.app[CLUSTER].split(req.shard)
+    audit(request, "split", 202, shard=started["splitting"], epoch=started["epoch"])
     return web.json_response(started, status=202)
 
 
@@ -55,20 +63,22 @@ async def rebalance(request: web.Request) -> web.Response:
 async def shards(request: web.Request) -> web.Response:
     cluster = request.app[CLUSTER]
     info = next(iter(cluster.node_info.values()), {})
+    placement = cluster.placement
     return web.json_response({
         "engine_version": __version__,
-        "shards": cluster.config.shards,
+        "shards": placement.shards,
+        "created_shards": placement.created_shards,
         "model": cluster.config.embedding.model,
         "dimension": info.get("dimension"),
-        "nodes": {str(s): cluster.placement.node_of_shard(s) for s in range(cluster.config.shards)},
+        "nodes": {str(s): placement.node_of_shard(s) for s in range(placement.shards)},
     })
 
 
 async def snapshot(request: web.Request) -> web.StreamResponse:
     cluster = request.app[CLUSTER]
     raw = request.match_info["shard"]
-    if not raw.isdigit() or int(raw) >= cluster.config.shards:
-        raise NotFound(f"no shard {raw!r} (shards are 0 to {cluster.config.shards - 1})")
+    if not raw.isdigit() or int(raw) >= cluster.placement.shards:
+        raise NotFound(f"no shard {raw!r} (shards are 0 to {cluster.placement.shards - 1})")
     started = time.monotonic()
     info = await cluster.snapshot(int(raw))
     node = info["node"]

@@ -191,9 +191,16 @@ class Cluster:
         """
         timeout = self.config.request_timeout_s
         deadline = time.time() + timeout - min(DEADLINE_MARGIN_S, timeout / 4)
-        items = [it.placed(self.placement.shard_of(it.entity_id)) for it in items]
-        home = [self.placement.id_home(it.memory_id) if parse_memory_id(it.memory_id).entity_prefix is None else None
-                for it in items]
+        free = [parse_memory_id(it.memory_id).entity_prefix is None for it in items]
+        home: list[int | None] = []
+
+        def place() -> set[int]:
+            """Each item's shard (and a free-form id's home) by the placement now, at every attempt
+            (a split moves entities): the shards the attempt needs."""
+            nonlocal items, home
+            items = [it.placed(self.placement.shard_of(it.entity_id)) for it in items]
+            home = [self.placement.id_home(it.memory_id) if f else None for it, f in zip(items, free)]
+            return {h if h is not None else it.shard for it, h in zip(items, home)}
 
         async def part(node: NodeClient, shards: list[int]) -> list[tuple[list[int], Any]]:
             """The node's items: by their shard, or a free-form id's by its home (each group, its answer or error)."""
@@ -219,8 +226,7 @@ class Cluster:
                     duplicate_of[i] = dup
             return duplicate_of
 
-        needed = {h if h is not None else it.shard for it, h in zip(items, home)}
-        return await self.routing.everywhere(part, shards=needed, settle=settle)
+        return await self.routing.everywhere(part, shards=place, settle=settle)
 
     async def _take_back(self, items: list[IngestItem], stored: list[tuple[list[int], list]]) -> None:
         """Delete the stored items with engine-made ids of a batch whose other parts failed."""
@@ -252,9 +258,8 @@ class Cluster:
                     prefixes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
         """Best hits for `text` (within `window`), or without text the window's memories in time order."""
         if entity_id is not None:
-            shard = self.placement.shard_of(entity_id)
             q = Query(text, entity_id, limit, window)
-            return await self.routing.execute(shard, lambda node: node.query(q, shard), read=True)
+            return await self.routing.for_entity(entity_id, lambda node, shard: node.query(q, shard), read=True)
         q = Query(text, None, limit, window, prefixes)
         vector, embedded = None, 0.0
         if text is not None and len(set(self.placement.owner)) > 1:  # primaries on more than one node
@@ -276,8 +281,7 @@ class Cluster:
 
     async def _edges(self, q: EdgesQuery) -> list[dict[str, Any]]:
         if q.entity_id is not None:
-            shard = self.placement.shard_of(q.entity_id)
-            return await self.routing.execute(shard, lambda node: node.edges(q, shard), read=True)
+            return await self.routing.for_entity(q.entity_id, lambda node, shard: node.edges(q, shard), read=True)
         parts = await self.routing.everywhere(lambda node, shards: node.edges(q, shards), read=True)
         found = [e for part in parts for e in part]
         found.sort(key=lambda e: -e["timestamp_ms"])
@@ -289,24 +293,22 @@ class Cluster:
         node; across every entity, a fan-out per hop from here."""
         w = Walk(root, direction, edge_types, depth, breadth, max_edges, max_nodes)
         if entity_id is not None:
-            shard = self.placement.shard_of(entity_id)
-            return await self.routing.execute(shard, lambda node: node.walk(w, entity_id, shard), read=True)
+            return await self.routing.for_entity(entity_id, lambda node, shard: node.walk(w, entity_id, shard),
+                                                 read=True)
         return await graph_walk.walk(root, lambda frontier: self._edges(w.edges(None, frontier)), depth, breadth,
                                      max_edges, max_nodes)
 
     async def analytics(self, entity_id: str, label: str, start_ms: int | None, end_ms: int | None,
                         bucket: str | None) -> dict[str, Any]:
-        shard = self.placement.shard_of(entity_id)
-        return await self.routing.execute(
-            shard, lambda node: node.analytics(entity_id, shard, label, start_ms, end_ms, bucket), read=True)
+        return await self.routing.for_entity(
+            entity_id, lambda node, shard: node.analytics(entity_id, shard, label, start_ms, end_ms, bucket), read=True)
 
     async def export_entity(self, entity_id: str, page: int = 500):
         """Yield an entity's memories page by page (its shard holds them all)."""
-        shard = self.placement.shard_of(entity_id)
         after = 0
         while True:
-            rows = await self.routing.execute(
-                shard, lambda node: node.export_page(entity_id, shard, after, page), read=True)
+            rows = await self.routing.for_entity(
+                entity_id, lambda node, shard: node.export_page(entity_id, shard, after, page), read=True)
             if not rows:
                 return
             after = rows[-1]["rowid"]
@@ -319,28 +321,23 @@ class Cluster:
             removed.update({str(s): counts for s, counts in part.items()})
         return removed
 
-    def _entity_shard(self, memory_id: str) -> int | None:
-        """The shard where an `<entity>::<session>::<turn>` id lives; None for free-form ids."""
-        prefix = parse_memory_id(memory_id).entity_prefix
-        return None if prefix is None else self.placement.shard_of(prefix)
-
     async def inspect(self, memory_id: str, include_window: bool, radius: int) -> dict | None:
-        shard = self._entity_shard(memory_id)
-        if shard is not None:
-            return await self.routing.execute(
-                shard, lambda node: node.inspect(memory_id, shard, include_window, radius), read=True)
-        return await self.routing.execute(  # the node that records where a free-form id lives (node.id_homes)
-            self.placement.id_home(memory_id), lambda node: node.inspect_free(memory_id, include_window, radius))
+        entity = parse_memory_id(memory_id).entity_prefix  # an `<entity>::<session>::<turn>` id lives in its entity's shard
+        if entity is not None:
+            return await self.routing.for_entity(
+                entity, lambda node, shard: node.inspect(memory_id, shard, include_window, radius), read=True)
+        return await self.routing.for_home(  # the node that records where a free-form id lives (node.id_homes)
+            memory_id, lambda node, _: node.inspect_free(memory_id, include_window, radius))
 
     async def delete(self, memory_id: str) -> bool:
-        shard = self._entity_shard(memory_id)
-        if shard is not None:
-            return await self.routing.execute(shard, lambda node: node.delete(memory_id, shard))
-        return await self.routing.execute(self.placement.id_home(memory_id), lambda node: node.delete_free(memory_id))
+        entity = parse_memory_id(memory_id).entity_prefix
+        if entity is not None:
+            return await self.routing.for_entity(entity, lambda node, shard: node.delete(memory_id, shard))
+        return await self.routing.for_home(memory_id, lambda node, _: node.delete_free(memory_id))
 
     async def profile(self, entity_id: str, recent: int) -> dict[str, Any] | None:
-        shard = self.placement.shard_of(entity_id)
-        return await self.routing.execute(shard, lambda node: node.profile(entity_id, shard, recent), read=True)
+        return await self.routing.for_entity(entity_id, lambda node, shard: node.profile(entity_id, shard, recent),
+                                             read=True)
 
     async def snapshot(self, shard: int) -> dict[str, Any]:
         """A consistent copy of `shard` on its node (node.copy_calls.CopyCalls.snapshot, part of Node)."""
@@ -371,6 +368,9 @@ class Cluster:
 
     async def rebalance(self) -> dict[str, Any]:
         return await self.control.rebalance()
+
+    async def split(self, shard: int | None) -> dict[str, Any]:
+        return await self.control.split(shard)
 
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         return await self.control.stats(timeout)

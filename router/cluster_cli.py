@@ -1,8 +1,11 @@
-"""`tellodb cluster status | add-node NAME | remove-node NAME | rebalance`, against any router's admin endpoints.
+"""`tellodb cluster status | add-node NAME | remove-node NAME | rebalance | split [SHARD]`, against any
+router's admin endpoints.
 
 `add-node` and `remove-node` return as soon as the placement authority has the new member list;
 the shards then move one at a time in the background. Without `--no-wait` the command follows
 the moves with a progress line (shards and bytes moved) until none is left, and fails if one does.
+`split` waits for the split (the shard's copy into two halves, then a short write fence), then
+follows the moves that place the new shard, the same way.
 """
 
 from __future__ import annotations
@@ -73,6 +76,36 @@ def follow(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
         time.sleep(tuning.CLUSTER_POLL_S)
 
 
+def follow_split(url: str, key: str, started: dict, stream=sys.stderr) -> dict:
+    """Wait until the split has added its shard; raise ClientError if it failed."""
+    shown = None
+    while True:
+        status = _get(url, key)
+        if status["shards"] > started["shards"]:
+            return status
+        if status.get("error") and not status["rebalancing"]:
+            raise ClientError(status["error"])
+        state = next((m["state"] for m in status["moving"] if m.get("split")), "starting")
+        if state != shown:
+            print(f"splitting shard {started['splitting']}: {state}", file=stream)
+            shown = state
+        time.sleep(tuning.CLUSTER_POLL_S)
+
+
+def split(url: str, key: str, args: argparse.Namespace) -> int:
+    started = get_json(f"{url}/admin/shards/split", key, "POST", {"shard": args.shard})
+    print(f"splitting shard {started['splitting']} of {started['shards']}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    status = follow_split(url, key, started)
+    print(f"split: shard {started['splitting']} and new shard {status['shards'] - 1}, epoch {status['epoch']}",
+          file=sys.stderr)
+    if status["rebalancing"] and status["pending_moves"]:
+        status = follow(url, key, status)
+    print(f"done: epoch {status['epoch']}, {status['shards']} shards", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     url, key = args.url.rstrip("/"), args.key
     try:
@@ -82,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             status = _get(url, key)
             print(json.dumps(status, indent=2) if args.json else format_status(status))
             return 0
+        if args.cluster_command == "split":
+            return split(url, key, args)
         if args.cluster_command == "rebalance":
             started = get_json(f"{url}/admin/rebalance", key, "POST", {})
             print(f"rebalance at epoch {started['epoch']}; {started['pending_moves']} shard moves, "
@@ -118,9 +153,12 @@ def add_parser(sub) -> None:
     r = csub.add_parser("remove-node", help="move every shard of a node to the others")
     r.add_argument("name")
     b = csub.add_parser("rebalance", help="carry out the pending moves and primary handovers (the members stay)")
-    for p in (a, r, b):
+    sp = csub.add_parser("split", help="split a shard in two while it serves (a new shard takes half of its "
+                                       "entities); then the new shard is placed like any other")
+    sp.add_argument("shard", type=int, nargs="?", help="the shard to split (default: the largest)")
+    for p in (a, r, b, sp):
         p.add_argument("--no-wait", action="store_true", help="return once the moves are planned")
-    for p in (s, a, r, b):
+    for p in (s, a, r, b, sp):
         p.add_argument("--url", default="http://127.0.0.1:3000", help="any router (default: %(default)s)")
         p.add_argument("--key", default=os.environ.get("TELLODB_API_KEY"),
                        help="an admin key (default: $TELLODB_API_KEY)")

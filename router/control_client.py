@@ -126,6 +126,9 @@ class ControlClient:
     async def rebalance(self) -> dict[str, Any]:
         return await self._ask_authority("rebalance")
 
+    async def split(self, shard: int | None) -> dict[str, Any]:
+        return await self._ask_authority("split", shard)
+
     async def stats(self, timeout: float | None = None) -> dict[str, dict | None]:
         """Per-node stats; a node that does not answer within `timeout` maps to None."""
 

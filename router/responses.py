@@ -248,10 +248,12 @@ class ClusterChange(BaseModel):
     auto_rebalance: bool = Field(False, description="a node that joins becomes a member and gets its share by itself")
     max_bytes_per_s: int = Field(0, description="the moves' average copy rate is kept under this; 0: no limit")
     paced_s: float = Field(0.0, description="seconds the rebalance waited to keep under max_bytes_per_s")
+    shards: int = Field(0, description="how many shards there are now (a split adds one)")
+    max_shard_bytes: int = Field(0, description="a primary shard larger than this splits by itself; 0: only on command")
+    splitting: int | None = Field(None, description="the shard a split just asked for (POST /admin/shards/split)")
 
 
 class ClusterStatus(ClusterChange):
-    shards: int
     owner: list[str] = Field(description="the node of each shard, by shard number")
     members: dict[str, dict[str, Any]] = Field(description="per node: member, joined, shards, memories, bytes")
     history: list[dict[str, Any]] = Field(description="recent moves with their timings (fence_ms, seconds)")

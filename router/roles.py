@@ -170,7 +170,7 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
 
     member.join(stop)
     kept = placement_file.load(placement_file.node_copy(config.data_dir))
-    if kept is not None and kept.shards != config.shards:
+    if kept is not None and kept.created_shards != config.shards:
         kept = None
     found = authority()
     if found is None and kept is not None:  # a rejoin: the node starts from its own copy while the head starts
@@ -178,8 +178,8 @@ def _serve_node(args: argparse.Namespace, config: ClusterConfig, cpus: float, me
     else:
         found = found or _wait_for(authority, "the placement authority (is `tellodb head` running?)", stop=stop)
         placement = ray.get(found.placement.remote(), timeout=tuning.AUTHORITY_CALL_S)
-        if placement.shards != config.shards:
-            raise ConfigError(f"shards: the cluster has {placement.shards} shards, this node's config says "
+        if placement.created_shards != config.shards:
+            raise ConfigError(f"shards: the cluster was created with {placement.created_shards} shards, this node's config says "
                               f"{config.shards}")
         if kept is not None and kept.epoch > placement.epoch:
             placement = kept  # the head lost its placement (or has an older one): ours goes to it with the join

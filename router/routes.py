@@ -100,6 +100,9 @@ ROUTES = (
     Route("post", ("/admin/rebalance",), admin.rebalance, "admin", "Start the pending moves and primary handovers "
           "with the members as they are (follow with GET /admin/cluster)", r.ClusterChange,
           errors=(*KEYED, 409, 503), ok=202),
+    Route("post", ("/admin/shards/split",), admin.split, "admin", "Split a shard (or the largest) in two while it "
+          "serves; a new shard takes half of its entities (follow with GET /admin/cluster)", r.ClusterChange,
+          q.SplitRequest, errors=(*BODY_ERRORS, 409, 503), ok=202),
     Route("get", ("/admin/shards",), admin.shards, "admin", "The cluster's shards, model and placement (for backups)",
           r.ShardsInfo, errors=KEYED),
     Route("post", ("/admin/shards/{shard}/snapshot",), admin.snapshot, "admin", "A consistent copy of one shard's "

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from node.config import ClusterConfig
 from node.control.placement import Placement
+from node.records import ShardList
 from router.control_client import ControlClient
 from router.errors import ApiError, Unavailable
 from router.link import Link
@@ -35,6 +36,7 @@ T = TypeVar("T")
 WATCH_S = 1.0  # an attempt waiting this long is checked against the authority's failovers, this often
 Work = Callable[[NodeClient], Awaitable[T]]
 PartWork = Callable[[NodeClient, list[int]], Awaitable[T]]
+ShardWork = Callable[[NodeClient, int], Awaitable[T]]
 
 
 class Routing:
@@ -68,12 +70,31 @@ class Routing:
             return await self._retrying(lambda: self._read(shard, work))
         return await self._retrying(lambda: work(self.nodes[self.placement.node_of_shard(shard)]))
 
-    async def everywhere(self, work: PartWork[T], *, shards: set[int] | None = None, read: bool = False,
+    async def for_entity(self, entity_id: str, work: ShardWork[T], *, read: bool = False) -> T:
+        """`work(node, shard)` on the node of the entity's shard, the shard found again at every
+        attempt: a split moves half of a shard's entities to a new one."""
+        return await self._located(lambda p: p.shard_of(entity_id), work, read)
+
+    async def for_home(self, memory_id: str, work: ShardWork[T], *, read: bool = False) -> T:
+        """`work(node, shard)` on the node of a free-form id's home shard (node.id_homes), found again at every attempt."""
+        return await self._located(lambda p: p.id_home(memory_id), work, read)
+
+    async def _located(self, locate: Callable[[Placement], int], work: ShardWork[T], read: bool) -> T:
+        async def attempt() -> T:
+            shard = locate(self.placement)
+            if read:
+                return await self._read(shard, lambda node: work(node, shard))
+            return await work(self.nodes[self.placement.node_of_shard(shard)], shard)
+
+        return await self._retrying(attempt)
+
+    async def everywhere(self, work: PartWork[T], *, shards: Callable[[], set[int]] | None = None, read: bool = False,
                          settle: Callable[[list[T | BaseException]], Awaitable[Any]] | None = None) -> list[T]:
         """`work(node, shards)` on every node with the shards it is the primary of (of `shards` only,
         when given: nodes without any are left alone), retried as one; the answers, one per call.
         For a read, the shards of a node that does not answer within
-        `read_failover_s` are asked of their followers (a call per follower). A write that must
+        `read_failover_s` are asked of their followers (a call per follower). `shards()` is asked
+        at every attempt (after a split the shards are others). A write that must
         not half-succeed passes `settle`: each attempt's outcomes (an answer or the error, per
         node) go to it, and what it returns (or raises, then retried) is the result."""
         async def one(node: str, shards: list[int]) -> list[T]:
@@ -91,7 +112,10 @@ class Routing:
                 return await asyncio.gather(*(work(self.nodes[f], part) for f, part in by_follower.items()))
 
         async def attempt() -> Any:
-            by_node = {n: [s for s in mine if shards is None or s in shards]
+            # Each list says how many shards this placement has: a node that knows of a split this
+            # router does not (or the reverse) refuses it, and the attempt goes again (node.records.ShardList).
+            of, wanted = self.placement.shards, None if shards is None else shards()
+            by_node = {n: ShardList([s for s in mine if wanted is None or s in wanted], of)
                        for n, mine in self.placement.by_node().items()}
             calls = [one(n, mine) for n, mine in by_node.items() if mine]
             if settle is None:

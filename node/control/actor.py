@@ -23,4 +23,4 @@ def start_authority(data_dir: str, config: ClusterConfig, movable: bool,
     return AuthorityActor.options(**options).remote(data_dir, config.shards, config.node_names, movable,
                                                     config.replication, config.failover_after_s,
                                                     config.rebuild_after_s, config.auto_rebalance,
-                                                    config.rebalance.max_bytes_per_s)
+                                                    config.rebalance.max_bytes_per_s, config.max_shard_bytes)

@@ -38,6 +38,7 @@ import json
 import logging
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,53 +47,44 @@ from node.control.autobalance import AutoBalance
 from node.control.failover import Failover
 from node.control.placement import Placement
 from node.control.rebalance import MoveDriver
-from node.errors import NodeError
+from node.control.splitting import SplitDriver
+from node.control.errors import NotReady, PlacementError, UnknownNode
 from node.names import Handles
 from node.tuning import STATUS_HISTORY
 
 log = logging.getLogger("tellodb")
 
 
-class PlacementError(NodeError):
-    """A request to change the cluster that cannot be done as asked (the router answers 409)."""
-
-
-class UnknownNode(PlacementError):
-    """A node name that is not part of the cluster (the router answers 404)."""
-
-
-class NotReady(PlacementError):
-    """The authority cannot change the cluster yet (the router answers 503 with the reason)."""
-
-
-class PlacementAuthority(MoveDriver, Failover, AutoBalance):
+class PlacementAuthority(MoveDriver, SplitDriver, Failover, AutoBalance):
     def __init__(self, data_dir: str, shards: int, nodes: list[str], movable: bool = True, replication: int = 1,
                  failover_after_s: float = 3.0, rebuild_after_s: float = 600.0, auto_rebalance: bool = False,
-                 max_bytes_per_s: int = 0) -> None:
+                 max_bytes_per_s: int = 0, max_shard_bytes: int = 0) -> None:
         self.path = Path(data_dir) / "placement.json"
         self.failover_after_s = failover_after_s
         self.rebuild_after_s = rebuild_after_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._init_auto(auto_rebalance, max_bytes_per_s)  # node.control.autobalance
+        self.max_shard_bytes = max_shard_bytes  # node.control.splitting
         self.movable = movable  # False in `tellodb serve`: its nodes share one data directory
         # True until the placement is known to be the cluster's: a head without placement.json (a
         # new cluster, or a lost disk) takes the highest epoch the joining nodes bring.
         self.recovering = movable and not self.path.exists()
         saved = Placement.from_json(json.loads(self.path.read_text())) if self.path.exists() else None
-        if saved is not None and (movable or (saved.shards, set(saved.nodes), saved.replication) ==
+        if saved is not None and (movable or (saved.created_shards, set(saved.nodes), saved.replication) ==
                                   (shards, set(nodes), replication)):
             # `tellodb serve` keeps its saved placement while cluster.yaml names the same nodes and copies:
             # with replicas each node has its own folder, and the copies are where that placement put them.
             self._placement = saved
-            if self._placement.shards != shards:
-                raise PlacementError(f"shards: the cluster was created with {self._placement.shards} shards, "
-                                     f"cluster.yaml says {shards}; the shard count cannot change")
+            if self._placement.created_shards != shards:
+                raise PlacementError(f"shards: the cluster was created with {self._placement.created_shards} shards, "
+                                     f"cluster.yaml says {shards}; the shard count cannot change there "
+                                     "(`tellodb cluster split` adds shards)")
         else:  # a new cluster; or `tellodb serve` with other nodes: cluster.yaml decides
             self._placement = Placement(shards, tuple(nodes), replication=replication)
             self._save()
         if self._placement.replication != replication:  # cluster.yaml changed it: copies are added or dropped
             p = self._placement
-            self._set(Placement(p.shards, p.nodes, p.epoch + 1, replication=replication, replicas=p.replicas))
+            self._set(replace(p, epoch=p.epoch + 1, replication=replication, owner=()))
             self._want_rebalance(True)  # cluster.yaml asked for copies to be added or dropped
         self.joined: dict[str, dict[str, Any]] = {}  # node name -> what its process said at join
         self.moving: dict[int, dict[str, Any]] = {}  # shard -> the move in progress
@@ -148,7 +140,7 @@ class PlacementAuthority(MoveDriver, Failover, AutoBalance):
 
     async def _member_found(self, name: str, info: dict[str, Any], placement: Placement | None) -> None:
         """A node joined, or (GCS fault tolerance) its actor was found running after this authority restarted."""
-        if (placement is not None and placement.shards == self._placement.shards
+        if (placement is not None and placement.created_shards == self._placement.created_shards
                 and placement.epoch > self._placement.epoch):
             log.warning("Placement taken from node %s epoch=%d (this authority had %d)", name, placement.epoch,
                         self._placement.epoch)
@@ -274,6 +266,7 @@ class PlacementAuthority(MoveDriver, Failover, AutoBalance):
                 "replication": p.replication, "down": sorted(self.down_since), "failovers": self.failover_count,
                 "rejoining": sorted(self._expected() - set(self.joined)), "recovering": self.recovering,
                 "auto_rebalance": self.auto_rebalance, "max_bytes_per_s": self.max_bytes_per_s,
+                "shards": p.shards, "max_shard_bytes": self.max_shard_bytes,
                 "paced_s": round(self.paced_s, 3)}
 
     async def summary(self) -> dict[str, Any]:

@@ -1,5 +1,12 @@
 """Placement: entity -> shard by a stable hash, shard -> node by an explicit owner table with an epoch.
 
+Entity -> shard: shard s holds the entities whose hash h has h % m == r, for its range (m, r) in
+`ranges`. A new cluster of N shards gives shard s the range (N, s), i.e. `h % N`, which is what
+every earlier version did, so a data directory made before splits existed reads the same. A split
+of s (m, r) gives s the range (2m, r) and a new shard, numbered next, (2m, r + m): half of its
+entities, chosen by one more bit of the hash, as in linear hashing (node.splits does the data's
+side). Free-form ids take their home shard by the same rule, hashing the id.
+
 The shard is the unit of placement. Where a shard's copies belong is `node.control.balance.balance`
 of the current copies and members: every node within one copy (and one primary) of the mean, reached
 with the fewest moves, so a join takes about shards/N and nothing moves between the other nodes. A
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from node.control.balance import balance
-from node.ids import shard_of
+from node.ids import shard_of, stable_hash
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,19 @@ class Placement:
     # (shard, follower) copies that may miss acknowledged writes: their primary wrote without them (they
     # were down) once the authority had recorded them here, so a failover never promotes one of them.
     behind: tuple[tuple[int, str], ...] = field(default=())
+    # per shard, (modulus, residue): the entities whose hash % modulus == residue; () = (shards, s)
+    ranges: tuple[tuple[int, int], ...] = field(default=())
+    created_shards: int = 0  # the shard count the cluster was created with (cluster.yaml's); 0 = shards
 
     def __post_init__(self) -> None:
         if not self.nodes:
             raise ValueError("a placement needs at least one node")
+        if not self.created_shards:
+            object.__setattr__(self, "created_shards", self.shards)
+        if not self.ranges:
+            object.__setattr__(self, "ranges", tuple((self.shards, s) for s in range(self.shards)))
+        if len(self.ranges) != self.shards:
+            raise ValueError(f"a placement of {self.shards} shards names {len(self.ranges)} hash ranges")
         if not self.replicas:
             replicas = (tuple((o,) for o in self.owner) if self.owner
                         else balance([()] * self.shards, self.nodes, self.replication, dict(self.zones)))
@@ -48,14 +64,52 @@ class Placement:
                                                          if 0 <= int(s) < self.shards and n in self.replicas[s][1:]})))
 
     def shard_of(self, entity_id: str) -> int:
-        return shard_of(entity_id, self.shards)
+        if self.shards == self.created_shards:  # never split: every range is (shards, s)
+            return shard_of(entity_id, self.shards)
+        return self._shard_of_hash(stable_hash(entity_id))
+
+    def _shard_of_hash(self, h: int) -> int:
+        by_range = self._by_range
+        for modulus in self._moduli:
+            found = by_range.get((modulus, h % modulus))
+            if found is not None:
+                return found
+        raise ValueError(f"the hash ranges of placement epoch {self.epoch} do not cover hash {h}")
+
+    @cached_property
+    def _by_range(self) -> dict[tuple[int, int], int]:
+        return {rng: s for s, rng in enumerate(self.ranges)}
+
+    @cached_property
+    def _moduli(self) -> list[int]:
+        return sorted({m for m, _ in self.ranges})
 
     def node_of_shard(self, shard: int) -> str:
         return self.owner[shard]
 
     def id_home(self, memory_id: str) -> int:
         """The home shard of a free-form memory id: the one that records where it lives (node.id_homes)."""
-        return shard_of(memory_id, self.shards)
+        return self.shard_of(memory_id)
+
+    def family(self, shard: int) -> list[int]:
+        """`shard` and the shards split from the same created shard (it first): where a memory
+        recorded in `shard` may be now, once splits have moved half of its entities."""
+        base = self.ranges[shard][1] % self.created_shards
+        return [shard] + [s for s, (_, r) in enumerate(self.ranges) if r % self.created_shards == base and s != shard]
+
+    def with_split(self, shard: int) -> Placement:
+        """`shard` split in two at the next epoch: it keeps the entities whose next hash bit is 0, a new
+        shard (numbered `shards`) takes the others. Both copies are on the primary only: the split is
+        made there (node.splits), and followers are copied again from it (the rebalance adds them)."""
+        modulus, residue = self.ranges[shard]
+        primary = (self.owner[shard],)
+        ranges = list(self.ranges)
+        ranges[shard] = (2 * modulus, residue)
+        replicas = list(self.replicas)
+        replicas[shard] = primary
+        return replace(self, shards=self.shards + 1, epoch=self.epoch + 1, owner=(),
+                       replicas=(*replicas, primary), ranges=(*ranges, (2 * modulus, residue + modulus)),
+                       behind=tuple(pair for pair in self.behind if pair[0] != shard))
 
     def node_of(self, entity_id: str) -> str:
         return self.owner[self.shard_of(entity_id)]
@@ -135,8 +189,8 @@ class Placement:
         """Where each shard's copies belong, the primary first (balanced from where they are)."""
         return self._target
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_target"}  # pushed to nodes without the plan
+    def __getstate__(self) -> dict:  # pushed to nodes without the plan and look-up tables (rebuilt on use)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_target", "_by_range", "_moduli")}
 
     def _same_plan(self, changed: Placement) -> Placement:
         """`changed` (the same members, replication and zones: a copy moved, added or dropped, a
@@ -184,6 +238,9 @@ class Placement:
                  "replication": self.replication, "replicas": [list(r) for r in self.replicas]}
         if self.behind:
             found["behind"] = [list(pair) for pair in self.behind]
+        if self.shards != self.created_shards:  # split: written only then, so an unsplit file reads as before
+            found["ranges"] = [list(r) for r in self.ranges]
+            found["created_shards"] = self.created_shards
         return {**found, "zones": dict(self.zones)} if self.zones else found
 
     @classmethod
@@ -194,4 +251,5 @@ class Placement:
         return cls(int(data["shards"]), tuple(map(name, data["nodes"])), int(data["epoch"]),
                    tuple(map(name, data["owner"])), int(data.get("replication", 1)),
                    tuple(tuple(map(name, r)) for r in data.get("replicas", ())),
-                   tuple(sorted(data.get("zones", {}).items())), tuple(tuple(p) for p in data.get("behind", ())))
+                   tuple(sorted(data.get("zones", {}).items())), tuple(tuple(p) for p in data.get("behind", ())),
+                   tuple(tuple(r) for r in data.get("ranges", ())), int(data.get("created_shards", 0)))
