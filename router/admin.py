@@ -68,6 +68,7 @@ async def shards(request: web.Request) -> web.Response:
         "engine_version": __version__,
         "shards": placement.shards,
         "created_shards": placement.created_shards,
+        "ranges": [list(r) for r in placement.ranges],
         "model": cluster.config.embedding.model,
         "dimension": info.get("dimension"),
         "nodes": {str(s): placement.node_of_shard(s) for s in range(placement.shards)},

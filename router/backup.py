@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from node.control import placement_file
+from node.control.placement import Placement
 from node.store import file_sha256
 from router import __version__, datadir, tuning
 from router.client import ClientError, Progress, get_json, request
@@ -75,6 +77,8 @@ def backup(dest: str, url: str, key: str, force: bool = False,
     manifest = {"format": FORMAT, "engine_version": cluster["engine_version"], "backup_tool_version": __version__,
                 "created_at_ms": int(time.time() * 1000), "shards": shards, "model": cluster["model"],
                 "dimension": cluster["dimension"], "files": files}
+    if cluster.get("created_shards", shards) != shards:  # split: the hash range of each shard
+        manifest.update(created_shards=cluster["created_shards"], ranges=cluster["ranges"])
     with open(out / f"{MANIFEST}.part", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     os.replace(out / f"{MANIFEST}.part", out / MANIFEST)
@@ -126,8 +130,11 @@ def restore(src: str, data_dir: str, force: bool = False,
             shutil.copyfile(Path(src) / name, target / name)
             total += manifest["files"][name]["bytes"]
             bar.update(shard + 1, total)
-        datadir.write_identity(str(target), datadir.identity(manifest["shards"], manifest["model"],
-                                                             manifest["dimension"]))
+        created = manifest.get("created_shards", manifest["shards"])
+        datadir.write_identity(str(target), datadir.identity(created, manifest["model"], manifest["dimension"]))
+        if "ranges" in manifest:  # a split cluster's: its shards' hash ranges, kept by `tellodb serve` (any nodes)
+            placement_file.save(target / "placement.json", Placement(
+                manifest["shards"], ("restored",), ranges=tuple(map(tuple, manifest["ranges"])), created_shards=created))
     finally:
         datadir.unlock(held)
     return manifest

@@ -228,6 +228,9 @@ EXPORT_DESCRIPTION = (
 class ShardsInfo(BaseModel):
     engine_version: str
     shards: int
+    created_shards: int = Field(description="the shard count the cluster was created with (splits add shards)")
+    ranges: list[list[int]] = Field(description="per shard, [modulus, residue]: it holds the entities whose hash "
+                                                "% modulus == residue")
     model: str
     dimension: int | None
     nodes: dict[str, str] = Field(description="the node of each shard, by shard number")

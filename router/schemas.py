@@ -194,7 +194,7 @@ class NodeRequest(_Body):
 
 
 class SplitRequest(_Body):
-    shard: Annotated[int | None, Field(None, ge=0, description="the shard to split in two; none: the largest primary")]
+    shard: Annotated[StrictInt | None, Field(None, ge=0, description="the shard to split in two; none: the largest primary")]
 
 
 RESET_PHRASES = ("delete-all-data", "RESET_DATA_DANGEROUS")  # the upstream engine's (src/api/utils.rs, handlers/system.rs)

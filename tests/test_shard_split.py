@@ -253,3 +253,45 @@ async def test_a_split_rolled_back_before_the_flip_leaves_the_shard_as_it_was(no
         assert db.execute("SELECT COUNT(*) FROM log_pins WHERE name = 'split'").fetchone()[0] == 0
     finally:
         db.close()
+
+
+# ---- the size policy ------------------------------------------------------------------------------
+
+class StatsOnly:
+    """Node actors as the size policy sees them: their stats (each primary's bytes), nothing else."""
+
+    def __init__(self, sizes: dict[str, dict[int, int]]) -> None:
+        self.sizes = sizes
+
+    def get(self, name: str, fresh: bool = False):
+        sizes = self.sizes[name]
+
+        class Stats:
+            async def remote(self):
+                return {"per_shard": {s: {"bytes": n} for s, n in sizes.items()}}
+
+        return type("Actor", (), {"stats": Stats()})()
+
+    def forget(self, name: str) -> None:
+        pass
+
+
+async def test_the_size_policy_splits_the_largest_primary_over_max_shard_bytes(tmp_path):
+    from node.control.authority import PlacementAuthority
+
+    authority = PlacementAuthority(str(tmp_path), 4, ["a", "b"], max_shard_bytes=1000)
+    owner = authority._placement.owner
+    bytes_of = {0: 1500, 1: 900, 2: 5000, 3: 10}
+    authority.handles = StatsOnly({n: {s: b for s, b in bytes_of.items() if owner[s] == n} for n in ("a", "b")})
+    authority.joined = {"a": {}, "b": {}}
+    asked = []
+
+    async def split(shard=None):
+        asked.append(shard)
+
+    authority.split = split
+    await authority._split_largest()
+    assert asked == [2]  # the largest of those over the limit
+    authority.max_shard_bytes = 10_000
+    await authority._split_largest()
+    assert asked == [2]

@@ -79,8 +79,11 @@ class PlacementAuthority(MoveDriver, SplitDriver, Failover, AutoBalance):
                 raise PlacementError(f"shards: the cluster was created with {self._placement.created_shards} shards, "
                                      f"cluster.yaml says {shards}; the shard count cannot change there "
                                      "(`tellodb cluster split` adds shards)")
-        else:  # a new cluster; or `tellodb serve` with other nodes: cluster.yaml decides
-            self._placement = Placement(shards, tuple(nodes), replication=replication)
+        else:  # a new cluster; or `tellodb serve` with other nodes: cluster.yaml decides, but a split's
+            # hash ranges stay (the shards on disk hold them; a restored backup of a split cluster brings them)
+            split = saved if saved is not None and saved.created_shards == shards else None
+            self._placement = Placement(split.shards if split else shards, tuple(nodes), replication=replication,
+                                        ranges=split.ranges if split else (), created_shards=shards)
             self._save()
         if self._placement.replication != replication:  # cluster.yaml changed it: copies are added or dropped
             p = self._placement
