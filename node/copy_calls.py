@@ -146,8 +146,12 @@ class CopyCalls:
                 await self.abort_incoming(shard)
                 dropped.append(shard)
         for shard in sorted(set(self.splits.pending) - set(moving)):
-            await self.abort_split(shard)
-            dropped.append(shard)
+            if self.splits.saved(shard):  # the authority that stopped had saved the split: finish it
+                await self.adopt_split(shard, self.copies.placement)
+                adopted.append(shard)
+            else:
+                await self.abort_split(shard)
+                dropped.append(shard)
         for shard in sorted(self.copies.fenced() - set(moving)):
             await self.unfence(shard)
             unfenced.append(shard)

@@ -165,7 +165,8 @@ class Splits:
             shards.replicas[shard].close_links()
 
         def swap() -> None:
-            shards.set_placement(after)
+            if after.epoch > shards.placement.epoch:
+                shards.set_placement(after)
             shards.drop(shard)
             for s, store in halves.stores.items():
                 store.close()
@@ -177,6 +178,15 @@ class Splits:
 
         await shards.run(swap)
         del self.pending[shard]
+
+    def saved(self, shard: int) -> bool:
+        """Whether the split of `shard` being prepared here is complete and this node's view has it
+        (the authority saved it): it is to be adopted, not dropped."""
+        halves = self.pending.get(shard)
+        view = self.shards.placement
+        return (halves is not None and _read_marker(staging_dir(self.shards.data_dir, shard)) is not None
+                and view.epoch >= halves.after.epoch and view.shards > halves.child
+                and view.ranges[halves.child] == halves.after.ranges[halves.child])
 
     async def abort(self, shard: int, halves: Halves | None = None) -> None:
         """Forget a split of `shard` being prepared here: its halves and the log pin go (idempotent)."""

@@ -295,3 +295,26 @@ async def test_the_size_policy_splits_the_largest_primary_over_max_shard_bytes(t
     authority.max_shard_bytes = 10_000
     await authority._split_largest()
     assert asked == [2]
+
+
+async def test_a_split_saved_by_an_authority_that_then_stopped_is_finished_by_the_next_one(node):
+    """The authority saved the split and stopped before the node swapped the halves in: the next
+    authority's `settle` (with the split placement) has the node adopt them, and lift the fence."""
+    actor, before, data = node
+    shard = 3
+    after = before.with_split(shard)
+    entities = [e for e in (f"settle-{i}" for i in range(400)) if before.shard_of(e) == shard][:8]
+    for e in entities:
+        await actor.ingest.remote([item(before, e, f"{e}::s::0", f"{e} grows basil on the balcony")])
+    await actor.prepare_split.remote(shard, after)
+    await actor.fence.remote(shard)
+    await actor.catch_up_split.remote(shard)
+    done = await actor.settle.remote(after, ())
+    assert shard in done["adopted"] and shard in done["unfenced"]
+    assert (await actor.get_placement.remote()).shards == 5
+    for e in entities:
+        found = await actor.inspect.remote(f"{e}::s::0", [after.shard_of(e)], False, 0)
+        assert found is not None and found["shard"] == after.shard_of(e)
+    moved = next(e for e in entities if after.shard_of(e) == 4)
+    await actor.ingest.remote([item(after, moved, f"{moved}::s::1", "written after the split")])
+    assert not list((data / "shards").glob("*.split"))
