@@ -306,6 +306,18 @@ async def test_the_size_policy_splits_the_largest_primary_over_max_shard_bytes(t
     await authority._split_largest()
     assert asked == [2]
 
+    authority.recovering = False  # (no node brought the placement: this one is the cluster's)
+    authority.max_shard_bytes, authority.SPLIT_CHECK_S = 1000, 0.02  # on its own, from the first call
+    await authority.summary()
+    for _ in range(200):
+        if len(asked) > 1:
+            break
+        await asyncio.sleep(0.01)
+    assert asked[1] == 2
+    authority._size_policy.cancel()
+    if authority._watcher is not None:
+        authority._watcher.cancel()
+
 
 async def test_a_split_saved_by_an_authority_that_then_stopped_is_finished_by_the_next_one(node):
     """The authority saved the split and stopped before the node swapped the halves in: the next

@@ -121,7 +121,9 @@ class PlacementAuthority(MoveDriver, SplitDriver, Failover, AutoBalance):
         return self._placement
 
     def _ensure_watching(self) -> None:
-        """The watcher runs from the first call (a restarted authority has no joins to wait for)."""
+        """The watcher runs from the first call (a restarted authority has no joins to wait for),
+        and so does the size policy (node.control.splitting), in `tellodb serve` too."""
+        self._ensure_size_policy()
         if (self.movable or self._placement.replication > 1) and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 

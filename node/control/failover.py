@@ -30,7 +30,6 @@ class Failover:
             if time.monotonic() - self._looked_for > self.LOOK_EVERY_S and self._expected() - set(self.joined):
                 self._looked_for = time.monotonic()
                 await self._look_for_running_nodes()
-            self._split_by_size()  # max_shard_bytes (node.control.splitting)
             names = list(self.joined)
             results = await asyncio.gather(*(self._ping(n) for n in names))
             now = time.monotonic()

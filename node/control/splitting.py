@@ -14,9 +14,9 @@ both halves are short of and places the new shard where the balance wants it (in
 cluster; `tellodb serve` keeps it on P). A failure before the save rolls back: P drops the halves,
 s is unfenced; s is as before.
 
-Size policy (`max_shard_bytes`, 0: off): the watcher asks the nodes for their shards' sizes every
-`SPLIT_CHECK_S` and splits the largest primary over the limit, one at a time, when nothing else
-moves.
+Size policy (`max_shard_bytes`, 0: off): a task of its own (the nodes' stats must not delay the
+failover watcher's pings) asks the nodes for their shards' sizes every `SPLIT_CHECK_S` and splits
+the largest primary over the limit, one at a time, when nothing else moves.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ SPLIT_CHECK_S = 30.0  # how often the size policy asks the nodes for their shard
 
 class SplitDriver:
     max_shard_bytes = 0
-    _split_checked = 0.0  # monotonic time of the size policy's last look
-    _size_check: asyncio.Task | None = None
+    SPLIT_CHECK_S = SPLIT_CHECK_S
+    _size_policy: asyncio.Task | None = None
 
     def _busy(self) -> bool:
         return self._rebalance is not None and not self._rebalance.done()
@@ -140,14 +140,19 @@ class SplitDriver:
                     sizes[int(s)] = int(info.get("bytes", 0))
         return sizes
 
-    def _split_by_size(self) -> None:
-        """The size policy, from the watcher: every SPLIT_CHECK_S, a look at the shards' sizes (a task
-        of its own: the nodes' stats must not delay the pings)."""
-        if not self.max_shard_bytes or self.recovering or self._busy() or \
-                time.monotonic() - self._split_checked < SPLIT_CHECK_S:
-            return
-        self._split_checked = time.monotonic()
-        self._size_check = asyncio.get_running_loop().create_task(self._split_largest())
+    def _ensure_size_policy(self) -> None:
+        if self.max_shard_bytes and (self._size_policy is None or self._size_policy.done()):
+            self._size_policy = asyncio.get_running_loop().create_task(self._watch_sizes())
+
+    async def _watch_sizes(self) -> None:
+        while True:
+            await asyncio.sleep(self.SPLIT_CHECK_S)
+            if self.recovering or self._busy():
+                continue
+            try:
+                await self._split_largest()
+            except Exception as exc:  # a node that does not answer: the next look
+                log.warning("the size policy's look at the shards failed: %s", exc)
 
     async def _split_largest(self) -> None:
         """Split the largest primary over `max_shard_bytes`, if nothing moves meanwhile."""
