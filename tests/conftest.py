@@ -204,6 +204,23 @@ def cluster_status(cluster, url: str) -> dict:
     return json.loads(done.stdout)
 
 
+def write_fixed(client, entities: list[str], texts: list[str]) -> None:
+    """Each entity's memories `<entity>::fixed::<j>`, one per text, for `fixed_answers` to read back."""
+    for e in entities:
+        for j, text in enumerate(texts):
+            client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
+
+
+def check_load(client, load, least: int = 50) -> None:
+    """No request of a loadtest.mixed_load.MixedLoad failed, more than `least` writes and reads ran,
+    and every write it had acknowledged reads back the same."""
+    assert load.errors == [], load.errors[:5]
+    assert load.count("write") > least and load.count("read") > least
+    for memory_id, (entity, text) in load.acked.items():
+        found = client.inspect_memory(memory_id)
+        assert found["entity_id"] == entity and found["textual_content"] == text
+
+
 def fixed_answers(client, entities: list[str]) -> dict[str, list[str]]:
     """Each entity's top answers, and one query over every entity (a fan-out to every node)."""
     found = {e: [h.memory_id for h in client.query("what does this user do", entity_id=e, top_k=3)] for e in entities}

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from tellodb import TellodbClient
 
-from conftest import API_KEY, cluster_status, fixed_answers
+from conftest import API_KEY, cluster_status, check_load, fixed_answers, write_fixed
 from loadtest.local_cluster import LocalCluster
 from loadtest.mixed_load import MixedLoad
 from node.control.placement import Placement
@@ -45,9 +45,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     c.start_nodes(["n1", "n2", "n3"])
     r1, r2 = c.start_routers(2)
     client = TellodbClient.from_cloud(base_url=r1.url, api_key=API_KEY)
-    for i, e in enumerate(FIXED):
-        for j, text in enumerate(FIXED_TEXTS):
-            client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
+    write_fixed(client, FIXED, FIXED_TEXTS)
     before = fixed_answers(client, FIXED)
     assert len(before["*"]) == len(FIXED) and all("::fixed::1" in m for m in before["*"])
     first = cluster_status(c, r1.url)
@@ -87,11 +85,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     for node in ("n1", "n3", "n4"):
         assert shard_files(c, node) <= set(final["members"][node]["shards"])
 
-    assert load.errors == [], load.errors[:5]
-    assert load.count("write") > 50 and load.count("read") > 50
-    for memory_id, (entity, text) in load.acked.items():
-        found = client.inspect_memory(memory_id)
-        assert found["entity_id"] == entity and found["textual_content"] == text
+    check_load(client, load)
     assert fixed_answers(client, FIXED) == before
     moves = [m for m in final["history"] if m["state"] == "done"]
     assert len(moves) == len(moved) + len(after_add["members"]["n2"]["shards"])

@@ -11,7 +11,7 @@ import time
 
 from tellodb import TellodbClient
 
-from conftest import API_KEY, cluster_status, fixed_answers
+from conftest import API_KEY, cluster_status, fixed_answers, write_fixed
 from loadtest.local_cluster import LocalCluster
 from loadtest.mixed_load import MixedLoad
 
@@ -42,9 +42,7 @@ def test_a_killed_node_loses_no_acknowledged_write_and_catches_up(replicated):
     c.start_nodes(["n1", "n2", "n3"])
     r1, r2 = c.start_routers(2)
     client = TellodbClient.from_cloud(base_url=r1.url, api_key=API_KEY)
-    for e in FIXED:
-        for j, text in enumerate(FIXED_TEXTS):
-            client.ingest(entity_id=e, text=f"{e} {text}", memory_id=f"{e}::fixed::{j}", timestamp=1_700_000_000_000 + j)
+    write_fixed(client, FIXED, FIXED_TEXTS)
     before = fixed_answers(client, FIXED)
     first = wait_fully_replicated(c, r1.url)
     assert first["replication"] == 2 and all(len(copies) == 2 for copies in first["replicas"])
