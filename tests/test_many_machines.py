@@ -1,7 +1,8 @@
 """One engine over many machines, simulated on this one: a `tellodb head`, `tellodb node`s with their
 own data directories and `tellodb router`s, each a separate process tree with its own Ray node.
-A node is added and another removed while mixed load runs through two routers, one of which is
-killed half-way; clients of the other see no error, and every acknowledged write is still there.
+A node is added, a shard split, and another node removed while mixed load runs through two
+routers, one of which is killed half-way; clients of the other see no error, and every
+acknowledged write is still there.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
         assert (c.root / "n4" / "shards" / f"{s:04d}" / "store.sqlite3").exists()
         assert s not in shard_files(c, first["owner"][s])
 
+    # a shard splits in two while both routers carry the load; the new shard is placed by the balance
+    split = c.cli("cluster", "split", "3", "--url", r2.url, "--key", API_KEY)
+    assert split.returncode == 0, split.stderr
+    after_split = cluster_status(c, r1.url)
+    assert after_split["shards"] == 17 and not after_split["moving"] and not after_split["error"]
+    [entry] = [h for h in after_split["history"] if h.get("split")]
+    assert (entry["shard"], entry["child"], entry["state"]) == (3, 16, "done") and entry["fence_ms"] >= 0
+    assert sorted(Counter(after_split["owner"]).values()) == [4, 4, 4, 5]
+    for router in (r1, r2):  # both route by the split placement: each memory once in a global query
+        c2 = TellodbClient.from_cloud(base_url=router.url, api_key=API_KEY)
+        assert sorted(h.memory_id for h in c2.query("who plays the cello", top_k=len(FIXED))) == before["*"]
+    time.sleep(2)
+    moved_before_removal = [m for m in after_split["history"] if m["state"] == "done" and not m.get("split")]
+
     # one router dies mid-load; the other's clients go on undisturbed
     load.stop_router(r2.url)
     c.kill(r2.name)
@@ -80,15 +95,16 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
 
     final = cluster_status(c, r1.url)
     assert "n2" not in final["nodes"] and "n2" not in final["owner"] and not final["moving"]
-    assert final["epoch"] > after_add["epoch"] > first["epoch"]
+    assert final["epoch"] > after_split["epoch"] > after_add["epoch"] > first["epoch"]
     assert shard_files(c, "n2") == set()  # drained: its shard folders are gone
     for node in ("n1", "n3", "n4"):
         assert shard_files(c, node) <= set(final["members"][node]["shards"])
 
     check_load(client, load)
     assert fixed_answers(client, FIXED) == before
-    moves = [m for m in final["history"] if m["state"] == "done"]
-    assert len(moves) == len(moved) + len(after_add["members"]["n2"]["shards"])
+    moves = [m for m in final["history"] if m["state"] == "done" and not m.get("split")]
+    assert len(moved_before_removal) >= len(moved)
+    assert len(moves) == len(moved_before_removal) + len(after_split["members"]["n2"]["shards"])
     assert all(m["fence_ms"] >= 0 for m in moves)
 
 
