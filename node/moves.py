@@ -198,7 +198,7 @@ class Moves:
         finally:
             await peer.drop_snapshot.remote(snap["id"])
         self._alive(inc)
-        await in_thread(_replace_folder, staging, shards.root(shard))
+        await in_thread(replace_folder, staging, shards.root(shard))
         inc.replica.store = await shards.run(shards.open_store, shard)
         self._alive(inc)
         return int(snap["bytes"])
@@ -297,7 +297,7 @@ def _sync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _replace_folder(staging: Path, final: Path) -> None:
+def replace_folder(staging: Path, final: Path) -> None:
     """Put the complete copy where the shard lives, replacing a stale one."""
     shutil.rmtree(final, ignore_errors=True)
     os.rename(staging, final)

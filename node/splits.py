@@ -36,7 +36,7 @@ from typing import Any, Callable
 import node.store.changelog as changelog
 from node.control.placement import Placement
 from node.errors import NodeError
-from node.moves import fresh_folder, in_thread
+from node.moves import fresh_folder, in_thread, replace_folder
 from node.replica import Replica, ReplicaState
 from node.shard_set import ShardSet
 from node.store import ShardStore
@@ -238,5 +238,4 @@ def _write_marker(folder: Path, marker: dict) -> None:
 def _replace_folder(staging: Path, final: Path) -> None:
     """Put the half where its shard lives (the shard's whole copy, or a stale folder, goes)."""
     (staging / COMPLETE).unlink(missing_ok=True)
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    replace_folder(staging, final)

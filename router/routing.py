@@ -66,9 +66,7 @@ class Routing:
 
     async def execute(self, shard: int, work: Work[T], *, read: bool = False) -> T:
         """`work(node)` on the node of `shard` (its primary; for a read, a live copy), retried."""
-        if read:
-            return await self._retrying(lambda: self._read(shard, work))
-        return await self._retrying(lambda: work(self.nodes[self.placement.node_of_shard(shard)]))
+        return await self._located(lambda _: shard, lambda node, _: work(node), read)
 
     async def for_entity(self, entity_id: str, work: ShardWork[T], *, read: bool = False) -> T:
         """`work(node, shard)` on the node of the entity's shard, the shard found again at every

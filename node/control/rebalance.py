@@ -25,6 +25,11 @@ log = logging.getLogger("tellodb")
 HANDOVER_ROUNDS = 3  # handover plans carried out before a rebalance that does not settle stops and says so
 
 
+def failure(exc: BaseException) -> str:
+    """What a failed move (or handover, or split) says in the status: the error's first line."""
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__
+
+
 class MoveDriver:
     def _start_rebalance(self) -> dict[str, Any]:
         if self._rebalance is None or self._rebalance.done():
@@ -133,7 +138,7 @@ class MoveDriver:
             move["fence_ms"] = round((time.perf_counter() - fenced) * 1000, 1) if fenced_primary else 0.0
             move["seq"] = seq
         except BaseException as exc:
-            move.update(state="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            move.update(state="failed", error=failure(exc))
             await self._roll_back(shard, primary_name, source, target, flipped)
             self._finish(move)
             raise
@@ -169,7 +174,7 @@ class MoveDriver:
             self._set(self._placement.with_primary(shard, target))
             await self._push()
         except BaseException as exc:
-            move.update(state="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            move.update(state="failed", error=failure(exc))
             raise
         finally:
             try:

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from node.control.errors import PlacementError
+from node.control.rebalance import failure
 
 log = logging.getLogger("tellodb")
 SPLIT_CHECK_S = 30.0  # how often the size policy asks the nodes for their shards' sizes
@@ -100,7 +101,7 @@ class SplitDriver:
             await primary.adopt_split.remote(shard, after)
             move["fence_ms"] = round((time.perf_counter() - fenced) * 1000, 1)
         except BaseException as exc:
-            move.update(state="failed", error=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__)
+            move.update(state="failed", error=failure(exc))
             if not saved:
                 for method in ("abort_split", "unfence"):
                     try:
