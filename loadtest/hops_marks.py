@@ -92,9 +92,9 @@ PATCHES = {  # module -> what to mark in it, right after it is imported
     "node.embedder": lambda m: (_wrap(m.BatchingEmbedder, "embed", "n.embed"),
                                 _wrap(m.BatchingEmbedder, "_timed_encode", "n.encode")),
     "node.store.search": lambda m: (_wrap(m.Search, "search", "n.search"),
-                                    _wrap(m.Search, "_dense_candidates", "n.dense"),
+                                    _wrap(m.Search, "dense", "n.dense"),
                                     _wrap(m.Search, "_bm25", "n.bm25"), _wrap(m.Search, "_slot_mates", "n.slots"),
-                                    _wrap(m.Search, "_score", "n.score"), _wrap(m, "apply_validity", "n.validity")),
+                                    _wrap(m.Search, "scored", "n.score"), _wrap(m, "apply_validity", "n.validity")),
     "node.store.vector_index": lambda m: _wrap(m.VectorIndex, "candidates", "n.hnsw"),
 }
 

@@ -34,6 +34,7 @@ def node_stats(node: Any) -> dict[str, Any]:
             "embedding_cache": node.embedder.cache.stats(),
             "vector_cache": {"mb": round(node.vector_cache.bytes / 2**20, 1), "hits": node.vector_cache.hits,
                              "misses": node.vector_cache.misses},
+            "node_index": node.searcher.index.stats(),
             "vector_indexes": node.index_budget.stats(), "memory_bytes": own_memory_bytes(),
             "query_seconds": round(node.query_seconds, 3),
             "index_yielded_seconds": round(node.store_thread.yielded_seconds, 3),  # chunks waiting for searches

@@ -46,15 +46,15 @@ from node.indexer import Indexer
 from node.moves import Moves
 from node.splits import Splits
 from node.names import Handles
-from node.ranking import RankingConfig, best_first, oldest_first
+from node.ranking import RankingConfig
 from node.records import Hits, IngestItem
 from node.replication import Replication
 from node.control.placement import Placement
 from node.shard_set import ShardSet
 from node.node_stats import node_stats
 from node.snapshots import Snapshots
+from node.spanning_search import NodeSearch
 from node.store import MemoryRecord, ShardStore, upsert_together
-from node.store.search import Stopwatch
 from node.store_thread import StoreThread
 from node.vector_cache import VectorCache
 from node.writer import GroupWriter
@@ -84,6 +84,7 @@ class Node(CopyCalls):
                                self.store_thread, self._open_store)
         self._keep_placement()
         self.vector_cache = VectorCache(config.vector_cache_mb << 20)
+        self.searcher = NodeSearch(self.copies, self.embedder.dimension)
         self.index_budget = IndexBudget(config.index_memory_mb << 20)
         self.reindexed = 0
         self.indexer = Indexer(name, self.store_thread, lambda: list(self.shards.values()), config.changelog_keep)
@@ -270,18 +271,8 @@ class Node(CopyCalls):
             stages["embed"] = time.perf_counter() - started
 
         def search() -> Hits:
-            hits: list[dict[str, Any]] = []
-            readable = self.copies.readable(shards)
-            for s in readable:
-                store = self.copies.store(s)
-                if text is not None:
-                    hits.extend(store.search(vector, text, entity_id, limit, window, prefixes, len(readable), stages))
-                else:
-                    clock = Stopwatch(stages)
-                    hits.extend(store.in_window(entity_id, window, limit, prefixes))
-                    clock.lap("storage")
-            hits.sort(key=oldest_first if text is None else best_first)
-            return Hits(hits[:limit], stages)
+            return Hits(self.searcher.search(self.copies.readable(shards), vector, text, entity_id, limit, window,
+                                             prefixes, stages), stages)
 
         try:
             return await self.copies.run(search, busy="search")
@@ -439,6 +430,7 @@ class Node(CopyCalls):
             for halves in self.splits.pending.values():
                 for store in halves.stores.values():
                     store.close()
+            self.searcher.close()
 
         await self.copies.run(close_all)
         self.store_thread.shutdown()

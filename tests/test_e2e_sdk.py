@@ -424,8 +424,14 @@ def test_sdk_time_graph_analytics_and_erase(make_server):
     assert stats["facts_current"] >= 1 and stats["facts_stale"] >= 1 and stats["measurements"] == 2
     assert c.get_profile()["memories"] == 5
 
+    # Without an entity every node answers from its node index: current after writes, and erases.
+    assert c.query("Seattle", top_k=3)[0].textual_content == "I moved to Seattle"
+    c.ingest(entity_id="user:noa", text="Noa keeps bees in Tromso", timestamp=t0)
+    assert c.query("bees in Tromso", top_k=1)[0].textual_content == "Noa keeps bees in Tromso"
+
     assert client_post(server, "/entity/erase", {"entity_id": me})["memories"] == 5
     assert c.query("Seattle", entity_id=me, top_k=5) == []
+    assert [h.textual_content for h in c.query("Seattle Austin books coffee", top_k=10)] == ["Noa keeps bees in Tromso"]
     assert c.graph_query(me, user_id=me)["edges"] == []
     assert c.analytics_query(me, "money_usd")["count"] == 0
     assert c.temporal_query(entity_id=me) == []

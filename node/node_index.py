@@ -1,0 +1,158 @@
+"""A node's index over all the shards it holds, for queries that span them (no `entity_id`).
+
+Two halves, each a job of its own: the lexicon (node/lexicon.py: both FTS documents of every
+memory, in one in-memory FTS5 table each) and the node's vectors (node/node_vectors.py: 8-bit
+codes scanned in one pass). This module keeps both current with the shards, without touching the
+write path:
+  - a shard is loaded whole the first time a spanning query reads it, and again whenever its
+    `ShardStore` object changed (a copy that arrived, the half of a split, a restored snapshot: a
+    new file means a new store);
+  - from its loading on, TEMP triggers on the shard's connection note every row of `memories`
+    inserted, deleted or changed (with its session and turn, whose neighbours' windows change too)
+    in a TEMP table; before each spanning query those rows, and the windows of their session
+    neighbours, are read again from the shard. A note is written in the same transaction as the
+    write, so a write rolled back leaves none; triggers and notes die with the connection;
+  - a shard no longer held here is dropped.
+It is derived state, in memory only and never written to disk: an erase deletes the rows from it as
+from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 1 KB
+each: docs/ops/sizing.md); a node over that searches shard by shard. All of this runs on the node's
+store thread, like every other SQLite call, so no write interleaves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from node.lexicon import TABLES, Lexicon
+from node.node_vectors import NodeVectors
+from node.store.shard import ShardStore
+
+RELOAD_SHARE = 0.25  # more noted rows than this share of a shard (or 64): load it whole again
+
+_NOTES = "node_index_notes"
+_TRIGGERS = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_NOTES} (rowid INTEGER, entity_id TEXT, session_id TEXT, turn_index INTEGER);
+CREATE TEMP TRIGGER IF NOT EXISTS node_index_ai AFTER INSERT ON main.memories BEGIN
+    INSERT INTO {_NOTES} VALUES (new.rowid, new.entity_id, new.session_id, new.turn_index);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS node_index_ad AFTER DELETE ON main.memories BEGIN
+    INSERT INTO {_NOTES} VALUES (old.rowid, old.entity_id, old.session_id, old.turn_index);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS node_index_au
+    AFTER UPDATE OF entity_id, entity_token, session_id, turn_index, created_at_ms, textual_content, vector
+    ON main.memories BEGIN
+    INSERT INTO {_NOTES} VALUES (old.rowid, old.entity_id, old.session_id, old.turn_index);
+    INSERT INTO {_NOTES} VALUES (new.rowid, new.entity_id, new.session_id, new.turn_index);
+END;
+"""
+# What the index reads from a shard: each memory's text and vector, and its window document.
+_MEMORIES = "SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector FROM memories m"
+_WINDOWS = ("SELECT w.rowid, m.entity_id, m.created_at_ms, w.entity_token, w.window_text "
+            "FROM windows_fts w JOIN memories m ON m.rowid = w.rowid")
+
+
+class NodeIndex:
+    def __init__(self, dimension: int) -> None:
+        self.lexicon = Lexicon()
+        self.vectors = NodeVectors(dimension)
+        self._loaded: dict[int, ShardStore] = {}  # shard -> the store its rows were read from
+        self.rows = 0  # memories held
+        self.loads = 0  # shards loaded whole
+        self.refreshed = 0  # rows read again after a write
+
+    @property
+    def shards(self) -> set[int]:
+        return set(self._loaded)
+
+    def sync(self, wanted: dict[int, ShardStore], held: dict[int, ShardStore], max_rows: int,
+             load_rows: int | None = None) -> bool:
+        """Bring the shards of `wanted` (shard -> store) in, or up to date; drop the shards no longer
+        `held` here, or held through another store. True when all of `wanted` are in and the index
+        holds at most `max_rows` memories. Past 1.25 times that (its shards grew) it lets every
+        shard go and loads again what fits. `load_rows`: load whole shards of at most about that
+        many memories in all in this call (one at least), so that no query waits for a whole node
+        to load: the next calls load the rest."""
+        for shard in [s for s, store in self._loaded.items() if held.get(s) is not store]:
+            self._drop(shard)
+        if self.rows > max_rows * 1.25:
+            for shard in list(self._loaded):
+                self._drop(shard)
+        complete, loaded = True, 0
+        for shard, store in wanted.items():
+            if shard in self._loaded:
+                self._refresh(shard, store)
+                continue
+            rows = store.entity_count(None) if complete else 0
+            if complete and self.rows + rows <= max_rows and (load_rows is None or not loaded or loaded + rows <= load_rows):
+                self._load(shard, store)
+                loaded += rows
+            else:
+                complete = False
+        return complete and self.rows <= max_rows
+
+    def stats(self) -> dict[str, Any]:
+        return {"memories": self.rows, "shards": len(self._loaded), "lexicon_mb": round(self.lexicon.nbytes / 2**20, 1),
+                "vectors_mb": round(self.vectors.nbytes / 2**20, 1), "loads": self.loads,
+                "rows_read_again": self.refreshed}
+
+    def close(self) -> None:
+        self.lexicon.db.close()
+
+    def _load(self, shard: int, store: ShardStore) -> None:
+        store.db.executescript(_TRIGGERS)
+        store.db.execute(f"DELETE FROM temp.{_NOTES}")
+        memories = store.db.execute(_MEMORIES).fetchall()
+        self.lexicon.insert(TABLES[0], shard, memories)
+        self.lexicon.insert(TABLES[1], shard, store.db.execute(_WINDOWS).fetchall())
+        self.vectors.put(shard, [(r[0], r[2], r[5]) for r in memories])
+        self._loaded[shard] = store
+        self.rows += len(memories)
+        self.loads += 1
+
+    def _drop(self, shard: int) -> None:
+        self.lexicon.delete_shard(shard)
+        self.rows -= len(self.vectors.segments[shard].rowids)
+        self.vectors.drop(shard)
+        store = self._loaded.pop(shard)
+        try:
+            store.db.execute(f"DELETE FROM temp.{_NOTES}")
+        except sqlite3.ProgrammingError:  # a closed store: its triggers and notes went with its connection
+            pass
+
+    def _refresh(self, shard: int, store: ShardStore) -> None:
+        """Read again the rows written since the last sync, and the windows their writes changed."""
+        db = store.db
+        noted = db.execute(f"SELECT rowid, entity_id, session_id, turn_index FROM temp.{_NOTES}").fetchall()
+        if not noted:
+            return
+        db.execute(f"DELETE FROM temp.{_NOTES}")
+        if len(noted) > max(64, RELOAD_SHARE * len(self.vectors.segments[shard].rowids)):
+            self._drop(shard)
+            self._load(shard, store)
+            return
+        changed = sorted({r[0] for r in noted})
+        radius = store.ranking.window_radius
+        windows = set(changed)
+        for entity, session, turn in {tuple(r[1:]) for r in noted if r[3] is not None and radius > 0}:
+            windows.update(x[0] for x in db.execute(
+                "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
+                (entity, session, turn - radius, turn + radius)))
+        targets = sorted(windows)
+        memories = _rows(db, _MEMORIES, "m.rowid", targets)
+        self.lexicon.delete(shard, targets)
+        self.lexicon.insert(TABLES[0], shard, memories)
+        self.lexicon.insert(TABLES[1], shard, _rows(db, _WINDOWS, "w.rowid", targets))
+        written = set(changed)
+        before = len(self.vectors.segments[shard].rowids)
+        self.vectors.update(shard, changed, [(r[0], r[2], r[5]) for r in memories if r[0] in written])
+        self.rows += len(self.vectors.segments[shard].rowids) - before
+        self.refreshed += len(windows)
+
+
+def _rows(db: sqlite3.Connection, sql: str, column: str, rowids: list[int]) -> list:
+    out: list = []
+    for i in range(0, len(rowids), 900):
+        chunk = rowids[i:i + 900]
+        out += db.execute(f"{sql} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+    return out

@@ -1,0 +1,148 @@
+"""A query over many shards of one node (no `entity_id`) at about the cost of a query of one.
+
+Searching each shard on its own costs a count, two FTS5 MATCH evaluations, a scoring pass and a
+hydration per shard, so a query without an entity grew with the shard count (docs/benchmarks.md).
+Here the node searches its shards as one collection through its node index (node/node_index.py),
+with the same signals and rules as a shard's search (node/store/search.py), in one store-thread turn:
+  - dense: the node's 8-bit vectors (node/node_vectors.py) propose the nearest 2 x `pool` of all its
+    memories in one scan. A query scoped to entity prefixes, or of at most NODE_EXACT_SCAN memories,
+    scans exactly instead: each shard proposes its nearest `pool` (its cached matrix, or its HNSW
+    index), and the node keeps the `pool` nearest of those scanned exactly;
+  - lexical: the node's lexicon (node/lexicon.py) proposes the best `pool` of each FTS table over
+    all the shards at once, and gives every candidate its BM25 over the node's rows;
+  - each shard with candidates scores them (cosine, both BM25s normalised by the node's best,
+    recency, fact validity over that shard's candidates, as a shard's own search does), the node
+    keeps the best `limit` of all, and only their shards read them in full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from node.facts import asked_predicates, asks_about_the_past
+from node.lexicon import TABLES
+from node.node_index import NodeIndex
+from node.ranking import Candidate, best_first, fts_match_expression, oldest_first
+from node.store.scope import Scope, Window
+from node.store.search import Stopwatch
+from node.store.shard import ShardStore
+from node.shard_set import ShardSet
+from node.tuning import LEXICAL_SCAN, NODE_EXACT_SCAN, NODE_INDEX_LOAD_ROWS, NODE_INDEX_ROWS
+
+
+class NodeSearch:
+    """A node's searches over the shards it holds: one shard's, or many through the lexicon."""
+
+    def __init__(self, copies: ShardSet, dimension: int) -> None:
+        self.copies = copies
+        self.index = NodeIndex(dimension)
+
+    def search(self, shards: list[int], vector: np.ndarray | None, text: str | None, entity_id: str | None,
+               limit: int, window: Window, prefixes: tuple[str, ...] | None,
+               stages: dict[str, float]) -> list[dict[str, Any]]:
+        """Hits from `shards` (readable copies here), best first; without `text`, the window's
+        memories oldest first. On the store thread."""
+        if text is not None and entity_id is None and len(shards) > 1:
+            wanted = {s: self.copies.store(s) for s in shards}
+            if self.index.sync(wanted, self.copies.stores, NODE_INDEX_ROWS, NODE_INDEX_LOAD_ROWS):
+                return search_shards(self.index, wanted, vector, text, limit, window, prefixes, stages)
+        hits: list[dict[str, Any]] = []
+        for s in shards:
+            store = self.copies.store(s)
+            if text is not None:
+                hits.extend(store.search(vector, text, entity_id, limit, window, prefixes, len(shards), stages))
+            else:
+                clock = Stopwatch(stages)
+                hits.extend(store.in_window(entity_id, window, limit, prefixes))
+                clock.lap("storage")
+        hits.sort(key=oldest_first if text is None else best_first)
+        return hits[:limit]
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector: np.ndarray, query_text: str,
+                  limit: int, window: Window = None, prefixes: tuple[str, ...] | None = None,
+                  stages: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """The best `limit` memories of `stores` (shard -> store, all current in `index`) for the query,
+    best first: exactly min(limit, memories in scope) of them."""
+    clock = Stopwatch(stages)
+    scope = Scope.of(None, window, prefixes)
+    where, args = scope.sql()
+    in_scope = {s: (store.entity_count(None) if scope.every_row else
+                    store.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
+                for s, store in stores.items()}
+    want = min(limit, sum(in_scope.values()))
+    if want == 0:
+        return []
+    ranking = next(iter(stores.values())).ranking
+    pool = max(limit, ranking.candidate_pool)
+    clock.lap("storage")
+
+    candidates: dict[int, set[int]] = {s: set() for s in stores}
+    if not scope.prefixes and sum(in_scope.values()) > NODE_EXACT_SCAN:
+        for s, rowids in index.vectors.nearest(query_vector, list(stores), 2 * pool, scope).items():
+            candidates[s].update(rowids)
+    else:
+        _exact_dense(stores, in_scope, query_vector, scope, pool, candidates)
+    clock.lap("ann")
+
+    lexical: list[dict[int, dict[int, float]]] = [{s: {} for s in stores} for _ in TABLES]
+    best_of = [0.0 for _ in TABLES]
+    match = fts_match_expression(query_text)
+    if match is not None:
+        for t, table in enumerate(TABLES):
+            scores = index.lexicon.match(table, match, scope, stores, set(stores) == index.shards,
+                                         max(pool, LEXICAL_SCAN))
+            for n, ((s, rowid), score) in enumerate(scores.items()):
+                lexical[t][s][rowid] = score
+                if n < pool:
+                    candidates[s].add(rowid)
+            best_of[t] = max(scores.values(), default=0.0)
+    clock.lap("fts")
+
+    if sum(map(len, candidates.values())) < want:  # the safety net of a shard's search, over the node
+        for s, store in stores.items():
+            candidates[s].update(r[0] for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
+
+    past, asked = asks_about_the_past(query_text), asked_predicates(query_text)
+    scored: list[tuple[Candidate, int]] = []
+    for s, rowids in candidates.items():
+        if rowids:
+            scored += [(c, s) for c in stores[s].searcher.scored(
+                sorted(rowids), query_vector, lexical[0][s], lexical[1][s], best_of[0], best_of[1],
+                scope.end_ms, past, asked)]
+    scored.sort(key=lambda cs: cs[0].rank_key())
+    best = scored[:want]
+    clock.lap("fuse")
+
+    by_shard: dict[int, list[Candidate]] = {}
+    for c, s in best:
+        by_shard.setdefault(s, []).append(c)
+    full = {(s, hit["memory_id"]): hit for s, cs in by_shard.items() for hit in stores[s].searcher.hydrate(cs)}
+    hits = [full[(s, c.memory_id)] for c, s in best]
+    clock.lap("hydrate")
+    return hits
+
+
+def _exact_dense(stores: dict[int, ShardStore], in_scope: dict[int, int], query_vector: np.ndarray, scope: Scope,
+                 pool: int, candidates: dict[int, set[int]]) -> None:
+    """Each shard's nearest `pool` into `candidates`; of those scanned exactly, only the `pool` nearest of all."""
+    exact: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for s, store in stores.items():
+        if in_scope[s]:
+            rowids, cosines = store.searcher.dense(query_vector, scope, in_scope[s], pool)
+            if cosines is None:
+                candidates[s].update(rowids.tolist())  # HNSW's proposals: no exact cosine to rank them by
+            elif len(rowids):
+                exact.append((s, rowids, cosines))
+    if exact:
+        cosines = np.concatenate([c for _, _, c in exact])
+        owners = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r, _ in exact])
+        rowids = np.concatenate([r for _, r, _ in exact])
+        k = min(pool, len(cosines))
+        for i in np.argpartition(-cosines, k - 1)[:k].tolist():
+            candidates[int(owners[i])].add(int(rowids[i]))

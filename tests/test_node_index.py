@@ -1,0 +1,193 @@
+"""A node's index over its shards (node/node_index.py: the lexicon and the 8-bit vectors) and the
+search that spans them (node/spanning_search.py), on real SQLite, Chroma, ONNX Runtime and the model."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from loadtest.texts import sentence
+import node.spanning_search
+from node.lexicon import SHARD_BITS
+from node.node_index import NodeIndex
+from node.node_vectors import SCORES_MODEL, quantize
+from node.spanning_search import search_shards
+from node.store.scope import Scope
+from node.store import MemoryRecord
+
+ENTITIES = [f"user-{i}" for i in range(8)]
+QUERIES = ["garden tomatoes in the morning", "train tickets to the coast", "what did she cook for dinner",
+           "the old piano lessons", "music", "zzzz nothing matches this"]
+
+
+@pytest.fixture(scope="module")
+def data(embedder):
+    """240 memories: 8 entities, each 3 sessions of 10 turns, texts over a Zipf vocabulary."""
+    rng = random.Random(11)
+    texts = [sentence(rng, i) for i in range(240)]
+    vectors = embedder.encode(texts)
+    out = []
+    for i, (text, vector) in enumerate(zip(texts, vectors)):
+        entity, session, turn = ENTITIES[i % 8], f"s{i // 8 % 3}", i // 24
+        out.append(MemoryRecord(f"{entity}::{session}::{turn}", entity, session, turn, 1_000 + i, "conversation",
+                                text, (), vector))
+    return out
+
+
+def spread(make_store, records, shards: int) -> dict:
+    """The records over `shards` stores, each entity on one (as placement does)."""
+    stores = {s: make_store(shard_id=s) for s in range(shards)}
+    for s, store in stores.items():
+        store.upsert([r for r in records if ENTITIES.index(r.entity_id) % shards == s])
+    return stores
+
+
+def same(hits, others) -> bool:
+    """The same memories in the same order, similarities equal but for float32 rounding."""
+    return ([h["memory_id"] for h in hits] == [h["memory_id"] for h in others]
+            and all(abs(a["similarity"] - b["similarity"]) < 1e-6 for a, b in zip(hits, others)))
+
+
+def test_a_search_over_shards_answers_as_one_shard_holding_them_all(make_store, embedder, data):
+    """Over the node's rows, BM25 is one shard's holding them all, and the dense pool is the nearest
+    of all: the same hits, in the same order, with the same similarities, for every scope."""
+    whole = make_store(shard_id=99)
+    whole.upsert(data)
+    stores = spread(make_store, data, 4)
+    index = NodeIndex(embedder.dimension)
+    assert index.sync(stores, stores, max_rows=10_000)
+    assert index.rows == len(data) and index.loads == 4
+    for text in QUERIES:
+        vector = embedder.encode([text])[0]
+        for limit, window, prefixes in [(10, None, None), (50, None, None), (5, (1_040, 1_180), None),
+                                        (10, None, ("user-1", "user-6")), (300, (1_100, None), ("user-2",))]:
+            alone = whole.search(vector, text, None, limit, window, prefixes)
+            spanning = search_shards(index, stores, vector, text, limit, window, prefixes)
+            assert same(spanning, alone), (text, limit, window, prefixes)
+            assert len(spanning) == min(limit, sum(1 for r in data if (window is None or (
+                r.created_at_ms >= window[0] and (window[1] is None or r.created_at_ms <= window[1])))
+                and (prefixes is None or r.entity_id.startswith(prefixes))))
+
+
+def contents(index: NodeIndex, shard: int) -> tuple[set, set, set]:
+    """What the index holds of a shard: (rowid, text) of both lexicon tables, (rowid, codes) of its vectors."""
+    low, high = shard << SHARD_BITS, (shard + 1 << SHARD_BITS) - 1
+    lexical = tuple({(r & ((1 << SHARD_BITS) - 1), text) for r, text in index.lexicon.db.execute(
+        f"SELECT rowid, text FROM {table} WHERE rowid BETWEEN ? AND ?", (low, high))} for table in ("turns", "windows"))
+    seg = index.vectors.segments.get(shard)
+    vectors = set() if seg is None else {(r, c.tobytes()) for r, c in zip(seg.rowids.tolist(), seg.codes)}
+    return (*lexical, vectors)
+
+
+def on_disk(store) -> tuple[set, set, set]:
+    rows = store.db.execute("SELECT rowid, textual_content, vector FROM memories").fetchall()
+    codes = quantize(np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1))[0]
+    return ({(r[0], r[1]) for r in rows},
+            {tuple(r) for r in store.db.execute("SELECT rowid, window_text FROM windows_fts")},
+            {(r[0], c.tobytes()) for r, c in zip(rows, codes)})
+
+
+def test_the_index_follows_every_write(make_store, embedder, data):
+    stores = spread(make_store, data, 3)
+    index = NodeIndex(embedder.dimension)
+    assert index.sync(stores, stores, 10_000)
+    s0, s1 = stores[0], stores[1]
+
+    def check():
+        assert index.sync(stores, stores, 10_000)
+        for s, store in stores.items():
+            assert contents(index, s) == on_disk(store), s
+        assert index.rows == sum(store.entity_count(None) for store in stores.values())
+
+    check()
+    loads = index.loads
+    # A turn in the middle of a session: its neighbours' windows change too.
+    first = next(r for r in data if ENTITIES.index(r.entity_id) % 3 == 0)
+    vector = embedder.encode(["a new turn about saxophones"])[0]
+    s0.upsert([MemoryRecord(f"{first.entity_id}::{first.session_id}::new", first.entity_id, first.session_id,
+                            first.turn_index, 5_000, "conversation", "a new turn about saxophones", (), vector)])
+    check()
+    # The same id written again with other words; a delete; an erase.
+    s0.upsert([MemoryRecord(first.memory_id, first.entity_id, first.session_id, first.turn_index, 5_001,
+                            "conversation", "rewritten about violins", (), vector)])
+    assert s1.delete(next(r.memory_id for r in data if ENTITIES.index(r.entity_id) % 3 == 1))
+    check()
+    erased = ENTITIES[2]
+    assert stores[2].erase(erased)["memories"] > 0
+    check()
+    assert not [t for t in contents(index, 2)[0] if erased in t[1]]
+    assert index.loads == loads  # all of that was read row by row, not by loading shards again
+    # Indexing the vectors (an UPDATE of `indexed`) changes no text: nothing to read again.
+    refreshed = index.refreshed
+    for store in stores.values():
+        store.index_pending()
+    check()
+    assert index.refreshed == refreshed
+    # A shard held through another store (a copy that arrived) is loaded again; one not held, dropped.
+    stores[1] = make_store(shard_id=1, root=s1.root.parent / "shard-1-copy")
+    stores[1].upsert(data[:3])
+    del stores[2]
+    check()
+    assert contents(index, 2) == (set(), set(), set())
+
+
+def test_a_node_over_the_budget_is_told(make_store, embedder, data):
+    stores = spread(make_store, data, 4)
+    index = NodeIndex(embedder.dimension)
+    assert not index.sync(stores, stores, max_rows=100)  # 60 a shard: one fits
+    assert index.rows <= 100
+    assert index.sync({0: stores[0]}, stores, max_rows=100)
+    # A node that fits loads a bounded share per call (one shard at least), so no query waits for all.
+    index = NodeIndex(embedder.dimension)
+    for calls in range(1, 5):
+        done = index.sync(stores, stores, max_rows=10_000, load_rows=100)
+        assert index.loads == calls and done == (calls == 4)
+    assert index.rows == len(data)
+
+
+def test_the_8_bit_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeypatch):
+    """Twice the pool proposed from the codes holds the exact nearest `pool`, for embeddings and for
+    random unit vectors; so a search over the codes finds every hit the exact scan finds, or better."""
+    stores = spread(make_store, data, 4)
+    index = NodeIndex(embedder.dimension)
+    assert index.sync(stores, stores, 10_000)
+    rng = np.random.default_rng(5)
+    matrix = np.stack([r.vector for r in data])
+    rowid_of = {r["memory_id"]: (s, r["rowid"]) for s, store in stores.items()
+                for r in store.db.execute("SELECT rowid, memory_id FROM memories")}
+    keys = [rowid_of[r.memory_id] for r in data]
+    queries = list(embedder.encode(QUERIES)) + list(rng.standard_normal((20, matrix.shape[1])).astype(np.float32))
+    for q in queries:
+        q = q / np.linalg.norm(q)
+        exact = {keys[i] for i in np.argsort(-(matrix @ q))[:32]}
+        proposed = {(s, r) for s, rowids in index.vectors.nearest(q, list(stores), 64, Scope()).items() for r in rowids}
+        assert len(proposed) == 64 and exact <= proposed
+    # random unit vectors in many rows: the hardest case for an approximation
+    big = make_store(shard_id=7)
+    vectors = rng.standard_normal((3000, matrix.shape[1])).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    big.upsert([MemoryRecord(f"r::s::{i}", "r", "s", i, i, None, f"row {i}", (), v) for i, v in enumerate(vectors)])
+    index.sync({7: big}, {**stores, 7: big}, 10_000)
+    for q in vectors[:20] + 0.3 * rng.standard_normal((20, matrix.shape[1])).astype(np.float32):
+        q = q / np.linalg.norm(q)
+        exact = set((np.argsort(-(vectors @ q))[:64] + 1).tolist())  # rowids start at 1
+        assert exact <= set(index.vectors.nearest(q, [7], 128, Scope())[7])
+    assert index.sync(stores, stores, 10_000) and index.shards == set(stores)  # 7 is not held any more: dropped
+    monkeypatch.setattr(node.spanning_search, "NODE_EXACT_SCAN", 0)
+    whole = make_store(shard_id=99)
+    whole.upsert(data)
+    for text, q in zip(QUERIES, embedder.encode(QUERIES)):
+        alone = whole.search(q, text, None, 10)
+        spanning = search_shards(index, stores, q, text, 10)
+        assert len(spanning) == 10
+        assert all(a["similarity"] >= b["similarity"] - 1e-6 for a, b in zip(spanning, alone)), text
+
+
+def test_the_scoring_model_is_one_matmul_integer():
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load_from_string(SCORES_MODEL)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
+    assert [i.name for i in model.graph.input] == ["codes", "query", "zero"]
