@@ -65,6 +65,10 @@ class NodeIndex:
     def shards(self) -> set[int]:
         return set(self._loaded)
 
+    def memories(self, shard: int) -> int:
+        """How many memories a shard loaded here holds (current after `sync`)."""
+        return len(self.vectors.segments[shard].rowids)
+
     def sync(self, wanted: dict[int, ShardStore], held: dict[int, ShardStore], max_rows: int,
              load_rows: int | None = None) -> bool:
         """Bring the shards of `wanted` (shard -> store) in, or up to date; drop the shards no longer
@@ -112,7 +116,7 @@ class NodeIndex:
 
     def _drop(self, shard: int) -> None:
         self.lexicon.delete_shard(shard)
-        self.rows -= len(self.vectors.segments[shard].rowids)
+        self.rows -= self.memories(shard)
         self.vectors.drop(shard)
         store = self._loaded.pop(shard)
         try:
@@ -127,7 +131,7 @@ class NodeIndex:
         if not noted:
             return
         db.execute(f"DELETE FROM temp.{_NOTES}")
-        if len(noted) > max(64, RELOAD_SHARE * len(self.vectors.segments[shard].rowids)):
+        if len(noted) > max(64, RELOAD_SHARE * self.memories(shard)):
             self._drop(shard)
             self._load(shard, store)
             return
@@ -144,9 +148,9 @@ class NodeIndex:
         self.lexicon.insert(TABLES[0], shard, memories)
         self.lexicon.insert(TABLES[1], shard, _rows(db, _WINDOWS, "w.rowid", targets))
         written = set(changed)
-        before = len(self.vectors.segments[shard].rowids)
+        before = self.memories(shard)
         self.vectors.update(shard, changed, [(r[0], r[2], r[5]) for r in memories if r[0] in written])
-        self.rows += len(self.vectors.segments[shard].rowids) - before
+        self.rows += self.memories(shard) - before
         self.refreshed += len(windows)
 
 

@@ -31,6 +31,7 @@ SCORES_MODEL = (
     b'\x12\x11\n\x0f\x08\x03\x12\x0b\n\x05\x12\x03dim\n\x02\x08\x01Z\x0e\n\x04zero\x12\x06\n\x04\x08\x02\x12\x00b'
     b'\x1c\n\x06scores\x12\x12\n\x10\x08\x06\x12\x0c\n\x06\x12\x04rows\n\x02\x08\x01B\x04\n\x00\x10\r')
 ZERO = np.array(128, dtype=np.uint8)
+BLOCK_ROWS = 4096  # rows scanned per ONNX Runtime call, about: small shards' segments are joined up to it
 
 
 class Segment(NamedTuple):
@@ -62,10 +63,24 @@ def segment(rows: list, dimension: int) -> Segment:
                    codes, scales)
 
 
+class Block(NamedTuple):
+    """Consecutive shards' segments joined for one scan: `owners` says whose each row is."""
+
+    owners: np.ndarray  # int64 shard of each row
+    segment: Segment
+
+
+def join(shards: tuple[int, ...], segments: dict[int, Segment]) -> Block:
+    parts = [segments[s] for s in shards]
+    return Block(np.concatenate([np.full(len(p.rowids), s, dtype=np.int64) for s, p in zip(shards, parts)]),
+                 Segment(*(np.concatenate(column) for column in zip(*parts))))
+
+
 class NodeVectors:
     def __init__(self, dimension: int) -> None:
         self.dimension = dimension
         self.segments: dict[int, Segment] = {}
+        self._blocks: dict[tuple[int, ...], Block] = {}  # joined segments, by their shards
         self._session: ort.InferenceSession | None = None
 
     @property
@@ -75,6 +90,7 @@ class NodeVectors:
     def put(self, shard: int, rows: list) -> None:
         """A shard's whole segment: `rows` are (rowid, created_at_ms, vector bytes)."""
         self.segments[shard] = segment(rows, self.dimension)
+        self._changed(shard)
 
     def update(self, shard: int, gone: list[int], rows: list) -> None:
         """Remove the rows of `gone` from a shard's segment, then add `rows` (as they are now)."""
@@ -84,9 +100,33 @@ class NodeVectors:
         if rows:
             parts = [np.concatenate([part, added]) for part, added in zip(parts, segment(rows, self.dimension))]
         self.segments[shard] = Segment(*parts)
+        self._changed(shard)
 
     def drop(self, shard: int) -> None:
         self.segments.pop(shard, None)
+        self._changed(shard)
+
+    def _changed(self, shard: int) -> None:
+        for key in [key for key in self._blocks if shard in key]:
+            del self._blocks[key]
+
+    def blocks(self, shards: list[int]) -> list[Block]:
+        """`shards`' segments in blocks of about BLOCK_ROWS rows (a larger segment alone), joined
+        ones kept until one of their shards changes; blocks of other groupings are let go."""
+        groups: list[tuple[int, ...]] = []
+        group: list[int] = []
+        rows = 0
+        for shard in sorted(shards):
+            group.append(shard)
+            rows += len(self.segments[shard].rowids)
+            if rows >= BLOCK_ROWS:
+                groups.append(tuple(group))
+                group, rows = [], 0
+        if group:
+            groups.append(tuple(group))
+        blocks = {key: self._blocks.get(key) or join(key, self.segments) for key in groups}
+        self._blocks = blocks
+        return list(blocks.values())
 
     def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
         """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their codes,
@@ -96,13 +136,13 @@ class NodeVectors:
         query = np.clip(np.rint(q / top * 127.0), -127, 127).astype(np.int8).reshape(-1, 1)
         session = self._scorer()
         owners, rowids, scores = [], [], []
-        for shard in shards:
-            seg = self.segments[shard]
+        for block in self.blocks(shards):
+            seg = block.segment
             if not len(seg.rowids):
                 continue
             found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
             inside = None if scope.timeless else scope.mask(seg.created_at_ms)
-            owners.append(np.full(len(seg.rowids) if inside is None else int(inside.sum()), shard, dtype=np.int64))
+            owners.append(block.owners if inside is None else block.owners[inside])
             rowids.append(seg.rowids if inside is None else seg.rowids[inside])
             scores.append(found if inside is None else found[inside])
         if not scores:

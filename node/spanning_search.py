@@ -72,7 +72,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     clock = Stopwatch(stages)
     scope = Scope.of(None, window, prefixes)
     where, args = scope.sql()
-    in_scope = {s: (store.entity_count(None) if scope.every_row else
+    in_scope = {s: (index.memories(s) if scope.every_row else
                     store.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
                 for s, store in stores.items()}
     want = min(limit, sum(in_scope.values()))

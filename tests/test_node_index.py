@@ -100,6 +100,9 @@ def test_the_index_follows_every_write(make_store, embedder, data):
         for s, store in stores.items():
             assert contents(index, s) == on_disk(store), s
         assert index.rows == sum(store.entity_count(None) for store in stores.values())
+        scanned = {(o, r) for b in index.vectors.blocks(list(stores)) for o, r in zip(b.owners.tolist(),
+                                                                                    b.segment.rowids.tolist())}
+        assert scanned == {(s, r) for s in stores for r in index.vectors.segments[s].rowids.tolist()}
 
     check()
     loads = index.loads
