@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tellodb import TellodbClient
@@ -114,6 +115,22 @@ class MixedLoad:
                 self._record(url, "read", started, None)
             if self.pause_s:
                 time.sleep(self.pause_s)
+
+    def missing(self, url: str, threads: int = 4) -> list[str]:
+        """The acknowledged writes that do not read back through `url` as written (entity and text),
+        read `threads` at a time, each thread with its own SDK client."""
+        local = threading.local()
+
+        def differs(item: tuple[str, tuple[str, str]]) -> bool:
+            if not hasattr(local, "client"):
+                local.client = TellodbClient.from_cloud(base_url=url, api_key=self.api_key, timeout=60)
+            memory_id, (entity, text) = item
+            found = local.client.inspect_memory(memory_id) or {}
+            return (found.get("entity_id"), found.get("textual_content")) != (entity, text)
+
+        items = sorted(self.acked.items())
+        with ThreadPoolExecutor(threads) as pool:
+            return [memory_id for (memory_id, _), bad in zip(items, pool.map(differs, items)) if bad]
 
     def count(self, kind: str) -> int:
         return sum(len(v) for (u, k), v in self.latencies.items() if k == kind)

@@ -119,7 +119,7 @@ async def test_metrics_open_and_complete(api):
     # each node process's own memory, and its HNSW indexes' share (index_memory_mb)
     memory = re.findall(r'^tellodb_node_memory_bytes\{node="(node-\d+)"\} (\S+)$', text, re.M)
     assert {n for n, _ in memory} == {"node-0", "node-1"} and min(float(v) for _, v in memory) > 50 * 2**20
-    for name in ("tellodb_node_index_memory_bytes", "tellodb_node_index_loads"):
+    for name in ("tellodb_node_index_memory_bytes", "tellodb_node_index_loads", "tellodb_node_spanning_index_bytes"):
         assert {n for n in re.findall(rf'^{name}\{{node="(node-\d+)"\}} \S+$', text, re.M)} == {"node-0", "node-1"}
 
 

@@ -100,7 +100,7 @@ def test_nodes_join_and_leave_under_load_without_a_client_error(local_cluster):
     for node in ("n1", "n3", "n4"):
         assert shard_files(c, node) <= set(final["members"][node]["shards"])
 
-    check_load(client, load)
+    check_load(r1.url, load)
     assert fixed_answers(client, FIXED) == before
     moves = [m for m in final["history"] if m["state"] == "done" and not m.get("split")]
     assert len(moved_before_removal) >= len(moved)
