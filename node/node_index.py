@@ -32,6 +32,7 @@ RELOAD_SHARE = 0.25  # more noted rows than this share of a shard (or 64): load 
 
 _NOTES = "node_index_notes"
 _TRIGGERS = f"""
+PRAGMA temp_store = MEMORY;  -- the notes (ids of rows written, of erased ones too) stay off the disk
 CREATE TEMP TABLE IF NOT EXISTS {_NOTES} (rowid INTEGER, entity_id TEXT, session_id TEXT, turn_index INTEGER);
 CREATE TEMP TRIGGER IF NOT EXISTS node_index_ai AFTER INSERT ON main.memories BEGIN
     INSERT INTO {_NOTES} VALUES (new.rowid, new.entity_id, new.session_id, new.turn_index);

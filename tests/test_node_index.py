@@ -105,6 +105,7 @@ def test_the_index_follows_every_write(make_store, embedder, data):
         assert scanned == {(s, r) for s in stores for r in index.vectors.segments[s].rowids.tolist()}
 
     check()
+    assert {store.db.execute("PRAGMA temp_store").fetchone()[0] for store in stores.values()} == {2}  # notes in memory
     loads = index.loads
     # A turn in the middle of a session: its neighbours' windows change too.
     first = next(r for r in data if ENTITIES.index(r.entity_id) % 3 == 0)
