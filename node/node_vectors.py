@@ -124,9 +124,19 @@ class NodeVectors:
                 group, rows = [], 0
         if group:
             groups.append(tuple(group))
-        blocks = {key: self._blocks.get(key) or join(key, self.segments) for key in groups}
+        blocks = {key: self._blocks.get(key) or self._join(key) for key in groups}
         self._blocks = blocks
         return list(blocks.values())
+
+    def _join(self, shards: tuple[int, ...]) -> Block:
+        """A block of `shards`' segments; each segment becomes a view of it, so rows are held once."""
+        block = join(shards, self.segments)
+        start = 0
+        for shard in shards:
+            end = start + len(self.segments[shard].rowids)
+            self.segments[shard] = Segment(*(column[start:end] for column in block.segment))
+            start = end
+        return block
 
     def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
         """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their codes,

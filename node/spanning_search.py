@@ -13,6 +13,10 @@ with the same signals and rules as a shard's search (node/store/search.py), in o
   - each shard with candidates scores them (cosine, both BM25s normalised by the node's best,
     recency, fact validity over that shard's candidates, as a shard's own search does), the node
     keeps the best `limit` of all, and only their shards read them in full.
+A query of one shard (an entity's), without text, or on a node whose index is over its budget
+(NODE_INDEX_ROWS) or still loading searches shard by shard and merges (`NodeSearch.search`). The
+index loads lazily, the shards of at most NODE_INDEX_LOAD_ROWS memories per query (about 0.5 s),
+so the first queries after a start are answered the old way while it fills, and none waits for all.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from node.tuning import LEXICAL_SCAN, NODE_EXACT_SCAN, NODE_INDEX_LOAD_ROWS, NOD
 
 
 class NodeSearch:
-    """A node's searches over the shards it holds: one shard's, or many through the lexicon."""
+    """A node's searches over the shards it holds: one shard's, or many through the node index."""
 
     def __init__(self, copies: ShardSet, dimension: int) -> None:
         self.copies = copies
