@@ -186,8 +186,8 @@ class Search:
         rows = self.db.execute("SELECT rowid, created_at_ms, vector FROM memories" +
                                ("" if entity_id is WHOLE_SHARD else " WHERE entity_id = ?"),
                                () if entity_id is WHOLE_SHARD else (entity_id,)).fetchall()
-        # A copy, not a view of the joined bytes: numpy aligns its own arrays, and a product over an
-        # aligned matrix is about 30% faster (docs/benchmarks.md, global queries).
+        # A copy, not a view of the joined bytes: numpy aligns its own arrays, and products over an
+        # aligned matrix are faster (docs/benchmarks.md, "A node index").
         entry = EntityVectors(
             np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
             np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), self.dimension).copy())
