@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--tag", help="entity name prefix (default: new per run); reuse one to query an earlier preload")
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before recording starts")
     ap.add_argument("--no-limit", action="store_true", help="do not measure the raw embedder limit")
+    ap.add_argument("--limit-backend", help="the raw limit's backend (default: the engine's); torch is issue 22's "
+                    "yardstick for batch ingest")
     ap.add_argument("--baseline", action="store_true",
                     help="also run the scenario against a single-process Chroma service with the same embedder "
                          "(loadtest/baseline_chroma.py) and report the ratios")
@@ -93,7 +95,7 @@ def main() -> None:
     limit = None
     if not args.no_limit:
         log("measuring the raw embedder limit of this machine")
-        limit = embedder_limit(args.backend or "onnx")
+        limit = embedder_limit(args.limit_backend or args.backend or "onnx")
         log(f"  {limit['batch32_per_second']} texts/s in batches of 32, single p50 {limit['single_p50_ms']} ms")
     with Engine(args) as engine:
         result = asyncio.run(run(engine.base, args.key, args.scenario, args.duration, args.concurrency, args.batch,
