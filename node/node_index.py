@@ -27,6 +27,7 @@ from typing import Any
 from node.lexicon import TABLES, Lexicon
 from node.node_vectors import NodeVectors
 from node.store.shard import ShardStore
+from node.store.windows import session_neighbours
 
 RELOAD_SHARE = 0.25  # more noted rows than this share of a shard (or 64): load it whole again
 
@@ -58,13 +59,17 @@ class NodeIndex:
         self.lexicon = Lexicon()
         self.vectors = NodeVectors(dimension)
         self._loaded: dict[int, ShardStore] = {}  # shard -> the store its rows were read from
-        self.rows = 0  # memories held
         self.loads = 0  # shards loaded whole
         self.refreshed = 0  # rows read again after a write
 
     @property
     def shards(self) -> set[int]:
         return set(self._loaded)
+
+    @property
+    def rows(self) -> int:
+        """Memories held: each loaded shard's segment has a row per memory."""
+        return sum(map(self.memories, self._loaded))
 
     def memories(self, shard: int) -> int:
         """How many memories a shard loaded here holds (current after `sync`)."""
@@ -112,12 +117,10 @@ class NodeIndex:
         self.lexicon.insert(TABLES[1], shard, store.db.execute(_WINDOWS).fetchall())
         self.vectors.put(shard, [(r[0], r[2], r[5]) for r in memories])
         self._loaded[shard] = store
-        self.rows += len(memories)
         self.loads += 1
 
     def _drop(self, shard: int) -> None:
         self.lexicon.delete_shard(shard)
-        self.rows -= self.memories(shard)
         self.vectors.drop(shard)
         store = self._loaded.pop(shard)
         try:
@@ -137,21 +140,16 @@ class NodeIndex:
             self._load(shard, store)
             return
         changed = sorted({r[0] for r in noted})
-        radius = store.ranking.window_radius
         windows = set(changed)
-        for entity, session, turn in {tuple(r[1:]) for r in noted if r[3] is not None and radius > 0}:
-            windows.update(x[0] for x in db.execute(
-                "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
-                (entity, session, turn - radius, turn + radius)))
+        for entity, session, turn in {tuple(r[1:]) for r in noted}:
+            windows.update(session_neighbours(db, store.ranking.window_radius, entity, session, turn))
         targets = sorted(windows)
         memories = _rows(db, _MEMORIES, "m.rowid", targets)
         self.lexicon.delete(shard, targets)
         self.lexicon.insert(TABLES[0], shard, memories)
         self.lexicon.insert(TABLES[1], shard, _rows(db, _WINDOWS, "w.rowid", targets))
         written = set(changed)
-        before = self.memories(shard)
         self.vectors.update(shard, changed, [(r[0], r[2], r[5]) for r in memories if r[0] in written])
-        self.rows += self.memories(shard) - before
         self.refreshed += len(windows)
 
 

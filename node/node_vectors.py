@@ -63,6 +63,19 @@ def segment(rows: list, dimension: int) -> Segment:
                    codes, scales)
 
 
+def best_by_shard(owners: list[np.ndarray], rowids: list[np.ndarray], scores: list[np.ndarray],
+                  k: int) -> dict[int, list[int]]:
+    """The `k` best-scored rows of all the parts (each part: a shard per row, rowids, scores), by shard."""
+    if not scores:
+        return {}
+    every = np.concatenate(scores)
+    keep = np.argpartition(-every, k - 1)[:k] if len(every) > k else np.arange(len(every))
+    out: dict[int, list[int]] = {}
+    for shard, rowid in zip(np.concatenate(owners)[keep].tolist(), np.concatenate(rowids)[keep].tolist()):
+        out.setdefault(shard, []).append(rowid)
+    return out
+
+
 class Block(NamedTuple):
     """Consecutive shards' segments joined for one scan: `owners` says whose each row is."""
 
@@ -155,14 +168,7 @@ class NodeVectors:
             owners.append(block.owners if inside is None else block.owners[inside])
             rowids.append(seg.rowids if inside is None else seg.rowids[inside])
             scores.append(found if inside is None else found[inside])
-        if not scores:
-            return {}
-        all_scores = np.concatenate(scores)
-        keep = np.argpartition(-all_scores, k - 1)[:k] if len(all_scores) > k else np.arange(len(all_scores))
-        out: dict[int, list[int]] = {}
-        for shard, rowid in zip(np.concatenate(owners)[keep].tolist(), np.concatenate(rowids)[keep].tolist()):
-            out.setdefault(shard, []).append(rowid)
-        return out
+        return best_by_shard(owners, rowids, scores, k)
 
     def _scorer(self) -> ort.InferenceSession:
         if self._session is None:

@@ -28,6 +28,7 @@ import numpy as np
 from node.facts import asked_predicates, asks_about_the_past
 from node.lexicon import TABLES
 from node.node_index import NodeIndex
+from node.node_vectors import best_by_shard
 from node.ranking import Candidate, best_first, fts_match_expression, oldest_first
 from node.store.scope import Scope, Window
 from node.store.search import Stopwatch
@@ -135,18 +136,15 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
 def _exact_dense(stores: dict[int, ShardStore], in_scope: dict[int, int], query_vector: np.ndarray, scope: Scope,
                  pool: int, candidates: dict[int, set[int]]) -> None:
     """Each shard's nearest `pool` into `candidates`; of those scanned exactly, only the `pool` nearest of all."""
-    exact: list[tuple[int, np.ndarray, np.ndarray]] = []
+    owners, rowids, cosines = [], [], []
     for s, store in stores.items():
         if in_scope[s]:
-            rowids, cosines = store.searcher.dense(query_vector, scope, in_scope[s], pool)
-            if cosines is None:
-                candidates[s].update(rowids.tolist())  # HNSW's proposals: no exact cosine to rank them by
-            elif len(rowids):
-                exact.append((s, rowids, cosines))
-    if exact:
-        cosines = np.concatenate([c for _, _, c in exact])
-        owners = np.concatenate([np.full(len(r), s, dtype=np.int64) for s, r, _ in exact])
-        rowids = np.concatenate([r for _, r, _ in exact])
-        k = min(pool, len(cosines))
-        for i in np.argpartition(-cosines, k - 1)[:k].tolist():
-            candidates[int(owners[i])].add(int(rowids[i]))
+            found, exact = store.searcher.dense(query_vector, scope, in_scope[s], pool)
+            if exact is None:
+                candidates[s].update(found.tolist())  # HNSW's proposals: no exact cosine to rank them by
+            else:
+                owners.append(np.full(len(found), s, dtype=np.int64))
+                rowids.append(found)
+                cosines.append(exact)
+    for s, nearest in best_by_shard(owners, rowids, cosines, pool).items():
+        candidates[s].update(nearest)

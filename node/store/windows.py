@@ -35,11 +35,20 @@ def window_targets(db: sqlite3.Connection, radius: int, rowids: Iterable[int]) -
         targets.add(rowid)
         me = db.execute("SELECT entity_id, session_id, turn_index FROM memories WHERE rowid = ?",
                         (rowid,)).fetchone()
-        if radius > 0 and me is not None and me["turn_index"] is not None:
-            targets.update(x[0] for x in db.execute(
-                "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
-                (me["entity_id"], me["session_id"], me["turn_index"] - radius, me["turn_index"] + radius)))
+        if me is not None:
+            targets.update(session_neighbours(db, radius, me["entity_id"], me["session_id"], me["turn_index"]))
     return targets
+
+
+def session_neighbours(db: sqlite3.Connection, radius: int, entity_id: str, session_id: str,
+                       turn_index: int | None) -> list[int]:
+    """Rowids of the turns within `radius` of `turn_index` in the entity's session, as they are now
+    (none for a memory without a turn, or with windows off): whose windows a write at that turn alters."""
+    if radius <= 0 or turn_index is None:
+        return []
+    return [x[0] for x in db.execute(
+        "SELECT rowid FROM memories WHERE entity_id = ? AND session_id = ? AND turn_index BETWEEN ? AND ?",
+        (entity_id, session_id, turn_index - radius, turn_index + radius))]
 
 
 def rewrite_windows(db: sqlite3.Connection, radius: int, rowids: Iterable[int]) -> None:
