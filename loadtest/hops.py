@@ -208,7 +208,7 @@ class Client:
         r = self.conn.getresponse()
         answer = json.loads(r.read())
         received = time.perf_counter()
-        if r.status != 200:
+        if not 200 <= r.status < 300:  # /ingest/batch answers 201, as upstream
             raise SystemExit(f"{path} -> {r.status}: {answer}")
         return sent, received, answer
 
