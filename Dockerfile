@@ -30,7 +30,7 @@ RUN python -m venv /opt/tellodb \
 # The export (about 6 s), with its tokenizer and configs beside it: the runtime venv has neither
 # torch nor the model package, and finds the export by the model's name (node.onnx_embedder).
 WORKDIR /
-RUN /opt/export/bin/tellodb export-model --data-dir /seed --backend onnx
+RUN /opt/export/bin/tellodb export-model --data-dir /seed --backend onnx-w8
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 tellodb \

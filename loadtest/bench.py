@@ -135,7 +135,7 @@ def add_engine_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--url", default="http://127.0.0.1:3000", help="a running engine (ignored with --spawn)")
     ap.add_argument("--key", default=os.environ.get("TELLODB_API_KEY", "XXX1111AAA"))
     ap.add_argument("--spawn", action="store_true", help="start `tellodb serve` on a temporary data dir")
-    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-int8)")
+    ap.add_argument("--backend", help="embedding backend of the spawned engine (torch, onnx, onnx-w8, onnx-int8; default: the engine's, onnx-w8)")
     ap.add_argument("--out", help="write the JSON here as well as to stdout")
 
 

@@ -31,7 +31,7 @@ class TorchMissing(ConfigError):
 
     def __init__(self, module: str) -> None:
         super().__init__(f"embedding.backend: torch needs {module}, which is not installed: "
-                         "pip install 'tellodb-cluster[torch]', or use the default backend onnx (docs/guide/install.md#lean-install-no-torch)")
+                         "pip install 'tellodb-cluster[torch]', or use an ONNX backend, such as the default onnx-w8 (docs/guide/install.md#lean-install-no-torch)")
 
 
 class Embedder:
@@ -68,7 +68,7 @@ class Embedder:
 
 
 def load_embedder(model_path: str, backend: str, device: str, threads: int, data_dir: str):
-    """The embedder for a normalised backend name: `torch`, `onnx` or `onnx-int8`. `model_path`
+    """The embedder for a normalised backend name: `torch`, `onnx`, `onnx-w8` or `onnx-int8`. `model_path`
     is a sentence-transformers folder or an ONNX export folder (node.config.resolve_model_path).
     Raises a ConfigError naming the fix when this install lacks what the backend needs."""
     if backend == "torch":
@@ -93,13 +93,13 @@ def check_embedder(model: str, backend: str, data_dir: str) -> str:
                 raise TorchMissing(module)
         return model_path
     from node.model_files import is_export
-    from node.onnx_embedder import ModelNotExported, missing_export_tools, model_name, onnx_cache_dir
+    from node.onnx_embedder import ONNX_FILES, ModelNotExported, missing_export_tools, model_name, onnx_cache_dir
 
     out = Path(model_path) if is_export(model_path) else onnx_cache_dir(model_path, data_dir)
-    target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
+    target = out / ONNX_FILES[backend]
     missing = [] if target.exists() else missing_export_tools(backend, (out / "model.onnx").exists())
     if missing:
-        raise ModelNotExported(model_name(model_path), data_dir, missing)
+        raise ModelNotExported(model_name(model_path), data_dir, missing, (out / "model.onnx").exists())
     return model_path
 
 

@@ -1,15 +1,21 @@
 """The ONNX Runtime embedding path: export once, offline, from the local model; then run it.
 
-`export_onnx` turns the configured sentence-transformers folder into `model.onnx` (fp32) and,
-for `onnx-int8`, `model-int8.onnx` (dynamic per-channel int8 quantisation), cached under
+`export_onnx` turns the configured sentence-transformers folder into `model.onnx` (fp32, backend
+`onnx`) and from it the quantised file of the backend that asks for one, cached under
 `<data>/models/` and keyed by the model folder, so it is built once per data directory (by the
-first node to start, under a file lock) and never downloaded. Exporting needs the `torch` extra
-(torch, transformers, onnx); running does not: the export folder also gets the model's small
-files (tokenizer, pooling and sizes) and a `source.json` naming the model, so a node without
-torch nor the model package finds and runs it (node.model_files.find_export; docs/guide/install.md#lean-install-no-torch).
+first node to start, under a file lock) and never downloaded:
+  - `onnx-w8` (the default), `model-w8.onnx`: the matrix products' weights in 8 bits, a scale per
+    block of 128 (ONNX Runtime's MatMulNBits, int8 arithmetic): a quarter of the bytes a pass reads,
+    cosine 0.998 to fp32's vectors, and the same LoCoMo figures within half a point
+    (docs/benchmarks.md, "8-bit weights");
+  - `onnx-int8`, `model-int8.onnx`: dynamic per-channel int8 quantisation (cosine about 0.99).
+Exporting needs the `torch` extra (torch, transformers, onnx, onnx_ir); running does not: the
+export folder also gets the model's small files (tokenizer, pooling and sizes) and a `source.json`
+naming the model, so a node without torch nor the model package finds and runs it
+(node.model_files.find_export; docs/guide/install.md#lean-install-no-torch).
 `OnnxEmbedder` then embeds with onnxruntime and the model's own fast tokenizer, mean or CLS
 pooling as the model's `1_Pooling/config.json` says, and L2 normalisation: the same vectors as
-sentence-transformers (cosine 1.000 for fp32, about 0.99 for int8 on this model).
+sentence-transformers (cosine 1.000 for fp32).
 
 Memory (loadtest/results/serve-memory-2core.md): the export runs in a child process, so a node
 that exported on its first start does not keep torch (about 350 MiB) for its life; the session
@@ -41,20 +47,24 @@ from node.model_files import SOURCE, is_export
 from node.tuning import ONNX_CHUNK, TOKEN_BUDGET
 
 log = logging.getLogger("tellodb.embedder")
-ONNX_BACKENDS = ("onnx", "onnx-int8")
+ONNX_FILES = {"onnx": "model.onnx", "onnx-w8": "model-w8.onnx", "onnx-int8": "model-int8.onnx"}  # backend -> file
+ONNX_BACKENDS = tuple(ONNX_FILES)
+W8_BLOCK = 128  # weights per 8-bit scale in onnx-w8: 32 was a little closer to fp32 and 20% slower
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".onnx", ".msgpack", ".ot")  # not copied into an export
 
 
 class ModelNotExported(ConfigError):
     """The ONNX file is not in the data directory and this install cannot export it (no torch)."""
 
-    def __init__(self, model: str, data_dir: str, missing: list[str]) -> None:
+    def __init__(self, model: str, data_dir: str, missing: list[str], fp32_only: bool = False) -> None:
         models = Path(data_dir) / "models"
+        keep = (" Or set embedding.backend: onnx to run the fp32 export that is there (the default, onnx-w8, "
+                "is made from it at export time).") if fp32_only else ""
         super().__init__(
             f"embedding.model: the ONNX export of {model} is not in {models}/ and this install cannot make it "
             f"(missing: {', '.join(missing)}). Either install the export tools here: "
             f"pip install 'tellodb-cluster[torch]', or export on another machine with "
-            f"`tellodb export-model --data-dir DIR` and copy DIR/models/ to {models}/ (docs/guide/install.md#lean-install-no-torch)")
+            f"`tellodb export-model --data-dir DIR` and copy DIR/models/ to {models}/ (docs/guide/install.md#lean-install-no-torch).{keep}")
 
 
 def onnx_cache_dir(model_dir: str, data_dir: str) -> Path:
@@ -81,8 +91,10 @@ def model_name(model_dir: str | Path) -> str:
 def missing_export_tools(backend: str, fp32_done: bool) -> list[str]:
     """The Python packages an export still needs here (none when this install can export)."""
     needed = [] if fp32_done else ["torch", "transformers"]
-    if backend == "onnx-int8":
-        needed.append("onnx")  # onnxruntime's quantiser imports it
+    if backend != "onnx":
+        needed.append("onnx")  # onnxruntime's quantisers import it
+    if backend == "onnx-w8":
+        needed.append("onnx_ir")  # and its weight-only one this too
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
@@ -93,16 +105,16 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
     next to the file, so node actors starting together on one machine export once: the others
     wait for the lock, then find the file. `model_dir` may be an export folder itself (found by
     node.model_files.find_export); `model` is the configured name recorded in `source.json` (default: the folder).
-    Raises ModelNotExported when the file is missing and torch (or onnx, for int8) is not installed."""
+    Raises ModelNotExported when the file is missing and this install lacks the tools to make it."""
     out = Path(model_dir) if is_export(model_dir) else onnx_cache_dir(model_dir, data_dir)
     fp32 = out / "model.onnx"
-    target = out / ("model-int8.onnx" if backend == "onnx-int8" else "model.onnx")
+    target = out / ONNX_FILES[backend]
     if target.exists() and is_export(out):
         return target
     missing = missing_export_tools(backend, fp32.exists())
     model = model or model_name(model_dir)
     if missing and not target.exists():
-        raise ModelNotExported(model, data_dir, missing)
+        raise ModelNotExported(model, data_dir, missing, fp32.exists())
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "export.lock", "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
@@ -110,7 +122,7 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
             if not fp32.exists():
                 log.info("Exporting the embedding model to ONNX (once per data directory) path=%s", fp32)
             if target != fp32:
-                log.info("Quantising the embedding model to int8 path=%s", target)
+                log.info("Quantising the embedding model (%s) path=%s", backend, target)
             _in_child("_build", model_dir, str(out), backend)
         if out != Path(model_dir):
             _copy_model_files(model_dir, out, model)
@@ -130,18 +142,29 @@ def _in_child(function: str, *args: str) -> None:
 
 
 def _build(model_dir: str, folder: str, backend: str) -> None:
-    """(In a child process, under the export's lock.) Export, then quantise."""
+    """(In a child process, under the export's lock.) Export, then quantise for `backend`."""
     out = Path(folder)
     fp32 = out / "model.onnx"
     if not fp32.exists():
         _export_fp32(model_dir, fp32)
-    target = out / "model-int8.onnx"
-    if backend == "onnx-int8" and not target.exists():
+    target = out / ONNX_FILES[backend]
+    if target.exists():
+        return
+    tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
+    if backend == "onnx-int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        tmp = target.with_suffix(f".{os.getpid()}.tmp.onnx")
         quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-        os.replace(tmp, target)
+    elif backend == "onnx-w8":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger().setLevel(logging.WARNING)  # the quantiser logs every matrix it visits
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=W8_BLOCK, is_symmetric=True,
+                                         accuracy_level=4)  # 4: int8 arithmetic, the fast kernels
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+    os.replace(tmp, target)
 
 
 def mapped_model(onnx_path: Path) -> Path:

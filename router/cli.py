@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from node.config import ConfigError, load_config
+from node.config import EMBEDDING_BACKENDS, ConfigError, load_config
 from router import __version__, cluster_cli, datadir, ray_local, roles
 from router.serving import check_embedder, claim_data_dir, reserve_port, resolve_api_key, serve, setup_logging
 
@@ -26,7 +26,7 @@ def run_export_model(args: argparse.Namespace) -> int:
     """`tellodb export-model`: the ONNX export into <data_dir>/models/, made where torch is
     installed, so an install without it (an image's runtime stage, a Kubernetes pod) only copies it."""
     setup_logging()
-    from node.config import resolve_model_path
+    from node.config import EmbeddingConfig, normalized_backend, resolve_model_path
     from node.onnx_embedder import export_onnx
 
     env = dict(os.environ)
@@ -35,7 +35,9 @@ def run_export_model(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, env)
         model, data_dir = config.embedding.model, config.data_dir
-        path = export_onnx(resolve_model_path(model, data_dir), data_dir, args.backend, model)
+        configured = normalized_backend(config)
+        backend = args.backend or (configured if configured != "torch" else EmbeddingConfig().backend)
+        path = export_onnx(resolve_model_path(model, data_dir), data_dir, backend, model)
     except ConfigError as exc:
         print(f"tellodb export-model: {exc}", file=sys.stderr)
         return 2
@@ -203,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                        "(needs the torch extra; the engine then runs without it)")
     e.add_argument("--config", help="cluster.yaml to read (default: $TELLODB_CONFIG)")
     e.add_argument("--data-dir", help="data directory (default: the configuration's data_dir)")
-    e.add_argument("--backend", choices=("onnx", "onnx-int8"), default="onnx",
-                   help="onnx (fp32), or onnx-int8 (also the quantised file); default: %(default)s")
+    e.add_argument("--backend", choices=[b for b in EMBEDDING_BACKENDS if b != "torch"],
+                   help="onnx (fp32), onnx-w8 or onnx-int8 (fp32 and the quantised file); "
+                        "default: the configuration's embedding.backend (onnx-w8 unless set)")
     e.add_argument("--model", help="embedding model (default: the configuration's embedding.model)")
     roles.add_parsers(sub)
     cluster_cli.add_parser(sub)

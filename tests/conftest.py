@@ -187,11 +187,11 @@ async def api(aiohttp_client, cluster):
 def model_seed(tmp_path_factory):
     """A data directory holding the exported ONNX model, copied into each `tellodb node`'s (one export
     for every multi-node test, not one per node)."""
-    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.config import DEFAULT_MODEL, EmbeddingConfig, resolve_model_path
     from node.onnx_embedder import export_onnx
 
     seed = tmp_path_factory.mktemp("model-seed")
-    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
+    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), EmbeddingConfig().backend)
     return seed
 
 

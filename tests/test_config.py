@@ -40,6 +40,8 @@ def test_seed_backend_names_are_accepted():
     assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "ort"})) == "onnx"
     assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "candle"})) == "torch"
     assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "ONNX-INT8"})) == "onnx-int8"
+    assert normalized_backend(load_config(None, {})) == "onnx-w8"  # the default: 8-bit weights
+    assert normalized_backend(load_config(None, {"TEMPORAL_MEMORY_EMBEDDING_BACKEND": "onnx-fp32"})) == "onnx"
 
 
 def test_config_path_from_env(tmp_path):

@@ -438,12 +438,12 @@ class Pods:
 @pytest.fixture(scope="module")
 def model_export(tmp_path_factory) -> Path:
     """What the image's build puts in /data: the ONNX export (Dockerfile), made once here."""
-    from node.config import DEFAULT_MODEL, resolve_model_path
+    from node.config import DEFAULT_MODEL, EmbeddingConfig, resolve_model_path
     from node.onnx_embedder import export_onnx
 
     seed = tmp_path_factory.mktemp("image-data")
-    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), "onnx")
-    assert list((seed / "models").glob("*/model.onnx"))
+    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), EmbeddingConfig().backend)
+    assert list((seed / "models").glob("*/model-w8.onnx"))
     return seed
 
 

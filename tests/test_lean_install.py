@@ -107,6 +107,19 @@ def test_with_replicas_every_node_folder_needs_the_export(lean, exported, tmp_pa
     assert done.returncode == 2 and f"{data}/nodes/node-0/models/" in done.stderr, done.stderr
 
 
+def test_an_fp32_only_export_is_refused_naming_the_backend_that_runs_it(lean, exported, tmp_path):
+    """An export from before onnx-w8 was the default holds model.onnx only: the lean engine cannot
+    quantise it (no onnx), so it refuses to start and names `embedding.backend: onnx` too."""
+    data = tmp_path / "data"
+    shutil.copytree(exported, data / "models")
+    for made in (data / "models").glob("*/model-w8*"):
+        made.unlink()
+    done = run([lean / "tellodb", "serve", "--data-dir", data, "--port", free_port()], cwd=tmp_path,
+               env=lean_env(), timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "embedding.backend: onnx to run the fp32 export" in done.stderr and "onnx_ir" in done.stderr, done.stderr
+
+
 def test_an_export_made_elsewhere_serves_the_sdk(lean, exported, tmp_path, monkeypatch):
     """The export made where torch is, its models/ copied to a new data directory; `tellodb serve`
     of the lean venv (router, Ray, node actors: all without torch) serves the official SDK from
@@ -127,7 +140,7 @@ def test_an_export_made_elsewhere_serves_the_sdk(lean, exported, tmp_path, monke
         assert hits and "bees" in hits[0].textual_content
         assert hits[0].similarity > hits[-1].similarity
         log = server.log_text()
-        assert "backend=onnx" in log and "Exporting the embedding model" not in log
+        assert "backend=onnx-w8" in log and "Exporting the embedding model" not in log
         assert str(data / "models") in log  # the node ran the copied export
         assert server.stop() == 0
     finally:

@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("onnx-data"))
 
 
-@pytest.mark.parametrize("backend, min_cosine", [("onnx", 0.9999), ("onnx-int8", 0.97)])
+@pytest.mark.parametrize("backend, min_cosine", [("onnx", 0.9999), ("onnx-w8", 0.99), ("onnx-int8", 0.97)])
 def test_onnx_vectors_match_sentence_transformers(embedder, data_dir, backend, min_cosine):
     onnx = load_embedder(resolve_model_path(DEFAULT_MODEL), backend, "cpu", 1, data_dir)
     assert onnx.dimension == embedder.dimension
@@ -34,6 +34,22 @@ def test_onnx_vectors_match_sentence_transformers(embedder, data_dir, backend, m
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     assert (got * want).sum(axis=1).min() >= min_cosine
     assert onnx.encode([]).shape == (0, embedder.dimension)
+
+
+def test_the_default_backend_runs_8_bit_weights(data_dir):
+    """onnx-w8 (the default) is the fp32 export with every matrix product's weights in 8-bit blocks:
+    MatMulNBits nodes, no fp32 MatMul left with a constant weight (docs/benchmarks.md, "8-bit weights")."""
+    import onnx
+
+    from node.config import EmbeddingConfig
+
+    assert EmbeddingConfig().backend == "onnx-w8"
+    graph = onnx.load(str(export_onnx(resolve_model_path(DEFAULT_MODEL), data_dir, "onnx-w8"))).graph
+    constants = {i.name for i in graph.initializer}
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 36  # 6 layers x (4 attention + 2 feed-forward) products at least
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {8}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
 
 
 def test_export_is_cached_per_data_dir(data_dir):
