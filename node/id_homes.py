@@ -24,6 +24,7 @@ import sqlite3
 from typing import Iterable, NamedTuple, Protocol
 
 import node.store.changelog as changelog
+from node.store.schema import rows_in
 from node.store.transaction import Transaction
 
 
@@ -41,12 +42,9 @@ class Home(NamedTuple):
 def lookup(store: HomeTable, ids: Iterable[str]) -> dict[str, Home]:
     ids = list(ids)
     found: dict[str, Home] = {}
-    for i in range(0, len(ids), 900):
-        chunk = ids[i : i + 900]
-        for memory_id, shard, moving_from in store.db.execute(
-                f"SELECT memory_id, shard, moving_from FROM id_homes WHERE memory_id IN ({','.join('?' * len(chunk))})",
-                chunk):
-            found[memory_id] = Home(shard, moving_from)
+    for memory_id, shard, moving_from in rows_in(
+            store.db, "SELECT memory_id, shard, moving_from FROM id_homes WHERE memory_id IN ({marks})", ids):
+        found[memory_id] = Home(shard, moving_from)
     return found
 
 

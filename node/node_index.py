@@ -26,6 +26,7 @@ from typing import Any
 
 from node.lexicon import TABLES, Lexicon
 from node.node_vectors import NodeVectors
+from node.store.schema import rows_in
 from node.store.shard import ShardStore
 from node.store.windows import session_neighbours
 
@@ -154,8 +155,4 @@ class NodeIndex:
 
 
 def _rows(db: sqlite3.Connection, sql: str, column: str, rowids: list[int]) -> list:
-    out: list = []
-    for i in range(0, len(rowids), 900):
-        chunk = rowids[i:i + 900]
-        out += db.execute(f"{sql} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-    return out
+    return list(rows_in(db, f"{sql} WHERE {column} IN ({{marks}})", rowids))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from node.ranking import Candidate
+from node.store.schema import rows_in
 
 
 def drop_facts(db: sqlite3.Connection, memory_id: str) -> set[tuple[str, str]]:
@@ -45,12 +46,9 @@ def apply_validity(db: sqlite3.Connection, scored: list[Candidate], as_of: int |
     by_id = {c.memory_id: c for c in scored}
     facts: dict[str, list[tuple[str, int, int | None]]] = {}
     ids = list(by_id)
-    for i in range(0, len(ids), 900):
-        chunk = ids[i : i + 900]
-        for memory_id, slot, valid_from, valid_to in db.execute(
-                f"SELECT memory_id, slot, valid_from_ms, valid_to_ms FROM facts "
-                f"WHERE memory_id IN ({','.join('?' * len(chunk))})", chunk):
-            facts.setdefault(memory_id, []).append((slot, valid_from, valid_to))
+    for memory_id, slot, valid_from, valid_to in rows_in(
+            db, "SELECT memory_id, slot, valid_from_ms, valid_to_ms FROM facts WHERE memory_id IN ({marks})", ids):
+        facts.setdefault(memory_id, []).append((slot, valid_from, valid_to))
     if not facts:
         return
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import node.store.changelog as changelog
 from node.store.transaction import Transaction
@@ -106,6 +107,15 @@ END;
 # The FTS5 tables lexical search reads, each with its text column (see node/store/windows.py).
 LEXICAL_SOURCES = (("memories_fts", "textual_content"), ("windows_fts", "window_text"))
 MMAP_BYTES = 1 << 30  # address space per shard file; only pages read take memory
+IN_LIST = 900  # values bound in one `IN (...)`: under the 999 parameters of older SQLite builds
+
+
+def rows_in(db: sqlite3.Connection, sql: str, values: Sequence, before: Sequence = ()) -> Iterator:
+    """The rows of `sql` for `values`, IN_LIST at a time: its `{marks}` is where they go (an
+    `IN ({marks})`), after the parameters `before`."""
+    for i in range(0, len(values), IN_LIST):
+        chunk = list(values[i:i + IN_LIST])
+        yield from db.execute(sql.format(marks=",".join("?" * len(chunk))), (*before, *chunk))
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -19,7 +19,7 @@ from node.ids import entity_token
 from node.ranking import Candidate, RankingConfig, decay, fts_match_expression, fuse, lexical_score
 from node.store.fact_chains import apply_validity
 from node.store.records import MEMORY_COLUMNS, entity_count, row_to_memory
-from node.store.schema import LEXICAL_SOURCES
+from node.store.schema import LEXICAL_SOURCES, rows_in
 from node.store.scope import Scope, Window
 from node.store.vector_index import VectorIndex
 from node.tuning import EXACT_SCAN, LEXICAL_SCAN, SHARD_EXACT_SCAN
@@ -160,12 +160,9 @@ class Search:
         ids = self.index.candidates(q, min(pool, in_scope), scope)
         # Chroma may still hold an older copy of a row (see index_pending): keep only rows in scope.
         # (Filtered here, not in SQL: with the scope in the WHERE clause SQLite scans the entity.)
-        found: set[int] = set()
-        for i in range(0, len(ids), 900):
-            chunk = ids[i : i + 900]
-            found.update(rowid for rowid, entity, created in self.db.execute(
-                f"SELECT rowid, entity_id, created_at_ms FROM memories WHERE memory_id IN ({','.join('?' * len(chunk))})",
-                chunk) if scope.admits(entity, created))
+        found = {rowid for rowid, entity, created in rows_in(
+            self.db, "SELECT rowid, entity_id, created_at_ms FROM memories WHERE memory_id IN ({marks})", ids)
+            if scope.admits(entity, created)}
         return np.array(sorted(found), dtype=np.int64), None
 
     def _may_cache_shard(self, rows: int | None = None) -> bool:
@@ -197,16 +194,11 @@ class Search:
     def _slot_mates(self, entity_id: str, rowids: set[int], scope: Scope) -> set[int]:
         """Rowids of the memories (in scope) that state a fact for a slot one of `rowids` states."""
         where, args = scope.sql()
-        ids = sorted(rowids)
-        mates: set[int] = set()
-        for i in range(0, len(ids), 900):
-            chunk = ids[i : i + 900]
-            mates.update(r[0] for r in self.db.execute(
-                f"SELECT DISTINCT m.rowid FROM facts f JOIN memories m ON m.memory_id = f.memory_id "
-                f"WHERE f.entity_id = ? AND {where} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
-                f"ON m2.memory_id = f2.memory_id WHERE m2.rowid IN ({','.join('?' * len(chunk))})) LIMIT 1000",
-                (entity_id, *args, *chunk)))
-        return mates
+        return {r[0] for r in rows_in(
+            self.db, f"SELECT DISTINCT m.rowid FROM facts f JOIN memories m ON m.memory_id = f.memory_id "
+                     f"WHERE f.entity_id = ? AND {where} AND f.slot IN (SELECT f2.slot FROM facts f2 JOIN memories m2 "
+                     f"ON m2.memory_id = f2.memory_id WHERE m2.rowid IN ({{marks}})) LIMIT 1000",
+            sorted(rowids), (entity_id, *args))}
 
     def _bm25(self, table: str, column: str, match: str, scope: Scope, limit: int) -> dict[int, float]:
         """Positive BM25 scores (higher is better) of the best `limit` rows, best first."""
@@ -247,13 +239,9 @@ class Search:
         q = np.asarray(query_vector, dtype=np.float32)
         now = as_of if as_of is not None else int(time.time() * 1000)
         cfg = self.ranking
-        for i in range(0, len(rowids), 900):  # stay under SQLite's bound-parameter limit
-            chunk = rowids[i : i + 900]
-            rows = self.db.execute(
-                f"SELECT rowid, memory_id, created_at_ms, kind, vector FROM memories "
-                f"WHERE rowid IN ({','.join('?' * len(chunk))})", chunk).fetchall()
-            if not rows:
-                continue
+        rows = list(rows_in(self.db, "SELECT rowid, memory_id, created_at_ms, kind, vector FROM memories "
+                                     "WHERE rowid IN ({marks})", rowids))
+        if rows:
             cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
             for (rowid, memory_id, created, kind, _), cos in zip(rows, cosines.tolist()):
                 lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
