@@ -38,7 +38,7 @@ async def run_baseline(args: argparse.Namespace):
     port, tmp = free_port(), tempfile.mkdtemp(prefix="tellodb-baseline-")
     script = Path(__file__).resolve().parent / "baseline_chroma.py"
     proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--data", tmp, "--key", args.key,
-                             "--backend", args.backend or "onnx"], start_new_session=True,
+                             "--backend", args.baseline_backend], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -60,12 +60,13 @@ async def run_baseline(args: argparse.Namespace):
 
 
 def compare(engine: dict, baseline: dict) -> dict:
-    """Per operation: engine throughput / baseline throughput, engine p99 / baseline p99."""
+    """Per operation: engine throughput / baseline throughput, engine p50 and p99 / baseline's."""
     out = {}
     for op, e in engine["operations"].items():
         b = baseline["operations"].get(op)
         if b and b["items_per_second"] and b["latency_ms"]["p99"]:
             out[op] = {"throughput_ratio": round(e["items_per_second"] / b["items_per_second"], 2),
+                       "p50_ratio": round(e["latency_ms"]["p50"] / b["latency_ms"]["p50"], 2),
                        "p99_ratio": round(e["latency_ms"]["p99"] / b["latency_ms"]["p99"], 2)}
     return out
 
@@ -86,16 +87,21 @@ def main() -> None:
     ap.add_argument("--limit-backend", help="the raw limit's backend (default: the engine's); torch is issue 22's "
                     "yardstick for batch ingest")
     ap.add_argument("--baseline", action="store_true",
-                    help="also run the scenario against a single-process Chroma service with the same embedder "
+                    help="also run the scenario against a single-process Chroma service "
                          "(loadtest/baseline_chroma.py) and report the ratios")
+    ap.add_argument("--baseline-backend", default="torch",
+                    help="the baseline's embedder, all cores: torch (sentence-transformers, issue 22's hand-rolled "
+                         "peer; the default) or an ONNX backend (onnx: fp32 ONNX Runtime, a faster peer)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--name", help="report file name (default: <scenario>-<timestamp>)")
     args = ap.parse_args()
 
+    from node.config import EmbeddingConfig
+
     limit = None
     if not args.no_limit:
         log("measuring the raw embedder limit of this machine")
-        limit = embedder_limit(args.limit_backend or args.backend or "onnx")
+        limit = embedder_limit(args.limit_backend or args.backend or EmbeddingConfig().backend)
         log(f"  {limit['batch32_per_second']} texts/s in batches of 32, single p50 {limit['single_p50_ms']} ms")
     with Engine(args) as engine:
         result = asyncio.run(run(engine.base, args.key, args.scenario, args.duration, args.concurrency, args.batch,
@@ -111,7 +117,8 @@ def main() -> None:
                           "platform": platform.platform()},
               "embedder_limit": limit, "summary": summary, "ratios_to_limit": ratios(summary, limit), **stopped}
     if baseline is not None:
-        report["baseline"] = {"what": "one process, one Chroma collection, same embedder, no batching",
+        report["baseline"] = {"what": f"one process, one Chroma collection, embedder {args.baseline_backend} "
+                                      f"on all cores, no batching", "backend": args.baseline_backend,
                               "summary": baseline, "ratios_to_limit": ratios(baseline, limit),
                               "engine_over_baseline": compare(summary, baseline)}
     name = args.name or f"{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,5 +1,6 @@
-"""The baseline a team might hand-roll: one process, one Chroma collection, the same embedder,
-no batching, no lexical search. Serves the subset of the Tellodb API the load scenarios use
+"""The baseline a team might hand-roll: one process, one Chroma collection, sentence-transformers
+(`--backend torch`, issue 22's peer; `python -m loadtest --baseline-backend` picks another, such as
+fp32 ONNX Runtime) on every core, no batching, no lexical search. Serves the subset of the Tellodb API the load scenarios use
 (/health, /ingest, /ingest/batch, /query/semantic) so `python -m loadtest --baseline` can run the
 same scenario against it and the engine, side by side in one run.
 
@@ -86,7 +87,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--key", default="XXX1111AAA")
-    ap.add_argument("--backend", default="onnx")
+    ap.add_argument("--backend", default="torch", help="torch (sentence-transformers), onnx, onnx-w8 or onnx-int8")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     web.run_app(build_app(args.data, args.key, args.backend), host="127.0.0.1", port=args.port, print=None)

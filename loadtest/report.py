@@ -42,12 +42,12 @@ def _markdown(report: dict, plots: list[str]) -> str:
     base = report.get("baseline")
     if base:
         lines += ["", f"Side by side, same run: the baseline ({base['what']}).", "",
-                  "| operation | baseline items/s | baseline p99 ms | engine/baseline throughput | engine/baseline p99 |",
-                  "|---|---|---|---|---|"]
+                  "| operation | baseline items/s | baseline p50 ms | baseline p99 ms | engine/baseline throughput "
+                  "| engine/baseline p50 | engine/baseline p99 |", "|---|---|---|---|---|---|---|"]
         for op, cmp in base["engine_over_baseline"].items():
             b = base["summary"]["operations"][op]
-            lines.append(f"| {op} | {b['items_per_second']} | {b['latency_ms']['p99']} | "
-                         f"{cmp['throughput_ratio']} | {cmp['p99_ratio']} |")
+            lines.append(f"| {op} | {b['items_per_second']} | {b['latency_ms']['p50']} | {b['latency_ms']['p99']} | "
+                         f"{cmp['throughput_ratio']} | {cmp.get('p50_ratio', '')} | {cmp['p99_ratio']} |")
     mem = s.get("engine_memory")
     if mem:
         lines += ["", f"Engine resident memory after warm-up: {mem['after_warmup_min_mb']:.0f}-"
