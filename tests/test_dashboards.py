@@ -82,7 +82,7 @@ def test_dashboard_uses_a_templated_prometheus_data_source_and_covers_the_engine
     for wanted in ("tellodb_http_requests_total", "tellodb_http_request_duration_seconds_bucket",
                    "tellodb_ingest_total", "tellodb_query_total", "tellodb_query_duration_seconds_bucket",
                    "tellodb_node_busy_seconds", "tellodb_node_memories", "tellodb_node_unindexed", "tellodb_node_up",
-                   "tellodb_node_memory_bytes", "tellodb_node_index_memory_bytes",
+                   "tellodb_node_memory_bytes", "tellodb_node_index_memory_bytes", "tellodb_node_spanning_index_bytes",
                    "process_resident_memory_bytes", *CLUSTER_METRICS):
         assert wanted in names, wanted
     assert {r["alert"] for r in rules()} >= {"TellodbSearchLatencyHigh", "TellodbErrorRateHigh", "TellodbNodeDown",
