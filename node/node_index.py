@@ -24,9 +24,12 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+import numpy as np
+
 from node.lexicon import TABLES, Lexicon
 from node.node_vectors import NodeVectors
 from node.store.schema import rows_in
+from node.store.scope import Scope
 from node.store.shard import ShardStore
 from node.store.windows import session_neighbours
 
@@ -72,9 +75,11 @@ class NodeIndex:
         """Memories held: each loaded shard's segment has a row per memory."""
         return sum(map(self.memories, self._loaded))
 
-    def memories(self, shard: int) -> int:
-        """How many memories a shard loaded here holds (current after `sync`)."""
-        return len(self.vectors.segments[shard].rowids)
+    def memories(self, shard: int, scope: Scope | None = None) -> int:
+        """How many memories a shard loaded here holds (current after `sync`), within `scope` if given."""
+        seg = self.vectors.segments[shard]
+        inside = None if scope is None else seg.admitted(scope)
+        return len(seg.rowids) if inside is None else int(np.count_nonzero(inside))
 
     def sync(self, wanted: dict[int, ShardStore], held: dict[int, ShardStore], max_rows: int,
              load_rows: int | None = None) -> bool:
@@ -116,7 +121,7 @@ class NodeIndex:
         memories = store.db.execute(_MEMORIES).fetchall()
         self.lexicon.insert(TABLES[0], shard, memories)
         self.lexicon.insert(TABLES[1], shard, store.db.execute(_WINDOWS).fetchall())
-        self.vectors.put(shard, [(r[0], r[2], r[5]) for r in memories])
+        self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
         self._loaded[shard] = store
         self.loads += 1
 
@@ -150,7 +155,7 @@ class NodeIndex:
         self.lexicon.insert(TABLES[0], shard, memories)
         self.lexicon.insert(TABLES[1], shard, _rows(db, _WINDOWS, "w.rowid", targets))
         written = set(changed)
-        self.vectors.update(shard, changed, [(r[0], r[2], r[5]) for r in memories if r[0] in written])
+        self.vectors.update(shard, changed, [(r[0], r[1], r[2], r[5]) for r in memories if r[0] in written])
         self.refreshed += len(windows)
 
 

@@ -16,6 +16,7 @@ embeddings and on random unit vectors the exact best 64 were always among the be
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -35,16 +36,39 @@ BLOCK_ROWS = 4096  # rows scanned per ONNX Runtime call, about: small shards' se
 
 
 class Segment(NamedTuple):
-    """One shard's vectors: rowids, creation times (windows filter on them), codes and scales."""
+    """One shard's vectors: rowids, creation times (windows filter on them), entities (an entity-id
+    prefix filters on them: an index into `names`), codes and scales."""
 
     rowids: np.ndarray  # int64
     created_at_ms: np.ndarray  # int64
+    entities: np.ndarray  # int32: each row's entity, as its place in `names`
     codes: np.ndarray  # uint8 (rows, dim): code + 128
     scales: np.ndarray  # float32
+    names: tuple[str, ...]  # the entity ids the rows' `entities` point into
 
     @property
     def nbytes(self) -> int:
-        return self.rowids.nbytes + self.created_at_ms.nbytes + self.codes.nbytes + self.scales.nbytes
+        return self.rowids.nbytes + self.created_at_ms.nbytes + self.entities.nbytes + self.codes.nbytes + \
+            self.scales.nbytes
+
+    def rows(self, begin: int, end: int) -> Segment:
+        """Rows begin..end, as views of this segment's arrays."""
+        return Segment(self.rowids[begin:end], self.created_at_ms[begin:end], self.entities[begin:end],
+                       self.codes[begin:end], self.scales[begin:end], self.names)
+
+    def admitted(self, scope: Scope) -> np.ndarray | None:
+        """Which rows `scope` (window, entity, prefixes) admits; None: all of them."""
+        inside = None if scope.timeless else scope.mask(self.created_at_ms)
+        if scope.entity_id is not None or scope.prefixes:
+            of_entity = _admitted_names(self.names, scope)[self.entities]
+            inside = of_entity if inside is None else inside & of_entity
+        return inside
+
+
+@functools.lru_cache(maxsize=256)
+def _admitted_names(names: tuple[str, ...], scope: Scope) -> np.ndarray:
+    """Which of `names` `scope` admits (kept: a query asks it of each shard and block it scans)."""
+    return np.array([scope.admits_entity(name) for name in names], dtype=bool)
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,11 +80,22 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def segment(rows: list, dimension: int) -> Segment:
-    """A segment of `rows`: (rowid, created_at_ms, float32 vector bytes) each."""
-    matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), dimension)
+    """A segment of `rows`: (rowid, entity_id, created_at_ms, float32 vector bytes) each."""
+    matrix = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), dimension)
     codes, scales = quantize(matrix)
-    return Segment(np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
-                   codes, scales)
+    names = tuple(sorted({r[1] for r in rows}))
+    place = {name: i for i, name in enumerate(names)}
+    return Segment(np.array([r[0] for r in rows], dtype=np.int64), np.array([r[2] for r in rows], dtype=np.int64),
+                   np.array([place[r[1]] for r in rows], dtype=np.int32), codes, scales, names)
+
+
+def joined(parts: list[Segment]) -> Segment:
+    """One segment of `parts`' rows, in order; each part's entities move past the names before it."""
+    offsets = np.cumsum([0] + [len(p.names) for p in parts[:-1]])
+    return Segment(np.concatenate([p.rowids for p in parts]), np.concatenate([p.created_at_ms for p in parts]),
+                   np.concatenate([p.entities + np.int32(o) for p, o in zip(parts, offsets)]),
+                   np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                   tuple(name for p in parts for name in p.names))
 
 
 def best_by_shard(owners: list[np.ndarray], rowids: list[np.ndarray], scores: list[np.ndarray],
@@ -86,7 +121,7 @@ class Block(NamedTuple):
 def join(shards: tuple[int, ...], segments: dict[int, Segment]) -> Block:
     parts = [segments[s] for s in shards]
     return Block(np.concatenate([np.full(len(p.rowids), s, dtype=np.int64) for s, p in zip(shards, parts)]),
-                 Segment(*(np.concatenate(column) for column in zip(*parts))))
+                 joined(parts))
 
 
 class NodeVectors:
@@ -101,7 +136,7 @@ class NodeVectors:
         return sum(s.nbytes for s in self.segments.values())
 
     def put(self, shard: int, rows: list) -> None:
-        """A shard's whole segment: `rows` are (rowid, created_at_ms, vector bytes)."""
+        """A shard's whole segment: `rows` are (rowid, entity_id, created_at_ms, vector bytes)."""
         self.segments[shard] = segment(rows, self.dimension)
         self._changed(shard)
 
@@ -109,10 +144,10 @@ class NodeVectors:
         """Remove the rows of `gone` from a shard's segment, then add `rows` (as they are now)."""
         old = self.segments[shard]
         keep = ~np.isin(old.rowids, np.asarray(gone, dtype=np.int64))
-        parts = [part[keep] for part in old]
-        if rows:
-            parts = [np.concatenate([part, added]) for part, added in zip(parts, segment(rows, self.dimension))]
-        self.segments[shard] = Segment(*parts)
+        used = np.unique(old.entities[keep])  # names no row points to any more (an erase's) are let go
+        kept = Segment(old.rowids[keep], old.created_at_ms[keep], np.searchsorted(used, old.entities[keep]).astype(np.int32),
+                       old.codes[keep], old.scales[keep], tuple(old.names[i] for i in used.tolist()))
+        self.segments[shard] = joined([kept, segment(rows, self.dimension)]) if rows else kept
         self._changed(shard)
 
     def drop(self, shard: int) -> None:
@@ -147,13 +182,13 @@ class NodeVectors:
         start = 0
         for shard in shards:
             end = start + len(self.segments[shard].rowids)
-            self.segments[shard] = Segment(*(column[start:end] for column in block.segment))
+            self.segments[shard] = block.segment.rows(start, end)
             start = end
         return block
 
     def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
         """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their codes,
-        within `scope`'s window (prefixes are not filtered here: the caller scans those exactly)."""
+        within `scope` (its window, entity and prefixes)."""
         q = np.asarray(query_vector, dtype=np.float32)
         top = float(np.abs(q).max()) or 1.0
         query = np.clip(np.rint(q / top * 127.0), -127, 127).astype(np.int8).reshape(-1, 1)
@@ -163,8 +198,10 @@ class NodeVectors:
             seg = block.segment
             if not len(seg.rowids):
                 continue
+            inside = seg.admitted(scope)
+            if inside is not None and not inside.any():
+                continue
             found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
-            inside = None if scope.timeless else scope.mask(seg.created_at_ms)
             owners.append(block.owners if inside is None else block.owners[inside])
             rowids.append(seg.rowids if inside is None else seg.rowids[inside])
             scores.append(found if inside is None else found[inside])

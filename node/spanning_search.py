@@ -5,9 +5,9 @@ hydration per shard, so a query without an entity grew with the shard count (doc
 Here the node searches its shards as one collection through its node index (node/node_index.py),
 with the same signals and rules as a shard's search (node/store/search.py), in one store-thread turn:
   - dense: the node's 8-bit vectors (node/node_vectors.py) propose the nearest 2 x `pool` of all its
-    memories in one scan. A query scoped to entity prefixes, or of at most NODE_EXACT_SCAN memories,
-    scans exactly instead: each shard proposes its nearest `pool` (its cached matrix, or its HNSW
-    index), and the node keeps the `pool` nearest of those scanned exactly;
+    memories in scope (window, entity-id prefixes) in one scan. A query of at most NODE_EXACT_SCAN
+    memories in scope scans exactly instead: each shard proposes its nearest `pool` (its cached
+    matrix, or its HNSW index), and the node keeps the `pool` nearest of those scanned exactly;
   - lexical: the node's lexicon (node/lexicon.py) proposes the best `pool` of each FTS table over
     all the shards at once, and gives every candidate its BM25 over the node's rows;
   - each shard with candidates scores them (cosine, both BM25s normalised by the node's best,
@@ -76,10 +76,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     best first: exactly min(limit, memories in scope) of them."""
     clock = Stopwatch(stages)
     scope = Scope.of(None, window, prefixes)
-    where, args = scope.sql()
-    in_scope = {s: (index.memories(s) if scope.every_row else
-                    store.db.execute(f"SELECT COUNT(*) FROM memories m WHERE {where}", args).fetchone()[0])
-                for s, store in stores.items()}
+    in_scope = {s: index.memories(s, scope) for s in stores}
     want = min(limit, sum(in_scope.values()))
     if want == 0:
         return []
@@ -88,7 +85,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     clock.lap("storage")
 
     candidates: dict[int, set[int]] = {s: set() for s in stores}
-    if not scope.prefixes and sum(in_scope.values()) > NODE_EXACT_SCAN:
+    if sum(in_scope.values()) > NODE_EXACT_SCAN:
         for s, rowids in index.vectors.nearest(query_vector, list(stores), 2 * pool, scope).items():
             candidates[s].update(rowids)
     else:
@@ -110,6 +107,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     clock.lap("fts")
 
     if sum(map(len, candidates.values())) < want:  # the safety net of a shard's search, over the node
+        where, args = scope.sql()
         for s, store in stores.items():
             candidates[s].update(r[0] for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
 

@@ -72,21 +72,22 @@ def test_a_search_over_shards_answers_as_one_shard_holding_them_all(make_store, 
 
 
 def contents(index: NodeIndex, shard: int) -> tuple[set, set, set]:
-    """What the index holds of a shard: (rowid, text) of both lexicon tables, (rowid, codes) of its vectors."""
+    """What the index holds of a shard: (rowid, text) of both lexicon tables, (rowid, entity, codes) of its vectors."""
     low, high = shard << SHARD_BITS, (shard + 1 << SHARD_BITS) - 1
     lexical = tuple({(r & ((1 << SHARD_BITS) - 1), text) for r, text in index.lexicon.db.execute(
         f"SELECT rowid, text FROM {table} WHERE rowid BETWEEN ? AND ?", (low, high))} for table in ("turns", "windows"))
     seg = index.vectors.segments.get(shard)
-    vectors = set() if seg is None else {(r, c.tobytes()) for r, c in zip(seg.rowids.tolist(), seg.codes)}
+    vectors = set() if seg is None else {(r, seg.names[e], c.tobytes())
+                                         for r, e, c in zip(seg.rowids.tolist(), seg.entities.tolist(), seg.codes)}
     return (*lexical, vectors)
 
 
 def on_disk(store) -> tuple[set, set, set]:
-    rows = store.db.execute("SELECT rowid, textual_content, vector FROM memories").fetchall()
+    rows = store.db.execute("SELECT rowid, textual_content, vector, entity_id FROM memories").fetchall()
     codes = quantize(np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1))[0]
     return ({(r[0], r[1]) for r in rows},
             {tuple(r) for r in store.db.execute("SELECT rowid, window_text FROM windows_fts")},
-            {(r[0], c.tobytes()) for r, c in zip(rows, codes)})
+            {(r[0], r[3], c.tobytes()) for r, c in zip(rows, codes)})
 
 
 def test_the_index_follows_every_write(make_store, embedder, data):
@@ -180,13 +181,23 @@ def test_the_8_bit_scan_proposes_the_exact_nearest(make_store, embedder, data, m
         assert exact <= set(index.vectors.nearest(q, [7], 128, Scope())[7])
     assert index.sync(stores, stores, 10_000) and index.shards == set(stores)  # 7 is not held any more: dropped
     monkeypatch.setattr(node.spanning_search, "NODE_EXACT_SCAN", 0)
+
+    def per_shard_scan(*args):  # what prefix-scoped queries did: each shard's vectors from SQLite (20x slower)
+        raise AssertionError("a query over more than NODE_EXACT_SCAN memories scanned shard by shard")
+
+    monkeypatch.setattr(node.spanning_search, "_exact_dense", per_shard_scan)
     whole = make_store(shard_id=99)
     whole.upsert(data)
+    scopes = [(None, None), (None, ("user-1", "user-6")), ((1_040, 1_180), ("user-2",)), ((1_100, None), None)]
     for text, q in zip(QUERIES, embedder.encode(QUERIES)):
-        alone = whole.search(q, text, None, 10)
-        spanning = search_shards(index, stores, q, text, 10)
-        assert len(spanning) == 10
-        assert all(a["similarity"] >= b["similarity"] - 1e-6 for a, b in zip(spanning, alone)), text
+        for window, prefixes in scopes:  # the codes' scan filters the window and the prefixes itself
+            alone = whole.search(q, text, None, 10, window, prefixes)
+            spanning = search_shards(index, stores, q, text, 10, window, prefixes)
+            assert len(spanning) == len(alone) == 10, (window, prefixes)
+            assert all(window is None or window[0] <= h["created_at_ms"] <= (window[1] or h["created_at_ms"])
+                       for h in spanning)
+            assert all(prefixes is None or h["entity_id"].startswith(prefixes) for h in spanning)
+            assert all(a["similarity"] >= b["similarity"] - 1e-6 for a, b in zip(spanning, alone)), (text, window)
 
 
 def test_the_scoring_model_is_one_matmul_integer():

@@ -82,7 +82,11 @@ class Scope:
 
     def admits(self, entity_id: str, created_at_ms: int) -> bool:
         """The check of `sql` for a row already fetched."""
-        return ((self.entity_id is None or entity_id == self.entity_id) and bool(self.mask(created_at_ms))
+        return self.admits_entity(entity_id) and bool(self.mask(created_at_ms))
+
+    def admits_entity(self, entity_id: str) -> bool:
+        """The entity and prefix part of `admits`."""
+        return ((self.entity_id is None or entity_id == self.entity_id)
                 and (not self.prefixes or any(entity_id.startswith(p) for p in self.prefixes)))
 
 
