@@ -158,8 +158,10 @@ async def test_a_shard_moves_while_it_is_written(pair):
         # The copy on A is final now: it still answers, and refuses writes until released.
         frozen["answers"] = await pair.answers(source, shard, seeded_entities)
         frozen["edges"] = await source.edges.remote(seeded_entities[0], shard, [seeded_entities[0]], "out", None, 10)
-        assert [[m for m, _ in hits] for hits in frozen["answers"]][::len(QUERIES)] == \
-            [[m for m, _ in hits] for hits in before][::len(QUERIES)]
+        # The same memories answer; their order may not hold: the writer's notes, in the same shard,
+        # change its BM25 statistics (idf, average length), so near scores can swap.
+        assert [sorted(m for m, _ in hits) for hits in frozen["answers"]][::len(QUERIES)] == \
+            [sorted(m for m, _ in hits) for hits in before][::len(QUERIES)]
         with pytest.raises(NotOwnedError, match="moving"):
             await source.ingest.remote([item(pair.placement, writer_entity, f"{writer_entity}::x::0", "refused")])
         assert (await source.stats.remote())["moves"] == {shard: "fenced"}
