@@ -3,6 +3,10 @@ same kind of query without it (every node, every shard), one client, through `te
 
     python loadtest/global_query.py --memories 100000 --shards 16,64,256 --out loadtest/results/global-query-2core
 
+With `--prefix P` it also times a third kind, the query of a read key scoped to the entity-id
+prefix P (written into the data directory's keys file): no `entity_id`, every node, but only the
+entities P admits (`user-1`: 111 of 1,000 entities).
+
 For each shard count it writes the data set straight into a fresh data directory with the engine's
 own store (node.store.ShardStore: SQLite, FTS and Chroma, indexed), so a run does not spend most of
 its time embedding 100,000 memories once per shard count: the memories' vectors are embedded once
@@ -86,9 +90,11 @@ def build(data_dir: Path, shards: int, texts: list[str], vectors: np.ndarray, en
     log(f"{shards} shards written in {time.perf_counter() - started:.0f} s")
 
 
-async def measure(base: str, key: str, queries: int, entities: int, seed: int) -> dict:
+async def measure(base: str, key: str, queries: int, entities: int, seed: int, scoped: tuple[str, str] | None = None) -> dict:
+    """p50 and p95 per kind of query: `entity`, `global`, and with `scoped` (prefix, key) `prefix`."""
     rng = random.Random(seed)
-    latencies: dict[str, list[float]] = {"entity": [], "global": []}
+    kinds = ["entity", "global"] + (["prefix"] if scoped else [])
+    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
     headers = {"x-api-key": key}
     async with aiohttp.ClientSession(headers=headers) as s:
         for _ in range(600):  # every node has opened its shards
@@ -102,22 +108,28 @@ async def measure(base: str, key: str, queries: int, entities: int, seed: int) -
             if kind == "entity":
                 body["entity_id"] = f"user-{rng.randrange(entities)}"
             t = time.perf_counter()
-            async with s.post(f"{base}/query/semantic", json=body) as r:
+            async with s.post(f"{base}/query/semantic", json=body,
+                              headers={"x-api-key": scoped[1]} if kind == "prefix" else None) as r:
                 hits = await r.json()
                 if r.status != 200 or not hits:
                     raise SystemExit(f"{kind} query failed: {r.status} {hits}")
+                if kind == "prefix" and not all(h["entity_id"].startswith(scoped[0]) for h in hits):
+                    raise SystemExit(f"a query of a key scoped to {scoped[0]!r} saw other entities")
             latencies[kind].append((time.perf_counter() - t) * 1000)
 
         for _ in range(20):  # warm: every shard's matrix and index loaded, Ray's workers up
-            await one("global")
-            await one("entity")
-        latencies = {"entity": [], "global": []}
+            for kind in reversed(kinds):
+                await one(kind)
+        latencies = {kind: [] for kind in kinds}
         for _ in range(queries):
-            await one("entity")
-            await one("global")
+            for kind in kinds:
+                await one(kind)
     out = {kind: {"p50_ms": round(percentile(v, 50), 2), "p95_ms": round(percentile(v, 95), 2), "n": len(v)}
            for kind, v in latencies.items()}
     out["global_over_entity_p50"] = round(out["global"]["p50_ms"] / out["entity"]["p50_ms"], 2)
+    if scoped:
+        out["prefix"]["prefix"] = scoped[0]
+        out["prefix_over_entity_p50"] = round(out["prefix"]["p50_ms"] / out["entity"]["p50_ms"], 2)
     return out
 
 
@@ -153,6 +165,7 @@ def main() -> None:
     ap.add_argument("--vectors", default=None, help="where the memories' vectors are kept between runs")
     ap.add_argument("--random-vectors", action="store_true", help="random unit vectors instead of embedding the "
                     "memories (timing only; see vectors_of)")
+    ap.add_argument("--prefix", help="also time the queries of a read key scoped to this entity-id prefix")
     args = ap.parse_args()
     args.spawn = True
     texts = texts_of(args.memories)
@@ -162,11 +175,17 @@ def main() -> None:
     for shards in [int(s) for s in args.shards.split(",")]:
         data_dir = Path(tempfile.mkdtemp(prefix="tellodb-bench-global-"))
         build(data_dir, shards, texts, vectors, args.entities)
+        scoped = None
+        if args.prefix:
+            from router.datadir import keys_path
+            from router.keys import Key, add
+
+            scoped = (args.prefix, add(keys_path(None, str(data_dir)), Key("bench-tenant", "read", (args.prefix,))))
         env = {"TELLODB_SHARDS": str(shards), "TELLODB_NODES": str(args.nodes)}
         with Engine(args, data_dir=str(data_dir), env=env) as engine:
             row = {"memories": args.memories, "entities": args.entities, "shards": shards, "nodes": args.nodes,
                    "vectors": "random" if args.random_vectors else "embedded",
-                   **asyncio.run(measure(engine.base, args.key, args.queries, args.entities, shards))}
+                   **asyncio.run(measure(engine.base, args.key, args.queries, args.entities, shards, scoped))}
             engine.stop()
         log(json.dumps(row))
         rows.append(row)
@@ -175,10 +194,14 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        lines = ["| shards | entity p50 ms | global p50 ms | global / entity | entity p95 | global p95 |",
-                 "|---|---|---|---|---|---|"]
+        prefix = f"key scoped to `{args.prefix}`" if args.prefix else None
+        lines = ["| shards | entity p50 ms | global p50 ms | global / entity | entity p95 | global p95 |"
+                 + (f" {prefix}: p50 ms | its p95 | over entity |" if prefix else ""),
+                 "|---|---|---|---|---|---|" + ("---|---|---|" if prefix else "")]
         lines += [f"| {r['shards']} | {r['entity']['p50_ms']} | {r['global']['p50_ms']} | {r['global_over_entity_p50']} "
-                  f"| {r['entity']['p95_ms']} | {r['global']['p95_ms']} |" for r in rows]
+                  f"| {r['entity']['p95_ms']} | {r['global']['p95_ms']} |"
+                  + (f" {r['prefix']['p50_ms']} | {r['prefix']['p95_ms']} | {r['prefix_over_entity_p50']} |" if prefix else "")
+                  for r in rows]
         out.with_suffix(".md").write_text(f"# Global against entity queries: {args.memories:,} memories, {args.nodes} nodes, "
                                           f"one client\n\n" + "\n".join(lines) + "\n")
         plot(rows, out.with_suffix(".png"))
