@@ -59,7 +59,9 @@ STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 @dataclass(frozen=True, config=STRICT)
 class EmbeddingConfig:
-    backend: str = "onnx-w8"  # chosen by measurement: LoCoMo as fp32 within half a point, queries' model pass 1.5-2.5x faster (docs/benchmarks.md)
+    # Chosen by measurement: LoCoMo as fp32's within half a point, a query's model pass 1.5-2x faster
+    # (docs/benchmarks.md, "8-bit weights").
+    backend: str = "onnx-w8"
     model: str = DEFAULT_MODEL
     device: str = "cpu"
     batch_size: Int = 64  # largest batch the embedder builds from concurrent requests

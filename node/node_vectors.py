@@ -145,8 +145,9 @@ class NodeVectors:
         old = self.segments[shard]
         keep = ~np.isin(old.rowids, np.asarray(gone, dtype=np.int64))
         used = np.unique(old.entities[keep])  # names no row points to any more (an erase's) are let go
-        kept = Segment(old.rowids[keep], old.created_at_ms[keep], np.searchsorted(used, old.entities[keep]).astype(np.int32),
-                       old.codes[keep], old.scales[keep], tuple(old.names[i] for i in used.tolist()))
+        entities = np.searchsorted(used, old.entities[keep]).astype(np.int32)
+        kept = Segment(old.rowids[keep], old.created_at_ms[keep], entities, old.codes[keep], old.scales[keep],
+                       tuple(old.names[i] for i in used.tolist()))
         self.segments[shard] = joined([kept, segment(rows, self.dimension)]) if rows else kept
         self._changed(shard)
 
