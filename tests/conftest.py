@@ -134,13 +134,17 @@ class Server:
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    """Factory for `tellodb serve` subprocesses on a random port with a fresh data dir."""
+def make_server(tmp_path, model_seed):
+    """Factory for `tellodb serve` subprocesses on a random port with a fresh data dir, which holds
+    the session's model export already (`seed_model=False`: the first start exports it)."""
     servers: list[Server] = []
 
-    def build(data_dir: Path | None = None, port: int | None = None, **env_overrides: str) -> Server:
+    def build(data_dir: Path | None = None, port: int | None = None, seed_model: bool = True,
+              **env_overrides: str) -> Server:
         data_dir = data_dir or tmp_path / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
+        if seed_model:
+            link_models(model_seed, data_dir)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TELLODB_", "TEMPORAL_MEMORY_", "RAY_"))}
         env.pop("PORT", None)
         env.update({
@@ -185,14 +189,27 @@ async def api(aiohttp_client, cluster):
 
 @pytest.fixture(scope="session")
 def model_seed(tmp_path_factory):
-    """A data directory holding the exported ONNX model, copied into each `tellodb node`'s (one export
-    for every multi-node test, not one per node)."""
+    """A data directory holding the exported ONNX model and its mapped copy, copied into each
+    `tellodb node`'s and linked into each `make_server`'s (one export for the session, not one per
+    data directory: about 8 s each)."""
     from node.config import DEFAULT_MODEL, EmbeddingConfig, resolve_model_path
-    from node.onnx_embedder import export_onnx
+    from node.onnx_embedder import export_onnx, mapped_model
 
     seed = tmp_path_factory.mktemp("model-seed")
-    export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), EmbeddingConfig().backend)
+    mapped_model(export_onnx(resolve_model_path(DEFAULT_MODEL), str(seed), EmbeddingConfig().backend))
     return seed
+
+
+def link_models(seed: Path, data_dir: Path) -> None:
+    """`seed`'s models/ into a data directory that has none, as hard links (nothing is copied; the
+    engine only ever adds files beside them). Where links cannot be made (another file system) the
+    engine exports the model itself, as on a first start."""
+    if (data_dir / "models").exists():
+        return
+    try:
+        shutil.copytree(seed / "models", data_dir / "models", copy_function=os.link)
+    except OSError:
+        shutil.rmtree(data_dir / "models", ignore_errors=True)
 
 
 def cluster_status(cluster, url: str) -> dict:

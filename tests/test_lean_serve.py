@@ -37,7 +37,7 @@ def mapped_files(pid: int) -> set[str]:
 
 def test_serve_runs_only_what_the_engine_uses(make_server):
     # A fresh data directory: this first start exports the model, which imports torch.
-    server = make_server().start(timeout=300)
+    server = make_server(seed_model=False).start(timeout=300)
     status, ready = http_json(server.base_url, "/ready")
     assert status == 200 and ready["ready"], ready
     tree = process_tree(server.proc.pid)
