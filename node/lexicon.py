@@ -7,9 +7,10 @@ its turn window: node/store/windows.py), in one in-memory SQLite database with o
 each, so a query that spans the node pays two MATCH evaluations. Row ids are
 `shard << SHARD_BITS | rowid`. What a scope filters on (entity id, creation time) is in a narrow
 table of its own, `rows`, joined by row id: read from the FTS tables' own content, those two
-columns cost twice as much per matching row (docs/benchmarks.md, "Prefix-scoped queries"). BM25 is computed over the node's rows, not one shard's (the idf of a
-word is the node's), which is what one index over the node means; the documents' lengths count the
-entity token as the shards' do, so a node of one shard scores as that shard.
+columns cost twice as much per matching row (docs/benchmarks.md, "Prefix-scoped queries"). BM25
+is computed over the node's rows, not one shard's (the idf of a word is the node's), which is what
+one index over the node means; the documents' lengths count the entity token as the shards' do,
+so a node of one shard scores as that shard.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class Lexicon:
     def nbytes(self) -> int:
         return self.db.execute("PRAGMA page_count").fetchone()[0] * self.db.execute("PRAGMA page_size").fetchone()[0]
 
-    def insert(self, table: str, shard: int, rows: list) -> None:
-        """Add a shard's documents: (rowid, entity_id, created_at_ms, entity_token, text) each."""
+    def insert(self, shard: int, memories: list, windows: list) -> None:
+        """Add a shard's memories, (rowid, entity_id, created_at_ms, entity_token, text, ...) each, and
+        their window documents, (rowid, entity_token, window text) each."""
         self.db.executemany("INSERT OR REPLACE INTO rows(rowid, entity_id, created_at_ms) VALUES (?, ?, ?)",
-                            [(lexicon_rowid(shard, r[0]), r[1], r[2]) for r in rows])
-        self.db.executemany(f"INSERT INTO {table}(rowid, entity_token, text) VALUES (?, ?, ?)",
-                            [(lexicon_rowid(shard, r[0]), r[3], r[4]) for r in rows])
+                            [(lexicon_rowid(shard, r[0]), r[1], r[2]) for r in memories])
+        turns = [(lexicon_rowid(shard, r[0]), r[3], r[4]) for r in memories]
+        for table, documents in zip(TABLES, (turns, [(lexicon_rowid(shard, r[0]), *r[1:3]) for r in windows])):
+            self.db.executemany(f"INSERT INTO {table}(rowid, entity_token, text) VALUES (?, ?, ?)", documents)
 
     def delete(self, shard: int, rowids: list[int]) -> None:
         keys = [(lexicon_rowid(shard, r),) for r in rowids]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from node.lexicon import TABLES, Lexicon
+from node.lexicon import Lexicon
 from node.node_vectors import NodeVectors
 from node.store.schema import rows_in
 from node.store.scope import Scope
@@ -54,8 +54,7 @@ END;
 """
 # What the index reads from a shard: each memory's text and vector, and its window document.
 _MEMORIES = "SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector FROM memories m"
-_WINDOWS = ("SELECT w.rowid, m.entity_id, m.created_at_ms, w.entity_token, w.window_text "
-            "FROM windows_fts w JOIN memories m ON m.rowid = w.rowid")
+_WINDOWS = "SELECT w.rowid, w.entity_token, w.window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid"
 
 
 class NodeIndex:
@@ -119,8 +118,7 @@ class NodeIndex:
         store.db.executescript(_TRIGGERS)
         store.db.execute(f"DELETE FROM temp.{_NOTES}")
         memories = store.db.execute(_MEMORIES).fetchall()
-        self.lexicon.insert(TABLES[0], shard, memories)
-        self.lexicon.insert(TABLES[1], shard, store.db.execute(_WINDOWS).fetchall())
+        self.lexicon.insert(shard, memories, store.db.execute(_WINDOWS).fetchall())
         self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
         self._loaded[shard] = store
         self.loads += 1
@@ -152,8 +150,7 @@ class NodeIndex:
         targets = sorted(windows)
         memories = _rows(db, _MEMORIES, "m.rowid", targets)
         self.lexicon.delete(shard, targets)
-        self.lexicon.insert(TABLES[0], shard, memories)
-        self.lexicon.insert(TABLES[1], shard, _rows(db, _WINDOWS, "w.rowid", targets))
+        self.lexicon.insert(shard, memories, _rows(db, _WINDOWS, "w.rowid", targets))
         written = set(changed)
         self.vectors.update(shard, changed, [(r[0], r[1], r[2], r[5]) for r in memories if r[0] in written])
         self.refreshed += len(windows)
