@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -92,14 +91,9 @@ def check_embedder(model: str, backend: str, data_dir: str) -> str:
             if importlib.util.find_spec(module) is None:
                 raise TorchMissing(module)
         return model_path
-    from node.model_files import is_export
-    from node.onnx_embedder import ONNX_FILES, ModelNotExported, missing_export_tools, model_name, onnx_cache_dir
+    from node.onnx_embedder import export_target
 
-    out = Path(model_path) if is_export(model_path) else onnx_cache_dir(model_path, data_dir)
-    target = out / ONNX_FILES[backend]
-    missing = [] if target.exists() else missing_export_tools(backend, (out / "model.onnx").exists())
-    if missing:
-        raise ModelNotExported(model_name(model_path), data_dir, missing, (out / "model.onnx").exists())
+    export_target(model_path, data_dir, backend)
     return model_path
 
 

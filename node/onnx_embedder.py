@@ -98,6 +98,19 @@ def missing_export_tools(backend: str, fp32_done: bool) -> list[str]:
     return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
+def export_target(model_dir: str, data_dir: str, backend: str, model: str | None = None) -> Path:
+    """Where `backend`'s file of the export of `model_dir` is, or goes once exported. Raises
+    ModelNotExported when it is missing and this install lacks the tools to make it."""
+    out = Path(model_dir) if is_export(model_dir) else onnx_cache_dir(model_dir, data_dir)
+    target = out / ONNX_FILES[backend]
+    if not target.exists():
+        fp32 = out / ONNX_FILES["onnx"]
+        missing = missing_export_tools(backend, fp32.exists())
+        if missing:
+            raise ModelNotExported(model or model_name(model_dir), data_dir, missing, fp32.exists())
+    return target
+
+
 def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None = None) -> Path:
     """The ONNX file for `backend`, exporting (and quantising) it first if it is not cached yet.
 
@@ -106,15 +119,11 @@ def export_onnx(model_dir: str, data_dir: str, backend: str, model: str | None =
     wait for the lock, then find the file. `model_dir` may be an export folder itself (found by
     node.model_files.find_export); `model` is the configured name recorded in `source.json` (default: the folder).
     Raises ModelNotExported when the file is missing and this install lacks the tools to make it."""
-    out = Path(model_dir) if is_export(model_dir) else onnx_cache_dir(model_dir, data_dir)
-    fp32 = out / "model.onnx"
-    target = out / ONNX_FILES[backend]
+    target = export_target(model_dir, data_dir, backend, model)
+    out, fp32 = target.parent, target.parent / ONNX_FILES["onnx"]
     if target.exists() and is_export(out):
         return target
-    missing = missing_export_tools(backend, fp32.exists())
     model = model or model_name(model_dir)
-    if missing and not target.exists():
-        raise ModelNotExported(model, data_dir, missing, fp32.exists())
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "export.lock", "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
