@@ -47,12 +47,11 @@ def answers(client: TellodbClient, entities: list[str]) -> dict:
     return found
 
 
-def test_an_old_data_directory_starts_and_splits(make_server, model_seed, tmp_path):
+def test_an_old_data_directory_starts_and_splits(make_server, tmp_path):
     written = json.loads((OLD / "written.json").read_text())["memories"]
     entities = sorted({m["entity_id"] for m in written})
     data = tmp_path / "data"
     shutil.copytree(OLD / "data", data)
-    shutil.copytree(model_seed / "models", data / "models")
     server = make_server(data_dir=data, TELLODB_SHARDS="4").start()
     try:
         client = TellodbClient.from_cloud(base_url=server.base_url, api_key=API_KEY)
@@ -93,7 +92,6 @@ def test_an_old_data_directory_starts_and_splits(make_server, model_seed, tmp_pa
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         server.stop()
-        shutil.copytree(model_seed / "models", restored / "models")
         again = make_server(data_dir=restored, TELLODB_SHARDS="4").start()  # a split cluster's backup, restored
         client = TellodbClient.from_cloud(base_url=again.base_url, api_key=API_KEY)
         assert status(again.base_url)["shards"] == 6
