@@ -1,80 +1,346 @@
 """One full-text index over a node's shards: the lexical half of its node index (node/node_index.py).
 
-A query without an entity used to run two FTS5 MATCH evaluations in every shard the node holds
-(about 0.27 ms a shard whatever it finds, docs/benchmarks.md), so its cost grew with the shard
-count. The lexicon holds the same two documents per memory as the shards' FTS tables (its text, and
-its turn window: node/store/windows.py), in one in-memory SQLite database with one FTS5 table for
-each, so a query that spans the node pays two MATCH evaluations. Row ids are
-`shard << SHARD_BITS | rowid`. What a scope filters on (entity id, creation time) is in a narrow
-table of its own, `rows`, joined by row id: read from the FTS tables' own content, those two
-columns cost twice as much per matching row (docs/benchmarks.md, "Prefix-scoped queries"). BM25
-is computed over the node's rows, not one shard's (the idf of a word is the node's), which is what
-one index over the node means; the documents' lengths count the entity token as the shards' do,
-so a node of one shard scores as that shard.
+A query without an entity used to run two FTS5 MATCH evaluations in every shard the node holds,
+then two over one in-memory FTS5 copy of all of them; FTS5 computes BM25 for every row that
+matches (about 1.2 us each, thousands of rows for a few common words), which was the largest share
+of such a query (docs/benchmarks.md, "An inverted index in NumPy"). Here the same two documents per
+memory as the shards' FTS tables (its text, and its turn window: node/store/windows.py) are held as
+posting arrays, and a query's BM25 over every matching row is a few array operations per word.
+
+Everything that decides a score is FTS5's own, so a node of one shard scores as that shard
+(tests/test_node_index.py):
+  - words are cut and stemmed by FTS5 itself: each batch of documents goes through a scratch FTS5
+    table with the shards' tokenizer and comes back through `fts5vocab` (term, row, column, count);
+  - BM25 is `bm25(table, 0.0, 1.0)` of node/store/search.py: a word counts in the text column
+    only, the length of a row counts the entity token too, k1 = 1.2, b = 0.75, and an idf at or
+    below zero becomes 1e-6, over the node's rows (the idf of a word is the node's).
+One difference: a query word that FTS5 cuts in two (`snake_case`) is a phrase to FTS5 (the two
+tokens next to each other); here its tokens count as words of their own.
+
+Memories are slots: the columns (shard, rowid, creation time, entity) of slot i describe one
+memory, and each table's postings list (slot, count) per word: a sorted part (CSR by word) and a
+log of recent additions merged in when it grows. A deleted memory's slot is marked dead and skipped;
+when the dead outnumber the live, the slots, the words and the names are numbered again, so what
+an erase removed leaves the index then (it is in memory only, never on disk).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import sqlite3
-from typing import Iterable
 
+import numpy as np
+
+from node.ranking import query_terms
 from node.store.scope import Scope
 
-SHARD_BITS = 40  # low bits of a lexicon rowid: the shard's own rowid
 TABLES = ("turns", "windows")  # as the shards' memories_fts and windows_fts
-_MASK = (1 << SHARD_BITS) - 1
+TOKENIZER = "porter unicode61 remove_diacritics 2"  # the shards' (node/store/schema.py)
+K1, B = 1.2, 0.75  # FTS5's bm25 constants
+LOG_MERGE = 65_536  # postings added since the last merge before the log is merged in (or 1/8 of the rest)
 
 
-def lexicon_rowid(shard: int, rowid: int) -> int:
-    return shard << SHARD_BITS | rowid
+def key(shard: int, rowid: int) -> int:
+    """A memory's key here: shard in the high bits, the shard's rowid in the low 40."""
+    return shard << 40 | rowid
+
+
+class Postings:
+    """One table's inverted index: word id -> the slots holding it and how often."""
+
+    def __init__(self) -> None:
+        self.starts = np.zeros(1, dtype=np.int64)  # word w's postings: starts[w]:starts[w + 1]
+        self.slots = np.empty(0, dtype=np.int32)
+        self.counts = np.empty(0, dtype=np.int32)
+        self._log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (words, slots, counts) added since
+        self._logged = 0
+        self._joined: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.starts.nbytes + self.slots.nbytes + self.counts.nbytes + 12 * self._logged
+
+    def add(self, words: np.ndarray, slots: np.ndarray, counts: np.ndarray, live: np.ndarray, vocabulary: int) -> None:
+        self._log.append((words, slots, counts))
+        self._logged += len(words)
+        self._joined = None
+        if self._logged > max(LOG_MERGE, len(self.slots) // 8):
+            self.merge(live, vocabulary)
+
+    def get(self, word: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, counts) of a word, dead slots included."""
+        slots = counts = np.empty(0, dtype=np.int32)
+        if word + 1 < len(self.starts):
+            a, b = self.starts[word], self.starts[word + 1]
+            slots, counts = self.slots[a:b], self.counts[a:b]
+        if self._log:
+            if self._joined is None:
+                self._joined = tuple(np.concatenate(part) for part in zip(*self._log))  # type: ignore[assignment]
+            words, logged, logged_counts = self._joined
+            mine = words == word
+            if mine.any():
+                slots, counts = np.concatenate([slots, logged[mine]]), np.concatenate([counts, logged_counts[mine]])
+        return slots, counts
+
+    def merge(self, live: np.ndarray, vocabulary: int, renumber: np.ndarray | None = None,
+              words_renumbered: np.ndarray | None = None) -> None:
+        """The log into the sorted part, dead slots dropped; `renumber` (old slot -> new) and
+        `words_renumbered` (old word -> new, -1: gone) when slots and words are numbered again."""
+        words = np.repeat(np.arange(len(self.starts) - 1, dtype=np.int32), np.diff(self.starts))
+        parts = [(words, self.slots, self.counts), *self._log]
+        words, slots, counts = (np.concatenate(p) for p in zip(*parts))
+        keep = live[slots]
+        words, slots, counts = words[keep], slots[keep], counts[keep]
+        if renumber is not None:
+            slots = renumber[slots]
+        if words_renumbered is not None:
+            words = words_renumbered[words]
+        order = np.argsort(words, kind="stable")
+        self.slots, self.counts = slots[order].astype(np.int32), counts[order]
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(words, minlength=vocabulary))]).astype(np.int64)
+        self._log, self._logged, self._joined = [], 0, None
+
+
+class Tokenizer:
+    """FTS5's own cutting and stemming, through scratch tables read back with `fts5vocab`."""
+
+    def __init__(self) -> None:
+        self.db = _scratch()  # query terms': one row at a time, so deletes leave little behind
+
+    def documents(self, docs: list[tuple[int, str, str]]) -> tuple[list[tuple[str, int, int]], dict[int, int]]:
+        """For (slot, entity token, text) documents: (word, slot, count in the text) triples, and each
+        document's length in tokens (both columns, as FTS5's bm25 counts it)."""
+        db = _scratch()  # a batch's own: what a delete leaves in an FTS5 index slows its next reads
+        try:
+            db.executemany("INSERT INTO scratch(rowid, entity_token, text) VALUES (?, ?, ?)", docs)
+            words = db.execute("SELECT term, doc, count(*) FROM scratch_words WHERE col = 'text' "
+                               "GROUP BY term, doc").fetchall()
+            lengths = dict(db.execute("SELECT doc, count(*) FROM scratch_words GROUP BY doc").fetchall())
+        finally:
+            db.close()
+        return words, lengths
+
+    @functools.lru_cache(maxsize=4096)
+    def words(self, term: str) -> tuple[str, ...]:
+        """The tokens FTS5 makes of one query term, in order."""
+        self.db.execute("INSERT INTO scratch(rowid, entity_token, text) VALUES (1, '', ?)", (term,))
+        try:
+            return tuple(r[0] for r in self.db.execute(
+                "SELECT term FROM scratch_words WHERE col = 'text' ORDER BY offset"))
+        finally:
+            self.db.execute("DELETE FROM scratch")
+
+
+def _scratch() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.execute(f"CREATE VIRTUAL TABLE scratch USING fts5(entity_token, text, tokenize='{TOKENIZER}')")
+    db.execute("CREATE VIRTUAL TABLE scratch_words USING fts5vocab(scratch, 'instance')")
+    return db
 
 
 class Lexicon:
     def __init__(self) -> None:
-        self.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA secure_delete=ON")
-        self.db.execute("CREATE TABLE rows(rowid INTEGER PRIMARY KEY, entity_id TEXT NOT NULL, "
-                        "created_at_ms INTEGER NOT NULL)")
-        for table in TABLES:  # the columns of the shards' tables
-            self.db.execute(f"CREATE VIRTUAL TABLE {table} USING fts5(entity_token, text, "
-                            f"tokenize='porter unicode61 remove_diacritics 2')")
+        self.tokenizer = Tokenizer()
+        self.slot_of: dict[int, int] = {}  # key(shard, rowid) -> slot
+        self.used = 0  # slots handed out, live or dead
+        size = 1024
+        self.shard = np.zeros(size, dtype=np.int32)
+        self.rowid = np.zeros(size, dtype=np.int64)
+        self.created_at_ms = np.zeros(size, dtype=np.int64)
+        self.entity = np.zeros(size, dtype=np.int32)  # its place in `names`
+        self.live = np.zeros(size, dtype=bool)
+        self.lengths = [np.zeros(size, dtype=np.int32) for _ in TABLES]  # 0: no such document
+        self.documents = [0 for _ in TABLES]  # live documents of each table
+        self.tokens = [0 for _ in TABLES]  # and their tokens
+        self.names: list[str] = []
+        self._name_of: dict[str, int] = {}
+        self.words: dict[str, int] = {}
+        self.postings = [Postings() for _ in TABLES]
 
     @property
     def nbytes(self) -> int:
-        return self.db.execute("PRAGMA page_count").fetchone()[0] * self.db.execute("PRAGMA page_size").fetchone()[0]
+        columns = (self.shard, self.rowid, self.created_at_ms, self.entity, self.live, *self.lengths)
+        return sum(c.nbytes for c in columns) + sum(p.nbytes for p in self.postings)
+
+    @property
+    def dead(self) -> int:
+        return self.used - len(self.slot_of)
 
     def insert(self, shard: int, memories: list, windows: list) -> None:
-        """Add a shard's memories, (rowid, entity_id, created_at_ms, entity_token, text, ...) each, and
-        their window documents, (rowid, entity_token, window text) each."""
-        self.db.executemany("INSERT OR REPLACE INTO rows(rowid, entity_id, created_at_ms) VALUES (?, ?, ?)",
-                            [(lexicon_rowid(shard, r[0]), r[1], r[2]) for r in memories])
-        turns = [(lexicon_rowid(shard, r[0]), r[3], r[4]) for r in memories]
-        for table, documents in zip(TABLES, (turns, [(lexicon_rowid(shard, r[0]), *r[1:3]) for r in windows])):
-            self.db.executemany(f"INSERT INTO {table}(rowid, entity_token, text) VALUES (?, ?, ?)", documents)
+        """Add (or replace) a shard's memories, (rowid, entity_id, created_at_ms, entity_token, text, ...)
+        each, and their window documents, (rowid, entity_token, window text) each."""
+        self.delete(shard, [r[0] for r in memories])
+        first = self.used
+        self._reserve(len(memories))
+        slots = np.arange(first, first + len(memories))
+        self.shard[slots] = shard
+        self.rowid[slots] = [r[0] for r in memories]
+        self.created_at_ms[slots] = [r[2] for r in memories]
+        self.entity[slots] = [self._name(r[1]) for r in memories]
+        self.live[slots] = True
+        self.used += len(memories)
+        self.slot_of.update((key(shard, r[0]), slot) for r, slot in zip(memories, slots.tolist()))
+        fresh = [self.slot_of.get(key(shard, r[0]), -1) for r in windows]
+        for t, docs in enumerate(([(slot, r[3], r[4]) for slot, r in zip(slots.tolist(), memories)],
+                                  [(slot, r[1], r[2]) for slot, r in zip(fresh, windows) if slot >= first])):
+            if docs:
+                self._add(t, docs)
 
     def delete(self, shard: int, rowids: list[int]) -> None:
-        keys = [(lexicon_rowid(shard, r),) for r in rowids]
-        for table in ("rows", *TABLES):
-            self.db.executemany(f"DELETE FROM {table} WHERE rowid = ?", keys)
+        self._kill([s for s in (self.slot_of.pop(key(shard, r), None) for r in rowids) if s is not None])
 
     def delete_shard(self, shard: int) -> None:
-        for table in ("rows", *TABLES):
-            self.db.execute(f"DELETE FROM {table} WHERE rowid BETWEEN ? AND ?",
-                            (lexicon_rowid(shard, 0), lexicon_rowid(shard + 1, 0) - 1))
+        slots = np.flatnonzero(self.live[:self.used] & (self.shard[:self.used] == shard))
+        for rowid in self.rowid[slots].tolist():
+            del self.slot_of[key(shard, rowid)]
+        self._kill(slots.tolist())
 
-    def match(self, table: str, match: str, scope: Scope, shards: Iterable[int], every_shard: bool,
-              limit: int) -> dict[tuple[int, int], float]:
-        """Positive BM25 scores of the best `limit` rows of `table` in `shards` and `scope`, best first,
-        keyed by (shard, rowid). `match`: an FTS5 expression over the text (node.ranking);
-        `every_shard`: `shards` are all the lexicon holds (no filter on them needed)."""
-        scope = scope.any_entity()
-        where, args = scope.sql(alias="r")
-        if not every_shard:
-            wanted = sorted(shards)
-            where += f" AND (t.rowid >> {SHARD_BITS}) IN ({','.join('?' * len(wanted))})"
-            args = [*args, *wanted]
-        joined = "" if scope.every_row else "JOIN rows r ON r.rowid = t.rowid"
-        rows = self.db.execute(
-            f"SELECT t.rowid, -bm25({table}, 0.0, 1.0) FROM {table} t {joined} WHERE {table} MATCH ? AND {where} "
-            f"ORDER BY bm25({table}, 0.0, 1.0) LIMIT ?", (f"text : ({match})", *args, limit))
-        return {(r >> SHARD_BITS, r & _MASK): max(0.0, float(v)) for r, v in rows}
+    def phrases(self, text: str) -> list[int] | None:
+        """The word ids of a query's terms (node.ranking.query_terms: stopwords out), as FTS5 cuts
+        them; -1 for a word no document here holds. None: the query has no term."""
+        terms = query_terms(text)
+        if not terms:
+            return None
+        return [self.words.get(w, -1) for term in terms for w in self.tokenizer.words(term)]
+
+    def scores(self, table: int, phrases: list[int], scope: Scope, shards: set[int] | None) -> np.ndarray:
+        """BM25 (positive; 0: no match) of every slot for the query's words, over the node's rows of
+        `table`; slots outside `scope` (its window and prefixes) and `shards` (None: all) are 0."""
+        out = np.zeros(self.used, dtype=np.float64)
+        n = self.documents[table]
+        if not n:
+            return out
+        average = self.tokens[table] / n
+        lengths = self.lengths[table]
+        for word in phrases:
+            if word < 0:
+                continue
+            slots, counts = self.postings[table].get(word)
+            alive = self.live[slots]
+            slots, counts = slots[alive], counts[alive].astype(np.float64)
+            if not len(slots):
+                continue
+            idf = math.log((n - len(slots) + 0.5) / (len(slots) + 0.5))
+            idf = idf if idf > 0 else 1e-6
+            out[slots] += idf * (counts * (K1 + 1.0)) / (counts + K1 * (1 - B + B * lengths[slots] / average))
+        inside = self._admitted(scope.any_entity(), shards)
+        if inside is not None:
+            out[~inside] = 0.0
+        return out
+
+    def best(self, scores: np.ndarray, k: int) -> list[tuple[int, int]]:
+        """(shard, rowid) of the `k` best-scored slots that match, best first."""
+        matched = np.flatnonzero(scores > 0)
+        if len(matched) > k:
+            matched = matched[np.argpartition(-scores[matched], k - 1)[:k]]
+        matched = matched[np.argsort(-scores[matched], kind="stable")]
+        return list(zip(self.shard[matched].tolist(), self.rowid[matched].tolist()))
+
+    def slots(self, memories: list[tuple[int, int]]) -> np.ndarray:
+        """The slots of (shard, rowid) pairs, -1 for one not here; `scores(...)[slots]` are their scores."""
+        return np.fromiter((self.slot_of.get(key(s, r), -1) for s, r in memories), dtype=np.int64, count=len(memories))
+
+    def documents_of(self, shard: int) -> tuple[dict[int, tuple[int, dict[str, int]]], ...]:
+        """Each table's documents of a shard: rowid -> (length, {word: count}); what tests compare."""
+        names = {i: w for w, i in self.words.items()}
+        out: tuple[dict, ...] = ({}, {})
+        for t, postings in enumerate(self.postings):
+            for word in range(len(names)):
+                slots, counts = postings.get(word)
+                for slot, count in zip(slots.tolist(), counts.tolist()):
+                    if self.live[slot] and self.shard[slot] == shard:
+                        out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))[1][names[word]] = count
+            for slot in np.flatnonzero(self.live[:self.used] & (self.shard[:self.used] == shard)).tolist():
+                if self.lengths[t][slot]:
+                    out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))
+        return out
+
+    def _add(self, table: int, docs: list[tuple[int, str, str]]) -> None:
+        found, lengths = self.tokenizer.documents(docs)
+        slots = np.fromiter(lengths, dtype=np.int64, count=len(lengths))
+        sizes = np.fromiter(lengths.values(), dtype=np.int32, count=len(lengths))
+        self.lengths[table][slots] = sizes
+        self.documents[table] += len(slots)
+        self.tokens[table] += int(sizes.sum())
+        words = np.fromiter((self.words.setdefault(w, len(self.words)) for w, _, _ in found), dtype=np.int32,
+                            count=len(found))
+        self.postings[table].add(words, np.fromiter((r[1] for r in found), dtype=np.int32, count=len(found)),
+                                 np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found)),
+                                 self.live, len(self.words))
+
+    def _kill(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        index = np.asarray(slots, dtype=np.int64)
+        self.live[index] = False
+        for t, lengths in enumerate(self.lengths):
+            self.documents[t] -= int(np.count_nonzero(lengths[index]))
+            self.tokens[t] -= int(lengths[index].sum())
+            lengths[index] = 0
+        if self.dead > max(LOG_MERGE, len(self.slot_of)):
+            self._renumber()
+
+    def _renumber(self) -> None:
+        """Slots, words and names numbered again over the live memories: the dead leave the index."""
+        live = self.live[:self.used]
+        renumber = np.cumsum(live) - 1
+        held = np.zeros(len(self.words), dtype=bool)
+        for postings in self.postings:
+            postings.merge(self.live, len(self.words))
+            held |= np.diff(postings.starts) > 0
+        words_renumbered = np.where(held, np.cumsum(held) - 1, -1).astype(np.int32)
+        self.words = {w: int(words_renumbered[i]) for w, i in self.words.items() if held[i]}
+        for postings in self.postings:
+            postings.merge(self.live, len(self.words), renumber, words_renumbered)
+        used_names = np.unique(self.entity[:self.used][live])
+        self.names = [self.names[i] for i in used_names.tolist()]
+        self._name_of = {name: i for i, name in enumerate(self.names)}
+        entity = np.searchsorted(used_names, self.entity[:self.used][live]).astype(np.int32)
+        columns = [c[:self.used][live] for c in (self.shard, self.rowid, self.created_at_ms)]
+        lengths = [c[:self.used][live] for c in self.lengths]
+        self.used = len(entity)
+        size = max(1024, self.used)
+        self.shard, self.rowid, self.created_at_ms = (_grown(c, size) for c in columns)
+        self.entity = _grown(entity, size)
+        self.lengths = [_grown(c, size) for c in lengths]
+        self.live = _grown(np.ones(self.used, dtype=bool), size)
+        self.slot_of = {key(s, r): i for i, (s, r) in enumerate(zip(self.shard[:self.used].tolist(),
+                                                                     self.rowid[:self.used].tolist()))}
+
+    def _name(self, entity_id: str) -> int:
+        place = self._name_of.get(entity_id)
+        if place is None:
+            place = self._name_of[entity_id] = len(self.names)
+            self.names.append(entity_id)
+        return place
+
+    def _reserve(self, more: int) -> None:
+        if self.used + more <= len(self.live):
+            return
+        size = max(2 * len(self.live), self.used + more)
+        self.shard, self.rowid, self.created_at_ms, self.entity, self.live = (
+            _grown(c, size) for c in (self.shard, self.rowid, self.created_at_ms, self.entity, self.live))
+        self.lengths = [_grown(c, size) for c in self.lengths]
+
+    def _admitted(self, scope: Scope, shards: set[int] | None) -> np.ndarray | None:
+        """Which slots `scope` and `shards` admit; None: every one."""
+        inside = None if scope.timeless else scope.mask(self.created_at_ms[:self.used])
+        if scope.prefixes:
+            of_entity = _admitted_names(len(self.names), tuple(self.names), scope)[self.entity[:self.used]]
+            inside = of_entity if inside is None else inside & of_entity
+        if shards is not None:
+            of_shard = np.isin(self.shard[:self.used], np.fromiter(shards, dtype=np.int32))
+            inside = of_shard if inside is None else inside & of_shard
+        return inside
+
+
+@functools.lru_cache(maxsize=64)
+def _admitted_names(count: int, names: tuple[str, ...], scope: Scope) -> np.ndarray:
+    return np.array([scope.admits_entity(name) for name in names], dtype=bool)
+
+
+def _grown(column: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=column.dtype)
+    out[:len(column)] = column
+    return out

@@ -1,7 +1,7 @@
 """A node's index over all the shards it holds, for queries that span them (no `entity_id`).
 
 Two halves, each a job of its own: the lexicon (node/lexicon.py: both FTS documents of every
-memory, in one in-memory FTS5 table each) and the node's vectors (node/node_vectors.py: 8-bit
+memory, as NumPy postings scored with FTS5's BM25) and the node's vectors (node/node_vectors.py: 8-bit
 codes scanned in one pass). This module keeps both current with the shards, without touching the
 write path:
   - a shard is loaded whole the first time a spanning query reads it, and again whenever its
@@ -14,7 +14,7 @@ write path:
     write, so a write rolled back leaves none; triggers and notes die with the connection;
   - a shard no longer held here is dropped.
 It is derived state, in memory only and never written to disk: an erase deletes the rows from it as
-from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 1 KB
+from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 0.7 KB
 each: docs/ops/sizing.md); a node over that searches shard by shard. All of this runs on the node's
 store thread, like every other SQLite call, so no write interleaves.
 """
@@ -112,7 +112,7 @@ class NodeIndex:
                 "rows_read_again": self.refreshed}
 
     def close(self) -> None:
-        self.lexicon.db.close()
+        self.lexicon.tokenizer.db.close()
 
     def _load(self, shard: int, store: ShardStore) -> None:
         store.db.executescript(_TRIGGERS)

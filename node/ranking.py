@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from node.facts import SINGLE_VALUED
 
 RANKING_FILE = "ranking_config.json"
@@ -108,12 +110,13 @@ def fts_match_expression(text: str) -> str | None:
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def lexical_score(turn: float, max_turn: float, window: float, max_window: float, config: RankingConfig) -> float:
-    """Turn and window BM25 (positive, 0 if absent), each normalised by its best, mixed; in [0, 1]."""
-    t = min(1.0, turn / max_turn) if max_turn > 0 else 0.0
-    w = min(1.0, window / max_window) if max_window > 0 else 0.0
+def lexical_score(turn: Any, max_turn: float, window: Any, max_window: float, config: RankingConfig) -> Any:
+    """Turn and window BM25 (positive, 0 if absent), each normalised by its best, mixed; in [0, 1].
+    `turn` and `window`: one candidate's (floats) or many candidates' (arrays), as `fuse` takes them."""
+    t = np.minimum(1.0, np.divide(turn, max_turn)) if max_turn > 0 else np.multiply(turn, 0.0)
+    w = np.minimum(1.0, np.divide(window, max_window)) if max_window > 0 else np.multiply(window, 0.0)
     share = config.window_share if config.window_radius > 0 else 0.0
-    return max(0.0, (1.0 - share) * t + share * w)
+    return np.maximum(0.0, (1.0 - share) * t + share * w)
 
 
 def decay(age_ms: float, kind: str | None, config: RankingConfig) -> float:
@@ -125,10 +128,18 @@ def decay(age_ms: float, kind: str | None, config: RankingConfig) -> float:
     return 0.5 ** (age_ms / (half_life * 86_400_000))
 
 
-def fuse(dense: float, lexical: float, config: RankingConfig) -> float:
-    """The similarity of one candidate, in [0, 1], from its cosine and its lexical score."""
-    d = min(1.0, max(0.0, dense))
-    lex = min(1.0, max(0.0, lexical))
+def decays(ages_ms: list[int], kinds: list[str | None], config: RankingConfig) -> Any:
+    """`decay` of many candidates: 1.0 for all when no kind has a half-life (the default)."""
+    if not config.half_life_days:
+        return 1.0
+    return np.array([decay(age, kind, config) for age, kind in zip(ages_ms, kinds)])
+
+
+def fuse(dense: Any, lexical: Any, config: RankingConfig) -> Any:
+    """The similarity of one candidate (floats), or of many (arrays), in [0, 1], from its cosine and
+    its lexical score."""
+    d = np.clip(dense, 0.0, 1.0)
+    lex = np.clip(lexical, 0.0, 1.0)
     total = config.dense_weight + config.lexical_weight
     return (config.dense_weight * d + config.lexical_weight * lex) / total
 

@@ -29,12 +29,12 @@ from node.facts import asked_predicates, asks_about_the_past
 from node.lexicon import TABLES
 from node.node_index import NodeIndex
 from node.node_vectors import best_by_shard
-from node.ranking import Candidate, best_first, fts_match_expression, oldest_first
+from node.ranking import Candidate, best_first, oldest_first
 from node.store.scope import Scope, Window
-from node.store.search import Stopwatch
+from node.store.search import Stopwatch, score_candidates
 from node.store.shard import ShardStore
 from node.shard_set import ShardSet
-from node.tuning import LEXICAL_SCAN, NODE_EXACT_SCAN, NODE_INDEX_LOAD_ROWS, NODE_INDEX_ROWS
+from node.tuning import NODE_EXACT_SCAN, NODE_INDEX_LOAD_ROWS, NODE_INDEX_ROWS
 
 
 class NodeSearch:
@@ -92,18 +92,16 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
         _exact_dense(stores, in_scope, query_vector, scope, pool, candidates)
     clock.lap("ann")
 
-    lexical: list[dict[int, dict[int, float]]] = [{s: {} for s in stores} for _ in TABLES]
-    best_of = [0.0 for _ in TABLES]
-    match = fts_match_expression(query_text)
-    if match is not None:
-        for t, table in enumerate(TABLES):
-            scores = index.lexicon.match(table, match, scope, stores, set(stores) == index.shards,
-                                         max(pool, LEXICAL_SCAN))
-            for n, ((s, rowid), score) in enumerate(scores.items()):
-                lexical[t][s][rowid] = score
-                if n < pool:
-                    candidates[s].add(rowid)
-            best_of[t] = max(scores.values(), default=0.0)
+    lexicon = index.lexicon
+    phrases = lexicon.phrases(query_text)
+    matches: list[np.ndarray] = []
+    if phrases is not None:
+        shards = None if set(stores) == index.shards else set(stores)
+        for t in range(len(TABLES)):
+            matches.append(lexicon.scores(t, phrases, scope, shards))
+            for s, rowid in lexicon.best(matches[t], pool):
+                candidates[s].add(rowid)
+    best_of = [float(m.max(initial=0.0)) for m in matches] or [0.0 for _ in TABLES]
     clock.lap("fts")
 
     if sum(map(len, candidates.values())) < want:  # the safety net of a shard's search, over the node
@@ -111,15 +109,19 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
         for s, store in stores.items():
             candidates[s].update(r[0] for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
 
+    # Every candidate's row from its shard, then all of them scored in one pass, then fact validity
+    # shard by shard (a fact competes with its slot's other values, which live in its shard).
+    rows = {s: stores[s].searcher.candidate_rows(sorted(rowids)) for s, rowids in candidates.items() if rowids}
+    every = [(s, r) for s, shard_rows in rows.items() for r in shard_rows]
+    slots = lexicon.slots([(s, r[0]) for s, r in every])
+    lexical = [np.where(slots >= 0, m[slots], 0.0) for m in matches] or [np.zeros(len(every)) for _ in TABLES]
+    scored = score_candidates([r for _, r in every], query_vector, *lexical, *best_of, scope.end_ms, ranking)
     past, asked = asks_about_the_past(query_text), asked_predicates(query_text)
-    scored: list[tuple[Candidate, int]] = []
-    for s, rowids in candidates.items():
-        if rowids:
-            scored += [(c, s) for c in stores[s].searcher.scored(
-                sorted(rowids), query_vector, lexical[0][s], lexical[1][s], best_of[0], best_of[1],
-                scope.end_ms, past, asked)]
-    scored.sort(key=lambda cs: cs[0].rank_key())
-    best = scored[:want]
+    start = 0
+    for s, shard_rows in rows.items():
+        stores[s].searcher.apply_validity(shard_rows, scored[start:start + len(shard_rows)], scope.end_ms, past, asked)
+        start += len(shard_rows)
+    best = sorted(zip(scored, (s for s, _ in every)), key=lambda cs: cs[0].rank_key())[:want]
     clock.lap("fuse")
 
     by_shard: dict[int, list[Candidate]] = {}

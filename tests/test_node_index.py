@@ -10,8 +10,8 @@ import pytest
 
 from loadtest.texts import sentence
 import node.spanning_search
-from node.lexicon import SHARD_BITS
-from node.node_index import NodeIndex
+from node.lexicon import Lexicon
+from node.node_index import _MEMORIES, _WINDOWS, NodeIndex
 from node.node_vectors import SCORES_MODEL, quantize
 from node.spanning_search import search_shards
 from node.store.scope import Scope
@@ -71,23 +71,22 @@ def test_a_search_over_shards_answers_as_one_shard_holding_them_all(make_store, 
                 and (prefixes is None or r.entity_id.startswith(prefixes))))
 
 
-def contents(index: NodeIndex, shard: int) -> tuple[set, set, set]:
-    """What the index holds of a shard: (rowid, text) of both lexicon tables, (rowid, entity, codes) of its vectors."""
-    low, high = shard << SHARD_BITS, (shard + 1 << SHARD_BITS) - 1
-    lexical = tuple({(r & ((1 << SHARD_BITS) - 1), text) for r, text in index.lexicon.db.execute(
-        f"SELECT rowid, text FROM {table} WHERE rowid BETWEEN ? AND ?", (low, high))} for table in ("turns", "windows"))
+def contents(index: NodeIndex, shard: int) -> tuple:
+    """What the index holds of a shard: both lexicon tables' documents (rowid -> length, words), and
+    (rowid, entity, codes) of its vectors."""
     seg = index.vectors.segments.get(shard)
     vectors = set() if seg is None else {(r, seg.names[e], c.tobytes())
                                          for r, e, c in zip(seg.rowids.tolist(), seg.entities.tolist(), seg.codes)}
-    return (*lexical, vectors)
+    return (*index.lexicon.documents_of(shard), vectors)
 
 
-def on_disk(store) -> tuple[set, set, set]:
-    rows = store.db.execute("SELECT rowid, textual_content, vector, entity_id FROM memories").fetchall()
-    codes = quantize(np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32).reshape(len(rows), -1))[0]
-    return ({(r[0], r[1]) for r in rows},
-            {tuple(r) for r in store.db.execute("SELECT rowid, window_text FROM windows_fts")},
-            {(r[0], r[3], c.tobytes()) for r, c in zip(rows, codes)})
+def on_disk(store) -> tuple:
+    """The same, read from the shard's file into a fresh lexicon."""
+    rows = store.db.execute(_MEMORIES).fetchall()
+    fresh = Lexicon()
+    fresh.insert(store.shard_id, rows, store.db.execute(_WINDOWS).fetchall())
+    codes = quantize(np.frombuffer(b"".join(r[5] for r in rows), dtype=np.float32).reshape(len(rows), -1))[0]
+    return (*fresh.documents_of(store.shard_id), {(r[0], r[1], c.tobytes()) for r, c in zip(rows, codes)})
 
 
 def test_the_index_follows_every_write(make_store, embedder, data):
@@ -122,7 +121,7 @@ def test_the_index_follows_every_write(make_store, embedder, data):
     erased = ENTITIES[2]
     assert stores[2].erase(erased)["memories"] > 0
     check()
-    assert not [t for t in contents(index, 2)[0] if erased in t[1]]
+    assert not [r for r in contents(index, 2)[2] if r[1] == erased] and contents(index, 2)[0]
     assert index.loads == loads  # all of that was read row by row, not by loading shards again
     # Indexing the vectors (an UPDATE of `indexed`) changes no text: nothing to read again.
     refreshed = index.refreshed
@@ -135,7 +134,7 @@ def test_the_index_follows_every_write(make_store, embedder, data):
     stores[1].upsert(data[:3])
     del stores[2]
     check()
-    assert contents(index, 2) == (set(), set(), set())
+    assert contents(index, 2) == ({}, {}, set())
 
 
 def test_a_node_over_the_budget_is_told(make_store, embedder, data):

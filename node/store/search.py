@@ -16,7 +16,7 @@ import numpy as np
 
 from node.facts import asked_predicates, asks_about_the_past
 from node.ids import entity_token
-from node.ranking import Candidate, RankingConfig, decay, fts_match_expression, fuse, lexical_score
+from node.ranking import Candidate, RankingConfig, decays, fts_match_expression, fuse, lexical_score
 from node.store.fact_chains import apply_validity
 from node.store.records import MEMORY_COLUMNS, entity_count, row_to_memory
 from node.store.schema import LEXICAL_SOURCES, rows_in
@@ -25,6 +25,24 @@ from node.store.vector_index import VectorIndex
 from node.tuning import EXACT_SCAN, LEXICAL_SCAN, SHARD_EXACT_SCAN
 from node.vector_cache import WHOLE_SHARD, EntityVectors, VectorCache
 
+# A candidate's row as scoring reads it: (rowid, memory_id, created_at_ms, kind, vector, whether it states a fact).
+CANDIDATE_COLUMNS = ("m.rowid, m.memory_id, m.created_at_ms, m.kind, m.vector, "
+                     "EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = m.memory_id)")
+
+
+def score_candidates(rows: list[tuple], query_vector: np.ndarray, turn: np.ndarray, window: np.ndarray,
+                     max_turn: float, max_window: float, as_of: int | None, config: RankingConfig) -> list[Candidate]:
+    """Candidates (rows of CANDIDATE_COLUMNS, of one shard or of many) scored on every signal in one
+    pass, before fact validity: cosine, both BM25s (`turn`, `window`: each row's, 0 when it did not
+    match) normalised by their best, recency as of `as_of` (default: now)."""
+    if not rows:
+        return []
+    q = np.asarray(query_vector, dtype=np.float32)
+    cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
+    now = as_of if as_of is not None else int(time.time() * 1000)
+    scores = fuse(cosines.astype(np.float64), lexical_score(turn, max_turn, window, max_window, config), config)
+    scores = scores * decays([now - r[2] for r in rows], [r[3] for r in rows], config)
+    return [Candidate(score, r[2], r[1], r[0]) for r, score in zip(rows, scores.tolist())]
 
 
 class Stopwatch:
@@ -235,21 +253,22 @@ class Search:
         When the question asks for a slot's predicate (`node.facts.asked_predicates`), that fact
         ranks first of all.
         """
-        scored: list[Candidate] = []
-        q = np.asarray(query_vector, dtype=np.float32)
-        now = as_of if as_of is not None else int(time.time() * 1000)
-        cfg = self.ranking
-        rows = list(rows_in(self.db, "SELECT rowid, memory_id, created_at_ms, kind, vector FROM memories "
-                                     "WHERE rowid IN ({marks})", rowids))
-        if rows:
-            cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
-            for (rowid, memory_id, created, kind, _), cos in zip(rows, cosines.tolist()):
-                lexical = lexical_score(turn.get(rowid, 0.0), max_turn, window.get(rowid, 0.0), max_window, cfg)
-                score = fuse(cos, lexical, cfg) * decay(now - created, kind, cfg)
-                scored.append(Candidate(score, created, memory_id, rowid))
-        if scored:
-            apply_validity(self.db, scored, as_of, past, asked, self.ranking.stale_factor)
+        rows = self.candidate_rows(rowids)
+        lexical = [np.array([scores.get(r[0], 0.0) for r in rows], dtype=np.float64) for scores in (turn, window)]
+        scored = score_candidates(rows, query_vector, *lexical, max_turn, max_window, as_of, self.ranking)
+        self.apply_validity(rows, scored, as_of, past, asked)
         return scored
+
+    def candidate_rows(self, rowids: list[int]) -> list[tuple]:
+        """What `score_candidates` and `apply_validity` read of each candidate (CANDIDATE_COLUMNS)."""
+        return list(rows_in(self.db, f"SELECT {CANDIDATE_COLUMNS} FROM memories m WHERE rowid IN ({{marks}})", rowids))
+
+    def apply_validity(self, rows: list[tuple], scored: list[Candidate], as_of: int | None, past: bool,
+                       asked: set[str]) -> None:
+        """Fact validity over this shard's scored candidates (`scored`, in the order of `rows`); no
+        read when none of them states a fact."""
+        if any(r[5] for r in rows):
+            apply_validity(self.db, scored, as_of, past, asked, self.ranking.stale_factor)
 
     def hydrate(self, best: list[Candidate]) -> list[dict[str, Any]]:
         """The memories of `best`, in full and in that order, each with its score as `similarity`."""
