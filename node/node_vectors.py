@@ -32,7 +32,8 @@ SCORES_MODEL = (
     b'\x12\x11\n\x0f\x08\x03\x12\x0b\n\x05\x12\x03dim\n\x02\x08\x01Z\x0e\n\x04zero\x12\x06\n\x04\x08\x02\x12\x00b'
     b'\x1c\n\x06scores\x12\x12\n\x10\x08\x06\x12\x0c\n\x06\x12\x04rows\n\x02\x08\x01B\x04\n\x00\x10\r')
 ZERO = np.array(128, dtype=np.uint8)
-BLOCK_ROWS = 4096  # rows scanned per ONNX Runtime call, about: small shards' segments are joined up to it
+BLOCK_ROWS = 16384  # rows scanned per ONNX Runtime call, about: small shards' segments are joined up to it
+# (a write to a shard joins its block again, 6 MiB at 384 dimensions; 4,096 cost 1.1 ms more a query: docs/benchmarks.md)
 
 
 class Segment(NamedTuple):
@@ -203,9 +204,12 @@ class NodeVectors:
             if inside is not None and not inside.any():
                 continue
             found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
-            owners.append(block.owners if inside is None else block.owners[inside])
-            rowids.append(seg.rowids if inside is None else seg.rowids[inside])
-            scores.append(found if inside is None else found[inside])
+            mine = np.arange(len(found)) if inside is None else np.flatnonzero(inside)
+            if len(mine) > k:  # only a block's best k can be among the best k of all
+                mine = mine[np.argpartition(-found[mine], k - 1)[:k]]
+            owners.append(block.owners[mine])
+            rowids.append(seg.rowids[mine])
+            scores.append(found[mine])
         return best_by_shard(owners, rowids, scores, k)
 
     def _scorer(self) -> ort.InferenceSession:
