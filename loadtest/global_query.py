@@ -95,6 +95,7 @@ async def measure(base: str, key: str, queries: int, entities: int, seed: int, s
     rng = random.Random(seed)
     kinds = ["entity", "global"] + (["prefix"] if scoped else [])
     latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
+    stages: dict[str, dict[str, list[float]]] = {kind: {} for kind in kinds}  # kind -> stage -> ms (x-tm-*-us)
     headers = {"x-api-key": key}
     async with aiohttp.ClientSession(headers=headers) as s:
         for _ in range(600):  # every node has opened its shards
@@ -116,15 +117,20 @@ async def measure(base: str, key: str, queries: int, entities: int, seed: int, s
                 if kind == "prefix" and not all(h["entity_id"].startswith(scoped[0]) for h in hits):
                     raise SystemExit(f"a query of a key scoped to {scoped[0]!r} saw other entities")
             latencies[kind].append((time.perf_counter() - t) * 1000)
+            for name, value in r.headers.items():
+                if name.startswith("x-tm-") and name.endswith("-us"):
+                    stages[kind].setdefault(name[5:-3], []).append(int(value) / 1000)
 
         for _ in range(20):  # warm: every shard's matrix and index loaded, Ray's workers up
             for kind in reversed(kinds):
                 await one(kind)
         latencies = {kind: [] for kind in kinds}
+        stages = {kind: {} for kind in kinds}
         for _ in range(queries):
             for kind in kinds:
                 await one(kind)
-    out = {kind: {"p50_ms": round(percentile(v, 50), 2), "p95_ms": round(percentile(v, 95), 2), "n": len(v)}
+    out = {kind: {"p50_ms": round(percentile(v, 50), 2), "p95_ms": round(percentile(v, 95), 2), "n": len(v),
+                  "stage_p50_ms": {stage: round(percentile(ms, 50), 2) for stage, ms in stages[kind].items()}}
            for kind, v in latencies.items()}
     out["global_over_entity_p50"] = round(out["global"]["p50_ms"] / out["entity"]["p50_ms"], 2)
     if scoped:
