@@ -9,8 +9,9 @@ posting arrays, and a query's BM25 over every matching row is a few array operat
 
 Everything that decides a score is FTS5's own, so a node of one shard scores as that shard
 (tests/test_node_index.py):
-  - words are cut and stemmed by FTS5 itself: each batch of documents goes through a scratch FTS5
-    table with the shards' tokenizer and comes back through `fts5vocab` (term, row, column, count);
+  - words are cut and stemmed by FTS5 itself: a whole shard's are read from its own FTS5 tables
+    through `fts5vocab` (`load`), and rows written later go through a scratch FTS5 table with the
+    shards' tokenizer and come back the same way (`insert`);
   - BM25 is `bm25(table, 0.0, 1.0)` of node/store/search.py: a word counts in the text column
     only, the length of a row counts the entity token too, k1 = 1.2, b = 0.75, and an idf at or
     below zero becomes 1e-6, over the node's rows (the idf of a word is the node's).
@@ -170,6 +171,43 @@ class Lexicon:
     def insert(self, shard: int, memories: list, windows: list) -> None:
         """Add (or replace) a shard's memories, (rowid, entity_id, created_at_ms, entity_token, text, ...)
         each, and their window documents, (rowid, entity_token, window text) each."""
+        slots = self._place(shard, memories).tolist()
+        first = slots[0] if slots else self.used
+        fresh = [self.slot_of.get(key(shard, r[0]), -1) for r in windows]
+        for t, docs in enumerate(([(slot, r[3], r[4]) for slot, r in zip(slots, memories)],
+                                  [(slot, r[1], r[2]) for slot, r in zip(fresh, windows) if slot >= first])):
+            if docs:
+                found, lengths = self.tokenizer.documents(docs)
+                self._index(t, [w for w, _, _ in found], np.fromiter((r[1] for r in found), dtype=np.int32,
+                                                                     count=len(found)),
+                            np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found)),
+                            np.fromiter(lengths, dtype=np.int64, count=len(lengths)),
+                            np.fromiter(lengths.values(), dtype=np.int32, count=len(lengths)))
+
+    def load(self, shard: int, memories: list, indexed: list[tuple[list, list]]) -> None:
+        """A whole shard's memories (as `insert` takes them) with each table's words as the shard's
+        own FTS5 index holds them, read by the caller through `fts5vocab`: (word, rowid, count in
+        the text) triples and (rowid, length) pairs. The same postings as `insert` (the same
+        tokenizer cut them: tests/test_node_index.py), without cutting every text again."""
+        slots = self._place(shard, memories)
+        rowids = np.fromiter((r[0] for r in memories), dtype=np.int64, count=len(memories))
+        order = np.argsort(rowids)
+
+        def slots_of(docs: np.ndarray) -> np.ndarray:  # -1: not one of `memories`
+            at = order[np.minimum(np.searchsorted(rowids, docs, sorter=order), max(len(order) - 1, 0))]
+            return np.where(rowids[at] == docs, slots[at], -1) if len(order) else np.full(len(docs), -1)
+
+        for t, (found, lengths) in enumerate(indexed):
+            found_slots = slots_of(np.fromiter((r[1] for r in found), dtype=np.int64, count=len(found)))
+            length_slots = slots_of(np.fromiter((r[0] for r in lengths), dtype=np.int64, count=len(lengths)))
+            kept = found_slots >= 0
+            self._index(t, [r[0] for r, k in zip(found, kept.tolist()) if k], found_slots[kept].astype(np.int32),
+                        np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found))[kept],
+                        length_slots[length_slots >= 0],
+                        np.fromiter((r[1] for r in lengths), dtype=np.int32, count=len(lengths))[length_slots >= 0])
+
+    def _place(self, shard: int, memories: list) -> np.ndarray:
+        """New slots for `memories` (the old ones of the same rowids die), their columns filled."""
         self.delete(shard, [r[0] for r in memories])
         first = self.used
         self._reserve(len(memories))
@@ -181,11 +219,7 @@ class Lexicon:
         self.live[slots] = True
         self.used += len(memories)
         self.slot_of.update((key(shard, r[0]), slot) for r, slot in zip(memories, slots.tolist()))
-        fresh = [self.slot_of.get(key(shard, r[0]), -1) for r in windows]
-        for t, docs in enumerate(([(slot, r[3], r[4]) for slot, r in zip(slots.tolist(), memories)],
-                                  [(slot, r[1], r[2]) for slot, r in zip(fresh, windows) if slot >= first])):
-            if docs:
-                self._add(t, docs)
+        return slots
 
     def delete(self, shard: int, rowids: list[int]) -> None:
         self._kill([s for s in (self.slot_of.pop(key(shard, r), None) for r in rowids) if s is not None])
@@ -256,18 +290,14 @@ class Lexicon:
                     out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))
         return out
 
-    def _add(self, table: int, docs: list[tuple[int, str, str]]) -> None:
-        found, lengths = self.tokenizer.documents(docs)
-        slots = np.fromiter(lengths, dtype=np.int64, count=len(lengths))
-        sizes = np.fromiter(lengths.values(), dtype=np.int32, count=len(lengths))
-        self.lengths[table][slots] = sizes
-        self.documents[table] += len(slots)
-        self.tokens[table] += int(sizes.sum())
-        words = np.fromiter((self.words.setdefault(w, len(self.words)) for w, _, _ in found), dtype=np.int32,
-                            count=len(found))
-        self.postings[table].add(words, np.fromiter((r[1] for r in found), dtype=np.int32, count=len(found)),
-                                 np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found)),
-                                 self.live, len(self.words))
+    def _index(self, table: int, words: list[str], slots: np.ndarray, counts: np.ndarray, documents: np.ndarray,
+               lengths: np.ndarray) -> None:
+        """Postings (word, slot, count) and the documents' lengths into `table`."""
+        self.lengths[table][documents] = lengths
+        self.documents[table] += len(documents)
+        self.tokens[table] += int(lengths.sum())
+        ids = np.fromiter((self.words.setdefault(w, len(self.words)) for w in words), dtype=np.int32, count=len(words))
+        self.postings[table].add(ids, slots, counts, self.live, len(self.words))
 
     def _kill(self, slots: list[int]) -> None:
         if not slots:

@@ -28,7 +28,7 @@ import numpy as np
 
 from node.lexicon import Lexicon
 from node.node_vectors import NodeVectors
-from node.store.schema import rows_in
+from node.store.schema import LEXICAL_SOURCES, rows_in
 from node.store.scope import Scope
 from node.store.shard import ShardStore
 from node.store.windows import session_neighbours
@@ -51,7 +51,14 @@ CREATE TEMP TRIGGER IF NOT EXISTS node_index_au
     INSERT INTO {_NOTES} VALUES (old.rowid, old.entity_id, old.session_id, old.turn_index);
     INSERT INTO {_NOTES} VALUES (new.rowid, new.entity_id, new.session_id, new.turn_index);
 END;
+CREATE VIRTUAL TABLE IF NOT EXISTS temp.node_index_turn_words USING fts5vocab(main, memories_fts, instance);
+CREATE VIRTUAL TABLE IF NOT EXISTS temp.node_index_window_words USING fts5vocab(main, windows_fts, instance);
 """
+# A whole shard's words come from its own FTS5 tables (Lexicon.load), one vocabulary table each: the
+# count of each word in each document's text, and each document's length in tokens (both columns).
+_VOCABULARIES = ("node_index_turn_words", "node_index_window_words")
+_WORDS = "SELECT term, doc, count(*) FROM temp.{vocab} WHERE col = '{column}' GROUP BY term, doc"
+_LENGTHS = "SELECT doc, count(*) FROM temp.{vocab} GROUP BY doc"
 # What the index reads from a shard: each memory's text and vector, and its window document.
 _MEMORIES = "SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector FROM memories m"
 _WINDOWS = "SELECT w.rowid, w.entity_token, w.window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid"
@@ -118,7 +125,9 @@ class NodeIndex:
         store.db.executescript(_TRIGGERS)
         store.db.execute(f"DELETE FROM temp.{_NOTES}")
         memories = store.db.execute(_MEMORIES).fetchall()
-        self.lexicon.insert(shard, memories, store.db.execute(_WINDOWS).fetchall())
+        self.lexicon.load(shard, memories, [(store.db.execute(_WORDS.format(vocab=vocab, column=column)).fetchall(),
+                                             store.db.execute(_LENGTHS.format(vocab=vocab)).fetchall())
+                                            for vocab, (_, column) in zip(_VOCABULARIES, LEXICAL_SOURCES)])
         self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
         self._loaded[shard] = store
         self.loads += 1
