@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import sqlite3
+from typing import NamedTuple
 
 import numpy as np
 
@@ -109,18 +110,17 @@ class Tokenizer:
     def __init__(self) -> None:
         self.db = _scratch()  # query terms': one row at a time, so deletes leave little behind
 
-    def documents(self, docs: list[tuple[int, str, str]]) -> tuple[list[tuple[str, int, int]], dict[int, int]]:
-        """For (slot, entity token, text) documents: (word, slot, count in the text) triples, and each
-        document's length in tokens (both columns, as FTS5's bm25 counts it)."""
+    def documents(self, docs: list[tuple[int, str, str]]) -> Batch:
+        """The postings of (slot, entity token, text) documents."""
         db = _scratch()  # a batch's own: what a delete leaves in an FTS5 index slows its next reads
         try:
             db.executemany("INSERT INTO scratch(rowid, entity_token, text) VALUES (?, ?, ?)", docs)
-            words = db.execute("SELECT term, doc, count(*) FROM scratch_words WHERE col = 'text' "
+            found = db.execute("SELECT term, doc, count(*) FROM scratch_words WHERE col = 'text' "
                                "GROUP BY term, doc").fetchall()
-            lengths = dict(db.execute("SELECT doc, count(*) FROM scratch_words GROUP BY doc").fetchall())
+            lengths = db.execute("SELECT doc, count(*) FROM scratch_words GROUP BY doc").fetchall()
         finally:
             db.close()
-        return words, lengths
+        return Batch.read(found, lengths)
 
     @functools.lru_cache(maxsize=4096)
     def words(self, term: str) -> tuple[str, ...]:
@@ -138,6 +138,26 @@ def _scratch() -> sqlite3.Connection:
     db.execute(f"CREATE VIRTUAL TABLE scratch USING fts5(entity_token, text, tokenize='{TOKENIZER}')")
     db.execute("CREATE VIRTUAL TABLE scratch_words USING fts5vocab(scratch, 'instance')")
     return db
+
+
+class Batch(NamedTuple):
+    """Documents' postings, as `fts5vocab` reads them: the word, document and count in the text of
+    each (word, document) pair, and each document's length in tokens (both columns, as FTS5's bm25
+    counts it). A document is a slot, or a shard's rowid before `Lexicon.load` finds its slot."""
+
+    words: list[str]
+    docs: np.ndarray
+    counts: np.ndarray
+    documents: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def read(cls, found: list, lengths: list) -> Batch:
+        """From rows (word, document, count) and (document, length)."""
+        return cls([r[0] for r in found], np.fromiter((r[1] for r in found), dtype=np.int64, count=len(found)),
+                   np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found)),
+                   np.fromiter((r[0] for r in lengths), dtype=np.int64, count=len(lengths)),
+                   np.fromiter((r[1] for r in lengths), dtype=np.int32, count=len(lengths)))
 
 
 class Lexicon:
@@ -177,34 +197,21 @@ class Lexicon:
         for t, docs in enumerate(([(slot, r[3], r[4]) for slot, r in zip(slots, memories)],
                                   [(slot, r[1], r[2]) for slot, r in zip(fresh, windows) if slot >= first])):
             if docs:
-                found, lengths = self.tokenizer.documents(docs)
-                self._index(t, [w for w, _, _ in found], np.fromiter((r[1] for r in found), dtype=np.int32,
-                                                                     count=len(found)),
-                            np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found)),
-                            np.fromiter(lengths, dtype=np.int64, count=len(lengths)),
-                            np.fromiter(lengths.values(), dtype=np.int32, count=len(lengths)))
+                self._index(t, self.tokenizer.documents(docs))
 
     def load(self, shard: int, memories: list, indexed: list[tuple[list, list]]) -> None:
         """A whole shard's memories (as `insert` takes them) with each table's words as the shard's
         own FTS5 index holds them, read by the caller through `fts5vocab`: (word, rowid, count in
-        the text) triples and (rowid, length) pairs. The same postings as `insert` (the same
-        tokenizer cut them: tests/test_node_index.py), without cutting every text again."""
+        the text) and (rowid, length) rows. The same postings as `insert` (the same tokenizer cut
+        them: tests/test_node_index.py), without cutting every text again."""
         slots = self._place(shard, memories)
-        rowids = np.fromiter((r[0] for r in memories), dtype=np.int64, count=len(memories))
-        order = np.argsort(rowids)
-
-        def slots_of(docs: np.ndarray) -> np.ndarray:  # -1: not one of `memories`
-            at = order[np.minimum(np.searchsorted(rowids, docs, sorter=order), max(len(order) - 1, 0))]
-            return np.where(rowids[at] == docs, slots[at], -1) if len(order) else np.full(len(docs), -1)
-
+        rowids = self.rowid[slots]
         for t, (found, lengths) in enumerate(indexed):
-            found_slots = slots_of(np.fromiter((r[1] for r in found), dtype=np.int64, count=len(found)))
-            length_slots = slots_of(np.fromiter((r[0] for r in lengths), dtype=np.int64, count=len(lengths)))
-            kept = found_slots >= 0
-            self._index(t, [r[0] for r, k in zip(found, kept.tolist()) if k], found_slots[kept].astype(np.int32),
-                        np.fromiter((r[2] for r in found), dtype=np.int32, count=len(found))[kept],
-                        length_slots[length_slots >= 0],
-                        np.fromiter((r[1] for r in lengths), dtype=np.int32, count=len(lengths))[length_slots >= 0])
+            batch = Batch.read(found, lengths)
+            docs, documents = _lookup(rowids, slots, batch.docs), _lookup(rowids, slots, batch.documents)
+            kept, held = docs >= 0, documents >= 0  # a row of the FTS index and not of `memories`: none should be
+            self._index(t, Batch([w for w, k in zip(batch.words, kept.tolist()) if k], docs[kept], batch.counts[kept],
+                                 documents[held], batch.lengths[held]))
 
     def _place(self, shard: int, memories: list) -> np.ndarray:
         """New slots for `memories` (the old ones of the same rowids die), their columns filled."""
@@ -290,14 +297,14 @@ class Lexicon:
                     out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))
         return out
 
-    def _index(self, table: int, words: list[str], slots: np.ndarray, counts: np.ndarray, documents: np.ndarray,
-               lengths: np.ndarray) -> None:
-        """Postings (word, slot, count) and the documents' lengths into `table`."""
-        self.lengths[table][documents] = lengths
-        self.documents[table] += len(documents)
-        self.tokens[table] += int(lengths.sum())
-        ids = np.fromiter((self.words.setdefault(w, len(self.words)) for w in words), dtype=np.int32, count=len(words))
-        self.postings[table].add(ids, slots, counts, self.live, len(self.words))
+    def _index(self, table: int, batch: Batch) -> None:
+        """A batch's postings and document lengths into `table`."""
+        self.lengths[table][batch.documents] = batch.lengths
+        self.documents[table] += len(batch.documents)
+        self.tokens[table] += int(batch.lengths.sum())
+        ids = np.fromiter((self.words.setdefault(w, len(self.words)) for w in batch.words), dtype=np.int32,
+                          count=len(batch.words))
+        self.postings[table].add(ids, batch.docs.astype(np.int32), batch.counts, self.live, len(self.words))
 
     def _kill(self, slots: list[int]) -> None:
         if not slots:
@@ -368,6 +375,15 @@ class Lexicon:
 @functools.lru_cache(maxsize=64)
 def _admitted_names(count: int, names: tuple[str, ...], scope: Scope) -> np.ndarray:
     return np.array([scope.admits_entity(name) for name in names], dtype=bool)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values[i] for the i with keys[i] == each of `wanted` (keys distinct), -1 where there is none."""
+    if not len(keys):
+        return np.full(len(wanted), -1, dtype=np.int64)
+    order = np.argsort(keys)
+    at = order[np.minimum(np.searchsorted(keys, wanted, sorter=order), len(keys) - 1)]
+    return np.where(keys[at] == wanted, values[at], -1)
 
 
 def _grown(column: np.ndarray, size: int) -> np.ndarray:
