@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 
 from node.ranking import query_terms
-from node.store.scope import Scope
+from node.store.scope import Scope, admitted_names
 
 TABLES = ("turns", "windows")  # as the shards' memories_fts and windows_fts
 TOKENIZER = "porter unicode61 remove_diacritics 2"  # the shards' (node/store/schema.py)
@@ -364,17 +364,12 @@ class Lexicon:
         """Which slots `scope` and `shards` admit; None: every one."""
         inside = None if scope.timeless else scope.mask(self.created_at_ms[:self.used])
         if scope.prefixes:
-            of_entity = _admitted_names(len(self.names), tuple(self.names), scope)[self.entity[:self.used]]
+            of_entity = admitted_names(tuple(self.names), scope)[self.entity[:self.used]]
             inside = of_entity if inside is None else inside & of_entity
         if shards is not None:
             of_shard = np.isin(self.shard[:self.used], np.fromiter(shards, dtype=np.int32))
             inside = of_shard if inside is None else inside & of_shard
         return inside
-
-
-@functools.lru_cache(maxsize=64)
-def _admitted_names(count: int, names: tuple[str, ...], scope: Scope) -> np.ndarray:
-    return np.array([scope.admits_entity(name) for name in names], dtype=bool)
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:

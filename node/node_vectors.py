@@ -16,13 +16,12 @@ embeddings and on random unit vectors the exact best 64 were always among the be
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
-from node.store.scope import Scope
+from node.store.scope import Scope, admitted_names
 
 # One MatMulInteger node: scores[rows, 1] = (codes[rows, dim] - zero) @ query[dim, 1] (onnx.helper,
 # opset 13, IR 8; tests/test_node_index.py builds it again with the onnx package and compares).
@@ -61,15 +60,9 @@ class Segment(NamedTuple):
         """Which rows `scope` (window, entity, prefixes) admits; None: all of them."""
         inside = None if scope.timeless else scope.mask(self.created_at_ms)
         if scope.entity_id is not None or scope.prefixes:
-            of_entity = _admitted_names(self.names, scope)[self.entities]
+            of_entity = admitted_names(self.names, scope)[self.entities]
             inside = of_entity if inside is None else inside & of_entity
         return inside
-
-
-@functools.lru_cache(maxsize=256)
-def _admitted_names(names: tuple[str, ...], scope: Scope) -> np.ndarray:
-    """Which of `names` `scope` admits (kept: a query asks it of each shard and block it scans)."""
-    return np.array([scope.admits_entity(name) for name in names], dtype=bool)
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ all of them, so they cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -88,6 +89,13 @@ class Scope:
         """The entity and prefix part of `admits`."""
         return ((self.entity_id is None or entity_id == self.entity_id)
                 and (not self.prefixes or any(entity_id.startswith(p) for p in self.prefixes)))
+
+
+@functools.lru_cache(maxsize=256)
+def admitted_names(names: tuple[str, ...], scope: Scope) -> np.ndarray:
+    """Which of `names` (entity ids) `scope` admits, as a mask; kept, since a query asks it of every
+    block of rows it scans (node/node_vectors.py, node/lexicon.py)."""
+    return np.array([scope.admits_entity(name) for name in names], dtype=bool)
 
 
 def _successor(prefix: str) -> str | None:
