@@ -34,6 +34,7 @@ from router.control_client import ControlClient
 from router.errors import ApiError
 from router.link import Link
 from router.node_client import EdgesQuery, NodeClient, Nodes, Query, Walk
+from router.query_embedder import QueryEmbedder
 from router.ray_cluster import set_node_environment
 from router.routing import Routing
 from router.tuning import DEADLINE_MARGIN_S
@@ -48,6 +49,7 @@ class Cluster:
         self.nodes = Nodes(config, self.link)
         self.control = ControlClient(config, self.link, self.nodes)
         self.routing = Routing(config, self.link, self.nodes, self.control)
+        self.query_embedder = QueryEmbedder(config)
         self.node_info: dict[str, dict] = {}
         self.rejoins = 0
         self._owns_ray = False
@@ -158,6 +160,7 @@ class Cluster:
 
     async def close(self) -> None:
         """Let every node this process started finish in-flight work and checkpoint its shards."""
+        await self.query_embedder.close()
         if not self.nodes.clients or not self._owns_nodes:
             return
         t = time.monotonic()
@@ -247,7 +250,7 @@ class Cluster:
 
     async def embed_once(self, text: str) -> Any:
         """The vector of a query that every node answers, embedded by one node for all of them
-        (not once per node). The node is the one that holds the shard the text hashes to, so a
+        (not once per node), when this router does not embed it itself (router.query_embedder). The node is the one that holds the shard the text hashes to, so a
         repeated text meets its cached vector (node.embedder.EmbeddingCache); a read, so a
         follower answers when that node does not."""
         shard = self.placement.shard_of(text)
@@ -264,7 +267,9 @@ class Cluster:
         vector, embedded = None, 0.0
         if text is not None and len(set(self.placement.owner)) > 1:  # primaries on more than one node
             started = time.perf_counter()
-            vector = await self.embed_once(text)
+            vector = await self.query_embedder.embed(text)
+            if vector is None:
+                vector = await self.embed_once(text)
             embedded = time.perf_counter() - started
         parts = await self.routing.everywhere(lambda node, shards: node.query(q, shards, vector), read=True)
         hits = [h for part in parts for h in part]

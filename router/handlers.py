@@ -312,7 +312,7 @@ async def stats(request: web.Request) -> web.Response:
         **totals(per_node),
         "shards": request.app[CONFIG].shards,
         "nodes": per_node,  # each with its totals and `per_shard` counts (open shards only)
-        "router": {"merged": request.app[CLUSTER].merged_calls()},
+        "router": {"merged": request.app[CLUSTER].merged_calls(), "embedding": request.app[CLUSTER].query_embedder.stats()},
     })
 
 
@@ -338,6 +338,7 @@ async def metrics(request: web.Request) -> web.Response:
     request.app[METRICS].observe_placement(await cluster.placement_summary(timeout=tuning.METRICS_TIMEOUT_S),
                                            cluster.moved_retries)
     request.app[METRICS].observe_membership(cluster.ready()[0], cluster.authority_up, cluster.rejoins)
+    request.app[METRICS].observe_router_embedding(cluster.query_embedder.stats())
     return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

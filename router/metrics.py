@@ -55,6 +55,12 @@ class Metrics:
         self.node_embedding_cache = Gauge(
             "tellodb_node_embedding_cache", "Query texts a node found in its embedding cache (hit) or embedded "
             "(miss) since it started.", ["node", "result"], registry=r)
+        self.router_embedding_passes = Gauge(
+            "tellodb_router_embedding_passes", "Model passes this router has made embedding queries that span "
+            "nodes (router/query_embedder.py; 0 where nodes embed them).", registry=r)
+        self.router_embedding_cache = Gauge(
+            "tellodb_router_embedding_cache", "Query texts this router found in its embedding cache (hit) or "
+            "embedded (miss).", ["result"], registry=r)
         self.placement_epoch = Gauge("tellodb_placement_epoch", "The placement's epoch (it grows with every "
                                      "member change and shard move).", registry=r)
         self.pending_moves = Gauge("tellodb_shard_moves_pending", "Shard copies not where the balanced placement puts them yet.", registry=r)
@@ -116,6 +122,11 @@ class Metrics:
                     self.node_embedding_cache.labels(node, result).set(s["embedding_cache"][key])
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
+
+    def observe_router_embedding(self, stats: dict) -> None:
+        self.router_embedding_passes.set(stats["embedder_passes"])
+        for result, key in (("hit", "hits"), ("miss", "misses")):
+            self.router_embedding_cache.labels(result).set(stats["embedding_cache"][key])
 
     def observe_membership(self, ready: bool, authority_up: bool, rejoins: int) -> None:
         self.router_ready.set(1 if ready else 0)
