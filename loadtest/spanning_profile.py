@@ -73,14 +73,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr)
     stats = index.stats()
     result = {"memories": index.rows, "shards": len(stores), "load_seconds": round(loaded, 1),
-              "lexicon_mb": stats["lexicon_mb"], "vectors_mb": stats["vectors_mb"], "rows": rows}
+              "lexicon_mb": stats["lexicon_mb"], "vectors_mb": stats["vectors_mb"], "rows_mb": stats["rows_mb"], "rows": rows}
     print(json.dumps(result, indent=2))
     if args.out:
         out = Path(args.out)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         lines = [f"# One node's query without an entity: {index.rows:,} memories in {len(stores)} shards, in process",
                  "", f"Node index loaded in {result['load_seconds']} s: lexicon {stats['lexicon_mb']} MiB, "
-                 f"8-bit vectors {stats['vectors_mb']} MiB.", "", "| prefix | p50 ms | " + " | ".join(rows[0]["stages_ms"]) + " (mean ms) |",
+                 f"8-bit vectors {stats['vectors_mb']} MiB, the rows scoring reads {stats['rows_mb']} MiB.", "", "| prefix | p50 ms | " + " | ".join(rows[0]["stages_ms"]) + " (mean ms) |",
                  "|---|---:|" + "---:|" * len(rows[0]["stages_ms"])]
         lines += [f"| {r['prefix'] or '(none)'} | {r['p50_ms']} | " + " | ".join(str(v) for v in r["stages_ms"].values())
                   + " |" for r in rows]

@@ -1,9 +1,10 @@
 """A node's index over all the shards it holds, for queries that span them (no `entity_id`).
 
-Two halves, each a job of its own: the lexicon (node/lexicon.py: both FTS documents of every
-memory, as NumPy postings scored with FTS5's BM25) and the node's vectors (node/node_vectors.py: 8-bit
-codes scanned in one pass). This module keeps both current with the shards, without touching the
-write path:
+Three parts, each a job of its own: the lexicon (node/lexicon.py: both FTS documents of every
+memory, as NumPy postings scored with FTS5's BM25), the node's vectors (node/node_vectors.py: 8-bit
+codes scanned in one pass) and the rows scoring reads (node/node_rows.py: each memory's id, time,
+kind, exact vector and whether it states a fact). This module keeps them current with the shards,
+without touching the write path:
   - a shard is loaded whole the first time a spanning query reads it, and again whenever its
     `ShardStore` object changed (a copy that arrived, the half of a split, a restored snapshot: a
     new file means a new store);
@@ -14,8 +15,8 @@ write path:
     write, so a write rolled back leaves none; triggers and notes die with the connection;
   - a shard no longer held here is dropped.
 It is derived state, in memory only and never written to disk: an erase deletes the rows from it as
-from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 0.7 KB
-each: docs/ops/sizing.md); a node over that searches shard by shard. All of this runs on the node's
+from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 2.6 KB
+each at 384 dimensions, 1.9 of them the rows scoring reads: docs/ops/sizing.md); a node over that searches shard by shard. All of this runs on the node's
 store thread, like every other SQLite call, so no write interleaves.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from node.lexicon import Lexicon
+from node.node_rows import CandidateRows
 from node.node_vectors import NodeVectors
 from node.store.schema import LEXICAL_SOURCES, rows_in
 from node.store.scope import Scope
@@ -59,8 +61,10 @@ CREATE VIRTUAL TABLE IF NOT EXISTS temp.node_index_window_words USING fts5vocab(
 _VOCABULARIES = ("node_index_turn_words", "node_index_window_words")
 _WORDS = "SELECT term, doc, count(*) FROM temp.{vocab} WHERE col = '{column}' GROUP BY term, doc"
 _LENGTHS = "SELECT doc, count(*) FROM temp.{vocab} GROUP BY doc"
-# What the index reads from a shard: each memory's text and vector, and its window document.
-_MEMORIES = "SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector FROM memories m"
+# What the index reads from a shard: each memory's text, vector and what scoring reads (CANDIDATE_COLUMNS,
+# `_candidate`), and its window document.
+_MEMORIES = ("SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector, m.memory_id, "
+             "m.kind, EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = m.memory_id) FROM memories m")
 _WINDOWS = "SELECT w.rowid, w.entity_token, w.window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid"
 
 
@@ -68,6 +72,7 @@ class NodeIndex:
     def __init__(self, dimension: int) -> None:
         self.lexicon = Lexicon()
         self.vectors = NodeVectors(dimension)
+        self.candidates = CandidateRows(dimension)
         self._loaded: dict[int, ShardStore] = {}  # shard -> the store its rows were read from
         self.loads = 0  # shards loaded whole
         self.refreshed = 0  # rows read again after a write
@@ -115,7 +120,8 @@ class NodeIndex:
 
     def stats(self) -> dict[str, Any]:
         return {"memories": self.rows, "shards": len(self._loaded), "lexicon_mb": round(self.lexicon.nbytes / 2**20, 1),
-                "vectors_mb": round(self.vectors.nbytes / 2**20, 1), "loads": self.loads,
+                "vectors_mb": round(self.vectors.nbytes / 2**20, 1), "rows_mb": round(self.candidates.nbytes / 2**20, 1),
+                "loads": self.loads,
                 "rows_read_again": self.refreshed}
 
     def close(self) -> None:
@@ -129,12 +135,14 @@ class NodeIndex:
                                              store.db.execute(_LENGTHS.format(vocab=vocab)).fetchall())
                                             for vocab, (_, column) in zip(_VOCABULARIES, LEXICAL_SOURCES)])
         self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
+        self.candidates.put(shard, map(_candidate, memories))
         self._loaded[shard] = store
         self.loads += 1
 
     def _drop(self, shard: int) -> None:
         self.lexicon.delete_shard(shard)
         self.vectors.drop(shard)
+        self.candidates.drop(shard)
         store = self._loaded.pop(shard)
         try:
             store.db.execute(f"DELETE FROM temp.{_NOTES}")
@@ -162,7 +170,13 @@ class NodeIndex:
         self.lexicon.insert(shard, memories, _rows(db, _WINDOWS, "w.rowid", targets))
         written = set(changed)
         self.vectors.update(shard, changed, [(r[0], r[1], r[2], r[5]) for r in memories if r[0] in written])
+        self.candidates.update(shard, changed, [_candidate(r) for r in memories if r[0] in written])
         self.refreshed += len(windows)
+
+
+def _candidate(memory: Any) -> tuple:
+    """A row of `_MEMORIES` as scoring reads it (node.store.search.CANDIDATE_COLUMNS)."""
+    return memory[0], memory[6], memory[2], memory[7], memory[5], memory[8]
 
 
 def _rows(db: sqlite3.Connection, sql: str, column: str, rowids: list[int]) -> list:

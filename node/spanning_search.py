@@ -10,9 +10,10 @@ with the same signals and rules as a shard's search (node/store/search.py), in o
     matrix, or its HNSW index), and the node keeps the `pool` nearest of those scanned exactly;
   - lexical: the node's lexicon (node/lexicon.py) proposes the best `pool` of each FTS table over
     all the shards at once, and gives every candidate its BM25 over the node's rows;
-  - each shard with candidates scores them (cosine, both BM25s normalised by the node's best,
-    recency, fact validity over that shard's candidates, as a shard's own search does), the node
-    keeps the best `limit` of all, and only their shards read them in full.
+  - every candidate is scored in one pass from the rows the index keeps (node/node_rows.py: its
+    exact vector, time, kind): cosine, both BM25s normalised by the node's best, recency; then fact
+    validity over each shard's candidates that state facts, read from that shard, as a shard's own
+    search does. The node keeps the best `limit` of all, and only their shards read them in full.
 A query of one shard (an entity's), without text, or on a node whose index is over its budget
 (NODE_INDEX_ROWS) or still loading searches shard by shard and merges (`NodeSearch.search`). The
 index loads lazily, the shards of at most NODE_INDEX_LOAD_ROWS memories per query (about 0.5 s),
@@ -109,9 +110,9 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
         for s, store in stores.items():
             candidates[s].update(r[0] for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
 
-    # Every candidate's row from its shard, then all of them scored in one pass, then fact validity
-    # shard by shard (a fact competes with its slot's other values, which live in its shard).
-    rows = {s: stores[s].searcher.candidate_rows(sorted(rowids)) for s, rowids in candidates.items() if rowids}
+    # Every candidate's row from the index, all of them scored in one pass, then fact validity shard
+    # by shard (a fact competes with its slot's other values, which live in its shard).
+    rows = {s: index.candidates.of(s, sorted(rowids)) for s, rowids in candidates.items() if rowids}
     every = [(s, r) for s, shard_rows in rows.items() for r in shard_rows]
     slots = lexicon.slots([(s, r[0]) for s, r in every])
     lexical = [np.where(slots >= 0, m[slots], 0.0) for m in matches] or [np.zeros(len(every)) for _ in TABLES]

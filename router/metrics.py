@@ -48,7 +48,7 @@ class Metrics:
             "index_memory_mb budget is smaller than the shards in use.", ["node"], registry=r)
         self.node_spanning_memory = Gauge(
             "tellodb_node_spanning_index_bytes", "Memory of a node's index over its shards for queries without an "
-            "entity (node/node_index.py: full-text tables and 8-bit vectors).", ["node"], registry=r)
+            "entity (node/node_index.py: postings, 8-bit vectors and the rows scoring reads).", ["node"], registry=r)
         self.node_embedding_passes = Gauge(
             "tellodb_node_embedding_passes", "Model passes a node has made since it started (a pass embeds a batch).",
             ["node"], registry=r)
@@ -113,7 +113,7 @@ class Metrics:
                 self.node_index_loads.labels(node).set(indexes.get("loads", 0))
                 spanning = s.get("node_index") or {}
                 self.node_spanning_memory.labels(node).set(
-                    (spanning.get("lexicon_mb", 0) + spanning.get("vectors_mb", 0)) * 2**20)
+                    (spanning.get("lexicon_mb", 0) + spanning.get("vectors_mb", 0) + spanning.get("rows_mb", 0)) * 2**20)
                 replication = s.get("replication") or {}
                 self.copies_down.labels(node).set(replication.get("followers_down", 0))
                 self.replication_lag.labels(node).set(replication.get("lag_max", 0))

@@ -15,6 +15,7 @@ from node.node_index import _MEMORIES, _WINDOWS, NodeIndex
 from node.node_vectors import SCORES_MODEL, quantize
 from node.spanning_search import search_shards
 from node.store.scope import Scope
+from node.store.search import CANDIDATE_COLUMNS
 from node.store import MemoryRecord
 
 ENTITIES = [f"user-{i}" for i in range(8)]
@@ -72,12 +73,14 @@ def test_a_search_over_shards_answers_as_one_shard_holding_them_all(make_store, 
 
 
 def contents(index: NodeIndex, shard: int) -> tuple:
-    """What the index holds of a shard: both lexicon tables' documents (rowid -> length, words), and
-    (rowid, entity, codes) of its vectors."""
+    """What the index holds of a shard: both lexicon tables' documents (rowid -> length, words),
+    (rowid, entity, codes) of its vectors, and the rows scoring reads."""
     seg = index.vectors.segments.get(shard)
     vectors = set() if seg is None else {(r, seg.names[e], c.tobytes())
                                          for r, e, c in zip(seg.rowids.tolist(), seg.entities.tolist(), seg.codes)}
-    return (*index.lexicon.documents_of(shard), vectors)
+    scored = set() if seg is None else set(index.candidates.of(shard, seg.rowids.tolist()))
+    assert len(scored) == index.candidates.memories(shard)  # and no row more
+    return (*index.lexicon.documents_of(shard), vectors, scored)
 
 
 def on_disk(store) -> tuple:
@@ -86,7 +89,8 @@ def on_disk(store) -> tuple:
     fresh = Lexicon()
     fresh.insert(store.shard_id, rows, store.db.execute(_WINDOWS).fetchall())
     codes = quantize(np.frombuffer(b"".join(r[5] for r in rows), dtype=np.float32).reshape(len(rows), -1))[0]
-    return (*fresh.documents_of(store.shard_id), {(r[0], r[1], c.tobytes()) for r, c in zip(rows, codes)})
+    scored = {tuple(r) for r in store.db.execute(f"SELECT {CANDIDATE_COLUMNS} FROM memories m")}
+    return (*fresh.documents_of(store.shard_id), {(r[0], r[1], c.tobytes()) for r, c in zip(rows, codes)}, scored)
 
 
 def test_the_index_follows_every_write(make_store, embedder, data):
@@ -113,7 +117,12 @@ def test_the_index_follows_every_write(make_store, embedder, data):
     s0.upsert([MemoryRecord(f"{first.entity_id}::{first.session_id}::new", first.entity_id, first.session_id,
                             first.turn_index, 5_000, "conversation", "a new turn about saxophones", (), vector)])
     check()
-    # The same id written again with other words; a delete; an erase.
+    # The same id written again with other words and a fact (scoring reads whether it states one),
+    # then again without it; a delete; an erase.
+    s0.upsert([MemoryRecord(first.memory_id, first.entity_id, first.session_id, first.turn_index, 5_001,
+                            "conversation", "rewritten about violins", (), vector, fact_key="instrument")])
+    check()
+    assert any(row[5] for row in contents(index, 0)[3])
     s0.upsert([MemoryRecord(first.memory_id, first.entity_id, first.session_id, first.turn_index, 5_001,
                             "conversation", "rewritten about violins", (), vector)])
     assert s1.delete(next(r.memory_id for r in data if ENTITIES.index(r.entity_id) % 3 == 1))
@@ -134,7 +143,7 @@ def test_the_index_follows_every_write(make_store, embedder, data):
     stores[1].upsert(data[:3])
     del stores[2]
     check()
-    assert contents(index, 2) == ({}, {}, set())
+    assert contents(index, 2) == ({}, {}, set(), set())
 
 
 def test_a_node_over_the_budget_is_told(make_store, embedder, data):
