@@ -250,9 +250,10 @@ class Cluster:
 
     async def embed_once(self, text: str) -> Any:
         """The vector of a query that every node answers, embedded by one node for all of them
-        (not once per node), when this router does not embed it itself (router.query_embedder). The node is the one that holds the shard the text hashes to, so a
-        repeated text meets its cached vector (node.embedder.EmbeddingCache); a read, so a
-        follower answers when that node does not."""
+        (not once per node), when this router does not embed it itself (router.query_embedder).
+        The node is the one that holds the shard the text hashes to, so a repeated text meets its
+        cached vector (node.embedder.EmbeddingCache); a read, so a follower answers when that node
+        does not."""
         shard = self.placement.shard_of(text)
         return await self.routing.execute(shard, lambda node: node.embed_query(text), read=True)
 
