@@ -33,6 +33,7 @@ from node.node_rows import CandidateRows
 from node.node_vectors import NodeVectors
 from node.store.schema import LEXICAL_SOURCES, rows_in
 from node.store.scope import Scope
+from node.store.search import STATES_A_FACT
 from node.store.shard import ShardStore
 from node.store.windows import session_neighbours
 
@@ -65,7 +66,7 @@ _LENGTHS = "SELECT doc, count(*) FROM temp.{vocab} GROUP BY doc"
 # What the index reads from a shard: each memory's text, vector and what scoring reads (CANDIDATE_COLUMNS,
 # `_candidate`), and its window document.
 _MEMORIES = ("SELECT m.rowid, m.entity_id, m.created_at_ms, m.entity_token, m.textual_content, m.vector, m.memory_id, "
-             "m.kind, EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = m.memory_id) FROM memories m")
+             f"m.kind, {STATES_A_FACT} FROM memories m")
 _WINDOWS = "SELECT w.rowid, w.entity_token, w.window_text FROM windows_fts w JOIN memories m ON m.rowid = w.rowid"
 
 

@@ -25,9 +25,10 @@ from node.store.vector_index import VectorIndex
 from node.tuning import EXACT_SCAN, LEXICAL_SCAN, SHARD_EXACT_SCAN
 from node.vector_cache import WHOLE_SHARD, EntityVectors, VectorCache
 
+# Whether memory `m` states a fact (fact validity reads its shard only when a candidate does).
+STATES_A_FACT = "EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = m.memory_id)"
 # A candidate's row as scoring reads it: (rowid, memory_id, created_at_ms, kind, vector, whether it states a fact).
-CANDIDATE_COLUMNS = ("m.rowid, m.memory_id, m.created_at_ms, m.kind, m.vector, "
-                     "EXISTS (SELECT 1 FROM facts f WHERE f.memory_id = m.memory_id)")
+CANDIDATE_COLUMNS = f"m.rowid, m.memory_id, m.created_at_ms, m.kind, m.vector, {STATES_A_FACT}"
 
 
 def score_candidates(rows: list[tuple], query_vector: np.ndarray, turn: np.ndarray, window: np.ndarray,
