@@ -122,12 +122,13 @@ class NodeIndex:
 
     def stats(self) -> dict[str, Any]:
         return {"memories": self.rows, "shards": len(self._loaded), "lexicon_mb": round(self.lexicon.nbytes / 2**20, 1),
-                "vectors_mb": round(self.vectors.nbytes / 2**20, 1), "rows_mb": round(self.candidates.nbytes / 2**20, 1),
-                "loads": self.loads,
+                "vectors_mb": round(self.vectors.nbytes / 2**20, 1), "four_bit_memories": self.vectors.sealed_rows,
+                "rows_mb": round(self.candidates.nbytes / 2**20, 1), "loads": self.loads,
                 "rows_read_again": self.refreshed}
 
     def close(self) -> None:
         self.lexicon.tokenizer.db.close()
+        self.vectors.close()
 
     def _load(self, shard: int, store: ShardStore) -> None:
         store.db.executescript(_TRIGGERS)

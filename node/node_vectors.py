@@ -7,6 +7,15 @@ memories in one matrix on this machine, 5.5 ms in 32 shards' matrices. Here each
 quarter of the bytes, and scanned with ONNX Runtime's MatMulInteger (uint8 x int8 -> int32, its
 integer kernels): 1.0 ms for the same 52,000, 1.3 ms as 32 shards' segments (docs/benchmarks.md).
 
+A block (consecutive shards' segments, about BLOCK_ROWS rows) that has not changed for SEAL_AFTER_S
+also gets 4-bit codes, a scale per 128 coordinates, in an ONNX Runtime session of its own
+(node/four_bit_scan.py), built on a thread so no query waits for it. Its scan then reads those, half
+the bytes, keeps FOUR_BIT_SHORTLIST times the rows asked for, and reads their 8-bit codes again to
+propose the best: what the 8-bit scan alone proposes, for about half the memory read after the node
+sat idle (docs/benchmarks.md). The 8-bit codes stay: a write to one of the block's shards joins it
+again, scanned at 8 bits until it is still again. The session costs about 0.45 KiB a memory
+(docs/ops/sizing.md).
+
 The scan only proposes. The caller takes more candidates than it needs (`nearest`: twice the pool)
 and scores every candidate on its exact cosine from the shard (node/store/search.py `scored`), so
 quantisation can change which memories come in at the edge of the pool, never a score. On
@@ -16,11 +25,15 @@ embeddings and on random unit vectors the exact best 64 were always among the be
 
 from __future__ import annotations
 
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
+from node.four_bit_scan import FourBitScan, group_for
 from node.store.scope import Scope, admitted_names
 
 # One MatMulInteger node: scores[rows, 1] = (codes[rows, dim] - zero) @ query[dim, 1] (onnx.helper,
@@ -31,8 +44,11 @@ SCORES_MODEL = (
     b'\x12\x11\n\x0f\x08\x03\x12\x0b\n\x05\x12\x03dim\n\x02\x08\x01Z\x0e\n\x04zero\x12\x06\n\x04\x08\x02\x12\x00b'
     b'\x1c\n\x06scores\x12\x12\n\x10\x08\x06\x12\x0c\n\x06\x12\x04rows\n\x02\x08\x01B\x04\n\x00\x10\r')
 ZERO = np.array(128, dtype=np.uint8)
+log = logging.getLogger("tellodb")
 BLOCK_ROWS = 16384  # rows scanned per ONNX Runtime call, about: small shards' segments are joined up to it
 # (a write to a shard joins its block again, 6 MiB at 384 dimensions; 4,096 cost 1.1 ms more a query: docs/benchmarks.md)
+SEAL_AFTER_S = 10.0  # a block unchanged this long gets its 4-bit scan (about 80 ms of a thread for 16,384 rows)
+FOUR_BIT_SHORTLIST = 3  # a 4-bit scan keeps this many times the rows asked for, read again at 8 bits
 
 
 class Segment(NamedTuple):
@@ -123,11 +139,22 @@ class NodeVectors:
         self.dimension = dimension
         self.segments: dict[int, Segment] = {}
         self._blocks: dict[tuple[int, ...], Block] = {}  # joined segments, by their shards
+        self._joined_at: dict[tuple[int, ...], float] = {}  # when each block was joined (time.monotonic)
+        self._sealed: dict[tuple[int, ...], FourBitScan] = {}  # blocks' 4-bit scans
+        self._sealing: dict[tuple[int, ...], Future] = {}  # ... being built
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
+        self.four_bits = group_for(dimension) is not None  # whether blocks get 4-bit scans (off after a failed build)
         self._session: ort.InferenceSession | None = None
 
     @property
+    def sealed_rows(self) -> int:
+        """Rows scanned as 4-bit codes (in blocks that have their 4-bit scan)."""
+        return sum(scan.rows for scan in self._sealed.values())
+
+    @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.segments.values())
+        """The segments' arrays and what the 4-bit scans hold."""
+        return sum(s.nbytes for s in self.segments.values()) + sum(scan.nbytes for scan in self._sealed.values())
 
     def put(self, shard: int, rows: list) -> None:
         """A shard's whole segment: `rows` are (rowid, entity_id, created_at_ms, vector bytes)."""
@@ -151,11 +178,21 @@ class NodeVectors:
 
     def _changed(self, shard: int) -> None:
         for key in [key for key in self._blocks if shard in key]:
-            del self._blocks[key]
+            self._let_go(key)
 
-    def blocks(self, shards: list[int]) -> list[Block]:
-        """`shards`' segments in blocks of about BLOCK_ROWS rows (a larger segment alone), joined
-        ones kept until one of their shards changes; blocks of other groupings are let go."""
+    def _let_go(self, key: tuple[int, ...]) -> None:
+        """Forget a block, its 4-bit scan, and one being built (its result is never used)."""
+        self._blocks.pop(key, None)
+        self._joined_at.pop(key, None)
+        self._sealed.pop(key, None)
+        building = self._sealing.pop(key, None)
+        if building is not None:
+            building.cancel()
+
+    def blocks(self, shards: list[int]) -> dict[tuple[int, ...], Block]:
+        """`shards`' segments in blocks of about BLOCK_ROWS rows (a larger segment alone), by their
+        shards, joined ones kept until one of their shards changes; blocks of other groupings are
+        let go. Blocks unchanged for SEAL_AFTER_S get their 4-bit scan built (`_seal`)."""
         groups: list[tuple[int, ...]] = []
         group: list[int] = []
         rows = 0
@@ -167,9 +204,40 @@ class NodeVectors:
                 group, rows = [], 0
         if group:
             groups.append(tuple(group))
+        for key in [key for key in self._blocks if key not in groups]:
+            self._let_go(key)
         blocks = {key: self._blocks.get(key) or self._join(key) for key in groups}
         self._blocks = blocks
-        return list(blocks.values())
+        self._seal(blocks)
+        return blocks
+
+    def _seal(self, blocks: dict[tuple[int, ...], Block]) -> None:
+        """Take the 4-bit scans built since the last call; start one for a block unchanged for SEAL_AFTER_S."""
+        for key, building in list(self._sealing.items()):
+            if building.done():
+                del self._sealing[key]
+                if building.exception() is None:
+                    self._sealed[key] = building.result()
+                elif self.four_bits:  # this ONNX Runtime cannot: the 8-bit scan goes on, no build again
+                    log.warning("4-bit scans are off on this node: %r", building.exception())
+                    self.four_bits = False
+        if not self.four_bits:
+            return
+        now = time.monotonic()
+        for key, block in blocks.items():
+            if key not in self._sealed and key not in self._sealing and now - self._joined_at[key] >= SEAL_AFTER_S:
+                self._sealing[key] = self._builder.submit(FourBitScan, block.segment.codes, block.segment.scales)
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for the 4-bit scans being built (tests, benchmarks); the next query takes them."""
+        for building in list(self._sealing.values()):
+            try:
+                building.result(timeout)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
 
     def _join(self, shards: tuple[int, ...]) -> Block:
         """A block of `shards`' segments; each segment becomes a view of it, so rows are held once."""
@@ -179,30 +247,48 @@ class NodeVectors:
             end = start + len(self.segments[shard].rowids)
             self.segments[shard] = block.segment.rows(start, end)
             start = end
+        self._joined_at[shards] = time.monotonic()
         return block
 
     def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
-        """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their codes,
-        within `scope` (its window, entity and prefixes)."""
+        """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their 8-bit
+        codes, within `scope` (its window, entity and prefixes). A block with a 4-bit scan reads
+        its 4-bit codes, and only the 8-bit codes of the best FOUR_BIT_SHORTLIST * `k` rows they
+        find in it."""
         q = np.asarray(query_vector, dtype=np.float32)
         top = float(np.abs(q).max()) or 1.0
         query = np.clip(np.rint(q / top * 127.0), -127, 127).astype(np.int8).reshape(-1, 1)
         session = self._scorer()
         owners, rowids, scores = [], [], []
-        for block in self.blocks(shards):
+        for key, block in self.blocks(shards).items():
             seg = block.segment
             if not len(seg.rowids):
                 continue
             inside = seg.admitted(scope)
             if inside is not None and not inside.any():
                 continue
-            found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
-            mine = np.arange(len(found)) if inside is None else np.flatnonzero(inside)
+            mine = None if inside is None else np.flatnonzero(inside)
+            sealed = self._sealed.get(key)
+            if sealed is not None and (len(seg.rowids) if mine is None else len(mine)) > FOUR_BIT_SHORTLIST * k:
+                rough = sealed.scores(q)
+                if mine is None:
+                    mine = np.argpartition(-rough, FOUR_BIT_SHORTLIST * k - 1)[:FOUR_BIT_SHORTLIST * k]
+                else:
+                    mine = mine[np.argpartition(-rough[mine], FOUR_BIT_SHORTLIST * k - 1)[:FOUR_BIT_SHORTLIST * k]]
+                found = session.run(None, {"codes": seg.codes[mine], "query": query, "zero": ZERO})[0][:, 0] * \
+                    seg.scales[mine]
+            else:
+                found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
+                if mine is None:
+                    mine = np.arange(len(found))
+                else:
+                    found = found[mine]
             if len(mine) > k:  # only a block's best k can be among the best k of all
-                mine = mine[np.argpartition(-found[mine], k - 1)[:k]]
+                best = np.argpartition(-found, k - 1)[:k]
+                mine, found = mine[best], found[best]
             owners.append(block.owners[mine])
             rowids.append(seg.rowids[mine])
-            scores.append(found[mine])
+            scores.append(found)
         return best_by_shard(owners, rowids, scores, k)
 
     def _scorer(self) -> ort.InferenceSession:

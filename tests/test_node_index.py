@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from loadtest.texts import sentence
+import node.node_vectors
 import node.spanning_search
 from node.lexicon import Lexicon
 from node.node_index import _MEMORIES, _WINDOWS, NodeIndex
+from node.four_bit_scan import FourBitScan, group_for, model_bytes, pack
 from node.node_vectors import SCORES_MODEL, quantize
 from node.spanning_search import search_shards
 from node.store.scope import Scope
@@ -104,7 +106,7 @@ def test_the_index_follows_every_write(make_store, embedder, data):
         for s, store in stores.items():
             assert contents(index, s) == on_disk(store), s
         assert index.rows == sum(store.entity_count(None) for store in stores.values())
-        scanned = {(o, r) for b in index.vectors.blocks(list(stores)) for o, r in zip(b.owners.tolist(),
+        scanned = {(o, r) for b in index.vectors.blocks(list(stores)).values() for o, r in zip(b.owners.tolist(),
                                                                                     b.segment.rowids.tolist())}
         assert scanned == {(s, r) for s in stores for r in index.vectors.segments[s].rowids.tolist()}
 
@@ -160,12 +162,25 @@ def test_a_node_over_the_budget_is_told(make_store, embedder, data):
     assert index.rows == len(data)
 
 
-def test_the_8_bit_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeypatch):
-    """Twice the pool proposed from the codes holds the exact nearest `pool`, for embeddings and for
-    random unit vectors; so a search over the codes finds every hit the exact scan finds, or better."""
+def sealed(index: NodeIndex, shards: list[int]) -> None:
+    """Every block of `shards` scanned as 4-bit codes from now on (SEAL_AFTER_S patched to 0)."""
+    index.vectors.blocks(shards)  # starts the builds
+    index.vectors.settle()
+    index.vectors.blocks(shards)  # takes them
+    assert index.vectors.sealed_rows == sum(len(index.vectors.segments[s].rowids) for s in shards)
+
+
+@pytest.mark.parametrize("four_bits", [False, True])
+def test_the_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeypatch, four_bits):
+    """Twice the pool proposed from the codes (8-bit, or 4-bit once a block is still) holds the exact
+    nearest `pool`, for embeddings and for random unit vectors; so a search over the codes finds
+    every hit the exact scan finds, or better."""
+    monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0 if four_bits else 1e9)
     stores = spread(make_store, data, 4)
     index = NodeIndex(embedder.dimension)
     assert index.sync(stores, stores, 10_000)
+    if four_bits:
+        sealed(index, list(stores))
     rng = np.random.default_rng(5)
     matrix = np.stack([r.vector for r in data])
     rowid_of = {r["memory_id"]: (s, r["rowid"]) for s, store in stores.items()
@@ -183,11 +198,15 @@ def test_the_8_bit_scan_proposes_the_exact_nearest(make_store, embedder, data, m
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     big.upsert([MemoryRecord(f"r::s::{i}", "r", "s", i, i, None, f"row {i}", (), v) for i, v in enumerate(vectors)])
     index.sync({7: big}, {**stores, 7: big}, 10_000)
+    if four_bits:
+        sealed(index, [7])
     for q in vectors[:20] + 0.3 * rng.standard_normal((20, matrix.shape[1])).astype(np.float32):
         q = q / np.linalg.norm(q)
         exact = set((np.argsort(-(vectors @ q))[:64] + 1).tolist())  # rowids start at 1
         assert exact <= set(index.vectors.nearest(q, [7], 128, Scope())[7])
     assert index.sync(stores, stores, 10_000) and index.shards == set(stores)  # 7 is not held any more: dropped
+    if four_bits:
+        sealed(index, list(stores))
     monkeypatch.setattr(node.spanning_search, "NODE_EXACT_SCAN", 0)
 
     def per_shard_scan(*args):  # what prefix-scoped queries did: each shard's vectors from SQLite (20x slower)
@@ -206,6 +225,51 @@ def test_the_8_bit_scan_proposes_the_exact_nearest(make_store, embedder, data, m
                        for h in spanning)
             assert all(prefixes is None or h["entity_id"].startswith(prefixes) for h in spanning)
             assert all(a["similarity"] >= b["similarity"] - 1e-6 for a, b in zip(spanning, alone)), (text, window)
+
+
+def test_a_write_scans_its_block_at_8_bits_until_it_is_still_again(make_store, embedder, data, monkeypatch):
+    monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0)
+    stores = spread(make_store, data, 2)
+    index = NodeIndex(embedder.dimension)
+    assert index.sync(stores, stores, 10_000)
+    sealed(index, list(stores))
+    q = embedder.encode(["a new turn about saxophones"])[0]
+    first = data[0]
+    shard = next(s for s, store in stores.items() if store.entity_count(first.entity_id))
+    stores[shard].upsert([MemoryRecord(f"{first.entity_id}::x::new", first.entity_id, "x", 0, 9_000,
+                                       "conversation", "a new turn about saxophones", (), q)])
+    assert index.sync(stores, stores, 10_000)
+    monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 1e9)
+    found = index.vectors.nearest(q, list(stores), 8, Scope())  # the new row is found by the 8-bit scan
+    assert index.vectors.sealed_rows < index.rows
+    new_rowid = stores[shard].db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
+                                         (f"{first.entity_id}::x::new",)).fetchone()[0]
+    assert new_rowid in found[shard]
+    monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0)
+    sealed(index, list(stores))  # and by the 4-bit scan once the block is still again
+    assert new_rowid in index.vectors.nearest(q, list(stores), 8, Scope())[shard]
+    index.close()
+
+
+def test_the_4_bit_model_is_one_matmul_nbits():
+    onnx = pytest.importorskip("onnx")
+    rng = np.random.default_rng(1)
+    codes, scales = quantize(rng.standard_normal((100, 256)).astype(np.float32))
+    assert group_for(256) == 128 and group_for(384) == 128 and group_for(96) == 32 and group_for(100) is None
+    packed, group_scales = pack(codes, scales, 128)
+    model = onnx.load_from_string(model_bytes(100, 256, 128, packed, group_scales))
+    onnx.checker.check_model(model)
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [("MatMulNBits", "com.microsoft")]
+    assert {a.name: a.i for a in model.graph.node[0].attribute} == {
+        "K": 256, "N": 100, "bits": 4, "block_size": 128, "accuracy_level": 4}
+    assert [i.name for i in model.graph.input] == ["query"] and [i.name for i in model.graph.initializer] == [
+        "codes", "scales"]
+    # and it scores as the codes say: (code - 8) * scale, summed
+    q = rng.standard_normal(256).astype(np.float32)
+    fours = np.stack([packed & 15, packed >> 4], axis=-1).reshape(100, 2, 128).astype(np.float32) - 8
+    expected = (fours * group_scales.reshape(100, 2, 1)).reshape(100, 256) @ q
+    # (the query is cut to 8 bits a block too: accuracy_level 4)
+    np.testing.assert_allclose(FourBitScan(codes, scales).scores(q), expected, atol=0.01 * np.abs(expected).max())
 
 
 def test_the_scoring_model_is_one_matmul_integer():
