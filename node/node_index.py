@@ -76,6 +76,7 @@ class NodeIndex:
         self.vectors = NodeVectors(dimension)
         self.candidates = CandidateRows(dimension)
         self._loaded: dict[int, ShardStore] = {}  # shard -> the store its rows were read from
+        self._seen: dict[int, int] = {}  # shard -> its connection's total_changes when last read
         self.loads = 0  # shards loaded whole
         self.refreshed = 0  # rows read again after a write
 
@@ -140,6 +141,7 @@ class NodeIndex:
         self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
         self.candidates.put(shard, map(_candidate, memories))
         self._loaded[shard] = store
+        self._seen[shard] = store.db.total_changes
         self.loads += 1
 
     def _drop(self, shard: int) -> None:
@@ -147,18 +149,25 @@ class NodeIndex:
         self.vectors.drop(shard)
         self.candidates.drop(shard)
         store = self._loaded.pop(shard)
+        self._seen.pop(shard, None)
         try:
             store.db.execute(f"DELETE FROM temp.{_NOTES}")
         except sqlite3.ProgrammingError:  # a closed store: its triggers and notes went with its connection
             pass
 
     def _refresh(self, shard: int, store: ShardStore) -> None:
-        """Read again the rows written since the last sync, and the windows their writes changed."""
+        """Read again the rows written since the last sync, and the windows their writes changed. A
+        shard whose connection changed no row since (`total_changes`, no statement: 32 of them
+        cost 0.5 ms a query) has no note to read."""
         db = store.db
+        if db.total_changes == self._seen[shard]:
+            return
         noted = db.execute(f"SELECT rowid, entity_id, session_id, turn_index FROM temp.{_NOTES}").fetchall()
+        if noted:
+            db.execute(f"DELETE FROM temp.{_NOTES}")
+        self._seen[shard] = db.total_changes
         if not noted:
             return
-        db.execute(f"DELETE FROM temp.{_NOTES}")
         if len(noted) > max(64, RELOAD_SHARE * self.memories(shard)):
             self._drop(shard)
             self._load(shard, store)

@@ -95,6 +95,34 @@ def on_disk(store) -> tuple:
     return (*fresh.documents_of(store.shard_id), {(r[0], r[1], c.tobytes()) for r, c in zip(rows, codes)}, scored)
 
 
+def test_a_sync_without_writes_reads_no_shard(make_store, embedder, data):
+    """Before every spanning query the index looks for writes; a shard written since is read again,
+    the others cost no statement (their connections changed no row)."""
+    stores = spread(make_store, data, 3)
+    index = NodeIndex(embedder.dimension)
+    assert index.sync(stores, stores, 10_000)
+    statements: dict[int, list[str]] = {s: [] for s in stores}
+    for s, store in stores.items():
+        store.db.set_trace_callback(statements[s].append)
+    assert index.sync(stores, stores, 10_000)
+    assert statements == {s: [] for s in stores}
+    first = next(r for r in data if ENTITIES.index(r.entity_id) % 3 == 1)
+    stores[1].upsert([MemoryRecord(f"{first.entity_id}::x::new", first.entity_id, "x", 0, 9_000, "conversation",
+                                   "a new turn about oboes", (), embedder.encode(["a new turn about oboes"])[0])])
+    for found in statements.values():
+        found.clear()
+    assert index.sync(stores, stores, 10_000)
+    assert statements[0] == statements[2] == [] and any("node_index_notes" in sql for sql in statements[1])
+    assert contents(index, 1) == on_disk(stores[1])
+    for found in statements.values():
+        found.clear()
+    assert index.sync(stores, stores, 10_000)
+    assert statements == {s: [] for s in stores}
+    for store in stores.values():
+        store.db.set_trace_callback(None)
+    index.close()
+
+
 def test_the_index_follows_every_write(make_store, embedder, data):
     stores = spread(make_store, data, 3)
     index = NodeIndex(embedder.dimension)
