@@ -112,7 +112,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
 
     # Every candidate's row from the index, all of them scored in one pass, then fact validity shard
     # by shard (a fact competes with its slot's other values, which live in its shard).
-    rows = {s: index.candidates.of(s, sorted(rowids)) for s, rowids in candidates.items() if rowids}
+    rows = {s: index.candidates.of(s, list(rowids)) for s, rowids in candidates.items() if rowids}
     every = [(s, r) for s, shard_rows in rows.items() for r in shard_rows]
     slots = lexicon.slots([(s, r[0]) for s, r in every])
     lexical = [np.where(slots >= 0, m[slots], 0.0) for m in matches] or [np.zeros(len(every)) for _ in TABLES]

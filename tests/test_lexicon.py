@@ -104,3 +104,15 @@ def test_scope_and_shards_mask_the_scores(store):
                              for s in kept.tolist())
     assert np.array_equal(scoped[kept], every[kept])  # masked, not scored again
     assert other.scores(0, phrases, Scope(None), None).size == 0
+
+
+def test_query_terms_are_cut_as_fts5_cuts_them_one_by_one():
+    """Terms cut in one round trip, some cut before, come back as each alone would: in order, a term
+    FTS5 splits (snake_case) as its words, a stemmed one stemmed."""
+    alone = {t: node.lexicon.Tokenizer().words([t])[0] for t in ("running", "snake_case", "gardens", "the")}
+    assert alone["snake_case"] == ("snake", "case") and alone["running"] == ("run",)
+    tokenizer = node.lexicon.Tokenizer()
+    assert tokenizer.words(["running", "snake_case"]) == [alone["running"], alone["snake_case"]]
+    assert tokenizer.words(["snake_case", "gardens", "the", "running", "gardens"]) == [
+        alone["snake_case"], alone["gardens"], alone["the"], alone["running"], alone["gardens"]]
+    assert tokenizer.db.execute("SELECT count(*) FROM scratch").fetchone() == (0,)
