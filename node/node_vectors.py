@@ -252,14 +252,15 @@ class NodeVectors:
 
     def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
         """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their 8-bit
-        codes, within `scope` (its window, entity and prefixes). A block with a 4-bit scan reads
-        its 4-bit codes, and only the 8-bit codes of the best FOUR_BIT_SHORTLIST * `k` rows they
-        find in it."""
+        codes, within `scope` (its window, entity and prefixes). Blocks with a 4-bit scan read their
+        4-bit codes, and only the 8-bit codes of the best FOUR_BIT_SHORTLIST * `k` rows those find
+        in all of them."""
         q = np.asarray(query_vector, dtype=np.float32)
         top = float(np.abs(q).max()) or 1.0
         query = np.clip(np.rint(q / top * 127.0), -127, 127).astype(np.int8).reshape(-1, 1)
         session = self._scorer()
         owners, rowids, scores = [], [], []
+        rough: list[tuple[Block, np.ndarray | None, np.ndarray]] = []  # 4-bit scores: (block, its rows, theirs)
         for key, block in self.blocks(shards).items():
             seg = block.segment
             if not len(seg.rowids):
@@ -269,26 +270,26 @@ class NodeVectors:
                 continue
             mine = None if inside is None else np.flatnonzero(inside)
             sealed = self._sealed.get(key)
-            if sealed is not None and (len(seg.rowids) if mine is None else len(mine)) > FOUR_BIT_SHORTLIST * k:
-                rough = sealed.scores(q)
-                if mine is None:
-                    mine = np.argpartition(-rough, FOUR_BIT_SHORTLIST * k - 1)[:FOUR_BIT_SHORTLIST * k]
-                else:
-                    mine = mine[np.argpartition(-rough[mine], FOUR_BIT_SHORTLIST * k - 1)[:FOUR_BIT_SHORTLIST * k]]
-                found = session.run(None, {"codes": seg.codes[mine], "query": query, "zero": ZERO})[0][:, 0] * \
-                    seg.scales[mine]
+            if sealed is not None:
+                found = sealed.scores(q)
+                rough.append((block, mine, found if mine is None else found[mine]))
+                continue
+            found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
+            if mine is None:
+                mine = np.arange(len(found))
             else:
-                found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
-                if mine is None:
-                    mine = np.arange(len(found))
-                else:
-                    found = found[mine]
+                found = found[mine]
             if len(mine) > k:  # only a block's best k can be among the best k of all
                 best = np.argpartition(-found, k - 1)[:k]
                 mine, found = mine[best], found[best]
             owners.append(block.owners[mine])
             rowids.append(seg.rowids[mine])
             scores.append(found)
+        if rough:
+            for block, mine, found in _read_again(rough, FOUR_BIT_SHORTLIST * k, session, query):
+                owners.append(block.owners[mine])
+                rowids.append(block.segment.rowids[mine])
+                scores.append(found)
         return best_by_shard(owners, rowids, scores, k)
 
     def _scorer(self) -> ort.InferenceSession:
@@ -297,3 +298,26 @@ class NodeVectors:
             options.intra_op_num_threads = options.inter_op_num_threads = 1  # a node's one store thread
             self._session = ort.InferenceSession(SCORES_MODEL, options, providers=["CPUExecutionProvider"])
         return self._session
+
+
+def _read_again(rough: list[tuple[Block, np.ndarray | None, np.ndarray]], n: int, session: ort.InferenceSession,
+                query: np.ndarray) -> list[tuple[Block, np.ndarray, np.ndarray]]:
+    """The best `n` rows of the blocks by their 4-bit scores (`rough`: each block, the rows scored,
+    None for all, and their scores), scored again on their 8-bit codes in one scan: (block, its rows,
+    their 8-bit scores) each."""
+    every = np.concatenate([found for _, _, found in rough])
+    chosen = np.argpartition(-every, n - 1)[:n] if len(every) > n else np.arange(len(every))
+    chosen.sort()
+    ends = np.cumsum([len(found) for _, _, found in rough])
+    picked = []
+    for (block, mine, _), start, end in zip(rough, ends - [len(f) for _, _, f in rough], ends):
+        here = chosen[(chosen >= start) & (chosen < end)] - start
+        if len(here):
+            picked.append((block, here if mine is None else mine[here]))
+    codes = np.concatenate([block.segment.codes[rows] for block, rows in picked])
+    again = session.run(None, {"codes": codes, "query": query, "zero": ZERO})[0][:, 0]
+    out, start = [], 0
+    for block, rows in picked:
+        out.append((block, rows, again[start:start + len(rows)] * block.segment.scales[rows]))
+        start += len(rows)
+    return out

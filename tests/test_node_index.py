@@ -256,7 +256,10 @@ def test_the_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeyp
 
 
 def test_a_write_scans_its_block_at_8_bits_until_it_is_still_again(make_store, embedder, data, monkeypatch):
+    """A block written to goes back to the 8-bit scan; the others keep their 4-bit one, and a scan of
+    both kinds proposes the nearest of all."""
     monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0)
+    monkeypatch.setattr(node.node_vectors, "BLOCK_ROWS", 1)  # a block a shard
     stores = spread(make_store, data, 2)
     index = NodeIndex(embedder.dimension)
     assert index.sync(stores, stores, 10_000)
@@ -269,10 +272,14 @@ def test_a_write_scans_its_block_at_8_bits_until_it_is_still_again(make_store, e
     assert index.sync(stores, stores, 10_000)
     monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 1e9)
     found = index.vectors.nearest(q, list(stores), 8, Scope())  # the new row is found by the 8-bit scan
-    assert index.vectors.sealed_rows < index.rows
+    assert 0 < index.vectors.sealed_rows == index.memories(1 - shard) < index.rows
     new_rowid = stores[shard].db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
                                          (f"{first.entity_id}::x::new",)).fetchone()[0]
     assert new_rowid in found[shard]
+    rows = [(s, r, np.frombuffer(v, dtype=np.float32)) for s, store in stores.items()
+            for r, v in store.db.execute("SELECT rowid, vector FROM memories")]
+    exact = {(s, r) for s, r, _ in sorted(rows, key=lambda row: -float(row[2] @ q))[:4]}
+    assert exact <= {(s, r) for s, found_here in found.items() for r in found_here}
     monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0)
     sealed(index, list(stores))  # and by the 4-bit scan once the block is still again
     assert new_rowid in index.vectors.nearest(q, list(stores), 8, Scope())[shard]
