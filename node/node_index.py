@@ -15,7 +15,7 @@ without touching the write path:
     write, so a write rolled back leaves none; triggers and notes die with the connection;
   - a shard no longer held here is dropped.
 It is derived state, in memory only and never written to disk: an erase deletes the rows from it as
-from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 2.5 KB
+from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 3.0 KiB
 each at 384 dimensions, 1.8 of them the rows scoring reads: docs/ops/sizing.md); a node over that
 searches shard by shard. All of this runs on the node's store thread, like every other SQLite
 call, so no write interleaves.
