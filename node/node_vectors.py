@@ -17,10 +17,11 @@ again, scanned at 8 bits until it is still again. The session costs about 0.45 K
 (docs/ops/sizing.md).
 
 The scan only proposes. The caller takes more candidates than it needs (`nearest`: twice the pool)
-and scores every candidate on its exact cosine from the shard (node/store/search.py `scored`), so
+and scores every candidate on its exact cosine (node/node_rows.py, node/store/search.py), so
 quantisation can change which memories come in at the edge of the pool, never a score. On
-embeddings and on random unit vectors the exact best 64 were always among the best 128 proposed
-(tests/test_node_index.py).
+embeddings and on random unit vectors the exact best 64 were always among the best 128 proposed,
+with 8-bit blocks, 4-bit ones and both (tests/test_node_index.py; 50,000 random vectors:
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ ZERO = np.array(128, dtype=np.uint8)
 log = logging.getLogger("tellodb")
 BLOCK_ROWS = 16384  # rows scanned per ONNX Runtime call, about: small shards' segments are joined up to it
 # (a write to a shard joins its block again, 6 MiB at 384 dimensions; 4,096 cost 1.1 ms more a query: docs/benchmarks.md)
-SEAL_AFTER_S = 10.0  # a block unchanged this long gets its 4-bit scan (about 80 ms of a thread for 16,384 rows)
+SEAL_AFTER_S = 10.0  # a block unchanged this long gets its 4-bit scan (about 40 ms of a thread for 16,384 rows)
 FOUR_BIT_SHORTLIST = 3  # a 4-bit scan keeps this many times the rows asked for, read again at 8 bits
 
 
