@@ -275,7 +275,7 @@ class NodeVectors:
                 found = sealed.scores(q)
                 rough.append((block, mine, found if mine is None else found[mine]))
                 continue
-            found = session.run(None, {"codes": seg.codes, "query": query, "zero": ZERO})[0][:, 0] * seg.scales
+            found = _eight_bit_scores(session, seg.codes, seg.scales, query)
             if mine is None:
                 mine = np.arange(len(found))
             else:
@@ -309,16 +309,24 @@ def _read_again(rough: list[tuple[Block, np.ndarray | None, np.ndarray]], n: int
     every = np.concatenate([found for _, _, found in rough])
     chosen = np.argpartition(-every, n - 1)[:n] if len(every) > n else np.arange(len(every))
     chosen.sort()
-    ends = np.cumsum([len(found) for _, _, found in rough])
+    lengths = np.array([len(found) for _, _, found in rough])
+    ends = np.cumsum(lengths)
     picked = []
-    for (block, mine, _), start, end in zip(rough, ends - [len(f) for _, _, f in rough], ends):
+    for (block, mine, _), start, end in zip(rough, ends - lengths, ends):
         here = chosen[(chosen >= start) & (chosen < end)] - start
         if len(here):
             picked.append((block, here if mine is None else mine[here]))
-    codes = np.concatenate([block.segment.codes[rows] for block, rows in picked])
-    again = session.run(None, {"codes": codes, "query": query, "zero": ZERO})[0][:, 0]
+    again = _eight_bit_scores(session, np.concatenate([block.segment.codes[rows] for block, rows in picked]),
+                              np.concatenate([block.segment.scales[rows] for block, rows in picked]), query)
     out, start = [], 0
     for block, rows in picked:
-        out.append((block, rows, again[start:start + len(rows)] * block.segment.scales[rows]))
+        out.append((block, rows, again[start:start + len(rows)]))
         start += len(rows)
     return out
+
+
+def _eight_bit_scores(session: ort.InferenceSession, codes: np.ndarray, scales: np.ndarray,
+                      query: np.ndarray) -> np.ndarray:
+    """Each row's score by its 8-bit codes (`codes`, uint8 with zero point 128, and its scale) for
+    the 8-bit `query` (int8, one column): comparable across blocks."""
+    return session.run(None, {"codes": codes, "query": query, "zero": ZERO})[0][:, 0] * scales

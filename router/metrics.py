@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CACHE_RESULTS = (("hit", "hits"), ("miss", "misses"))  # an embedding cache metric's label, its stats key
 
 
 class Metrics:
@@ -48,7 +49,8 @@ class Metrics:
             "index_memory_mb budget is smaller than the shards in use.", ["node"], registry=r)
         self.node_spanning_memory = Gauge(
             "tellodb_node_spanning_index_bytes", "Memory of a node's index over its shards for queries without an "
-            "entity (node/node_index.py: postings, 8-bit vectors and the rows scoring reads).", ["node"], registry=r)
+            "entity (node/node_index.py: postings, 8-bit vectors, 4-bit scans and the rows scoring reads).", ["node"],
+            registry=r)
         self.node_embedding_passes = Gauge(
             "tellodb_node_embedding_passes", "Model passes a node has made since it started (a pass embeds a batch).",
             ["node"], registry=r)
@@ -118,14 +120,14 @@ class Metrics:
                 self.copies_down.labels(node).set(replication.get("followers_down", 0))
                 self.replication_lag.labels(node).set(replication.get("lag_max", 0))
                 self.node_embedding_passes.labels(node).set(s["embedder_passes"])
-                for result, key in (("hit", "hits"), ("miss", "misses")):
+                for result, key in CACHE_RESULTS:
                     self.node_embedding_cache.labels(node, result).set(s["embedding_cache"][key])
                 for phase, seconds in s["busy_seconds"].items():
                     self.node_busy.labels(node, phase).set(seconds)
 
     def observe_router_embedding(self, stats: dict) -> None:
         self.router_embedding_passes.set(stats["embedder_passes"])
-        for result, key in (("hit", "hits"), ("miss", "misses")):
+        for result, key in CACHE_RESULTS:
             self.router_embedding_cache.labels(result).set(stats["embedding_cache"][key])
 
     def observe_membership(self, ready: bool, authority_up: bool, rejoins: int) -> None:
