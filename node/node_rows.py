@@ -4,10 +4,10 @@ Every candidate of a query without an entity is scored on what `CANDIDATE_COLUMN
 search.py) reads: its id, time, kind, exact vector and whether it states a fact. Read from the
 shards, that was a statement per shard with candidates, about 32 a query on a node of 32 shards:
 1.5 ms of a 7 ms search on two cores (docs/benchmarks.md, "The router embeds, and scoring reads
-no shard"). Here each shard's
-rows are a dict by rowid of those same tuples, kept current with the rest of the node index
-(node/node_index.py), so scoring reads no shard. The exact float32 vector is most of a row's size:
-scores stay exact, as the 8-bit codes (node/node_vectors.py) only propose candidates.
+no shard"). Here each shard's rows are a dict by rowid of those same tuples, kept current with the
+rest of the node index (node/node_index.py), so scoring reads no shard. The exact float32 vector is
+most of a row's size: scores stay exact, as the 8-bit and 4-bit codes (node/node_vectors.py) only
+propose candidates.
 """
 
 from __future__ import annotations
