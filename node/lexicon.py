@@ -18,11 +18,11 @@ Everything that decides a score is FTS5's own, so a node of one shard scores as 
 One difference: a query word that FTS5 cuts in two (`snake_case`) is a phrase to FTS5 (the two
 tokens next to each other); here its tokens count as words of their own.
 
-Memories are slots: the columns (shard, rowid, creation time, entity) of slot i describe one
-memory, and each table's postings list (slot, count) per word: a sorted part (CSR by word) and a
-log of recent additions merged in when it grows. A deleted memory's slot is marked dead and skipped;
-when the dead outnumber the live, the slots, the words and the names are numbered again, so what
-an erase removed leaves the index then (it is in memory only, never on disk).
+Memories are slots (node/node_slots.py, shared with the rest of the node index), and each table's
+postings list (slot, count) per word: a sorted part (CSR by word) and a log of recent additions
+merged in when it grows. A memory deleted or read again leaves a dead slot, skipped; when the dead
+outnumber the live, the slots and the words are numbered again, so what an erase removed leaves
+the index then (it is in memory only, never on disk).
 """
 
 from __future__ import annotations
@@ -34,18 +34,14 @@ from typing import NamedTuple
 import numpy as np
 
 from node.lru import LRU
+from node.node_slots import Slots, key
 from node.ranking import query_terms
-from node.store.scope import Scope, admitted_names
+from node.store.scope import Scope
 
 TABLES = ("turns", "windows")  # as the shards' memories_fts and windows_fts
 TOKENIZER = "porter unicode61 remove_diacritics 2"  # the shards' (node/store/schema.py)
 K1, B = 1.2, 0.75  # FTS5's bm25 constants
 LOG_MERGE = 65_536  # postings added since the last merge before the log is merged in (or 1/8 of the rest)
-
-
-def key(shard: int, rowid: int) -> int:
-    """A memory's key here: shard in the high bits, the shard's rowid in the low 40."""
-    return shard << 40 | rowid
 
 
 class Postings:
@@ -170,81 +166,65 @@ class Batch(NamedTuple):
 
 
 class Lexicon:
-    def __init__(self) -> None:
+    def __init__(self, slots: Slots | None = None) -> None:
+        """Over `slots` (node/node_slots.py), shared with the index's other parts; its own without."""
         self.tokenizer = Tokenizer()
-        self.slot_of: dict[int, int] = {}  # key(shard, rowid) -> slot
-        self.used = 0  # slots handed out, live or dead
-        size = 1024
-        self.shard = np.zeros(size, dtype=np.int32)
-        self.rowid = np.zeros(size, dtype=np.int64)
-        self.created_at_ms = np.zeros(size, dtype=np.int64)
-        self.entity = np.zeros(size, dtype=np.int32)  # its place in `names`
-        self.live = np.zeros(size, dtype=bool)
-        self.lengths = [np.zeros(size, dtype=np.int32) for _ in TABLES]  # 0: no such document
+        self.slots = slots if slots is not None else Slots()
+        for table in TABLES:
+            self.slots.add(f"{table}_length", np.int32)  # 0: no such document
         self.documents = [0 for _ in TABLES]  # live documents of each table
         self.tokens = [0 for _ in TABLES]  # and their tokens
-        self.names: list[str] = []
-        self._name_of: dict[str, int] = {}
         self.words: dict[str, int] = {}
         self.postings = [Postings() for _ in TABLES]
 
     @property
-    def nbytes(self) -> int:
-        columns = (self.shard, self.rowid, self.created_at_ms, self.entity, self.live, *self.lengths)
-        return sum(c.nbytes for c in columns) + sum(p.nbytes for p in self.postings)
+    def lengths(self) -> list[np.ndarray]:
+        """Each table's document length (in tokens) of every slot."""
+        return [self.slots.columns[f"{table}_length"] for table in TABLES]
 
     @property
-    def dead(self) -> int:
-        return self.used - len(self.slot_of)
+    def nbytes(self) -> int:
+        """The postings, the lengths and the slots' own columns."""
+        return self.slots.nbytes + sum(c.nbytes for c in self.lengths) + sum(p.nbytes for p in self.postings)
 
-    def insert(self, shard: int, memories: list, windows: list) -> None:
+    def insert(self, shard: int, memories: list, windows: list) -> np.ndarray:
         """Add (or replace) a shard's memories, (rowid, entity_id, created_at_ms, entity_token, text, ...)
-        each, and their window documents, (rowid, entity_token, window text) each."""
-        slots = self._place(shard, memories).tolist()
-        first = slots[0] if slots else self.used
-        fresh = [self.slot_of.get(key(shard, r[0]), -1) for r in windows]
+        each, and their window documents, (rowid, entity_token, window text) each; their slots."""
+        placed = self._place(shard, memories)
+        slots = placed.tolist()
+        first = slots[0] if slots else self.slots.used
+        fresh = [self.slots.slot_of.get(key(shard, r[0]), -1) for r in windows]
         for t, docs in enumerate(([(slot, r[3], r[4]) for slot, r in zip(slots, memories)],
                                   [(slot, r[1], r[2]) for slot, r in zip(fresh, windows) if slot >= first])):
             if docs:
                 self._index(t, self.tokenizer.documents(docs))
+        return placed
 
-    def load(self, shard: int, memories: list, indexed: list[tuple[list, list]]) -> None:
+    def load(self, shard: int, memories: list, indexed: list[tuple[list, list]]) -> np.ndarray:
         """A whole shard's memories (as `insert` takes them) with each table's words as the shard's
         own FTS5 index holds them, read by the caller through `fts5vocab`: (word, rowid, count in
         the text) and (rowid, length) rows. The same postings as `insert` (the same tokenizer cut
-        them: tests/test_node_index.py), without cutting every text again."""
+        them: tests/test_node_index.py), without cutting every text again. Their slots."""
         slots = self._place(shard, memories)
-        rowids = self.rowid[slots]
+        rowids = self.slots.rowid[slots]
         for t, (found, lengths) in enumerate(indexed):
             batch = Batch.read(found, lengths)
             docs, documents = _lookup(rowids, slots, batch.docs), _lookup(rowids, slots, batch.documents)
             kept, held = docs >= 0, documents >= 0  # a row of the FTS index and not of `memories`: none should be
             self._index(t, Batch([w for w, k in zip(batch.words, kept.tolist()) if k], docs[kept], batch.counts[kept],
                                  documents[held], batch.lengths[held]))
-
-    def _place(self, shard: int, memories: list) -> np.ndarray:
-        """New slots for `memories` (the old ones of the same rowids die), their columns filled."""
-        self.delete(shard, [r[0] for r in memories])
-        first = self.used
-        self._reserve(len(memories))
-        slots = np.arange(first, first + len(memories))
-        self.shard[slots] = shard
-        self.rowid[slots] = [r[0] for r in memories]
-        self.created_at_ms[slots] = [r[2] for r in memories]
-        self.entity[slots] = [self._name(r[1]) for r in memories]
-        self.live[slots] = True
-        self.used += len(memories)
-        self.slot_of.update((key(shard, r[0]), slot) for r, slot in zip(memories, slots.tolist()))
         return slots
 
+    def _place(self, shard: int, memories: list) -> np.ndarray:
+        """New slots for `memories` (the old ones of the same rowids die)."""
+        self.delete(shard, [r[0] for r in memories])
+        return self.slots.place(shard, memories)
+
     def delete(self, shard: int, rowids: list[int]) -> None:
-        self._kill([s for s in (self.slot_of.pop(key(shard, r), None) for r in rowids) if s is not None])
+        self._kill(self.slots.take(shard, rowids))
 
     def delete_shard(self, shard: int) -> None:
-        slots = np.flatnonzero(self.live[:self.used] & (self.shard[:self.used] == shard))
-        for rowid in self.rowid[slots].tolist():
-            del self.slot_of[key(shard, rowid)]
-        self._kill(slots.tolist())
+        self._kill(self.slots.take_shard(shard))
 
     def phrases(self, text: str) -> list[int] | None:
         """The word ids of a query's terms (node.ranking.query_terms: stopwords out), as FTS5 cuts
@@ -257,53 +237,50 @@ class Lexicon:
     def scores(self, table: int, phrases: list[int], scope: Scope, shards: set[int] | None) -> np.ndarray:
         """BM25 (positive; 0: no match) of every slot for the query's words, over the node's rows of
         `table`; slots outside `scope` (its window and prefixes) and `shards` (None: all) are 0."""
-        out = np.zeros(self.used, dtype=np.float64)
+        out = np.zeros(self.slots.used, dtype=np.float64)
         n = self.documents[table]
         if not n:
             return out
         average = self.tokens[table] / n
-        lengths = self.lengths[table]
+        lengths, live = self.lengths[table], self.slots.live
         for word in phrases:
             if word < 0:
                 continue
             slots, counts = self.postings[table].get(word)
-            alive = self.live[slots]
+            alive = live[slots]
             slots, counts = slots[alive], counts[alive].astype(np.float64)
             if not len(slots):
                 continue
             idf = math.log((n - len(slots) + 0.5) / (len(slots) + 0.5))
             idf = idf if idf > 0 else 1e-6
             out[slots] += idf * (counts * (K1 + 1.0)) / (counts + K1 * (1 - B + B * lengths[slots] / average))
-        inside = self._admitted(scope.any_entity(), shards)
+        inside = self.slots.admitted(scope.any_entity(), shards)
         if inside is not None:
             out[~inside] = 0.0
         return out
 
-    def best(self, scores: np.ndarray, k: int) -> list[tuple[int, int]]:
-        """(shard, rowid) of the `k` best-scored slots that match, best first."""
+    def best(self, scores: np.ndarray, k: int) -> np.ndarray:
+        """The slots of the `k` best-scored that match, best first."""
         matched = np.flatnonzero(scores > 0)
         if len(matched) > k:
             matched = matched[np.argpartition(-scores[matched], k - 1)[:k]]
-        matched = matched[np.argsort(-scores[matched], kind="stable")]
-        return list(zip(self.shard[matched].tolist(), self.rowid[matched].tolist()))
-
-    def slots(self, memories: list[tuple[int, int]]) -> np.ndarray:
-        """The slots of (shard, rowid) pairs, -1 for one not here; `scores(...)[slots]` are their scores."""
-        return np.fromiter((self.slot_of.get(key(s, r), -1) for s, r in memories), dtype=np.int64, count=len(memories))
+        return matched[np.argsort(-scores[matched], kind="stable")]
 
     def documents_of(self, shard: int) -> tuple[dict[int, tuple[int, dict[str, int]]], ...]:
         """Each table's documents of a shard: rowid -> (length, {word: count}); what tests compare."""
         names = {i: w for w, i in self.words.items()}
+        live, shards, rowids, used = self.slots.live, self.slots.shard, self.slots.rowid, self.slots.used
         out: tuple[dict, ...] = ({}, {})
         for t, postings in enumerate(self.postings):
+            lengths = self.lengths[t]
             for word in range(len(names)):
                 slots, counts = postings.get(word)
                 for slot, count in zip(slots.tolist(), counts.tolist()):
-                    if self.live[slot] and self.shard[slot] == shard:
-                        out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))[1][names[word]] = count
-            for slot in np.flatnonzero(self.live[:self.used] & (self.shard[:self.used] == shard)).tolist():
-                if self.lengths[t][slot]:
-                    out[t].setdefault(int(self.rowid[slot]), (int(self.lengths[t][slot]), {}))
+                    if live[slot] and shards[slot] == shard:
+                        out[t].setdefault(int(rowids[slot]), (int(lengths[slot]), {}))[1][names[word]] = count
+            for slot in np.flatnonzero(live[:used] & (shards[:used] == shard)).tolist():
+                if lengths[slot]:
+                    out[t].setdefault(int(rowids[slot]), (int(lengths[slot]), {}))
         return out
 
     def _index(self, table: int, batch: Batch) -> None:
@@ -313,72 +290,34 @@ class Lexicon:
         self.tokens[table] += int(batch.lengths.sum())
         ids = np.fromiter((self.words.setdefault(w, len(self.words)) for w in batch.words), dtype=np.int32,
                           count=len(batch.words))
-        self.postings[table].add(ids, batch.docs.astype(np.int32), batch.counts, self.live, len(self.words))
+        self.postings[table].add(ids, batch.docs.astype(np.int32), batch.counts, self.slots.live, len(self.words))
 
     def _kill(self, slots: list[int]) -> None:
+        """Slots taken from `self.slots` (their memories gone or read again) die, and leave the counts."""
         if not slots:
             return
         index = np.asarray(slots, dtype=np.int64)
-        self.live[index] = False
         for t, lengths in enumerate(self.lengths):
             self.documents[t] -= int(np.count_nonzero(lengths[index]))
             self.tokens[t] -= int(lengths[index].sum())
             lengths[index] = 0
-        if self.dead > max(LOG_MERGE, len(self.slot_of)):
+        self.slots.kill(slots)
+        if self.slots.due():
             self._renumber()
 
     def _renumber(self) -> None:
-        """Slots, words and names numbered again over the live memories: the dead leave the index."""
-        live = self.live[:self.used]
-        renumber = np.cumsum(live) - 1
+        """Slots and words numbered again over the live memories: the dead leave the index."""
+        live = self.slots.live
         held = np.zeros(len(self.words), dtype=bool)
         for postings in self.postings:
-            postings.merge(self.live, len(self.words))
+            postings.merge(live, len(self.words))
             held |= np.diff(postings.starts) > 0
         words_renumbered = np.where(held, np.cumsum(held) - 1, -1).astype(np.int32)
         self.words = {w: int(words_renumbered[i]) for w, i in self.words.items() if held[i]}
+        numbering = self.slots.numbering()
         for postings in self.postings:
-            postings.merge(self.live, len(self.words), renumber, words_renumbered)
-        used_names = np.unique(self.entity[:self.used][live])
-        self.names = [self.names[i] for i in used_names.tolist()]
-        self._name_of = {name: i for i, name in enumerate(self.names)}
-        entity = np.searchsorted(used_names, self.entity[:self.used][live]).astype(np.int32)
-        columns = [c[:self.used][live] for c in (self.shard, self.rowid, self.created_at_ms)]
-        lengths = [c[:self.used][live] for c in self.lengths]
-        self.used = len(entity)
-        size = max(1024, self.used)
-        self.shard, self.rowid, self.created_at_ms = (_grown(c, size) for c in columns)
-        self.entity = _grown(entity, size)
-        self.lengths = [_grown(c, size) for c in lengths]
-        self.live = _grown(np.ones(self.used, dtype=bool), size)
-        self.slot_of = {key(s, r): i for i, (s, r) in enumerate(zip(self.shard[:self.used].tolist(),
-                                                                     self.rowid[:self.used].tolist()))}
-
-    def _name(self, entity_id: str) -> int:
-        place = self._name_of.get(entity_id)
-        if place is None:
-            place = self._name_of[entity_id] = len(self.names)
-            self.names.append(entity_id)
-        return place
-
-    def _reserve(self, more: int) -> None:
-        if self.used + more <= len(self.live):
-            return
-        size = max(2 * len(self.live), self.used + more)
-        self.shard, self.rowid, self.created_at_ms, self.entity, self.live = (
-            _grown(c, size) for c in (self.shard, self.rowid, self.created_at_ms, self.entity, self.live))
-        self.lengths = [_grown(c, size) for c in self.lengths]
-
-    def _admitted(self, scope: Scope, shards: set[int] | None) -> np.ndarray | None:
-        """Which slots `scope` and `shards` admit; None: every one."""
-        inside = None if scope.timeless else scope.mask(self.created_at_ms[:self.used])
-        if scope.prefixes:
-            of_entity = admitted_names(tuple(self.names), scope)[self.entity[:self.used]]
-            inside = of_entity if inside is None else inside & of_entity
-        if shards is not None:
-            of_shard = np.isin(self.shard[:self.used], np.fromiter(shards, dtype=np.int32))
-            inside = of_shard if inside is None else inside & of_shard
-        return inside
+            postings.merge(live, len(self.words), numbering, words_renumbered)
+        self.slots.renumber()
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -389,8 +328,3 @@ def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndar
     at = order[np.minimum(np.searchsorted(keys, wanted, sorter=order), len(keys) - 1)]
     return np.where(keys[at] == wanted, values[at], -1)
 
-
-def _grown(column: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros(size, dtype=column.dtype)
-    out[:len(column)] = column
-    return out

@@ -30,6 +30,7 @@ import numpy as np
 
 from node.lexicon import Lexicon
 from node.node_rows import CandidateRows
+from node.node_slots import Slots
 from node.node_vectors import NodeVectors
 from node.store.schema import LEXICAL_SOURCES, rows_in
 from node.store.scope import Scope
@@ -72,9 +73,11 @@ _WINDOWS = "SELECT w.rowid, w.entity_token, w.window_text FROM windows_fts w JOI
 
 class NodeIndex:
     def __init__(self, dimension: int) -> None:
-        self.lexicon = Lexicon()
+        self.slots = Slots()  # every memory's row number in the three parts below
+        self.lexicon = Lexicon(self.slots)
         self.vectors = NodeVectors(dimension)
-        self.candidates = CandidateRows(dimension)
+        self.candidates = CandidateRows(self.slots, dimension)
+        self.slots.on_renumber.append(self.vectors.renumber)
         self._loaded: dict[int, ShardStore] = {}  # shard -> the store its rows were read from
         self._seen: dict[int, int] = {}  # shard -> its connection's total_changes when last read
         self.loads = 0  # shards loaded whole
@@ -135,19 +138,19 @@ class NodeIndex:
         store.db.executescript(_TRIGGERS)
         store.db.execute(f"DELETE FROM temp.{_NOTES}")
         memories = store.db.execute(_MEMORIES).fetchall()
-        self.lexicon.load(shard, memories, [(store.db.execute(_WORDS.format(vocab=vocab, column=column)).fetchall(),
-                                             store.db.execute(_LENGTHS.format(vocab=vocab)).fetchall())
-                                            for vocab, (_, column) in zip(_VOCABULARIES, LEXICAL_SOURCES)])
-        self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories])
-        self.candidates.put(shard, map(_candidate, memories))
+        slots = self.lexicon.load(shard, memories, [
+            (store.db.execute(_WORDS.format(vocab=vocab, column=column)).fetchall(),
+             store.db.execute(_LENGTHS.format(vocab=vocab)).fetchall())
+            for vocab, (_, column) in zip(_VOCABULARIES, LEXICAL_SOURCES)])
+        self.vectors.put(shard, [(r[0], r[1], r[2], r[5]) for r in memories], slots)
+        self.candidates.put(slots, [_candidate(r) for r in memories])
         self._loaded[shard] = store
         self._seen[shard] = store.db.total_changes
         self.loads += 1
 
     def _drop(self, shard: int) -> None:
-        self.lexicon.delete_shard(shard)
+        self.lexicon.delete_shard(shard)  # its slots die, and with them its rows for scoring
         self.vectors.drop(shard)
-        self.candidates.drop(shard)
         store = self._loaded.pop(shard)
         self._seen.pop(shard, None)
         try:
@@ -179,10 +182,10 @@ class NodeIndex:
         targets = sorted(windows)
         memories = _rows(db, _MEMORIES, "m.rowid", targets)
         self.lexicon.delete(shard, targets)
-        self.lexicon.insert(shard, memories, _rows(db, _WINDOWS, "w.rowid", targets))
-        written = set(changed)
-        self.vectors.update(shard, changed, [(r[0], r[1], r[2], r[5]) for r in memories if r[0] in written])
-        self.candidates.update(shard, changed, [_candidate(r) for r in memories if r[0] in written])
+        slots = self.lexicon.insert(shard, memories, _rows(db, _WINDOWS, "w.rowid", targets))
+        # Every row read again has a new slot (its window is new too): all of them move in the vectors.
+        self.vectors.update(shard, targets, [(r[0], r[1], r[2], r[5]) for r in memories], slots)
+        self.candidates.put(slots, [_candidate(r) for r in memories])
         self.refreshed += len(windows)
 
 

@@ -53,10 +53,12 @@ FOUR_BIT_SHORTLIST = 3  # a 4-bit scan keeps this many times the rows asked for,
 
 
 class Segment(NamedTuple):
-    """One shard's vectors: rowids, creation times (windows filter on them), entities (an entity-id
-    prefix filters on them: an index into `names`), codes and scales."""
+    """One shard's vectors (or consecutive shards', joined in a block): rowids, slots in the node
+    index (node/node_slots.py: what a scan proposes), creation times (windows filter on them),
+    entities (an entity-id prefix filters on them: an index into `names`), codes and scales."""
 
     rowids: np.ndarray  # int64
+    slots: np.ndarray  # int64
     created_at_ms: np.ndarray  # int64
     entities: np.ndarray  # int32: each row's entity, as its place in `names`
     codes: np.ndarray  # uint8 (rows, dim): code + 128
@@ -65,13 +67,13 @@ class Segment(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return self.rowids.nbytes + self.created_at_ms.nbytes + self.entities.nbytes + self.codes.nbytes + \
-            self.scales.nbytes
+        return self.rowids.nbytes + self.slots.nbytes + self.created_at_ms.nbytes + self.entities.nbytes + \
+            self.codes.nbytes + self.scales.nbytes
 
     def rows(self, begin: int, end: int) -> Segment:
         """Rows begin..end, as views of this segment's arrays."""
-        return Segment(self.rowids[begin:end], self.created_at_ms[begin:end], self.entities[begin:end],
-                       self.codes[begin:end], self.scales[begin:end], self.names)
+        return Segment(self.rowids[begin:end], self.slots[begin:end], self.created_at_ms[begin:end],
+                       self.entities[begin:end], self.codes[begin:end], self.scales[begin:end], self.names)
 
     def admitted(self, scope: Scope) -> np.ndarray | None:
         """Which rows `scope` (window, entity, prefixes) admits; None: all of them."""
@@ -90,56 +92,40 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.uint8), scales.astype(np.float32)
 
 
-def segment(rows: list, dimension: int) -> Segment:
-    """A segment of `rows`: (rowid, entity_id, created_at_ms, float32 vector bytes) each."""
+def segment(rows: list, slots: np.ndarray, dimension: int) -> Segment:
+    """A segment of `rows`, (rowid, entity_id, created_at_ms, float32 vector bytes) each, at `slots`."""
     matrix = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), dimension)
     codes, scales = quantize(matrix)
     names = tuple(sorted({r[1] for r in rows}))
     place = {name: i for i, name in enumerate(names)}
-    return Segment(np.array([r[0] for r in rows], dtype=np.int64), np.array([r[2] for r in rows], dtype=np.int64),
+    return Segment(np.array([r[0] for r in rows], dtype=np.int64), np.asarray(slots, dtype=np.int64),
+                   np.array([r[2] for r in rows], dtype=np.int64),
                    np.array([place[r[1]] for r in rows], dtype=np.int32), codes, scales, names)
 
 
 def joined(parts: list[Segment]) -> Segment:
     """One segment of `parts`' rows, in order; each part's entities move past the names before it."""
     offsets = np.cumsum([0] + [len(p.names) for p in parts[:-1]])
-    return Segment(np.concatenate([p.rowids for p in parts]), np.concatenate([p.created_at_ms for p in parts]),
+    return Segment(np.concatenate([p.rowids for p in parts]), np.concatenate([p.slots for p in parts]),
+                   np.concatenate([p.created_at_ms for p in parts]),
                    np.concatenate([p.entities + np.int32(o) for p, o in zip(parts, offsets)]),
                    np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
                    tuple(name for p in parts for name in p.names))
 
 
-def best_by_shard(owners: list[np.ndarray], rowids: list[np.ndarray], scores: list[np.ndarray],
-                  k: int) -> dict[int, list[int]]:
-    """The `k` best-scored rows of all the parts (each part: a shard per row, rowids, scores), by shard."""
+def best(slots: list[np.ndarray], scores: list[np.ndarray], k: int) -> np.ndarray:
+    """The slots of the `k` best-scored rows of all the parts (each part: slots and their scores)."""
     if not scores:
-        return {}
-    every = np.concatenate(scores)
-    keep = np.argpartition(-every, k - 1)[:k] if len(every) > k else np.arange(len(every))
-    out: dict[int, list[int]] = {}
-    for shard, rowid in zip(np.concatenate(owners)[keep].tolist(), np.concatenate(rowids)[keep].tolist()):
-        out.setdefault(shard, []).append(rowid)
-    return out
-
-
-class Block(NamedTuple):
-    """Consecutive shards' segments joined for one scan: `owners` says whose each row is."""
-
-    owners: np.ndarray  # int64 shard of each row
-    segment: Segment
-
-
-def join(shards: tuple[int, ...], segments: dict[int, Segment]) -> Block:
-    parts = [segments[s] for s in shards]
-    return Block(np.concatenate([np.full(len(p.rowids), s, dtype=np.int64) for s, p in zip(shards, parts)]),
-                 joined(parts))
+        return np.empty(0, dtype=np.int64)
+    every, of = np.concatenate(scores), np.concatenate(slots)
+    return of[np.argpartition(-every, k - 1)[:k]] if len(every) > k else of
 
 
 class NodeVectors:
     def __init__(self, dimension: int) -> None:
         self.dimension = dimension
         self.segments: dict[int, Segment] = {}
-        self._blocks: dict[tuple[int, ...], Block] = {}  # joined segments, by their shards
+        self._blocks: dict[tuple[int, ...], Segment] = {}  # joined segments, by their shards
         self._joined_at: dict[tuple[int, ...], float] = {}  # when each block was joined (time.monotonic)
         self._sealed: dict[tuple[int, ...], FourBitScan] = {}  # blocks' 4-bit scans
         self._sealing: dict[tuple[int, ...], Future] = {}  # ... being built
@@ -157,21 +143,31 @@ class NodeVectors:
         """The segments' arrays and what the 4-bit scans hold."""
         return sum(s.nbytes for s in self.segments.values()) + sum(scan.nbytes for scan in self._sealed.values())
 
-    def put(self, shard: int, rows: list) -> None:
-        """A shard's whole segment: `rows` are (rowid, entity_id, created_at_ms, vector bytes)."""
-        self.segments[shard] = segment(rows, self.dimension)
+    def put(self, shard: int, rows: list, slots: np.ndarray) -> None:
+        """A shard's whole segment: `rows` are (rowid, entity_id, created_at_ms, vector bytes), at `slots`."""
+        self.segments[shard] = segment(rows, slots, self.dimension)
         self._changed(shard)
 
-    def update(self, shard: int, gone: list[int], rows: list) -> None:
-        """Remove the rows of `gone` from a shard's segment, then add `rows` (as they are now)."""
+    def update(self, shard: int, gone: list[int], rows: list, slots: np.ndarray) -> None:
+        """Remove the rows of `gone` from a shard's segment, then add `rows` (as they are now, at `slots`)."""
         old = self.segments[shard]
         keep = ~np.isin(old.rowids, np.asarray(gone, dtype=np.int64))
         used = np.unique(old.entities[keep])  # names no row points to any more (an erase's) are let go
         entities = np.searchsorted(used, old.entities[keep]).astype(np.int32)
-        kept = Segment(old.rowids[keep], old.created_at_ms[keep], entities, old.codes[keep], old.scales[keep],
-                       tuple(old.names[i] for i in used.tolist()))
-        self.segments[shard] = joined([kept, segment(rows, self.dimension)]) if rows else kept
+        kept = Segment(old.rowids[keep], old.slots[keep], old.created_at_ms[keep], entities, old.codes[keep],
+                       old.scales[keep], tuple(old.names[i] for i in used.tolist()))
+        self.segments[shard] = joined([kept, segment(rows, slots, self.dimension)]) if rows else kept
         self._changed(shard)
+
+    def renumber(self, numbering: np.ndarray) -> None:
+        """The node index numbered its slots again (old slot -> new): every segment's and block's
+        slots follow, and the blocks keep their 4-bit scans (node/node_slots.py)."""
+        for key, block in self._blocks.items():
+            self._blocks[key] = block._replace(slots=numbering[block.slots])
+            self._views(key)
+        for shard, seg in self.segments.items():
+            if not any(shard in key for key in self._blocks):
+                self.segments[shard] = seg._replace(slots=numbering[seg.slots])
 
     def drop(self, shard: int) -> None:
         self.segments.pop(shard, None)
@@ -190,7 +186,7 @@ class NodeVectors:
         if building is not None:
             building.cancel()
 
-    def blocks(self, shards: list[int]) -> dict[tuple[int, ...], Block]:
+    def blocks(self, shards: list[int]) -> dict[tuple[int, ...], Segment]:
         """`shards`' segments in blocks of about BLOCK_ROWS rows (a larger segment alone), by their
         shards, joined ones kept until one of their shards changes; blocks of other groupings are
         let go. Blocks unchanged for SEAL_AFTER_S get their 4-bit scan built (`_seal`)."""
@@ -212,7 +208,7 @@ class NodeVectors:
         self._seal(blocks)
         return blocks
 
-    def _seal(self, blocks: dict[tuple[int, ...], Block]) -> None:
+    def _seal(self, blocks: dict[tuple[int, ...], Segment]) -> None:
         """Take the 4-bit scans built since the last call; start one for a block unchanged for SEAL_AFTER_S."""
         for key, building in list(self._sealing.items()):
             if building.done():
@@ -227,7 +223,7 @@ class NodeVectors:
         now = time.monotonic()
         for key, block in blocks.items():
             if key not in self._sealed and key not in self._sealing and now - self._joined_at[key] >= SEAL_AFTER_S:
-                self._sealing[key] = self._builder.submit(FourBitScan, block.segment.codes, block.segment.scales)
+                self._sealing[key] = self._builder.submit(FourBitScan, block.codes, block.scales)
 
     def settle(self, timeout: float | None = None) -> None:
         """Wait for the 4-bit scans being built (tests, benchmarks); the next query takes them."""
@@ -240,33 +236,36 @@ class NodeVectors:
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
 
-    def _join(self, shards: tuple[int, ...]) -> Block:
+    def _join(self, shards: tuple[int, ...]) -> Segment:
         """A block of `shards`' segments; each segment becomes a view of it, so rows are held once."""
-        block = join(shards, self.segments)
+        self._blocks[shards] = joined([self.segments[s] for s in shards])
+        self._views(shards)
+        self._joined_at[shards] = time.monotonic()
+        return self._blocks[shards]
+
+    def _views(self, shards: tuple[int, ...]) -> None:
+        """Each of `shards`' segments, a view of their block."""
         start = 0
         for shard in shards:
             end = start + len(self.segments[shard].rowids)
-            self.segments[shard] = block.segment.rows(start, end)
+            self.segments[shard] = self._blocks[shards].rows(start, end)
             start = end
-        self._joined_at[shards] = time.monotonic()
-        return block
 
-    def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> dict[int, list[int]]:
-        """Rowids, by shard, of about the `k` memories of `shards` nearest to the query by their 8-bit
-        codes, within `scope` (its window, entity and prefixes). Blocks with a 4-bit scan read their
-        4-bit codes, and only the 8-bit codes of the best FOUR_BIT_SHORTLIST * `k` rows those find
-        in all of them."""
+    def nearest(self, query_vector: np.ndarray, shards: list[int], k: int, scope: Scope) -> np.ndarray:
+        """The slots of about the `k` memories of `shards` nearest to the query by their 8-bit codes,
+        within `scope` (its window, entity and prefixes). Blocks with a 4-bit scan read their 4-bit
+        codes, and only the 8-bit codes of the best FOUR_BIT_SHORTLIST * `k` rows those find in all
+        of them."""
         q = np.asarray(query_vector, dtype=np.float32)
         top = float(np.abs(q).max()) or 1.0
         query = np.clip(np.rint(q / top * 127.0), -127, 127).astype(np.int8).reshape(-1, 1)
         session = self._scorer()
-        owners, rowids, scores = [], [], []
-        rough: list[tuple[Block, np.ndarray | None, np.ndarray]] = []  # 4-bit scores: (block, its rows, theirs)
+        slots, scores = [], []
+        rough: list[tuple[Segment, np.ndarray | None, np.ndarray]] = []  # 4-bit scores: (block, its rows, theirs)
         for key, block in self.blocks(shards).items():
-            seg = block.segment
-            if not len(seg.rowids):
+            if not len(block.rowids):
                 continue
-            inside = seg.admitted(scope)
+            inside = block.admitted(scope)
             if inside is not None and not inside.any():
                 continue
             mine = None if inside is None else np.flatnonzero(inside)
@@ -275,23 +274,21 @@ class NodeVectors:
                 found = sealed.scores(q)
                 rough.append((block, mine, found if mine is None else found[mine]))
                 continue
-            found = _eight_bit_scores(session, seg.codes, seg.scales, query)
+            found = _eight_bit_scores(session, block.codes, block.scales, query)
             if mine is None:
                 mine = np.arange(len(found))
             else:
                 found = found[mine]
             if len(mine) > k:  # only a block's best k can be among the best k of all
-                best = np.argpartition(-found, k - 1)[:k]
-                mine, found = mine[best], found[best]
-            owners.append(block.owners[mine])
-            rowids.append(seg.rowids[mine])
+                chosen = np.argpartition(-found, k - 1)[:k]
+                mine, found = mine[chosen], found[chosen]
+            slots.append(block.slots[mine])
             scores.append(found)
         if rough:
-            for block, mine, found in _read_again(rough, FOUR_BIT_SHORTLIST * k, session, query):
-                owners.append(block.owners[mine])
-                rowids.append(block.segment.rowids[mine])
-                scores.append(found)
-        return best_by_shard(owners, rowids, scores, k)
+            found_slots, found = _read_again(rough, FOUR_BIT_SHORTLIST * k, session, query)
+            slots.append(found_slots)
+            scores.append(found)
+        return best(slots, scores, k)
 
     def _scorer(self) -> ort.InferenceSession:
         if self._session is None:
@@ -301,11 +298,11 @@ class NodeVectors:
         return self._session
 
 
-def _read_again(rough: list[tuple[Block, np.ndarray | None, np.ndarray]], n: int, session: ort.InferenceSession,
-                query: np.ndarray) -> list[tuple[Block, np.ndarray, np.ndarray]]:
+def _read_again(rough: list[tuple[Segment, np.ndarray | None, np.ndarray]], n: int, session: ort.InferenceSession,
+                query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The best `n` rows of the blocks by their 4-bit scores (`rough`: each block, the rows scored,
-    None for all, and their scores), scored again on their 8-bit codes in one scan: (block, its rows,
-    their 8-bit scores) each."""
+    None for all, and their scores), scored again on their 8-bit codes in one scan: their slots and
+    8-bit scores."""
     every = np.concatenate([found for _, _, found in rough])
     chosen = np.argpartition(-every, n - 1)[:n] if len(every) > n else np.arange(len(every))
     chosen.sort()
@@ -316,13 +313,9 @@ def _read_again(rough: list[tuple[Block, np.ndarray | None, np.ndarray]], n: int
         here = chosen[(chosen >= start) & (chosen < end)] - start
         if len(here):
             picked.append((block, here if mine is None else mine[here]))
-    again = _eight_bit_scores(session, np.concatenate([block.segment.codes[rows] for block, rows in picked]),
-                              np.concatenate([block.segment.scales[rows] for block, rows in picked]), query)
-    out, start = [], 0
-    for block, rows in picked:
-        out.append((block, rows, again[start:start + len(rows)]))
-        start += len(rows)
-    return out
+    return (np.concatenate([block.slots[rows] for block, rows in picked]),
+            _eight_bit_scores(session, np.concatenate([block.codes[rows] for block, rows in picked]),
+                              np.concatenate([block.scales[rows] for block, rows in picked]), query))
 
 
 def _eight_bit_scores(session: ort.InferenceSession, codes: np.ndarray, scales: np.ndarray,

@@ -10,10 +10,11 @@ with the same signals and rules as a shard's search (node/store/search.py), in o
     matrix, or its HNSW index), and the node keeps the `pool` nearest of those scanned exactly;
   - lexical: the node's lexicon (node/lexicon.py) proposes the best `pool` of each FTS table over
     all the shards at once, and gives every candidate its BM25 over the node's rows;
-  - every candidate is scored in one pass from the rows the index keeps (node/node_rows.py: its
-    exact vector, time, kind): cosine, both BM25s normalised by the node's best, recency; then fact
-    validity over each shard's candidates that state facts, read from that shard, as a shard's own
-    search does. The node keeps the best `limit` of all, and only their shards read them in full.
+  - every candidate, a slot of the node index (node/node_slots.py) whichever retriever proposed it,
+    is scored in one pass over the columns the index keeps (node/node_rows.py: its exact vector,
+    time, kind): cosine, both BM25s normalised by the node's best, recency; then fact validity over
+    each shard's candidates where one states a fact, read from that shard, as a shard's own search
+    does. The node keeps the best `limit` of all, and only their shards read them in full.
 A query of one shard (an entity's), without text, or on a node whose index is over its budget
 (NODE_INDEX_ROWS) or still loading searches shard by shard and merges (`NodeSearch.search`). The
 index loads lazily, the shards of at most NODE_INDEX_LOAD_ROWS memories per query (about 0.5 s),
@@ -29,10 +30,11 @@ import numpy as np
 from node.facts import asked_predicates, asks_about_the_past
 from node.lexicon import TABLES
 from node.node_index import NodeIndex
-from node.node_vectors import best_by_shard
+from node.node_vectors import best
 from node.ranking import Candidate, best_first, oldest_first
+from node.store.fact_chains import apply_validity
 from node.store.scope import Scope, Window
-from node.store.search import Stopwatch, score_candidates
+from node.store.search import Stopwatch
 from node.store.shard import ShardStore
 from node.shard_set import ShardSet
 from node.tuning import NODE_EXACT_SCAN, NODE_INDEX_LOAD_ROWS, NODE_INDEX_ROWS
@@ -85,12 +87,12 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     pool = max(limit, ranking.candidate_pool)
     clock.lap("storage")
 
-    candidates: dict[int, set[int]] = {s: set() for s in stores}
+    # Candidates are slots of the node index (node/node_slots.py), proposed by either retriever.
+    proposed: list[np.ndarray] = []
     if sum(in_scope.values()) > NODE_EXACT_SCAN:
-        for s, rowids in index.vectors.nearest(query_vector, list(stores), 2 * pool, scope).items():
-            candidates[s].update(rowids)
+        proposed.append(index.vectors.nearest(query_vector, list(stores), 2 * pool, scope))
     else:
-        _exact_dense(stores, in_scope, query_vector, scope, pool, candidates)
+        proposed.append(_exact_dense(index, stores, in_scope, query_vector, scope, pool))
     clock.lap("ann")
 
     lexicon = index.lexicon
@@ -100,52 +102,66 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
         shards = None if set(stores) == index.shards else set(stores)
         for t in range(len(TABLES)):
             matches.append(lexicon.scores(t, phrases, scope, shards))
-            for s, rowid in lexicon.best(matches[t], pool):
-                candidates[s].add(rowid)
+            proposed.append(lexicon.best(matches[t], pool))
     best_of = [float(m.max(initial=0.0)) for m in matches] or [0.0 for _ in TABLES]
     clock.lap("fts")
 
-    if sum(map(len, candidates.values())) < want:  # the safety net of a shard's search, over the node
+    slots = np.unique(np.concatenate(proposed))
+    if len(slots) < want:  # the safety net of a shard's search, over the node
         where, args = scope.sql()
-        for s, store in stores.items():
-            candidates[s].update(r[0] for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args))
+        every = [(s, r[0]) for s, store in stores.items()
+                 for r in store.db.execute(f"SELECT rowid FROM memories m WHERE {where}", args)]
+        held = index.slots.of(every)
+        slots = np.unique(np.concatenate([slots, held[held >= 0]]))
 
-    # Every candidate's row from the index, all of them scored in one pass, then fact validity shard
-    # by shard (a fact competes with its slot's other values, which live in its shard).
-    rows = {s: index.candidates.of(s, list(rowids)) for s, rowids in candidates.items() if rowids}
-    every = [(s, r) for s, shard_rows in rows.items() for r in shard_rows]
-    slots = lexicon.slots([(s, r[0]) for s, r in every])
-    lexical = [np.where(slots >= 0, m[slots], 0.0) for m in matches] or [np.zeros(len(every)) for _ in TABLES]
-    scored = score_candidates([r for _, r in every], query_vector, *lexical, *best_of, scope.end_ms, ranking)
-    past, asked = asks_about_the_past(query_text), asked_predicates(query_text)
-    start = 0
-    for s, shard_rows in rows.items():
-        stores[s].searcher.apply_validity(shard_rows, scored[start:start + len(shard_rows)], scope.end_ms, past, asked)
-        start += len(shard_rows)
-    best = sorted(zip(scored, (s for s, _ in every)), key=lambda cs: cs[0].rank_key())[:want]
+    # Every candidate scored in one pass from the rows the index keeps, then fact validity shard by
+    # shard where a candidate states a fact (it competes with its slot's other values, in its shard).
+    lexical = [m[slots] for m in matches] or [np.zeros(len(slots)) for _ in TABLES]
+    scores = index.candidates.scores(slots, query_vector, *lexical, *best_of, scope.end_ms, ranking)
+    columns = index.slots.columns
+    shard_of = columns["shard"][slots]
+    if columns["states_fact"][slots].any():
+        past, asked = asks_about_the_past(query_text), asked_predicates(query_text)
+        for s in np.unique(shard_of[columns["states_fact"][slots]]).tolist():
+            mine = np.flatnonzero(shard_of == s)
+            scored = _candidates(index, slots[mine], scores[mine])
+            apply_validity(stores[s].db, scored, scope.end_ms, past, asked, ranking.stale_factor)
+            scores[mine] = [c.score for c in scored]
+    # The best `want`: those scored at least the want-th best, in rank order (ties by time and id).
+    kth = -np.partition(-scores, want - 1)[want - 1]
+    top = np.flatnonzero(scores >= kth)
+    ranked = sorted(zip(_candidates(index, slots[top], scores[top]), shard_of[top].tolist()),
+                    key=lambda cs: cs[0].rank_key())[:want]
     clock.lap("fuse")
 
     by_shard: dict[int, list[Candidate]] = {}
-    for c, s in best:
+    for c, s in ranked:
         by_shard.setdefault(s, []).append(c)
     full = {(s, hit["memory_id"]): hit for s, cs in by_shard.items() for hit in stores[s].searcher.hydrate(cs)}
-    hits = [full[(s, c.memory_id)] for c, s in best]
+    hits = [full[(s, c.memory_id)] for c, s in ranked]
     clock.lap("hydrate")
     return hits
 
 
-def _exact_dense(stores: dict[int, ShardStore], in_scope: dict[int, int], query_vector: np.ndarray, scope: Scope,
-                 pool: int, candidates: dict[int, set[int]]) -> None:
-    """Each shard's nearest `pool` into `candidates`; of those scanned exactly, only the `pool` nearest of all."""
-    owners, rowids, cosines = [], [], []
+def _candidates(index: NodeIndex, slots: np.ndarray, scores: np.ndarray) -> list[Candidate]:
+    """Candidates (node.ranking) of `slots` with their `scores`."""
+    columns = index.slots.columns
+    return [Candidate(score, created, memory_id, rowid) for score, created, memory_id, rowid in zip(
+        scores.tolist(), columns["created_at_ms"][slots].tolist(), columns["memory_id"][slots].tolist(),
+        columns["rowid"][slots].tolist())]
+
+
+def _exact_dense(index: NodeIndex, stores: dict[int, ShardStore], in_scope: dict[int, int], query_vector: np.ndarray,
+                 scope: Scope, pool: int) -> np.ndarray:
+    """The slots of each shard's nearest `pool`; of those scanned exactly, only the `pool` nearest of all."""
+    proposed, exact_slots, cosines = [], [], []
     for s, store in stores.items():
         if in_scope[s]:
             found, exact = store.searcher.dense(query_vector, scope, in_scope[s], pool)
+            slots = index.slots.of([(s, r) for r in found.tolist()])
             if exact is None:
-                candidates[s].update(found.tolist())  # HNSW's proposals: no exact cosine to rank them by
+                proposed.append(slots)  # HNSW's proposals: no exact cosine to rank them by
             else:
-                owners.append(np.full(len(found), s, dtype=np.int64))
-                rowids.append(found)
+                exact_slots.append(slots)
                 cosines.append(exact)
-    for s, nearest in best_by_shard(owners, rowids, cosines, pool).items():
-        candidates[s].update(nearest)
+    return np.concatenate([*proposed, best(exact_slots, cosines, pool)])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import node.lexicon
+import node.node_slots
 from loadtest.texts import sentence
 from node.lexicon import TABLES, Lexicon
 from node.node_index import _MEMORIES, _WINDOWS
@@ -53,8 +54,8 @@ def fts5(store, table: int, text: str) -> dict[int, float]:
 def ours(lexicon: Lexicon, shard: int, table: int, text: str) -> dict[int, float]:
     phrases = lexicon.phrases(text)
     scores = lexicon.scores(table, phrases, Scope(None), None)
-    return {int(lexicon.rowid[s]): float(scores[s]) for s in np.flatnonzero(scores > 0)
-            if lexicon.shard[s] == shard}
+    return {int(lexicon.slots.rowid[s]): float(scores[s]) for s in np.flatnonzero(scores > 0)
+            if lexicon.slots.shard[s] == shard}
 
 
 @pytest.mark.parametrize("text", QUERIES)
@@ -74,12 +75,13 @@ def test_scores_hold_through_merges_deletes_and_renumbering(store, monkeypatch):
     eight entities kills more slots than live ones, so slots, words and names are numbered again:
     the scores are then a fresh lexicon's of what is left, and the erased names are gone."""
     monkeypatch.setattr(node.lexicon, "LOG_MERGE", 50)
+    monkeypatch.setattr(node.node_slots, "RENUMBER_AFTER", 50)
     lexicon = loaded(store, batch=17)
     assert all(len(p.slots) for p in lexicon.postings)  # logs were merged into the sorted part
     erased = {f"user-{i}" for i in range(5)}
     gone = [r[0] for r in store.db.execute(_MEMORIES).fetchall() if r[1] in erased]
     lexicon.delete(store.shard_id, gone)
-    assert lexicon.used == 240 - len(gone) and not erased & set(lexicon.names)  # renumbered
+    assert lexicon.slots.used == 240 - len(gone) and not erased & set(lexicon.slots.names)  # renumbered
     for r in gone:
         store.db.execute("DELETE FROM memories WHERE rowid = ?", (r,))
     fresh = loaded(store)
@@ -97,10 +99,11 @@ def test_scope_and_shards_mask_the_scores(store):
     every = lexicon.scores(0, phrases, Scope(None), None)
     assert (every > 0).any()
     only_7 = lexicon.scores(0, phrases, Scope(None), {7})
-    assert set(lexicon.shard[np.flatnonzero(only_7 > 0)].tolist()) == {7}
+    assert set(lexicon.slots.shard[np.flatnonzero(only_7 > 0)].tolist()) == {7}
     scoped = lexicon.scores(0, phrases, Scope.of(None, (1_100, 1_150), ("user-1",)), None)
     kept = np.flatnonzero(scoped > 0)
-    assert len(kept) and all(lexicon.names[lexicon.entity[s]] == "user-1" and 1_100 <= lexicon.created_at_ms[s] <= 1_150
+    slots = lexicon.slots
+    assert len(kept) and all(slots.names[slots.entity[s]] == "user-1" and 1_100 <= slots.created_at_ms[s] <= 1_150
                              for s in kept.tolist())
     assert np.array_equal(scoped[kept], every[kept])  # masked, not scored again
     assert other.scores(0, phrases, Scope(None), None).size == 0

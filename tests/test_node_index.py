@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from loadtest.texts import sentence
+import node.node_slots
 import node.node_vectors
 import node.spanning_search
 from node.lexicon import Lexicon
@@ -80,9 +81,17 @@ def contents(index: NodeIndex, shard: int) -> tuple:
     seg = index.vectors.segments.get(shard)
     vectors = set() if seg is None else {(r, seg.names[e], c.tobytes())
                                          for r, e, c in zip(seg.rowids.tolist(), seg.entities.tolist(), seg.codes)}
-    scored = set() if seg is None else set(index.candidates.of(shard, seg.rowids.tolist()))
-    assert len(scored) == index.candidates.memories(shard)  # and no row more
+    slots = index.slots
+    held = np.flatnonzero(slots.live[:slots.used] & (slots.shard[:slots.used] == shard))
+    scored = {index.candidates.row(x) for x in held.tolist()}
+    if seg is not None:  # each row of the vectors names its memory's live slot
+        assert pairs(index, seg.slots) == {(shard, r) for r in seg.rowids.tolist()} and slots.live[seg.slots].all()
     return (*index.lexicon.documents_of(shard), vectors, scored)
+
+
+def pairs(index: NodeIndex, slots: np.ndarray) -> set[tuple[int, int]]:
+    """(shard, rowid) of each of `slots`."""
+    return set(zip(index.slots.shard[slots].tolist(), index.slots.rowid[slots].tolist()))
 
 
 def on_disk(store) -> tuple:
@@ -123,7 +132,12 @@ def test_a_sync_without_writes_reads_no_shard(make_store, embedder, data):
     index.close()
 
 
-def test_the_index_follows_every_write(make_store, embedder, data):
+@pytest.mark.parametrize("renumbering", [False, True])
+def test_the_index_follows_every_write(make_store, embedder, data, monkeypatch, renumbering):
+    """The index holds what the shards hold after every kind of write; with `renumbering`, its slots
+    are numbered again at every write (node/node_slots.py), and every part follows."""
+    if renumbering:
+        monkeypatch.setattr(node.node_slots.Slots, "due", lambda slots: slots.dead > 0)
     stores = spread(make_store, data, 3)
     index = NodeIndex(embedder.dimension)
     assert index.sync(stores, stores, 10_000)
@@ -134,9 +148,10 @@ def test_the_index_follows_every_write(make_store, embedder, data):
         for s, store in stores.items():
             assert contents(index, s) == on_disk(store), s
         assert index.rows == sum(store.entity_count(None) for store in stores.values())
-        scanned = {(o, r) for b in index.vectors.blocks(list(stores)).values() for o, r in zip(b.owners.tolist(),
-                                                                                    b.segment.rowids.tolist())}
+        scanned = set().union(*(pairs(index, b.slots) for b in index.vectors.blocks(list(stores)).values()))
         assert scanned == {(s, r) for s in stores for r in index.vectors.segments[s].rowids.tolist()}
+        if renumbering:
+            assert index.slots.dead == 0
 
     check()
     assert {store.db.execute("PRAGMA temp_store").fetchone()[0] for store in stores.values()} == {2}  # notes in memory
@@ -218,7 +233,7 @@ def test_the_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeyp
     for q in queries:
         q = q / np.linalg.norm(q)
         exact = {keys[i] for i in np.argsort(-(matrix @ q))[:32]}
-        proposed = {(s, r) for s, rowids in index.vectors.nearest(q, list(stores), 64, Scope()).items() for r in rowids}
+        proposed = pairs(index, index.vectors.nearest(q, list(stores), 64, Scope()))
         assert len(proposed) == 64 and exact <= proposed
     # random unit vectors in many rows: the hardest case for an approximation
     big = make_store(shard_id=7)
@@ -231,7 +246,7 @@ def test_the_scan_proposes_the_exact_nearest(make_store, embedder, data, monkeyp
     for q in vectors[:20] + 0.3 * rng.standard_normal((20, matrix.shape[1])).astype(np.float32):
         q = q / np.linalg.norm(q)
         exact = set((np.argsort(-(vectors @ q))[:64] + 1).tolist())  # rowids start at 1
-        assert exact <= set(index.vectors.nearest(q, [7], 128, Scope())[7])
+        assert exact <= {r for _, r in pairs(index, index.vectors.nearest(q, [7], 128, Scope()))}
     assert index.sync(stores, stores, 10_000) and index.shards == set(stores)  # 7 is not held any more: dropped
     if four_bits:
         sealed(index, list(stores))
@@ -271,18 +286,18 @@ def test_a_write_scans_its_block_at_8_bits_until_it_is_still_again(make_store, e
                                        "conversation", "a new turn about saxophones", (), q)])
     assert index.sync(stores, stores, 10_000)
     monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 1e9)
-    found = index.vectors.nearest(q, list(stores), 8, Scope())  # the new row is found by the 8-bit scan
+    found = pairs(index, index.vectors.nearest(q, list(stores), 8, Scope()))  # the new row: by the 8-bit scan
     assert 0 < index.vectors.sealed_rows == index.memories(1 - shard) < index.rows
     new_rowid = stores[shard].db.execute("SELECT rowid FROM memories WHERE memory_id = ?",
                                          (f"{first.entity_id}::x::new",)).fetchone()[0]
-    assert new_rowid in found[shard]
+    assert (shard, new_rowid) in found
     rows = [(s, r, np.frombuffer(v, dtype=np.float32)) for s, store in stores.items()
             for r, v in store.db.execute("SELECT rowid, vector FROM memories")]
     exact = {(s, r) for s, r, _ in sorted(rows, key=lambda row: -float(row[2] @ q))[:4]}
-    assert exact <= {(s, r) for s, found_here in found.items() for r in found_here}
+    assert exact <= found
     monkeypatch.setattr(node.node_vectors, "SEAL_AFTER_S", 0.0)
     sealed(index, list(stores))  # and by the 4-bit scan once the block is still again
-    assert new_rowid in index.vectors.nearest(q, list(stores), 8, Scope())[shard]
+    assert (shard, new_rowid) in pairs(index, index.vectors.nearest(q, list(stores), 8, Scope()))
     index.close()
 
 

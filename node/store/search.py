@@ -33,17 +33,26 @@ CANDIDATE_COLUMNS = f"m.rowid, m.memory_id, m.created_at_ms, m.kind, m.vector, {
 
 def score_candidates(rows: list[tuple], query_vector: np.ndarray, turn: np.ndarray, window: np.ndarray,
                      max_turn: float, max_window: float, as_of: int | None, config: RankingConfig) -> list[Candidate]:
-    """Candidates (rows of CANDIDATE_COLUMNS, of one shard or of many) scored on every signal in one
-    pass, before fact validity: cosine, both BM25s (`turn`, `window`: each row's, 0 when it did not
-    match) normalised by their best, recency as of `as_of` (default: now)."""
+    """Candidates (rows of CANDIDATE_COLUMNS) scored on every signal in one pass, before fact
+    validity (`fused_scores`)."""
     if not rows:
         return []
-    q = np.asarray(query_vector, dtype=np.float32)
-    cosines = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1) @ q
+    vectors = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    scores = fused_scores(vectors, np.array([r[2] for r in rows], dtype=np.int64), [r[3] for r in rows],
+                          query_vector, turn, window, max_turn, max_window, as_of, config)
+    return [Candidate(score, r[2], r[1], r[0]) for r, score in zip(rows, scores.tolist())]
+
+
+def fused_scores(vectors: np.ndarray, created_at_ms: np.ndarray, kinds, query_vector: np.ndarray, turn: np.ndarray,
+                 window: np.ndarray, max_turn: float, max_window: float, as_of: int | None,
+                 config: RankingConfig) -> np.ndarray:
+    """Candidates' scores from their exact vectors, times and kinds: cosine, both BM25s (`turn`,
+    `window`: each one's, 0 when it did not match) normalised by their best, recency as of `as_of`
+    (default: now)."""
+    cosines = vectors @ np.asarray(query_vector, dtype=np.float32)
     now = as_of if as_of is not None else int(time.time() * 1000)
     scores = fuse(cosines.astype(np.float64), lexical_score(turn, max_turn, window, max_window, config), config)
-    scores = scores * decays([now - r[2] for r in rows], [r[3] for r in rows], config)
-    return [Candidate(score, r[2], r[1], r[0]) for r, score in zip(rows, scores.tolist())]
+    return scores * decays(now - created_at_ms, kinds, config)
 
 
 class Stopwatch:
