@@ -119,3 +119,13 @@ def test_query_terms_are_cut_as_fts5_cuts_them_one_by_one():
     assert tokenizer.words(["snake_case", "gardens", "the", "running", "gardens"]) == [
         alone["snake_case"], alone["gardens"], alone["the"], alone["running"], alone["gardens"]]
     assert tokenizer.db.execute("SELECT count(*) FROM scratch").fetchone() == (0,)
+
+
+def test_cutting_query_terms_leaves_fts5_nothing_to_read_later():
+    """Every query's new words go through the scratch table and leave nothing there, not even
+    what FTS5 keeps of deleted rows (each call would read more)."""
+    tokenizer = node.lexicon.Tokenizer()
+    before = tokenizer.db.execute("SELECT count(*) FROM scratch_data").fetchone()
+    for i in range(50):
+        tokenizer.words([f"word{i}", f"other{i}"])
+    assert tokenizer.db.execute("SELECT count(*) FROM scratch_data").fetchone() == before
