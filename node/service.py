@@ -252,18 +252,22 @@ class Node(CopyCalls):
 
     async def query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
                     window: tuple[int | None, int | None] | None = None,
-                    prefixes: tuple[str, ...] | None = None, vector: np.ndarray | None = None) -> list[dict[str, Any]]:
+                    prefixes: tuple[str, ...] | None = None,
+                    vector: np.ndarray | bytes | None = None) -> list[dict[str, Any]]:
         """Hits from one shard (an entity's), from a list of shards, or from every shard here
         (`shard=None`), only entities starting with one of `prefixes` if given, best first, created
         within `window` if given. Without `text`: the window's memories, oldest first. A named
-        shard that is not owned here: NotOwnedError. `vector`: the text's, embedded already."""
+        shard that is not owned here: NotOwnedError. `vector`: the text's, embedded already (as
+        float32 bytes from the router: router.node_client)."""
         async with self.store_thread.searching():
             return await self._query(text, entity_id, shard, limit, window, prefixes, vector)
 
     async def _query(self, text: str | None, entity_id: str | None, shard: int | list[int] | None, limit: int,
                      window: tuple[int | None, int | None] | None,
-                     prefixes: tuple[str, ...] | None, vector: np.ndarray | None) -> list[dict[str, Any]]:
+                     prefixes: tuple[str, ...] | None, vector: np.ndarray | bytes | None) -> list[dict[str, Any]]:
         started = time.perf_counter()
+        if isinstance(vector, bytes):
+            vector = np.frombuffer(vector, dtype=np.float32)
         shards = self._shard_list(shard, entity_id)
         stages: dict[str, float] = {}
         if text is not None and vector is None:
