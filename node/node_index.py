@@ -122,6 +122,8 @@ class NodeIndex:
                 loaded += rows
             else:
                 complete = False
+        if loaded and complete:  # the last shards came in: what loading logged in the lexicon is merged
+            self.lexicon.merge()
         return complete and self.rows <= max_rows
 
     def stats(self) -> dict[str, Any]:

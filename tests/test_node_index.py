@@ -202,6 +202,7 @@ def test_a_node_over_the_budget_is_told(make_store, embedder, data):
     for calls in range(1, 5):
         done = index.sync(stores, stores, max_rows=10_000, load_rows=100)
         assert index.loads == calls and done == (calls == 4)
+        assert (index.lexicon.logged == 0) == done  # merged once all are in: queries read no log
     assert index.rows == len(data)
 
 
