@@ -129,6 +129,7 @@ class NodeVectors:
         self._joined_at: dict[tuple[int, ...], float] = {}  # when each block was joined (time.monotonic)
         self._sealed: dict[tuple[int, ...], FourBitScan] = {}  # blocks' 4-bit scans
         self._sealing: dict[tuple[int, ...], Future] = {}  # ... being built
+        self._grouping: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None  # shards -> blocks, until a change
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seal")
         self.four_bits = group_for(dimension) is not None  # whether blocks get 4-bit scans (off after a failed build)
         self._session: ort.InferenceSession | None = None
@@ -174,6 +175,7 @@ class NodeVectors:
         self._changed(shard)
 
     def _changed(self, shard: int) -> None:
+        self._grouping = None
         for key in [key for key in self._blocks if shard in key]:
             self._let_go(key)
 
@@ -190,6 +192,21 @@ class NodeVectors:
         """`shards`' segments in blocks of about BLOCK_ROWS rows (a larger segment alone), by their
         shards, joined ones kept until one of their shards changes; blocks of other groupings are
         let go. Blocks unchanged for SEAL_AFTER_S get their 4-bit scan built (`_seal`)."""
+        asked = tuple(shards)
+        if self._grouping is not None and self._grouping[0] == asked:  # no segment changed since
+            groups = self._grouping[1]
+        else:
+            groups = self._groups(asked)
+            self._grouping = (asked, groups)
+        for key in [key for key in self._blocks if key not in groups]:
+            self._let_go(key)
+        blocks = {key: self._blocks.get(key) or self._join(key) for key in groups}
+        self._blocks = blocks
+        self._seal(blocks)
+        return blocks
+
+    def _groups(self, shards: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """`shards` in order, cut into groups of at least BLOCK_ROWS rows (the last one short)."""
         groups: list[tuple[int, ...]] = []
         group: list[int] = []
         rows = 0
@@ -201,12 +218,7 @@ class NodeVectors:
                 group, rows = [], 0
         if group:
             groups.append(tuple(group))
-        for key in [key for key in self._blocks if key not in groups]:
-            self._let_go(key)
-        blocks = {key: self._blocks.get(key) or self._join(key) for key in groups}
-        self._blocks = blocks
-        self._seal(blocks)
-        return blocks
+        return groups
 
     def _seal(self, blocks: dict[tuple[int, ...], Segment]) -> None:
         """Take the 4-bit scans built since the last call; start one for a block unchanged for SEAL_AFTER_S."""

@@ -79,8 +79,8 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     best first: exactly min(limit, memories in scope) of them."""
     clock = Stopwatch(stages)
     scope = Scope.of(None, window, prefixes)
-    in_scope = {s: index.memories(s, scope) for s in stores}
-    want = min(limit, sum(in_scope.values()))
+    in_scope = index.in_scope(stores.keys(), scope)
+    want = min(limit, in_scope)
     if want == 0:
         return []
     ranking = next(iter(stores.values())).ranking
@@ -89,10 +89,10 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
 
     # Candidates are slots of the node index (node/node_slots.py), proposed by either retriever.
     proposed: list[np.ndarray] = []
-    if sum(in_scope.values()) > NODE_EXACT_SCAN:
+    if in_scope > NODE_EXACT_SCAN:
         proposed.append(index.vectors.nearest(query_vector, list(stores), 2 * pool, scope))
     else:
-        proposed.append(_exact_dense(index, stores, in_scope, query_vector, scope, pool))
+        proposed.append(_exact_dense(index, stores, query_vector, scope, pool))
     clock.lap("ann")
 
     lexicon = index.lexicon
@@ -151,13 +151,14 @@ def _candidates(index: NodeIndex, slots: np.ndarray, scores: np.ndarray) -> list
         columns["rowid"][slots].tolist())]
 
 
-def _exact_dense(index: NodeIndex, stores: dict[int, ShardStore], in_scope: dict[int, int], query_vector: np.ndarray,
-                 scope: Scope, pool: int) -> np.ndarray:
+def _exact_dense(index: NodeIndex, stores: dict[int, ShardStore], query_vector: np.ndarray, scope: Scope,
+                 pool: int) -> np.ndarray:
     """The slots of each shard's nearest `pool`; of those scanned exactly, only the `pool` nearest of all."""
     proposed, exact_slots, cosines = [], [], []
     for s, store in stores.items():
-        if in_scope[s]:
-            found, exact = store.searcher.dense(query_vector, scope, in_scope[s], pool)
+        in_scope = index.memories(s, scope)
+        if in_scope:
+            found, exact = store.searcher.dense(query_vector, scope, in_scope, pool)
             slots = index.slots.of([(s, r) for r in found.tolist()])
             if exact is None:
                 proposed.append(slots)  # HNSW's proposals: no exact cosine to rank them by
