@@ -206,7 +206,8 @@ class NodeVectors:
         return blocks
 
     def _groups(self, shards: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """`shards` in order, cut into groups of at least BLOCK_ROWS rows (the last one short)."""
+        """`shards` in order, cut into groups of at least BLOCK_ROWS rows; the rest joins the last group
+        when under half of that (a scan call of its own costs about 0.1 ms after idle)."""
         groups: list[tuple[int, ...]] = []
         group: list[int] = []
         rows = 0
@@ -216,7 +217,9 @@ class NodeVectors:
             if rows >= BLOCK_ROWS:
                 groups.append(tuple(group))
                 group, rows = [], 0
-        if group:
+        if group and groups and rows < BLOCK_ROWS // 2:
+            groups[-1] += tuple(group)
+        elif group:
             groups.append(tuple(group))
         return groups
 

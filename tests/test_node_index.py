@@ -329,3 +329,19 @@ def test_the_scoring_model_is_one_matmul_integer():
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
     assert [i.name for i in model.graph.input] == ["codes", "query", "zero"]
+
+
+def test_a_short_rest_of_shards_joins_the_last_block(monkeypatch):
+    """Shards are cut into blocks of at least BLOCK_ROWS rows, scanned a call each; what is left
+    under half a block joins the last one rather than costing a call of its own."""
+    monkeypatch.setattr(node.node_vectors, "BLOCK_ROWS", 100)
+    vectors = node.node_vectors.NodeVectors(8)
+    rng = np.random.default_rng(2)
+    for shard in range(11):
+        rows = [(r, "e", 0, rng.standard_normal(8).astype(np.float32).tobytes()) for r in range(30)]
+        vectors.put(shard, rows, np.arange(30 * shard, 30 * shard + 30))
+    assert [len(b.rowids) for b in vectors.blocks(list(range(9))).values()] == [120, 150]  # 30 rows left: joined
+    assert [len(b.rowids) for b in vectors.blocks(list(range(11))).values()] == [120, 120, 90]  # 90: a block
+    assert sorted(np.concatenate([b.slots for b in vectors.blocks(list(range(11))).values()]).tolist()) == \
+        list(range(330))
+    vectors.close()
