@@ -13,6 +13,8 @@ vector is most of a row's size: scores stay exact, as the 8-bit and 4-bit codes
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from node.ranking import RankingConfig
@@ -31,7 +33,8 @@ class CandidateRows:
 
     @property
     def nbytes(self) -> int:
-        """About: the live rows' vectors, and some 100 bytes a row of id and references."""
+        """About: the live rows' vectors, and some 100 bytes a row of id and references (traced:
+        1.6 KiB a row at 384 dimensions)."""
         return len(self.slots.slot_of) * (self.dimension * 4 + 100)
 
     def put(self, slots: np.ndarray, rows: list) -> None:
@@ -41,7 +44,7 @@ class CandidateRows:
         columns["vector"][slots] = np.frombuffer(b"".join(r[4] for r in rows), dtype=np.float32).reshape(
             len(rows), self.dimension)
         columns["memory_id"][slots] = [r[1] for r in rows]
-        columns["kind"][slots] = [r[3] for r in rows]
+        columns["kind"][slots] = [r[3] if r[3] is None else sys.intern(r[3]) for r in rows]  # a few kinds, shared
         columns["states_fact"][slots] = [bool(r[5]) for r in rows]
 
     def row(self, slot: int) -> tuple:
