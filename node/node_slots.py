@@ -7,9 +7,11 @@ retriever proposes are scored with array lookups, with no dict look-up or tuple 
 made and whose (`entity`: an index into `names`); the parts keep columns of their own here
 (`add`), which grow and are numbered again with these.
 
-A memory read again takes a new slot and its old one dies (`live` False). When the dead outnumber
-the live (and RENUMBER_AFTER), the lexicon numbers the live again (`renumber`), and what keeps
-slots elsewhere (the vectors' segments) is told the new numbers (`on_renumber`).
+A memory read again takes a new slot and its old one dies (`live` False; what a part keeps of it
+apart from the columns, the rows' exact vectors, is let go at once: `on_kill`). When the dead
+outnumber the live (and RENUMBER_AFTER), the lexicon numbers the live again (`renumber`, about
+0.25 s for 52,000 memories), and what keeps slots elsewhere (the vectors' segments) is told the new
+numbers (`on_renumber`).
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ class Slots:
         self.slot_of: dict[int, int] = {}  # key(shard, rowid) -> slot
         self.used = 0  # slots handed out, live or dead
         self.columns: dict[str, np.ndarray] = {}
+        self._fill: dict[str, object] = {}  # what a column holds until written
         for name, dtype in (("shard", np.int32), ("rowid", np.int64), ("created_at_ms", np.int64),
                             ("entity", np.int32), ("live", bool)):
             self.add(name, dtype)
         self.names: list[str] = []
         self._name_of: dict[str, int] = {}
         self.on_renumber: list[Callable[[np.ndarray], None]] = []  # told (old slot -> new, -1: dead)
+        self.on_kill: list[Callable[[np.ndarray], None]] = []  # told the slots that died
 
-    def add(self, name: str, dtype: type, width: int = 0, capacity: int = 1024) -> None:
-        """A column of each slot (`width` values a slot, 0: one), zeros until written."""
+    def add(self, name: str, dtype: type, width: int = 0, fill: object = 0, capacity: int = 1024) -> None:
+        """A column of each slot (`width` values a slot, 0: one), `fill` until written."""
         shape = (max(capacity, len(self.live) if "live" in self.columns else 0),) + ((width,) if width else ())
-        self.columns[name] = np.zeros(shape, dtype=dtype)
+        self.columns[name] = np.full(shape, fill, dtype=dtype)
+        self._fill[name] = fill
 
     @property
     def shard(self) -> np.ndarray:
@@ -101,8 +106,12 @@ class Slots:
         return slots.tolist()
 
     def kill(self, slots: list[int]) -> None:
+        """`slots` die; `on_kill` is told (what a part holds apart from the columns can go now)."""
         if slots:
-            self.live[np.asarray(slots, dtype=np.int64)] = False
+            dead = np.asarray(slots, dtype=np.int64)
+            self.live[dead] = False
+            for tell in self.on_kill:
+                tell(dead)
 
     def of(self, memories: list[tuple[int, int]]) -> np.ndarray:
         """The slots of (shard, rowid) pairs, -1 for one not here."""
@@ -140,7 +149,7 @@ class Slots:
         self.used = int(np.count_nonzero(live))
         size = max(1024, self.used)
         for name, column in self.columns.items():
-            self.columns[name] = _grown(column[:len(live)][live], size)
+            self.columns[name] = _grown(column[:len(live)][live], size, self._fill[name])
         self.slot_of = {key(s, r): i for i, (s, r) in enumerate(zip(self.shard[:self.used].tolist(),
                                                                      self.rowid[:self.used].tolist()))}
         for tell in self.on_renumber:
@@ -159,11 +168,12 @@ class Slots:
             return
         size = max(len(self.live) + len(self.live) // 2, self.used + more)
         for name, column in self.columns.items():
-            self.columns[name] = _grown(column, size)
+            self.columns[name] = _grown(column, size, self._fill[name])
 
 
-def _grown(column: np.ndarray, size: int) -> np.ndarray:
-    """`column` in a larger array of zeros (pages never written stay unallocated)."""
-    out = np.zeros((size,) + column.shape[1:], dtype=column.dtype)
+def _grown(column: np.ndarray, size: int, fill: object) -> np.ndarray:
+    """`column` in a larger array, `fill` past it (of zeros: pages never written stay unallocated)."""
+    out = np.zeros((size,) + column.shape[1:], dtype=column.dtype) if not fill else \
+        np.full((size,) + column.shape[1:], fill, dtype=column.dtype)
     out[:len(column)] = column
     return out

@@ -150,6 +150,7 @@ def test_the_index_follows_every_write(make_store, embedder, data, monkeypatch, 
         assert index.rows == sum(store.entity_count(None) for store in stores.values())
         scanned = set().union(*(pairs(index, b.slots) for b in index.vectors.blocks(list(stores)).values()))
         assert scanned == {(s, r) for s in stores for r in index.vectors.segments[s].rowids.tolist()}
+        assert index.candidates.held == index.rows  # a dead slot's exact vector is let go at once
         if renumbering:
             assert index.slots.dead == 0
 
