@@ -3,8 +3,9 @@
 Three parts, each a job of its own: the lexicon (node/lexicon.py: both FTS documents of every
 memory, as NumPy postings scored with FTS5's BM25), the node's vectors (node/node_vectors.py: 8-bit
 codes scanned in one pass) and the rows scoring reads (node/node_rows.py: each memory's id, time,
-kind, exact vector and whether it states a fact). This module keeps them current with the shards,
-without touching the write path:
+kind, exact vector and whether it states a fact), over one numbering of the memories that all three
+share (node/node_slots.py). This module keeps them current with the shards, without touching the
+write path:
   - a shard is loaded whole the first time a spanning query reads it, and again whenever its
     `ShardStore` object changed (a copy that arrived, the half of a split, a restored snapshot: a
     new file means a new store);
@@ -15,8 +16,8 @@ without touching the write path:
     write, so a write rolled back leaves none; triggers and notes die with the connection;
   - a shard no longer held here is dropped.
 It is derived state, in memory only and never written to disk: an erase deletes the rows from it as
-from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 3.0 KiB
-each at 384 dimensions, 1.8 of them the rows scoring reads: docs/ops/sizing.md); a node over that
+from the shard, and no file keeps a copy. It holds at most NODE_INDEX_ROWS memories (about 2.7 KiB
+each at 384 dimensions, 1.6 of them the rows scoring reads: docs/ops/sizing.md); a node over that
 searches shard by shard. All of this runs on the node's store thread, like every other SQLite
 call, so no write interleaves.
 """

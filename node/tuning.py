@@ -31,7 +31,7 @@ CHROMA_BATCH = 256  # vectors per Chroma upsert
 EXACT_SCAN = 2000  # scopes up to this many memories are searched exactly, without Chroma
 SHARD_EXACT_SCAN = 16384  # a whole shard up to this many is scanned exactly from its cached matrix (25 MB)
 LEXICAL_SCAN = 2000  # lexical matches scored per query and table; candidates beyond it count as 0
-NODE_INDEX_ROWS = 200_000  # memories a node's index (node.node_index) holds at most: about 3.0 KiB each
+NODE_INDEX_ROWS = 200_000  # memories a node's index (node.node_index) holds at most: about 2.7 KiB each
 NODE_INDEX_LOAD_ROWS = 8000  # memories loaded into it per query at most (about 0.5 s), one shard at least
 NODE_EXACT_SCAN = 2000  # a query spanning at most this many memories of a node scans their vectors exactly
 
