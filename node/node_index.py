@@ -25,6 +25,7 @@ call, so no write interleaves.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -99,7 +100,7 @@ class NodeIndex:
         inside = None if scope is None else seg.admitted(scope)
         return len(seg.rowids) if inside is None else int(np.count_nonzero(inside))
 
-    def in_scope(self, shards: set[int], scope: Scope) -> int:
+    def in_scope(self, shards: AbstractSet[int], scope: Scope) -> int:
         """How many memories of `shards` (loaded here, current) `scope` admits: of all the slots when
         they are every shard loaded (a node's own query), no work a shard (0.1 ms at 128 shards)."""
         if shards != self._loaded.keys() or scope.entity_id is not None:

@@ -128,8 +128,9 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
             apply_validity(stores[s].db, scored, scope.end_ms, past, asked, ranking.stale_factor)
             scores[mine] = [c.score for c in scored]
     # The best `want`: those scored at least the want-th best, in rank order (ties by time and id).
-    kth = -np.partition(-scores, want - 1)[want - 1]
-    top = np.flatnonzero(scores >= kth)
+    top = np.arange(len(scores))
+    if len(scores) > want:
+        top = np.flatnonzero(scores >= -np.partition(-scores, want - 1)[want - 1])
     ranked = sorted(zip(_candidates(index, slots[top], scores[top]), shard_of[top].tolist()),
                     key=lambda cs: cs[0].rank_key())[:want]
     clock.lap("fuse")
@@ -160,9 +161,10 @@ def _exact_dense(index: NodeIndex, stores: dict[int, ShardStore], query_vector: 
         if in_scope:
             found, exact = store.searcher.dense(query_vector, scope, in_scope, pool)
             slots = index.slots.of([(s, r) for r in found.tolist()])
+            held = slots >= 0  # all of them, the index being current
             if exact is None:
-                proposed.append(slots)  # HNSW's proposals: no exact cosine to rank them by
+                proposed.append(slots[held])  # HNSW's proposals: no exact cosine to rank them by
             else:
-                exact_slots.append(slots)
-                cosines.append(exact)
+                exact_slots.append(slots[held])
+                cosines.append(exact[held])
     return np.concatenate([*proposed, best(exact_slots, cosines, pool)])
