@@ -10,7 +10,7 @@ made and whose (`entity`: an index into `names`); the parts keep columns of thei
 A memory read again takes a new slot and its old one dies (`live` False; what a part keeps of it
 apart from the columns, the rows' exact vectors, is let go at once: `on_kill`). When the dead
 outnumber the live (and RENUMBER_AFTER), the lexicon numbers the live again (`renumber`, about
-0.25 s for 52,000 memories), and what keeps slots elsewhere (the vectors' segments) is told the new
+0.1 s for 52,000 memories), and what keeps slots elsewhere (the vectors' segments) is told the new
 numbers (`on_renumber`).
 """
 
@@ -44,10 +44,9 @@ class Slots:
         self.on_renumber: list[Callable[[np.ndarray], None]] = []  # told (old slot -> new, -1: dead)
         self.on_kill: list[Callable[[np.ndarray], None]] = []  # told the slots that died
 
-    def add(self, name: str, dtype: type, width: int = 0, fill: object = 0, capacity: int = 1024) -> None:
-        """A column of each slot (`width` values a slot, 0: one), `fill` until written."""
-        shape = (max(capacity, len(self.live) if "live" in self.columns else 0),) + ((width,) if width else ())
-        self.columns[name] = np.full(shape, fill, dtype=dtype)
+    def add(self, name: str, dtype: type, fill: object = 0) -> None:
+        """A column of each slot, `fill` until written."""
+        self.columns[name] = np.full(len(self.live) if "live" in self.columns else 1024, fill, dtype=dtype)
         self._fill[name] = fill
 
     @property
@@ -172,8 +171,7 @@ class Slots:
 
 
 def _grown(column: np.ndarray, size: int, fill: object) -> np.ndarray:
-    """`column` in a larger array, `fill` past it (of zeros: pages never written stay unallocated)."""
-    out = np.zeros((size,) + column.shape[1:], dtype=column.dtype) if not fill else \
-        np.full((size,) + column.shape[1:], fill, dtype=column.dtype)
+    """`column` in a larger array, `fill` past it."""
+    out = np.full(size, fill, dtype=column.dtype)
     out[:len(column)] = column
     return out
