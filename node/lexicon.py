@@ -21,9 +21,10 @@ tokens next to each other); here its tokens count as words of their own.
 Memories are slots (node/node_slots.py, shared with the rest of the node index), and each table's
 postings list (slot, count) per word: a sorted part (CSR by word) and a log of recent additions
 merged in when it grows, and once the node index has loaded all its shards (`merge`: each word of
-a query is looked for in the whole log, 0.12 ms a query with 22,000 postings logged). A memory deleted or read again leaves a dead slot, skipped; when the dead
-outnumber the live, the slots and the words are numbered again, so what an erase removed leaves
-the index then (it is in memory only, never on disk).
+a query is looked for in the whole log, 0.12 ms a query with 22,000 postings logged). A memory
+deleted or read again leaves a dead slot, skipped; when the dead outnumber the live, the slots and
+the words are numbered again, so what an erase removed leaves the index then (it is in memory only,
+never on disk).
 """
 
 from __future__ import annotations
@@ -230,6 +231,9 @@ class Lexicon:
     def delete(self, shard: int, rowids: list[int]) -> None:
         self._kill(self.slots.take(shard, rowids))
 
+    def delete_shard(self, shard: int) -> None:
+        self._kill(self.slots.take_shard(shard))
+
     @property
     def logged(self) -> int:
         """Postings in the tables' logs, not merged yet."""
@@ -240,9 +244,6 @@ class Lexicon:
         for postings in self.postings:
             if postings.logged:
                 postings.merge(self.slots.live, len(self.words))
-
-    def delete_shard(self, shard: int) -> None:
-        self._kill(self.slots.take_shard(shard))
 
     def phrases(self, text: str) -> list[int] | None:
         """The word ids of a query's terms (node.ranking.query_terms: stopwords out), as FTS5 cuts
@@ -335,7 +336,7 @@ class Lexicon:
         numbering = self.slots.numbering()
         for postings in self.postings:
             postings.merge(live, len(self.words), numbering, words_renumbered)
-        self.slots.renumber()
+        self.slots.renumber(numbering)
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:

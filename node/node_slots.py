@@ -79,8 +79,7 @@ class Slots:
 
     def place(self, shard: int, memories: list) -> np.ndarray:
         """New slots for `memories`, (rowid, entity_id, created_at_ms, ...) each, their columns filled;
-        the old slots of the same rowids die."""
-        self.kill(self.take(shard, [r[0] for r in memories]))
+        rowids not held here (the caller takes and kills the old slots first, keeping its counts)."""
         first = self.used
         self._reserve(len(memories))
         slots = np.arange(first, first + len(memories))
@@ -136,10 +135,9 @@ class Slots:
         live = self.live[:self.used]
         return np.where(live, np.cumsum(live) - 1, -1)
 
-    def renumber(self) -> np.ndarray:
-        """Number the live slots again, 0 on, every column with them, and the names still used; tell
-        `on_renumber`. Returns the numbering (`numbering`)."""
-        numbering = self.numbering()
+    def renumber(self, numbering: np.ndarray) -> None:
+        """Number the live slots again as `numbering` (what `numbering()` gave, nothing killed since),
+        every column with them, and the names still used; tell `on_renumber`."""
         live = self.live[:self.used]
         used_names = np.unique(self.entity[:self.used][live])
         self.names = [self.names[i] for i in used_names.tolist()]
@@ -153,7 +151,6 @@ class Slots:
                                                                      self.rowid[:self.used].tolist()))}
         for tell in self.on_renumber:
             tell(numbering)
-        return numbering
 
     def _name(self, entity_id: str) -> int:
         place = self._name_of.get(entity_id)

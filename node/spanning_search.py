@@ -99,7 +99,7 @@ def search_shards(index: NodeIndex, stores: dict[int, ShardStore], query_vector:
     phrases = lexicon.phrases(query_text)
     matches: list[np.ndarray] = []
     if phrases is not None:
-        shards = None if set(stores) == index.shards else set(stores)
+        shards = None if index.all_loaded(stores.keys()) else set(stores)
         for t in range(len(TABLES)):
             matches.append(lexicon.scores(t, phrases, scope, shards))
             proposed.append(lexicon.best(matches[t], pool))
